@@ -1,0 +1,55 @@
+"""otel-cancel: cancel once, stop everywhere.
+
+The root run's trace id travels as OpenTelemetry baggage through every HTTP hop;
+cancelling writes one flag to etcd; every process watches etcd once and stops its
+own work for that root, writes a receipt and records a span.
+
+Usage::
+
+    import otel_cancel
+
+    async def handler():
+        async with otel_cancel.scope():      # bound to the request's root
+            await do_work()                   # cancelled when the root is
+
+    await otel_cancel.cancel(root, reason="user clicked cancel")
+
+With ``opentelemetry-instrument`` the instrumentor wires scopes into ASGI apps,
+httpx and LangGraph, so application code needs no change.
+"""
+
+from __future__ import annotations
+
+from ._root import current_depth as current_depth
+from ._root import current_root as current_root
+from ._root import validate_root as validate_root
+from ._runtime import configure as configure
+from ._scope import CancelResult as CancelResult
+from ._scope import CancelScope as CancelScope
+from ._scope import cancel as cancel
+from ._scope import cancel_current as cancel_current
+from ._scope import check as check
+from ._scope import is_cancelled as is_cancelled
+from ._scope import scope as scope
+from ._settings import Settings as Settings
+from .exceptions import Cancelled as Cancelled
+from .exceptions import OtelCancelError as OtelCancelError
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "CancelResult",
+    "CancelScope",
+    "Cancelled",
+    "OtelCancelError",
+    "Settings",
+    "cancel",
+    "cancel_current",
+    "check",
+    "configure",
+    "current_depth",
+    "current_root",
+    "is_cancelled",
+    "scope",
+    "validate_root",
+)

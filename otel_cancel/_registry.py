@@ -1,0 +1,217 @@
+"""Root id -> the live scopes of this process, and the roots known to be cancelled.
+
+The registry is the meeting point of two threads: request code enters and leaves
+scopes on its own event loop (or thread), and the watcher thread applies flags.
+One lock guards both maps, so "register, then check the cancelled set" (scope
+entry) and "mark cancelled, then collect the live scopes" (flag applied) cannot
+interleave: whichever runs second sees the other's effect, and no flag slips
+between a scope's registration and its check.
+
+Entering a scope is a dict insert under that lock; it never touches the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+
+from ._request import CancelRequest
+
+
+@dataclasses.dataclass(eq=False)
+class Holder:
+    """One task (or thread) working for one root, possibly through nested scopes."""
+
+    root: str
+    depth: int
+    task: asyncio.Task[object] | None
+    loop: asyncio.AbstractEventLoop | None
+    thread_id: int
+    names: list[str]
+    count: int = 0
+    cancel_requested: CancelRequest | None = None
+    """Set (under the lock) when a flag for the root was applied while this holder was live."""
+    delivered: bool = False
+    """Set on the task's own loop when the tagged ``task.cancel()`` was really delivered."""
+    consumed: bool = False
+    """Set when a scope turned the delivered cancellation into ``Cancelled``."""
+    interrupted: bool = False
+
+
+@dataclasses.dataclass
+class StopReport:
+    """What the registry knows when the last work for a cancelled root has stopped."""
+
+    request: CancelRequest
+    seen_at: int
+    stopped_at: int
+    depth: int
+    interrupted: tuple[str, ...]
+    tasks: int
+
+
+@dataclasses.dataclass
+class _CancelState:
+    request: CancelRequest
+    seen_at: int
+    interrupted: list[str] = dataclasses.field(default_factory=list)
+    tasks: int = 0
+    depth: int | None = None
+    waiting: int = 0
+    """Holders that were live when the flag arrived and have not exited yet."""
+
+
+def cancel_message(request: CancelRequest) -> str:
+    """The tag of every cancellation otel-cancel delivers (anyio style)."""
+    return f"otel_cancel: root={request.root}; reason={request.reason}"
+
+
+class CancelRegistry:
+    """Live scopes and cancelled roots of one process.
+
+    Args:
+        on_stopped: called (outside the lock, on the thread where the last scope
+            exited) when every scope that was live for a cancelled root has exited.
+    """
+
+    def __init__(self, on_stopped: Callable[[StopReport], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[str, dict[object, Holder]] = {}
+        self._cancelled: dict[str, _CancelState] = {}
+        self.on_stopped = on_stopped
+
+    # -- request side --------------------------------------------------------------
+
+    def enter(
+        self, root: str, depth: int, name: str | None, *, task_mode: bool = True
+    ) -> tuple[Holder, CancelRequest | None]:
+        """Register the current task (or, with ``task_mode=False``, thread) under ``root``.
+
+        Returns:
+            The holder, and the cancel request when ``root`` is already cancelled
+            (the caller must then :meth:`exit` and refuse to run its body).
+        """
+        task: asyncio.Task[object] | None = None
+        if task_mode:
+            try:
+                task = asyncio.current_task()
+            except RuntimeError:
+                task = None
+        loop = task.get_loop() if task is not None else None
+        thread_id = threading.get_ident()
+        key: object = task if task is not None else thread_id
+        with self._lock:
+            holders = self._live.setdefault(root, {})
+            holder = holders.get(key)
+            if holder is None:
+                holder = holders[key] = Holder(root, depth, task, loop, thread_id, [])
+            holder.count += 1
+            holder.names.append(name or "")
+            state = self._cancelled.get(root)
+            return holder, (state.request if state is not None else None)
+
+    def exit(self, holder: Holder, interrupted: bool) -> None:
+        """Unregister one scope of ``holder``; report when a cancelled root's work has stopped."""
+        report: StopReport | None = None
+        with self._lock:
+            name = holder.names.pop() if holder.names else ""
+            holder.count -= 1
+            if interrupted and not holder.interrupted:
+                holder.interrupted = True
+            state = self._cancelled.get(holder.root)
+            if state is not None and holder.cancel_requested is not None and holder.interrupted and name:
+                state.interrupted.append(name)
+            if holder.count > 0:
+                return
+            holders = self._live.get(holder.root)
+            if holders is not None:
+                holders.pop(holder.task if holder.task is not None else holder.thread_id, None)
+                if not holders:
+                    del self._live[holder.root]
+            if state is None or holder.cancel_requested is None:
+                return
+            state.waiting -= 1
+            if holder.interrupted:
+                state.tasks += 1
+                state.depth = holder.depth if state.depth is None else min(state.depth, holder.depth)
+            if state.waiting == 0 and state.tasks > 0:
+                report = StopReport(
+                    request=state.request,
+                    seen_at=state.seen_at,
+                    stopped_at=time.time_ns(),
+                    depth=state.depth or 0,
+                    interrupted=tuple(dict.fromkeys(n for n in state.interrupted if n)),
+                    tasks=state.tasks,
+                )
+        if report is not None and self.on_stopped is not None:
+            self.on_stopped(report)
+
+    def is_cancelled(self, root: str) -> CancelRequest | None:
+        """The cancel request of ``root`` if it is cancelled here, else ``None``."""
+        state = self._cancelled.get(root)
+        return state.request if state is not None else None
+
+    # -- watcher side --------------------------------------------------------------
+
+    def apply(self, request: CancelRequest) -> tuple[bool, list[Holder]]:
+        """Mark ``request.root`` cancelled; return whether it is new here and the holders to stop.
+
+        Applying the same root again is a no-op (``(False, [])``): a flag seen twice
+        (listing and watch, or a re-list after compaction) stops work once.
+        """
+        with self._lock:
+            if request.root in self._cancelled:
+                return False, []
+            state = self._cancelled[request.root] = _CancelState(request, time.time_ns())
+            holders = list(self._live.get(request.root, {}).values())
+            for holder in holders:
+                holder.cancel_requested = request
+            state.waiting = len(holders)
+            return True, holders
+
+    def forget(self, root: str) -> None:
+        """Drop a cancelled root (its flag expired); new work for it may run again."""
+        with self._lock:
+            self._cancelled.pop(root, None)
+
+    def retain_only(self, roots: set[str]) -> None:
+        """Forget every cancelled root not in ``roots`` (after a fresh listing)."""
+        with self._lock:
+            for root in [r for r in self._cancelled if r not in roots]:
+                del self._cancelled[root]
+
+    # -- introspection -------------------------------------------------------------
+
+    def live_roots(self) -> int:
+        """How many roots have live scopes in this process."""
+        with self._lock:
+            return len(self._live)
+
+    def live_scopes(self) -> int:
+        """How many scopes are live in this process."""
+        with self._lock:
+            return sum(h.count for holders in self._live.values() for h in holders.values())
+
+    def cancelled_roots(self) -> int:
+        """How many cancelled roots this process remembers."""
+        with self._lock:
+            return len(self._cancelled)
+
+
+def deliver(holder: Holder) -> None:
+    """Cancel ``holder``'s task, on the task's own loop, if it is still in its scope.
+
+    Runs through ``loop.call_soon_threadsafe``. Checking ``count`` here, on the
+    task's loop, closes the race with a scope that exits between the watcher's
+    decision and this call: that scope has already left, so its task must not be
+    cancelled.
+    """
+    request = holder.cancel_requested
+    task = holder.task
+    if request is None or task is None or holder.count <= 0 or holder.delivered or task.done():
+        return
+    holder.delivered = True
+    task.cancel(cancel_message(request))

@@ -1,0 +1,123 @@
+"""Read and write the root id and depth in an OpenTelemetry context.
+
+The root is the trace id of the run's first span, as 32 lowercase hex digits,
+carried in W3C baggage as ``otel_cancel.root`` through every hop; the depth
+(``otel_cancel.depth``) counts hops from the root. Only validated roots are ever
+stored, so keys built from a root cannot leave the store's prefix.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from opentelemetry import baggage, trace
+from opentelemetry.context import Context, get_current
+
+from . import attributes
+from .exceptions import InvalidRootError
+
+_ROOT_PATTERN = re.compile(r"[0-9a-f]{32}")
+_ALL_ZEROS = "0" * 32
+MAX_DEPTH = 1_000
+"""Depths above this are treated as malformed input."""
+
+
+def validate_root(value: object) -> str:
+    """Return ``value`` if it is a valid root id, else raise.
+
+    Args:
+        value: the candidate root.
+
+    Returns:
+        The root, unchanged.
+
+    Raises:
+        InvalidRootError: ``value`` is not 32 lowercase hex digits, or is all zeros.
+    """
+    if not isinstance(value, str) or not _ROOT_PATTERN.fullmatch(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise InvalidRootError(f"a root is 32 lowercase hex digits, got {shown}")
+    if value == _ALL_ZEROS:
+        raise InvalidRootError("a root cannot be all zeros (that is the invalid trace id)")
+    return value
+
+
+def is_valid_root(value: object) -> bool:
+    """Whether ``value`` is a valid root id."""
+    try:
+        validate_root(value)
+    except InvalidRootError:
+        return False
+    return True
+
+
+def new_root(context: Context | None = None) -> str:
+    """A root for a run that starts here.
+
+    The trace id of the current span when there is a valid one (so the root and the
+    trace line up in Jaeger), else a random id.
+    """
+    span_context = trace.get_current_span(context).get_span_context()
+    if span_context.is_valid:
+        return trace.format_trace_id(span_context.trace_id)
+    return random_root()
+
+
+def random_root() -> str:
+    """A fresh random root id."""
+    while True:
+        root = secrets.token_hex(16)
+        if root != _ALL_ZEROS:
+            return root
+
+
+def current_root(context: Context | None = None) -> str | None:
+    """The root id of ``context`` (default: the current context), or ``None``.
+
+    A malformed value in baggage is treated as no root.
+    """
+    value = baggage.get_baggage(attributes.BAGGAGE_ROOT, context)
+    return value if isinstance(value, str) and is_valid_root(value) else None
+
+
+def current_depth(context: Context | None = None) -> int:
+    """Hops from the root in ``context``; 0 when absent or malformed."""
+    value = baggage.get_baggage(attributes.BAGGAGE_DEPTH, context)
+    return parse_depth(value) or 0
+
+
+def parse_depth(value: object) -> int | None:
+    """Parse a depth from baggage; ``None`` when it is not a small non-negative integer."""
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit():
+        return None
+    if len(value) > 4:
+        return None
+    depth = int(value)
+    return depth if depth <= MAX_DEPTH else None
+
+
+def with_root(root: str, depth: int = 0, context: Context | None = None) -> Context:
+    """A copy of ``context`` whose baggage carries ``root`` at ``depth``.
+
+    Other baggage entries are kept.
+
+    Raises:
+        InvalidRootError: ``root`` is not valid.
+        ValueError: ``depth`` is negative or absurdly large.
+    """
+    validate_root(root)
+    if not 0 <= depth <= MAX_DEPTH:
+        raise ValueError(f"depth must be between 0 and {MAX_DEPTH}, got {depth}")
+    context = context if context is not None else get_current()
+    context = baggage.set_baggage(attributes.BAGGAGE_ROOT, root, context)
+    return baggage.set_baggage(attributes.BAGGAGE_DEPTH, str(depth), context)
+
+
+def without_root(context: Context | None = None) -> Context:
+    """A copy of ``context`` with every ``otel_cancel.*`` baggage entry removed."""
+    context = context if context is not None else get_current()
+    for key in attributes.BAGGAGE_KEYS:
+        if baggage.get_baggage(key, context) is not None:
+            context = baggage.remove_baggage(key, context)
+    return context

@@ -1,0 +1,159 @@
+"""The process-wide state: settings, the registry and the one watcher.
+
+:func:`configure` sets it up explicitly (the instrumentor and tests call it);
+otherwise the first scope or cancel configures it from the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from . import telemetry
+from ._registry import CancelRegistry, StopReport
+from ._request import Receipt
+from ._settings import Settings
+from ._watcher import CancelWatcher
+from .exceptions import StoreError
+from .store import CancelStore
+
+_log = logging.getLogger("otel_cancel")
+
+
+class Runtime:
+    """Everything otel-cancel keeps per process."""
+
+    def __init__(self, settings: Settings, store: CancelStore | None = None) -> None:
+        self.settings = settings
+        self.registry = CancelRegistry(on_stopped=self._on_stopped)
+        self._given_store = store
+        self.watcher = CancelWatcher(self._create_store, self.registry, watchdog_seconds=settings.watchdog_seconds)
+        self.receipts_written = 0
+        self._receipt_written: dict[str, threading.Event] = {}
+        self._receipt_lock = threading.Lock()
+        self._startup_wait_logged = False
+        telemetry.observe_watch_connected(lambda: self.watcher.connected)
+
+    def _create_store(self) -> CancelStore:
+        return self._given_store if self._given_store is not None else self.settings.create_store()
+
+    @property
+    def requester(self) -> str:
+        """How this process signs the flags it writes."""
+        return f"{self.settings.service}/{self.settings.instance}"
+
+    def start(self) -> None:
+        """Start the watcher (idempotent)."""
+        self.watcher.start()
+
+    async def ensure_listed(self) -> None:
+        """Start the watcher and wait, briefly, for its first listing.
+
+        A replica that never served must still refuse a late hop, so the first
+        scopes wait for the listing; after ``startup_wait_seconds`` they fail open.
+        """
+        self.watcher.start()
+        if self.watcher.listed.is_set():
+            return
+        if not await self.watcher.wait_listed(self.settings.startup_wait_seconds) and not self._startup_wait_logged:
+            self._startup_wait_logged = True
+            _log.warning(
+                "otel-cancel: the cancel store was not listed within %.1fs; running work without it (fail open)",
+                self.settings.startup_wait_seconds,
+            )
+
+    def _on_stopped(self, report: StopReport) -> None:
+        receipt = Receipt(
+            root=report.request.root,
+            service=self.settings.service,
+            instance=self.settings.instance,
+            depth=report.depth,
+            seen_at=report.seen_at,
+            stopped_at=report.stopped_at,
+            requested_at=report.request.requested_at,
+            interrupted=report.interrupted,
+            tasks=report.tasks,
+            reason=report.request.reason,
+        )
+        self.watcher.submit(self._write_receipt(receipt))
+
+    async def _write_receipt(self, receipt: Receipt) -> None:
+        store = await self.watcher.store()
+        try:
+            await store.put_receipt(receipt, self.settings.ttl_seconds)
+        except StoreError as error:
+            _log.warning("otel-cancel: could not write the receipt for %s: %s", receipt.root, error)
+            return
+        self.receipts_written += 1
+        telemetry.receipt_written()
+        self._receipt_event(receipt.root).set()
+
+    def _receipt_event(self, root: str) -> threading.Event:
+        with self._receipt_lock:
+            if root not in self._receipt_written and len(self._receipt_written) >= 1024:
+                # Bounded: only recent roots can be waited for.
+                self._receipt_written.pop(next(iter(self._receipt_written)))
+            return self._receipt_written.setdefault(root, threading.Event())
+
+    async def wait_receipt(self, root: str, timeout: float) -> bool:
+        """Wait until this process has written its receipt for ``root`` (tests, demo)."""
+        event = self._receipt_event(root)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, event.wait, timeout)
+
+    def shutdown(self) -> None:
+        self.watcher.stop()
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+def configure(settings: Settings | None = None, *, store: CancelStore | None = None, **overrides: Any) -> Runtime:
+    """Configure otel-cancel for this process, replacing any earlier configuration.
+
+    Args:
+        settings: complete settings; by default read from the environment.
+        store: a store instance to use instead of the one the settings describe
+            (for example a shared :class:`~otel_cancel.store.memory.MemoryCancelStore`).
+        **overrides: fields of :class:`Settings` that override the environment.
+
+    Returns:
+        The runtime. Its watcher is not started yet; scopes start it.
+
+    Raises:
+        ConfigurationError: a setting is invalid.
+    """
+    global _runtime
+    new = Runtime(settings or Settings.from_environment(**overrides), store)
+    with _lock:
+        old, _runtime = _runtime, new
+    if old is not None:
+        old.shutdown()
+    return new
+
+
+def get_runtime() -> Runtime:
+    """The process runtime, configured from the environment on first use."""
+    runtime = _runtime
+    if runtime is not None:
+        return runtime
+    with _lock:
+        if _runtime is None:
+            globals()["_runtime"] = Runtime(Settings.from_environment())
+        assert _runtime is not None
+        return _runtime
+
+
+def reset() -> None:
+    """Stop the watcher and forget the configuration (tests)."""
+    global _runtime
+    with _lock:
+        old, _runtime = _runtime, None
+    if old is not None:
+        old.shutdown()
+
+
+__all__ = ("Runtime", "configure", "get_runtime", "reset")

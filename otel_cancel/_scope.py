@@ -1,0 +1,273 @@
+"""The scope: bind work to its root, stop it when the root is cancelled.
+
+Entering a scope registers the current task (or thread) under the root of the
+current context, then checks the process's set of cancelled roots; both happen
+under the registry's lock, so no flag slips between them. Neither touches the
+store. When a flag arrives, the watcher cancels every registered task of that
+root with a tagged ``task.cancel()``; the scope that owns that cancellation
+uncancels the task and raises :class:`~otel_cancel.Cancelled` instead. A
+cancellation that someone else delivered (a client disconnect, a timeout) is
+left alone and propagates as ``CancelledError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from types import TracebackType
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from . import attributes, telemetry
+from ._registry import Holder
+from ._request import CancelRequest
+from ._root import current_depth, current_root, new_root, validate_root, with_root
+from ._runtime import Runtime, get_runtime
+from .exceptions import Cancelled, StoreError
+
+
+class CancelScope:
+    """Binds the current task (or thread) to the current root. Use :func:`scope` to build one.
+
+    Usable as ``async with`` (tasks: interrupted by ``task.cancel()``) and as plain
+    ``with`` (threads and sync code: stop cooperatively at :func:`check`).
+    """
+
+    def __init__(self, *, name: str | None = None, root: str | None = None) -> None:
+        self.name = name
+        self._explicit_root = validate_root(root) if root is not None else None
+        self.root: str | None = None
+        """The root this scope is bound to (set on entry)."""
+        self.depth = 0
+        self._runtime: Runtime | None = None
+        self._holder: Holder | None = None
+        self._token: object | None = None
+        self._entered = False
+
+    # -- entry ---------------------------------------------------------------------
+
+    def _bind(self, runtime: Runtime, task_mode: bool) -> None:
+        if self._entered:
+            raise RuntimeError("a CancelScope can be entered only once; create a new one with otel_cancel.scope()")
+        self._entered = True
+        self._runtime = runtime
+        current = otel_context.get_current()
+        context_root = current_root(current)
+        # A scope with no root starts the run here: this process is the run's root.
+        root = self._explicit_root or context_root or new_root(current)
+        if root != context_root:
+            self._token = otel_context.attach(with_root(root, current_depth(current), current))
+        self.root = root
+        self.depth = current_depth()
+        holder, request = runtime.registry.enter(root, self.depth, self.name, task_mode=task_mode)
+        self._holder = holder
+        telemetry.scope_entered()
+        if request is not None:
+            # A late arrival: the root was cancelled before this work started.
+            runtime.registry.exit(holder, interrupted=False)
+            telemetry.scope_exited()
+            telemetry.late_arrival(root, request.reason, attributes.KIND_EXPLICIT)
+            self._detach()
+            raise Cancelled(root, request.reason)
+
+    async def __aenter__(self) -> CancelScope:
+        runtime = get_runtime()
+        await runtime.ensure_listed()
+        self._bind(runtime, task_mode=True)
+        return self
+
+    def __enter__(self) -> CancelScope:
+        runtime = get_runtime()
+        runtime.start()
+        if not runtime.watcher.listed.is_set():
+            runtime.watcher.listed.wait(runtime.settings.startup_wait_seconds)
+        self._bind(runtime, task_mode=False)
+        return self
+
+    # -- exit ----------------------------------------------------------------------
+
+    def _detach(self) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+            self._token = None
+
+    def _finish(self, exc: BaseException | None) -> Cancelled | None:
+        holder, runtime = self._holder, self._runtime
+        assert holder is not None and runtime is not None and self.root is not None
+        request = holder.cancel_requested
+        to_raise: Cancelled | None = None
+        interrupted = False
+        if holder.delivered and not holder.consumed and holder.task is not None:
+            # Our own tagged cancellation reached this task: swallow it, raise Cancelled.
+            holder.consumed = True
+            interrupted = True
+            if holder.task.uncancel() == 0 and request is not None:
+                to_raise = Cancelled(self.root, request.reason)
+        elif request is not None and isinstance(exc, Cancelled) and exc.root == self.root:
+            interrupted = True
+        runtime.registry.exit(holder, interrupted)
+        telemetry.scope_exited()
+        if interrupted and request is not None:
+            self._record(request)
+        self._detach()
+        return to_raise
+
+    def _record(self, request: CancelRequest) -> None:
+        latency_ms = (time.time_ns() - request.requested_at) / 1e6 if request.requested_at else None
+        telemetry.mark_span_cancelled(trace.get_current_span(), request.reason)
+        telemetry.work_cancelled(
+            root=request.root,
+            reason=request.reason,
+            kind=attributes.KIND_EXPLICIT,
+            depth=self.depth,
+            node=self.name,
+            start_ns=time.time_ns(),
+            latency_ms=latency_ms,
+        )
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        to_raise = self._finish(exc)
+        if to_raise is not None:
+            raise to_raise from (None if isinstance(exc, asyncio.CancelledError) else exc)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._finish(exc)
+
+
+def scope(*, name: str | None = None, root: str | None = None) -> CancelScope:
+    """A scope binding the current task to the current root.
+
+    ``async with otel_cancel.scope():`` in coroutines; ``with otel_cancel.scope():``
+    in threads and sync code (which stop at :func:`check`). With no root in the
+    context the scope starts a new one (this process is the run's root) and puts it
+    in the context for everything inside, outgoing HTTP calls included.
+
+    Args:
+        name: what is running (a LangGraph node, a handler); receipts and spans
+            report it when it is interrupted.
+        root: bind to this root instead of the context's.
+
+    Raises:
+        Cancelled: on entry when the root is already cancelled (the body does not
+            run), and on exit when the root was cancelled while the body ran.
+    """
+    return CancelScope(name=name, root=root)
+
+
+# -- cooperative checks ------------------------------------------------------------------
+
+
+def _cancel_request_for_current() -> CancelRequest | None:
+    root = current_root()
+    if root is None:
+        return None
+    runtime = get_runtime()
+    runtime.start()
+    return runtime.registry.is_cancelled(root)
+
+
+def is_cancelled() -> bool:
+    """Whether the root of the current context is cancelled. Safe from any thread."""
+    return _cancel_request_for_current() is not None
+
+
+def check() -> None:
+    """Raise :class:`Cancelled` if the root of the current context is cancelled.
+
+    For sync code and threads, which ``task.cancel()`` cannot interrupt: call it
+    between units of work (tokens, rows, pages). It never touches the store.
+    """
+    request = _cancel_request_for_current()
+    if request is not None:
+        raise Cancelled(request.root, request.reason)
+
+
+# -- cancelling ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CancelResult:
+    """What :func:`cancel` did.
+
+    Attributes:
+        request: the flag now in the store (the first one, if the root was already cancelled).
+        created: whether this call wrote it.
+    """
+
+    request: CancelRequest
+    created: bool
+
+
+def _parent_in_root_trace(root: str) -> otel_context.Context:
+    """A context whose current span lies in the root's trace, so the request span joins it."""
+    current = otel_context.get_current()
+    span_context = trace.get_current_span(current).get_span_context()
+    if span_context.is_valid and trace.format_trace_id(span_context.trace_id) == root:
+        return current
+    parent = trace.SpanContext(
+        trace_id=int(root, 16),
+        span_id=int.from_bytes(os.urandom(8), "big") or 1,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent), current)
+
+
+async def _write_flag(runtime: Runtime, request: CancelRequest) -> CancelResult:
+    store = await runtime.watcher.store()
+    try:
+        stored, created = await store.create_flag(request, runtime.settings.ttl_seconds)
+    except StoreError:
+        # Never lose the cancel here: stop local work at once, and report the failure.
+        runtime.watcher.apply(request)
+        raise
+    # Apply locally without waiting for the watch round trip (a repeat is a no-op).
+    runtime.watcher.apply(stored)
+    return CancelResult(stored, created)
+
+
+async def cancel(root: str, reason: str = "cancelled") -> CancelResult:
+    """Cancel every piece of work of ``root``, in every process that watches the store.
+
+    Writes the flag ``{prefix}flags/{root}`` (create-if-absent: a second cancel keeps
+    the first flag) and records an ``otel_cancel.request`` span in the root's trace.
+
+    Raises:
+        InvalidRootError: ``root`` is not a valid root.
+        StoreError: the flag could not be written (work in this process is still stopped).
+    """
+    validate_root(root)
+    runtime = get_runtime()
+    request = CancelRequest.new(root, reason, runtime.requester)
+    span = telemetry.start_request_span(root, reason, _parent_in_root_trace(root))
+    try:
+        # The write runs on the watcher's loop and is shielded: when it cancels the
+        # caller's own scope (cancel_current), it still completes.
+        future = runtime.watcher.submit(_write_flag(runtime, request))
+        result = await asyncio.shield(asyncio.wrap_future(future))
+    finally:
+        span.end()
+    telemetry.cancel_requested(root, reason, result.created)
+    return result
+
+
+async def cancel_current(reason: str = "cancelled") -> CancelResult:
+    """Cancel the root of the current context (a guardrail node calls this).
+
+    The flag is written even though it cancels the caller's own scope; the caller's
+    scope then raises :class:`Cancelled` as usual.
+
+    Raises:
+        RuntimeError: there is no root in the current context (call it inside a scope).
+    """
+    root = current_root()
+    if root is None:
+        raise RuntimeError("cancel_current() needs a root in the context; call it inside otel_cancel.scope()")
+    return await cancel(root, reason)

@@ -1,0 +1,131 @@
+"""Settings read once from the ``OTEL_CANCEL_*`` environment, validated at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+
+from . import environment_variables as env
+from .exceptions import ConfigurationError
+from .store import DEFAULT_PREFIX, DEFAULT_TTL_SECONDS, CancelStore
+from .store._keys import validate_prefix
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(f"{name} must be true or false, got {raw!r}")
+
+
+def _number(environ: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigurationError(f"{name} must be between {low:g} and {high:g}, got {raw!r}")
+    return value
+
+
+def _choice(environ: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = environ.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ConfigurationError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How this process talks to the cancel store and treats incoming requests.
+
+    Build with :meth:`from_environment`; every field can be overridden there.
+    """
+
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    prefix: str = DEFAULT_PREFIX
+    ttl_seconds: int = DEFAULT_TTL_SECONDS
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    timeout_seconds: float = 2.0
+    trust_incoming: bool = False
+    on_disconnect: str = "cancel"
+    startup_wait_seconds: float = 1.0
+    watchdog_seconds: float = 5.0
+    signing_key: bytes | None = dataclasses.field(default=None, repr=False)
+    service: str = "unknown_service"
+    instance: str = ""
+    store: str = "etcd"
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read the settings from ``environ`` (default ``os.environ``); ``overrides`` win.
+
+        Raises:
+            ConfigurationError: a value is invalid; the message names the variable.
+        """
+        environ = os.environ if environ is None else environ
+        endpoints = tuple(
+            e.strip() for e in environ.get(env.OTEL_CANCEL_ETCD_ENDPOINTS, "127.0.0.1:2379").split(",") if e.strip()
+        )
+        if not endpoints:
+            raise ConfigurationError(f"{env.OTEL_CANCEL_ETCD_ENDPOINTS} is empty; give at least one host:port")
+        signing_key = environ.get(env.OTEL_CANCEL_SIGNING_KEY) or None
+        values: dict[str, object] = {
+            "endpoints": endpoints,
+            "prefix": environ.get(env.OTEL_CANCEL_PREFIX, DEFAULT_PREFIX) or DEFAULT_PREFIX,
+            "ttl_seconds": int(_number(environ, env.OTEL_CANCEL_TTL_SECONDS, DEFAULT_TTL_SECONDS, 1, 7 * 86400)),
+            "username": environ.get(env.OTEL_CANCEL_ETCD_USERNAME) or None,
+            "password": environ.get(env.OTEL_CANCEL_ETCD_PASSWORD) or None,
+            "ca_cert": environ.get(env.OTEL_CANCEL_ETCD_CA_CERT) or None,
+            "cert": environ.get(env.OTEL_CANCEL_ETCD_CERT) or None,
+            "key": environ.get(env.OTEL_CANCEL_ETCD_KEY) or None,
+            "timeout_seconds": _number(environ, env.OTEL_CANCEL_ETCD_TIMEOUT_SECONDS, 2.0, 0.05, 60),
+            "trust_incoming": _flag(environ, env.OTEL_CANCEL_TRUST_INCOMING, False),
+            "on_disconnect": _choice(environ, env.OTEL_CANCEL_ON_DISCONNECT, "cancel", ("cancel", "continue")),
+            "startup_wait_seconds": _number(environ, env.OTEL_CANCEL_STARTUP_WAIT_SECONDS, 1.0, 0, 60),
+            "watchdog_seconds": _number(environ, env.OTEL_CANCEL_WATCHDOG_SECONDS, 5.0, 0.1, 3600),
+            "signing_key": signing_key.encode() if signing_key else None,
+            "service": environ.get("OTEL_SERVICE_NAME") or "unknown_service",
+            "instance": environ.get(env.OTEL_CANCEL_INSTANCE) or f"{socket.gethostname()}-{os.getpid()}",
+            "store": _choice(environ, env.OTEL_CANCEL_STORE, "etcd", ("etcd", "memory")),
+        }
+        values.update(overrides)
+        settings = cls(**values)  # type: ignore[arg-type]
+        validate_prefix(settings.prefix)
+        return settings
+
+    def create_store(self) -> CancelStore:
+        """A new store for these settings (etcd unless ``store='memory'``)."""
+        if self.store == "memory":
+            from .store.memory import MemoryCancelStore
+
+            return MemoryCancelStore(self.prefix)
+        from .store.etcd import EtcdCancelStore
+
+        return EtcdCancelStore(
+            self.endpoints,
+            prefix=self.prefix,
+            timeout=self.timeout_seconds,
+            username=self.username,
+            password=self.password,
+            ca_cert=self.ca_cert,
+            cert=self.cert,
+            key=self.key,
+        )

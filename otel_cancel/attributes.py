@@ -1,0 +1,71 @@
+"""Every name otel-cancel puts on the wire or into telemetry, as constants.
+
+Baggage entries travel with each request; span and metric names are what Jaeger
+and Prometheus show. Other modules import these constants instead of spelling
+the strings again, so a rename happens in one place and tests can enumerate
+them (see ``METRIC_NAMES``).
+"""
+
+from __future__ import annotations
+
+# Baggage entries (W3C baggage keys).
+BAGGAGE_ROOT = "otel_cancel.root"
+"""The root run's trace id: 32 lowercase hex digits, set once at the edge."""
+BAGGAGE_DEPTH = "otel_cancel.depth"
+"""Hops from the root (the root is 0)."""
+BAGGAGE_DEADLINE = "otel_cancel.deadline"
+"""Absolute deadline of the run, in epoch milliseconds."""
+BAGGAGE_SIGNATURE = "otel_cancel.sig"
+"""HMAC of the root (and deadline) when roots are signed."""
+BAGGAGE_KEYS = (BAGGAGE_ROOT, BAGGAGE_DEPTH, BAGGAGE_DEADLINE, BAGGAGE_SIGNATURE)
+"""The entries otel-cancel owns; an untrusted edge drops exactly these."""
+
+# HTTP.
+HEADER_ROOT = "otel-cancel-root"
+"""Response header that tells a caller which root to cancel."""
+HEADER_TIMEOUT = "otel-cancel-timeout"
+"""Request header that sets or shortens the run's deadline (``30s``, ``1500ms``)."""
+SSE_EVENT_CANCELLED = "otel-cancel"
+"""Name of the final server-sent event of a cancelled ``text/event-stream``."""
+
+# Spans.
+SPAN_REQUEST = "otel_cancel.request"
+SPAN_CANCELLED = "otel_cancel.cancelled"
+SPAN_REFUSED = "otel_cancel.refused"
+
+# Span and metric attributes.
+ROOT = "otel_cancel.root"
+REASON = "otel_cancel.reason"
+LATENCY_MS = "otel_cancel.latency_ms"
+DEPTH = "otel_cancel.depth"
+NODE = "otel_cancel.node"
+KIND = "otel_cancel.kind"
+"""``explicit`` (a flag in etcd) or ``deadline`` (the budget ran out locally)."""
+OUTCOME = "otel_cancel.outcome"
+
+KIND_EXPLICIT = "explicit"
+KIND_DEADLINE = "deadline"
+
+# Metrics.
+METRIC_CANCELLATIONS = "otel_cancel.cancellations"
+METRIC_PROPAGATION_LATENCY = "otel_cancel.propagation.latency"
+METRIC_SCOPES_ACTIVE = "otel_cancel.scopes.active"
+METRIC_LATE_ARRIVALS = "otel_cancel.late_arrivals"
+METRIC_WATCH_RECONNECTS = "otel_cancel.watch.reconnects"
+METRIC_WATCH_CONNECTED = "otel_cancel.watch.connected"
+METRIC_RECEIPTS = "otel_cancel.receipts"
+METRIC_BAGGAGE_REJECTED = "otel_cancel.baggage.rejected"
+METRIC_REQUESTS = "otel_cancel.requests"
+
+METRIC_NAMES = (
+    METRIC_CANCELLATIONS,
+    METRIC_PROPAGATION_LATENCY,
+    METRIC_SCOPES_ACTIVE,
+    METRIC_LATE_ARRIVALS,
+    METRIC_WATCH_RECONNECTS,
+    METRIC_WATCH_CONNECTED,
+    METRIC_RECEIPTS,
+    METRIC_BAGGAGE_REJECTED,
+    METRIC_REQUESTS,
+)
+"""Every metric otel-cancel emits; dashboards may query only these."""

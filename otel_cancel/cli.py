@@ -1,0 +1,310 @@
+"""``otel-cancel``: cancel a run by its root, see who stopped, check the set-up.
+
+Commands::
+
+    otel-cancel cancel ROOT [--reason TEXT] [--wait SECONDS] [--expect N] [--json]
+    otel-cancel status ROOT [--json]
+    otel-cancel list [--json]
+    otel-cancel watch [--json]
+    otel-cancel doctor [--json]
+    otel-cancel demo
+
+Configuration comes from the ``OTEL_CANCEL_*`` environment. Exit codes: 0 on
+success (cancelling an already cancelled root included), 2 on bad input (a root
+that is not 32 lowercase hex digits, an invalid setting), 1 with a one-line reason
+when etcd cannot be reached or refuses the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ._request import CancelRequest, Receipt
+from ._root import validate_root
+from ._settings import Settings
+from .exceptions import ConfigurationError, InvalidRootError, StoreError
+from .store import CancelStore
+from .store._keys import root_of_flag_key
+
+EXIT_OK = 0
+EXIT_STORE = 1
+EXIT_USAGE = 2
+
+_RECEIPT_COLUMNS = ("service", "instance", "depth", "interrupted", "latency_ms")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"otel-cancel: {message}", file=sys.stderr)
+    return code
+
+
+def _iso(epoch_ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_ns / 1e9)) + f".{epoch_ns % 10**9 // 10**6:03d}Z"
+
+
+def _receipt_row(receipt: Receipt) -> dict[str, Any]:
+    return {
+        "service": receipt.service,
+        "instance": receipt.instance,
+        "depth": receipt.depth,
+        "interrupted": ",".join(receipt.interrupted) or "-",
+        "latency_ms": round(receipt.latency_ms, 2),
+        "tasks": receipt.tasks,
+    }
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as an aligned plain-text table with a header line."""
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _request_dict(request: CancelRequest) -> dict[str, Any]:
+    return {
+        "root": request.root,
+        "reason": request.reason,
+        "requested_at": request.requested_at,
+        "requested_by": request.requested_by,
+    }
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+async def _cancel(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
+    requester = f"cli:{os.environ.get('USER', 'unknown')}@{socket.gethostname()}"
+    request = CancelRequest.new(args.root, args.reason, requester)
+    stored, created = await store.create_flag(request, settings.ttl_seconds)
+    if args.json:
+        print(json.dumps({"created": created, "flag": _request_dict(stored)}), flush=True)
+    elif created:
+        print(f"cancelled {stored.root} (reason: {stored.reason})", flush=True)
+    else:
+        print(
+            f"{stored.root} was already cancelled at {_iso(stored.requested_at)} "
+            f"by {stored.requested_by} (reason: {stored.reason})",
+            flush=True,
+        )
+    if args.wait:
+        await _wait_for_receipts(store, args)
+    return EXIT_OK
+
+
+async def _wait_for_receipts(store: CancelStore, args: argparse.Namespace) -> None:
+    # Receipts arrive from other processes; poll the acks prefix until --wait
+    # runs out or --expect receipts have arrived, printing each one once.
+    deadline = time.monotonic() + args.wait
+    seen: set[tuple[str, str]] = set()
+    header_printed = False
+    while True:
+        for receipt in await store.list_receipts(args.root):
+            key = (receipt.service, receipt.instance)
+            if key in seen:
+                continue
+            seen.add(key)
+            row = _receipt_row(receipt)
+            if args.json:
+                print(json.dumps({"receipt": row}), flush=True)
+            else:
+                table = format_table([row], _RECEIPT_COLUMNS).splitlines()
+                if not header_printed:
+                    print(table[0], flush=True)
+                    header_printed = True
+                print(table[1], flush=True)
+        if (args.expect and len(seen) >= args.expect) or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.05)
+    if not args.json:
+        print(f"{len(seen)} process(es) reported stopped work", flush=True)
+
+
+async def _status(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
+    flag = await store.get_flag(args.root)
+    receipts = sorted(await store.list_receipts(args.root), key=lambda r: (r.depth, r.stopped_at))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "root": args.root,
+                    "cancelled": flag is not None,
+                    "flag": _request_dict(flag) if flag else None,
+                    "receipts": [_receipt_row(r) for r in receipts],
+                }
+            )
+        )
+        return EXIT_OK
+    if flag is None:
+        print(f"{args.root} is not cancelled")
+        return EXIT_OK
+    print(f"{flag.root} cancelled at {_iso(flag.requested_at)} by {flag.requested_by} (reason: {flag.reason})")
+    if receipts:
+        print(format_table([_receipt_row(r) for r in receipts], _RECEIPT_COLUMNS))
+        from .timeline import render_timeline
+
+        print()
+        print(render_timeline(flag, receipts))
+    else:
+        print("no process has reported stopped work yet")
+    return EXIT_OK
+
+
+async def _list(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
+    listing = await store.list_flags()
+    flags = []
+    for event in listing.flags:
+        root = root_of_flag_key(store.prefix, event.key)
+        if root is None:
+            continue
+        try:
+            flags.append(CancelRequest.from_json(event.value, root))
+        except ValueError:
+            flags.append(CancelRequest(root, "unknown (malformed flag)", 0, ""))
+    if args.json:
+        print(json.dumps({"revision": listing.revision, "flags": [_request_dict(f) for f in flags]}))
+    elif not flags:
+        print("no cancelled roots")
+    else:
+        rows = [
+            {
+                "root": f.root,
+                "requested_at": _iso(f.requested_at) if f.requested_at else "-",
+                "by": f.requested_by,
+                "reason": f.reason,
+            }
+            for f in flags
+        ]
+        print(format_table(rows, ("root", "requested_at", "by", "reason")))
+    return EXIT_OK
+
+
+async def _watch(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
+    listing = await store.list_flags()
+    revision = listing.revision
+    for event in listing.flags:
+        _print_event(store, event.kind, event.key, event.value, args.json)
+    async for event in store.watch_flags(revision + 1):
+        _print_event(store, event.kind, event.key, event.value, args.json)
+    return EXIT_OK
+
+
+def _print_event(store: CancelStore, kind: str, key: str, value: bytes, as_json: bool) -> None:
+    root = root_of_flag_key(store.prefix, key)
+    if root is None:
+        return
+    reason = ""
+    if kind == "put":
+        try:
+            reason = CancelRequest.from_json(value, root).reason
+        except ValueError:
+            reason = "unknown (malformed flag)"
+    if as_json:
+        print(json.dumps({"event": "cancelled" if kind == "put" else "expired", "root": root, "reason": reason}))
+    else:
+        print(f"{'cancelled' if kind == 'put' else 'expired  '} {root} {reason}".rstrip())
+    sys.stdout.flush()
+
+
+_STORE_COMMANDS = {"cancel": _cancel, "status": _status, "list": _list, "watch": _watch}
+
+
+async def _run_store_command(settings: Settings, args: argparse.Namespace) -> int:
+    store = settings.create_store()
+    try:
+        return await _STORE_COMMANDS[args.command](store, settings, args)
+    finally:
+        await store.close()
+
+
+# -- argument parsing ------------------------------------------------------------------------
+
+
+def _root_argument(value: str) -> str:
+    try:
+        return validate_root(value)
+    except InvalidRootError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _seconds_argument(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not 0 <= seconds <= 86400:
+        raise argparse.ArgumentTypeError(f"seconds must be between 0 and 86400, got {value!r}")
+    return seconds
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        # One line, exit 2 (argparse would print the whole usage first).
+        print(f"otel-cancel: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="otel-cancel", description="Cancel a run everywhere by its root id.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    cancel = commands.add_parser("cancel", help="cancel every piece of work of ROOT")
+    cancel.add_argument("root", type=_root_argument, metavar="ROOT")
+    cancel.add_argument("--reason", default="cancelled by operator", help="why (shown in receipts and spans)")
+    cancel.add_argument("--wait", type=_seconds_argument, default=0, metavar="SECONDS",
+                        help="print receipts as processes report stopped work, for up to SECONDS")  # fmt: skip
+    cancel.add_argument("--expect", type=int, default=0, metavar="N", help="with --wait: return after N receipts")
+    cancel.add_argument("--json", action="store_true", help="JSON lines output")
+
+    status = commands.add_parser("status", help="show whether ROOT is cancelled and who stopped")
+    status.add_argument("root", type=_root_argument, metavar="ROOT")
+    status.add_argument("--json", action="store_true")
+
+    listing = commands.add_parser("list", help="list cancelled roots")
+    listing.add_argument("--json", action="store_true")
+
+    watch = commands.add_parser("watch", help="print cancels as they happen")
+    watch.add_argument("--json", action="store_true")
+
+    doctor = commands.add_parser("doctor", help="check etcd, propagators and instrumentation")
+    doctor.add_argument("--json", action="store_true")
+
+    demo = commands.add_parser("demo", help="run the example chain on an embedded etcd and cancel it")
+    demo.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``otel-cancel`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(as_json=args.json)
+        settings = Settings.from_environment()
+        if args.command == "doctor":
+            from .doctor import run_doctor
+
+            return run_doctor(settings, as_json=args.json)
+        code: int = asyncio.run(_run_store_command(settings, args))
+        return code
+    except ConfigurationError as error:
+        return _fail(str(error), EXIT_USAGE)
+    except StoreError as error:
+        return _fail(f"{error} (endpoints: {os.environ.get('OTEL_CANCEL_ETCD_ENDPOINTS', '127.0.0.1:2379')})",
+                     EXIT_STORE)  # fmt: skip
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

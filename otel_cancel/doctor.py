@@ -1,0 +1,104 @@
+"""``otel-cancel doctor``: what is on, what is missing, and what to do about it.
+
+Checks, each reported as ``ok``, ``warn`` or ``fail`` with one line of advice:
+
+- etcd reachable (a status call, then a read of the flags prefix);
+- the configured propagators carry baggage (``OTEL_PROPAGATORS``);
+- the otel-cancel instrumentor is installed and not disabled;
+- the trust setting fits the service (an internal-looking service that trusts
+  nothing breaks propagation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from importlib.metadata import entry_points
+
+from ._settings import Settings
+from .exceptions import StoreError
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One line of the doctor's report."""
+
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+
+def propagators_carry_baggage(value: str | None = None) -> bool:
+    """Whether ``OTEL_PROPAGATORS`` (default ``tracecontext,baggage``) includes baggage."""
+    raw = os.environ.get("OTEL_PROPAGATORS") if value is None else value
+    if raw is None or raw.strip() == "":
+        return True
+    return "baggage" in {name.strip().lower() for name in raw.split(",")}
+
+
+async def _check_etcd(settings: Settings) -> Check:
+    store = settings.create_store()
+    try:
+        await store.ping()
+        listing = await store.list_flags()
+    except StoreError as error:
+        return Check("etcd", "fail", f"{error}; set OTEL_CANCEL_ETCD_ENDPOINTS to a reachable etcd")
+    finally:
+        await store.close()
+    return Check("etcd", "ok", f"{', '.join(settings.endpoints)} answers; {len(listing.flags)} cancelled root(s)")
+
+
+def _check_propagators() -> Check:
+    if propagators_carry_baggage():
+        return Check("propagators", "ok", f"OTEL_PROPAGATORS={os.environ.get('OTEL_PROPAGATORS', '(default)')}")
+    return Check(
+        "propagators",
+        "fail",
+        f"OTEL_PROPAGATORS={os.environ['OTEL_PROPAGATORS']} drops baggage: roots will not cross HTTP hops; "
+        "add 'baggage' (for example tracecontext,baggage)",
+    )
+
+
+def _check_instrumentation() -> Check:
+    names = {ep.name for ep in entry_points(group="opentelemetry_instrumentor")}
+    disabled = {n.strip() for n in os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")}
+    if "otel_cancel" not in names:
+        return Check("instrumentation", "fail", "the otel_cancel instrumentor entry point is not installed")
+    if "otel_cancel" in disabled:
+        return Check("instrumentation", "warn", "disabled by OTEL_PYTHON_DISABLED_INSTRUMENTATIONS")
+    missing = sorted({"httpx", "asgi"} - names)
+    if missing:
+        return Check("instrumentation", "warn", f"installed, but not the {', '.join(missing)} instrumentation")
+    return Check("instrumentation", "ok", "otel_cancel, httpx and asgi instrumentors installed")
+
+
+def _check_trust(settings: Settings) -> Check:
+    if settings.trust_incoming:
+        return Check("trust", "ok", "internal service: adopts incoming roots (OTEL_CANCEL_TRUST_INCOMING=true)")
+    hint = settings.service.lower()
+    if any(word in hint for word in ("sub", "internal", "worker", "backend")):
+        return Check(
+            "trust",
+            "warn",
+            f"service {settings.service!r} looks internal but trusts no incoming root; "
+            "set OTEL_CANCEL_TRUST_INCOMING=true unless it is an edge",
+        )
+    return Check("trust", "ok", "edge: every request starts its own root (OTEL_CANCEL_TRUST_INCOMING=false)")
+
+
+def run_doctor(settings: Settings, as_json: bool = False) -> int:
+    """Print the report; exit 0 when nothing failed, 1 otherwise."""
+    checks = [
+        asyncio.run(_check_etcd(settings)),
+        _check_propagators(),
+        _check_instrumentation(),
+        _check_trust(settings),
+    ]
+    if as_json:
+        print(json.dumps({"checks": [dataclasses.asdict(c) for c in checks]}))
+    else:
+        for check in checks:
+            print(f"{check.status.upper():4}  {check.name:15} {check.detail}")
+    return 1 if any(c.status == "fail" for c in checks) else 0

@@ -1,0 +1,104 @@
+"""Where cancel flags and receipts live.
+
+:class:`CancelStore` is the interface; :class:`~otel_cancel.store.etcd.EtcdCancelStore`
+is the one to run in production, :class:`~otel_cancel.store.memory.MemoryCancelStore`
+serves unit tests and single-process use. Every backend passes the same conformance
+suite (``tests/test_store_conformance.py``).
+
+Layout (etcd keys, ``prefix`` defaults to ``/otel-cancel/``)::
+
+    {prefix}flags/{root}                       one CancelRequest (JSON), on a TTL lease
+    {prefix}acks/{root}/{service}/{instance}   one Receipt (JSON) per stopped process
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Literal, Protocol, runtime_checkable
+
+from .._request import CancelRequest, Receipt
+
+DEFAULT_PREFIX = "/otel-cancel/"
+DEFAULT_TTL_SECONDS = 3600
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagEvent:
+    """A change under ``{prefix}flags/``, as the store saw it.
+
+    Attributes:
+        kind: ``put`` (a flag was written) or ``delete`` (it expired or was removed).
+        key: the full key.
+        value: the raw value (empty for deletes); the watcher parses it.
+        revision: the store revision of the change.
+    """
+
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes
+    revision: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagListing:
+    """Every flag present at ``revision``."""
+
+    flags: tuple[FlagEvent, ...]
+    revision: int
+
+
+@runtime_checkable
+class CancelStore(Protocol):
+    """Stores cancel flags and receipts, and streams flag changes.
+
+    Every method may raise :class:`~otel_cancel.exceptions.StoreError` (and only
+    that); every call is bounded by the store's deadline except the watch stream.
+    """
+
+    prefix: str
+
+    async def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]:
+        """Write the flag for ``request.root`` unless one exists.
+
+        Returns:
+            The flag now stored and whether this call created it. When a flag was
+            already there, it is returned unchanged (the first cancel wins).
+        """
+        ...
+
+    async def get_flag(self, root: str) -> CancelRequest | None:
+        """The flag for ``root``, or ``None``."""
+        ...
+
+    async def list_flags(self) -> FlagListing:
+        """Every flag, with the revision the listing was taken at."""
+        ...
+
+    def watch_flags(self, start_revision: int) -> AsyncIterator[FlagEvent]:
+        """Flag changes from ``start_revision`` (inclusive), in revision order.
+
+        Raises:
+            RevisionCompactedError: ``start_revision`` is no longer available.
+            StoreError: the stream broke; the caller resumes from its last revision.
+        """
+        ...
+
+    async def put_receipt(self, receipt: Receipt, ttl_seconds: int) -> None:
+        """Write ``receipt`` under the flag's lease (or a new one if the flag is gone)."""
+        ...
+
+    async def list_receipts(self, root: str) -> list[Receipt]:
+        """Every well-formed receipt for ``root`` (malformed ones are logged and skipped)."""
+        ...
+
+    async def ping(self) -> None:
+        """Prove the store answers now (the watcher's watchdog)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections. The store may be used again afterwards (it reconnects)."""
+        ...
+
+
+__all__ = ("DEFAULT_PREFIX", "DEFAULT_TTL_SECONDS", "CancelStore", "FlagEvent", "FlagListing")

@@ -1,0 +1,56 @@
+"""Build and parse store keys. Keys are built only from validated roots."""
+
+from __future__ import annotations
+
+import re
+
+from .._root import is_valid_root, validate_root
+from ..exceptions import ConfigurationError
+
+_SEGMENT = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` if usable as a key prefix.
+
+    Raises:
+        ConfigurationError: it does not start and end with ``/`` or holds odd characters.
+    """
+    if not (prefix.startswith("/") and prefix.endswith("/")) or len(prefix) > 256:
+        raise ConfigurationError(
+            f"OTEL_CANCEL_PREFIX must start and end with '/' (like '/otel-cancel/'), got {prefix!r}"
+        )
+    if any(part in (".", "..") for part in prefix.split("/")) or not prefix.isprintable():
+        raise ConfigurationError(f"OTEL_CANCEL_PREFIX must be a plain path, got {prefix!r}")
+    return prefix
+
+
+def key_segment(value: str) -> str:
+    """``value`` made safe as one key segment (service and instance names)."""
+    cleaned = "".join(c if _SEGMENT.fullmatch(c) else "_" for c in value)[:128]
+    return cleaned or "_"
+
+
+def flags_prefix(prefix: str) -> str:
+    return f"{prefix}flags/"
+
+
+def flag_key(prefix: str, root: str) -> str:
+    return f"{prefix}flags/{validate_root(root)}"
+
+
+def acks_prefix(prefix: str, root: str) -> str:
+    return f"{prefix}acks/{validate_root(root)}/"
+
+
+def receipt_key(prefix: str, root: str, service: str, instance: str) -> str:
+    return f"{acks_prefix(prefix, root)}{key_segment(service)}/{key_segment(instance)}"
+
+
+def root_of_flag_key(prefix: str, key: str) -> str | None:
+    """The root a flag key names, or ``None`` when the key is not a valid flag key."""
+    head = flags_prefix(prefix)
+    if not key.startswith(head):
+        return None
+    root = key[len(head) :]
+    return root if is_valid_root(root) else None

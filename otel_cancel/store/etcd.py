@@ -1,0 +1,346 @@
+"""The etcd cancel store (through ``aetcd``, asyncio gRPC).
+
+Every error of the etcd client is translated here, in :func:`_translated`, into
+:class:`~otel_cancel.exceptions.StoreError` subclasses; nothing above this module
+sees an ``aetcd`` or ``grpc`` exception. Every call carries a deadline (the
+client's ``timeout``), so a hung etcd never hangs a caller.
+
+The client is created lazily, on the event loop of the first call, because a gRPC
+aio channel belongs to the loop that created it. Inside services that loop is the
+process's IO loop (:mod:`otel_cancel._io_loop`). When a call finds an endpoint
+unavailable the client is dropped and the next call uses the next endpoint
+(fail-over across ``OTEL_CANCEL_ETCD_ENDPOINTS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+import aetcd.rpc
+import aetcd.watcher
+import grpc
+
+from .._io_loop import io_loop
+from .._request import CancelRequest, Receipt
+from ..exceptions import (
+    ConfigurationError,
+    RevisionCompactedError,
+    StoreError,
+    StorePermissionError,
+    StoreUnavailableError,
+)
+from . import DEFAULT_PREFIX, FlagEvent, FlagListing
+from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, validate_prefix
+
+_log = logging.getLogger("otel_cancel.store")
+
+DEFAULT_TIMEOUT_SECONDS = 2.0
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split ``host:port`` (scheme ignored, IPv6 in brackets) into its parts.
+
+    Raises:
+        ConfigurationError: the endpoint is not ``host:port``.
+    """
+    text = endpoint.strip()
+    for scheme in ("http://", "https://", "grpc://"):
+        if text.startswith(scheme):
+            text = text[len(scheme) :]
+    text = text.rstrip("/")
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigurationError(f"an etcd endpoint is host:port (like 127.0.0.1:2379), got {endpoint!r}")
+    return host, int(port_text)
+
+
+class _EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
+    """``aetcd.Client`` that can open a TLS channel; aetcd itself only opens plain ones."""
+
+    def __init__(self, *args: Any, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        connecting: bool = getattr(self, "_is_connecting", False)
+        if self._credentials is None or self._connected.is_set() or connecting:
+            await super().connect()
+            return
+        # The same steps as aetcd.Client.connect(), with a secure channel.
+        self._is_connecting = True
+        try:
+            target = f"{self._host}:{self._port}"
+            self.channel = grpc.aio.secure_channel(target, self._credentials, options=self._options.items())
+            if self._username is not None and self._password is not None:
+                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
+                request = aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password)
+                response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+                self.metadata = (("token", response.token),)
+            self.kvstub = aetcd.rpc.KVStub(self.channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+@contextlib.contextmanager
+def _translated(action: str) -> Iterator[None]:
+    """Turn every etcd client error raised inside into a ``StoreError``."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except aetcd.exceptions.RevisionCompactedError as error:
+        raise RevisionCompactedError(error.compacted_revision) from None
+    except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError) as error:
+        raise StoreUnavailableError(f"etcd unavailable while {action}: {error}") from None
+    except aetcd.exceptions.WatchTimeoutError:
+        raise StoreUnavailableError(f"etcd did not answer in time while {action}") from None
+    except aetcd.exceptions.UnauthenticatedError as error:
+        raise StorePermissionError(
+            f"etcd refused the credentials while {action}: {error}; "
+            "check OTEL_CANCEL_ETCD_USERNAME / OTEL_CANCEL_ETCD_PASSWORD"
+        ) from None
+    except aetcd.exceptions.ClientError as error:
+        cause = error.__cause__
+        code = cause.code() if isinstance(cause, grpc.aio.AioRpcError) else None
+        if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in str(error):
+            raise StorePermissionError(
+                f"etcd denied {action}: {error}; the etcd role of this user lacks the permission"
+            ) from None
+        if "invalid auth token" in str(error) or "user name is empty" in str(error):
+            raise StorePermissionError(f"etcd auth token rejected while {action}: {error}") from None
+        raise StoreError(f"etcd failed while {action}: {error}") from None
+    except grpc.aio.AioRpcError as error:
+        raise StoreUnavailableError(f"etcd failed while {action}: {error.code().name} {error.details()}") from None
+    except TimeoutError:
+        raise StoreUnavailableError(f"etcd did not answer in time while {action}") from None
+    except OSError as error:
+        raise StoreUnavailableError(f"etcd unreachable while {action}: {error}") from None
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigurationError(f"cannot read the {what} at {path!r}: {error.strerror}") from None
+
+
+class EtcdCancelStore:
+    """A :class:`~otel_cancel.store.CancelStore` on etcd v3.
+
+    Args:
+        endpoints: ``host:port`` strings; the client fails over between them.
+        prefix: key prefix (default ``/otel-cancel/``).
+        timeout: deadline of each call, in seconds.
+        username: etcd user (with ``password``) when etcd authentication is on.
+        password: the user's password.
+        ca_cert: path of a PEM CA bundle; turns TLS on.
+        cert: path of a PEM client certificate (mutual TLS).
+        key: path of the client certificate's key.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] = ("127.0.0.1:2379",),
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        username: str | None = None,
+        password: str | None = None,
+        ca_cert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ConfigurationError("at least one etcd endpoint is needed (OTEL_CANCEL_ETCD_ENDPOINTS)")
+        self.endpoints = tuple(parse_endpoint(e) for e in endpoints)
+        self.prefix = validate_prefix(prefix)
+        if timeout <= 0:
+            raise ConfigurationError(f"the etcd timeout must be positive, got {timeout}")
+        self.timeout = timeout
+        if bool(username) != bool(password):
+            raise ConfigurationError("set both OTEL_CANCEL_ETCD_USERNAME and OTEL_CANCEL_ETCD_PASSWORD, or neither")
+        self._username = username or None
+        self._password = password or None
+        if (cert is None) != (key is None):
+            raise ConfigurationError("set both OTEL_CANCEL_ETCD_CERT and OTEL_CANCEL_ETCD_KEY, or neither")
+        self._credentials: grpc.ChannelCredentials | None = None
+        if ca_cert or cert:
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(ca_cert, "CA certificate"),
+                private_key=_read(key, "client key"),
+                certificate_chain=_read(cert, "client certificate"),
+            )
+        self._client: _EtcdClient | None = None
+        self._endpoint_index = 0
+        self.calls = 0
+        """How many etcd calls this store has made (benchmarks check the request path makes none)."""
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint in use (or to be used next)."""
+        host, port = self.endpoints[self._endpoint_index]
+        return f"{host}:{port}"
+
+    def _connection(self) -> _EtcdClient:
+        if self._client is None:
+            # Pin gRPC's poller to the process IO loop before the first channel exists
+            # (see otel_cancel._io_loop), whatever loop this store is used from.
+            io_loop().start()
+            host, port = self.endpoints[self._endpoint_index]
+            self._client = _EtcdClient(
+                host=host,
+                port=port,
+                username=self._username,
+                password=self._password,
+                # aetcd types the timeout as int but hands it to gRPC, which takes floats.
+                timeout=self.timeout,
+                credentials=self._credentials,
+                connect_wait_timeout=self.timeout,
+            )
+        self.calls += 1
+        return self._client
+
+    async def _drop_connection(self, rotate: bool) -> None:
+        client, self._client = self._client, None
+        if rotate:
+            self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), self.timeout)
+
+    async def _call(self, action: str, operation: Any) -> Any:
+        """Run ``operation(client)`` with fail-over: each endpoint is tried once."""
+        last_error: StoreError | None = None
+        for _ in range(len(self.endpoints)):
+            try:
+                with _translated(action):
+                    return await asyncio.wait_for(operation(self._connection()), self.timeout * 2)
+            except StoreUnavailableError as error:
+                last_error = error
+                await self._drop_connection(rotate=True)
+            except StorePermissionError:
+                # A token that expired is renewed by reconnecting (aetcd authenticates on connect).
+                await self._drop_connection(rotate=False)
+                raise
+        assert last_error is not None
+        raise last_error
+
+    # -- CancelStore ---------------------------------------------------------------
+
+    async def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]:
+        key = flag_key(self.prefix, request.root).encode()
+
+        async def create(client: _EtcdClient) -> tuple[CancelRequest, bool]:
+            lease = await client.lease(ttl_seconds)
+            try:
+                created, responses = await client.transaction(
+                    compare=[client.transactions.version(key) == 0],
+                    success=[client.transactions.put(key, request.to_json(), lease=lease.id)],
+                    failure=[client.transactions.get(key)],
+                )
+            except BaseException:
+                # The lease would otherwise hold nothing until its TTL ran out.
+                with contextlib.suppress(Exception):
+                    await client.revoke_lease(lease.id)
+                raise
+            if created:
+                return request, True
+            await client.revoke_lease(lease.id)
+            existing = responses[0][0][0] if responses and responses[0] else None
+            if existing is None:
+                return request, False
+            try:
+                return CancelRequest.from_json(existing, request.root), False
+            except ValueError:
+                _log.warning("otel-cancel: flag for %s holds a malformed value; keeping it", request.root)
+                return request, False
+
+        result: tuple[CancelRequest, bool] = await self._call("writing a cancel flag", create)
+        return result
+
+    async def get_flag(self, root: str) -> CancelRequest | None:
+        key = flag_key(self.prefix, root).encode()
+
+        async def get(client: _EtcdClient) -> Any:
+            return await client.get(key)
+
+        found = await self._call("reading a cancel flag", get)
+        return None if found is None else CancelRequest.from_json(found.value, root)
+
+    async def list_flags(self) -> FlagListing:
+        async def list_prefix(client: _EtcdClient) -> Any:
+            return await client.get_prefix(flags_prefix(self.prefix).encode())
+
+        listing = await self._call("listing cancel flags", list_prefix)
+        revision = listing.header.revision if listing.header is not None else 0
+        flags = tuple(FlagEvent("put", kv.key.decode("utf-8", "replace"), kv.value, kv.mod_revision) for kv in listing)
+        return FlagListing(flags, revision)
+
+    async def watch_flags(self, start_revision: int) -> AsyncIterator[FlagEvent]:
+        async def open_watch(client: _EtcdClient) -> Any:
+            return await client.watch_prefix(flags_prefix(self.prefix).encode(), start_revision=start_revision)
+
+        watch = await self._call("watching cancel flags", open_watch)
+        try:
+            with _translated("watching cancel flags"):
+                async for event in watch:
+                    key = event.kv.key.decode("utf-8", "replace")
+                    yield FlagEvent(
+                        "put" if event.kind == "PUT" else "delete", key, event.kv.value, event.kv.mod_revision
+                    )
+            raise StoreUnavailableError("the etcd watch stream ended")
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(watch.cancel(), self.timeout)
+
+    async def put_receipt(self, receipt: Receipt, ttl_seconds: int) -> None:
+        flag = flag_key(self.prefix, receipt.root).encode()
+        key = receipt_key(self.prefix, receipt.root, receipt.service, receipt.instance).encode()
+
+        async def put(client: _EtcdClient) -> None:
+            found = await client.get(flag)
+            lease_id = found.lease if found is not None and found.lease else None
+            if lease_id is None:
+                lease_id = (await client.lease(ttl_seconds)).id
+            await client.put(key, receipt.to_json(), lease=lease_id)
+
+        await self._call("writing a receipt", put)
+
+    async def list_receipts(self, root: str) -> list[Receipt]:
+        async def list_prefix(client: _EtcdClient) -> Any:
+            return await client.get_prefix(acks_prefix(self.prefix, root).encode())
+
+        receipts = []
+        for kv in await self._call("reading receipts", list_prefix):
+            try:
+                receipts.append(Receipt.from_json(kv.value))
+            except ValueError as error:
+                _log.warning("otel-cancel: ignoring malformed receipt %r: %s", kv.key, error)
+        return receipts
+
+    async def ping(self) -> None:
+        async def status(client: _EtcdClient) -> Any:
+            return await client.status()
+
+        await self._call("checking etcd", status)
+
+    async def close(self) -> None:
+        await self._drop_connection(rotate=False)

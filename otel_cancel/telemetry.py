@@ -1,0 +1,194 @@
+"""Spans and metrics for cancels, through the OpenTelemetry API.
+
+Without a configured SDK every call here is a no-op. Metric attributes are
+bounded: the root id is never a label (it lives on spans), depths are capped and
+reasons are reduced to a short, bounded vocabulary (:func:`reason_label`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import Span, Status, StatusCode
+
+from . import attributes
+
+_SCOPE_NAME = "otel_cancel"
+_MAX_REASON_LABELS = 64
+_MAX_DEPTH_LABEL = 16
+
+_tracer = trace.get_tracer(_SCOPE_NAME)
+_meter = metrics.get_meter(_SCOPE_NAME)
+
+_cancellations = _meter.create_counter(
+    attributes.METRIC_CANCELLATIONS,
+    unit="{cancellation}",
+    description="Roots whose work stopped in this process, by reason and kind (explicit or deadline).",
+)
+_latency = _meter.create_histogram(
+    attributes.METRIC_PROPAGATION_LATENCY,
+    unit="ms",
+    description="From the cancel flag written (or the deadline passed) to the work stopped here.",
+    explicit_bucket_boundaries_advisory=[0.5, 1, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000, 2500, 5000],
+)
+_scopes_active = _meter.create_up_down_counter(
+    attributes.METRIC_SCOPES_ACTIVE, unit="{scope}", description="Scopes live in this process."
+)
+_late_arrivals = _meter.create_counter(
+    attributes.METRIC_LATE_ARRIVALS,
+    unit="{request}",
+    description="Work refused because its root was already cancelled (409) or its deadline had passed (504).",
+)
+_reconnects = _meter.create_counter(
+    attributes.METRIC_WATCH_RECONNECTS, unit="{reconnect}", description="Times the watcher lost the store and retried."
+)
+_receipts = _meter.create_counter(
+    attributes.METRIC_RECEIPTS, unit="{receipt}", description="Receipts this process wrote."
+)
+_requests = _meter.create_counter(
+    attributes.METRIC_REQUESTS, unit="{request}", description="Cancel flags requested from this process."
+)
+_baggage_rejected = _meter.create_counter(
+    attributes.METRIC_BAGGAGE_REJECTED,
+    unit="{request}",
+    description="Requests whose incoming otel_cancel baggage was malformed or untrusted.",
+)
+
+_connected_sources: list[Callable[[], bool]] = []
+_reason_labels: set[str] = set()
+_reason_lock = threading.Lock()
+
+
+def _observe_connected(options: CallbackOptions) -> Iterable[Observation]:
+    for source in list(_connected_sources):
+        yield Observation(1 if source() else 0)
+
+
+_meter.create_observable_gauge(
+    attributes.METRIC_WATCH_CONNECTED,
+    callbacks=[_observe_connected],
+    unit="1",
+    description="1 while the watcher's stream to the cancel store is up, else 0.",
+)
+
+
+def observe_watch_connected(source: Callable[[], bool]) -> None:
+    """Report ``source()`` as ``otel_cancel.watch.connected`` (one source per process)."""
+    _connected_sources[:] = [source]
+
+
+def reason_label(reason: str) -> str:
+    """A bounded label for a free-text reason.
+
+    The text up to the first ``:`` (so ``guardrail: pii found`` counts as
+    ``guardrail``), at most 40 characters; after 64 distinct labels, ``other``.
+    """
+    label = reason.split(":", 1)[0].strip()[:40] or "unspecified"
+    with _reason_lock:
+        if label in _reason_labels:
+            return label
+        if len(_reason_labels) >= _MAX_REASON_LABELS:
+            return "other"
+        _reason_labels.add(label)
+        return label
+
+
+def _depth_label(depth: int) -> int:
+    return min(depth, _MAX_DEPTH_LABEL)
+
+
+def scope_entered() -> None:
+    _scopes_active.add(1)
+
+
+def scope_exited() -> None:
+    _scopes_active.add(-1)
+
+
+def watch_reconnected() -> None:
+    _reconnects.add(1)
+
+
+def receipt_written() -> None:
+    _receipts.add(1)
+
+
+def baggage_rejected(why: str) -> None:
+    _baggage_rejected.add(1, {attributes.OUTCOME: why})
+
+
+def cancel_requested(root: str, reason: str, created: bool) -> None:
+    """Count a cancel request and record the ``otel_cancel.request`` span in the current trace."""
+    _requests.add(1, {attributes.REASON: reason_label(reason), attributes.OUTCOME: "created" if created else "exists"})
+
+
+def start_request_span(root: str, reason: str, context: Context | None = None) -> Span:
+    """Start the canceller's ``otel_cancel.request`` span (ended by the caller)."""
+    return _tracer.start_span(
+        attributes.SPAN_REQUEST,
+        context=context,
+        attributes={attributes.ROOT: root, attributes.REASON: reason},
+    )
+
+
+def work_cancelled(
+    *,
+    root: str,
+    reason: str,
+    kind: str,
+    depth: int,
+    node: str | None,
+    start_ns: int,
+    latency_ms: float | None,
+    context: Context | None = None,
+) -> None:
+    """Record that work for ``root`` stopped here: metrics and an ``otel_cancel.cancelled`` span.
+
+    The span is a child of the current span of ``context`` (the interrupted work),
+    so it lands in the cancelled trace; it starts when the cancel was seen and ends now.
+    """
+    labels: dict[str, str | int] = {
+        attributes.REASON: reason_label(reason),
+        attributes.KIND: kind,
+        attributes.DEPTH: _depth_label(depth),
+    }
+    _cancellations.add(1, labels)
+    if latency_ms is not None:
+        _latency.record(latency_ms, {attributes.KIND: kind, attributes.DEPTH: _depth_label(depth)})
+    span_attributes: dict[str, str | int | float] = {
+        attributes.ROOT: root,
+        attributes.REASON: reason,
+        attributes.DEPTH: depth,
+        attributes.KIND: kind,
+    }
+    if latency_ms is not None:
+        span_attributes[attributes.LATENCY_MS] = round(latency_ms, 3)
+    if node:
+        span_attributes[attributes.NODE] = node
+    span = _tracer.start_span(
+        attributes.SPAN_CANCELLED, context=context, attributes=span_attributes, start_time=start_ns
+    )
+    span.end()
+
+
+def mark_span_cancelled(span: Span, reason: str) -> None:
+    """Give an interrupted work span a status that says cancelled (not a generic error)."""
+    if span.is_recording():
+        span.set_attribute(attributes.REASON, reason)
+        span.set_attribute("error.type", "otel_cancel.Cancelled")
+        span.set_status(Status(StatusCode.ERROR, f"cancelled: {reason}"))
+
+
+def late_arrival(root: str, reason: str, kind: str, context: Context | None = None) -> None:
+    """Count a refused late hop and record it as an ``otel_cancel.refused`` span."""
+    _late_arrivals.add(1, {attributes.KIND: kind})
+    span = _tracer.start_span(
+        attributes.SPAN_REFUSED,
+        context=context,
+        attributes={attributes.ROOT: root, attributes.REASON: reason, attributes.KIND: kind},
+    )
+    span.end()

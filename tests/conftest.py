@@ -1,0 +1,81 @@
+"""Shared fixtures: a real etcd for the session, a fresh prefix and runtime per test."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from otel_cancel import _runtime
+from otel_cancel.testing import EtcdServer, ManagedProcess, unique_prefix
+
+WORKERS = os.path.join(os.path.dirname(__file__), "workers")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[EtcdServer]:
+    """One real etcd server for the session (tests isolate themselves by prefix)."""
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def private_etcd() -> Iterator[EtcdServer]:
+    """A real etcd server of the test's own, for tests that stop or freeze it."""
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def prefix() -> str:
+    return unique_prefix()
+
+
+@pytest.fixture(autouse=True)
+def _reset_runtime() -> Iterator[None]:
+    """Every test starts and ends without a configured otel-cancel runtime."""
+    _runtime.reset()
+    yield
+    _runtime.reset()
+
+
+@pytest.fixture
+def etcd_env(etcd: EtcdServer, prefix: str) -> dict[str, str]:
+    """Environment that points a child process at the session etcd and the test's prefix."""
+    return {
+        "OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint,
+        "OTEL_CANCEL_PREFIX": prefix,
+        "OTEL_CANCEL_WATCHDOG_SECONDS": "1",
+    }
+
+
+@pytest.fixture
+def spawn() -> Iterator[object]:
+    """Start child processes that are always stopped (by pid) when the test ends."""
+    started: list[ManagedProcess] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None, name: str = "") -> ManagedProcess:
+        process = ManagedProcess(args, env=env, name=name)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def python_worker(name: str, *args: str) -> list[str]:
+    """The command that runs ``tests/workers/{name}.py``."""
+    return [sys.executable, os.path.join(WORKERS, f"{name}.py"), *args]
+
+
+def cli(*args: str) -> list[str]:
+    """The command that runs the ``otel-cancel`` CLI of this interpreter."""
+    return [sys.executable, "-m", "otel_cancel", *args]

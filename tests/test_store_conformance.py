@@ -1,0 +1,134 @@
+"""The conformance suite every CancelStore backend must pass (memory and real etcd)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from otel_cancel._request import CancelRequest, Receipt
+from otel_cancel._root import random_root
+from otel_cancel.exceptions import InvalidRootError, RevisionCompactedError
+from otel_cancel.store import CancelStore
+from otel_cancel.store.etcd import EtcdCancelStore
+from otel_cancel.store.memory import MemoryCancelStore
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["memory", "etcd"])
+async def store(request, etcd, prefix) -> AsyncIterator[CancelStore]:
+    if request.param == "memory":
+        backend: CancelStore = MemoryCancelStore(prefix)
+    else:
+        backend = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    yield backend
+    await backend.close()
+
+
+def _request(root: str, reason: str = "test") -> CancelRequest:
+    return CancelRequest.new(root, reason, "tests")
+
+
+async def _compact(store: CancelStore) -> None:
+    if isinstance(store, MemoryCancelStore):
+        store.compact()
+    else:
+        assert isinstance(store, EtcdCancelStore)
+        listing = await store.list_flags()
+        client = store._connection()
+        await client.compact(listing.revision)
+
+
+async def test_create_flag_writes_once_and_keeps_the_first(store):
+    """A second cancel of the same root keeps the first flag (reason, time, requester)."""
+    root = random_root()
+    first, created = await store.create_flag(_request(root, "first"), 60)
+    again, created_again = await store.create_flag(_request(root, "second"), 60)
+    assert created and not created_again
+    assert again == first and again.reason == "first"
+    assert await store.get_flag(root) == first
+
+
+async def test_get_flag_of_an_uncancelled_root_is_none(store):
+    """Reading the flag of a root nobody cancelled gives None."""
+    assert await store.get_flag(random_root()) is None
+
+
+async def test_list_flags_returns_every_flag_and_a_revision(store):
+    """The listing holds each flag under {prefix}flags/{root} and the revision it was taken at."""
+    roots = {random_root() for _ in range(3)}
+    for root in roots:
+        await store.create_flag(_request(root), 60)
+    listing = await store.list_flags()
+    assert {event.key.rsplit("/", 1)[1] for event in listing.flags} == roots
+    assert all(event.key.startswith(f"{store.prefix}flags/") for event in listing.flags)
+    assert listing.revision >= max(event.revision for event in listing.flags)
+
+
+async def test_watch_from_a_revision_replays_later_flags_in_order(store):
+    """A watch started at listing revision + 1 sees flags written after the listing, in order."""
+    listing = await store.list_flags()
+    roots = [random_root() for _ in range(3)]
+    for root in roots:
+        await store.create_flag(_request(root), 60)
+    seen = []
+    watch = store.watch_flags(listing.revision + 1)
+    async with asyncio.timeout(10):
+        async for event in watch:
+            seen.append(event)
+            if len(seen) == 3:
+                break
+    await watch.aclose()
+    assert [e.key.rsplit("/", 1)[1] for e in seen] == roots
+    assert [e.kind for e in seen] == ["put"] * 3
+    assert seen[0].revision < seen[1].revision < seen[2].revision
+    assert CancelRequest.from_json(seen[0].value, roots[0]).root == roots[0]
+
+
+async def test_watch_from_a_compacted_revision_raises(store):
+    """Watching from a revision the store compacted raises RevisionCompactedError."""
+    first = (await store.list_flags()).revision
+    for _ in range(3):
+        await store.create_flag(_request(random_root()), 60)
+    await _compact(store)
+    with pytest.raises(RevisionCompactedError):
+        async with asyncio.timeout(10):
+            async for _ in store.watch_flags(first):
+                pass
+
+
+async def test_receipts_round_trip_per_process(store):
+    """Receipts are stored one per service/instance under the root and read back."""
+    root = random_root()
+    await store.create_flag(_request(root), 60)
+    for instance in ("a", "b"):
+        receipt = Receipt(root, "svc", instance, 1, 10, 20, 5, ("node",), 2, "test")
+        await store.put_receipt(receipt, 60)
+        await store.put_receipt(receipt, 60)  # written twice: still one per process
+    receipts = await store.list_receipts(root)
+    assert sorted(r.instance for r in receipts) == ["a", "b"]
+    assert receipts[0].interrupted == ("node",) and receipts[0].latency_ms == pytest.approx(15e-6)
+
+
+async def test_keys_are_built_only_from_valid_roots(store):
+    """A root that could escape the prefix is refused before any key is built."""
+    for bad in ("../../etc", "A" * 32, "0" * 32, "g" * 32, ""):
+        with pytest.raises(InvalidRootError):
+            await store.get_flag(bad)
+        with pytest.raises(InvalidRootError):
+            await store.list_receipts(bad)
+
+
+async def test_receipt_names_cannot_escape_their_segment(store):
+    """Service and instance names with slashes stay inside one key segment."""
+    root = random_root()
+    await store.put_receipt(Receipt(root, "a/../../b", "x/y", 0, 1, 2, 0), 60)
+    (receipt,) = await store.list_receipts(root)
+    assert receipt.service == "a/../../b"
+
+
+async def test_ping_answers(store):
+    """ping() returns when the store is up."""
+    await store.ping()
