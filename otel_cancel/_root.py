@@ -97,10 +97,20 @@ def parse_depth(value: object) -> int | None:
     return depth if depth <= MAX_DEPTH else None
 
 
-def with_root(root: str, depth: int = 0, context: Context | None = None) -> Context:
+def with_root(
+    root: str, depth: int = 0, context: Context | None = None, *, extra: dict[str, str] | None = None
+) -> Context:
     """A copy of ``context`` whose baggage carries ``root`` at ``depth``.
 
-    Other baggage entries are kept.
+    Other baggage entries are kept, after the ``otel_cancel.*`` ones: the W3C
+    propagator drops entries from the end when the header grows too large, so
+    ours go first and survive.
+
+    Args:
+        root: the root id.
+        depth: hops from the root.
+        context: the context to start from (default: the current one).
+        extra: more ``otel_cancel.*`` entries (deadline, signature) to carry.
 
     Raises:
         InvalidRootError: ``root`` is not valid.
@@ -110,8 +120,19 @@ def with_root(root: str, depth: int = 0, context: Context | None = None) -> Cont
     if not 0 <= depth <= MAX_DEPTH:
         raise ValueError(f"depth must be between 0 and {MAX_DEPTH}, got {depth}")
     context = context if context is not None else get_current()
-    context = baggage.set_baggage(attributes.BAGGAGE_ROOT, root, context)
-    return baggage.set_baggage(attributes.BAGGAGE_DEPTH, str(depth), context)
+    entries = dict(baggage.get_all(context))
+    ours = {
+        key: entries[key]
+        for key in attributes.BAGGAGE_KEYS
+        if key in entries and key not in (attributes.BAGGAGE_ROOT, attributes.BAGGAGE_DEPTH)
+    }
+    ours.update(extra or {})
+    ordered: dict[str, object] = {attributes.BAGGAGE_ROOT: root, attributes.BAGGAGE_DEPTH: str(depth), **ours}
+    ordered.update((key, value) for key, value in entries.items() if key not in attributes.BAGGAGE_KEYS)
+    context = baggage.clear(context)
+    for key, value in ordered.items():
+        context = baggage.set_baggage(key, value, context)
+    return context
 
 
 def without_root(context: Context | None = None) -> Context:

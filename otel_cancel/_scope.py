@@ -26,6 +26,7 @@ from ._registry import Holder
 from ._request import CancelRequest
 from ._root import current_depth, current_root, new_root, validate_root, with_root
 from ._runtime import Runtime, get_runtime
+from ._signing import sign_root
 from .exceptions import Cancelled, StoreError
 
 
@@ -59,7 +60,9 @@ class CancelScope:
         # A scope with no root starts the run here: this process is the run's root.
         root = self._explicit_root or context_root or new_root(current)
         if root != context_root:
-            self._token = otel_context.attach(with_root(root, current_depth(current), current))
+            key = runtime.settings.signing_key
+            extra = {attributes.BAGGAGE_SIGNATURE: sign_root(key, root)} if key else None
+            self._token = otel_context.attach(with_root(root, current_depth(current), current, extra=extra))
         self.root = root
         self.depth = current_depth()
         holder, request = runtime.registry.enter(root, self.depth, self.name, task_mode=task_mode)

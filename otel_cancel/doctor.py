@@ -68,10 +68,10 @@ def _check_instrumentation() -> Check:
         return Check("instrumentation", "fail", "the otel_cancel instrumentor entry point is not installed")
     if "otel_cancel" in disabled:
         return Check("instrumentation", "warn", "disabled by OTEL_PYTHON_DISABLED_INSTRUMENTATIONS")
-    missing = sorted({"httpx", "asgi"} - names)
-    if missing:
-        return Check("instrumentation", "warn", f"installed, but not the {', '.join(missing)} instrumentation")
-    return Check("instrumentation", "ok", "otel_cancel, httpx and asgi instrumentors installed")
+    if "httpx" not in names:
+        return Check("instrumentation", "warn", "installed, but not the httpx instrumentation: roots stay local")
+    frameworks = sorted(names & {"starlette", "fastapi"})
+    return Check("instrumentation", "ok", f"otel_cancel and httpx instrumentors installed ({', '.join(frameworks)})")
 
 
 def _check_trust(settings: Settings) -> Check:

@@ -41,6 +41,20 @@ def configured(*, store: CancelStore | None = None, **overrides: Any) -> Iterato
         reset()
 
 
+_output_changed = threading.Condition()
+
+
+def wait_for_output(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Block until ``predicate()`` holds, re-checking whenever any ManagedProcess prints a line.
+
+    Raises:
+        TimeoutError: it did not hold within ``timeout`` seconds.
+    """
+    with _output_changed:
+        if not _output_changed.wait_for(predicate, timeout):
+            raise TimeoutError(f"{what} not reached within {timeout}s")
+
+
 class ManagedProcess:
     """A child process whose output is read line by line with timeouts.
 
@@ -78,9 +92,13 @@ class ManagedProcess:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             line = line.rstrip("\n")
-            self.lines.append(line)
+            with _output_changed:
+                self.lines.append(line)
+                _output_changed.notify_all()
             self._queue.put(line)
         self._queue.put(None)
+        with _output_changed:
+            _output_changed.notify_all()
 
     def wait_for_line(self, predicate: Callable[[str], bool] | str, timeout: float = 20.0) -> str:
         """The next output line matching ``predicate`` (a callable or a prefix).
@@ -146,4 +164,5 @@ __all__ = (
     "free_port",
     "reset",
     "unique_prefix",
+    "wait_for_output",
 )

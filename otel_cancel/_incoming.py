@@ -1,0 +1,136 @@
+"""Decide the root of an incoming request: adopt the caller's, or start one here.
+
+The rules (DESIGN.md, "Who is trusted"):
+
+- An edge (``OTEL_CANCEL_TRUST_INCOMING=false``, the default) never adopts an
+  incoming root: a client cannot attach itself to someone else's run. The root is
+  the trace id the edge started, or a fresh random id when the trace was continued
+  from the caller's ``traceparent`` (the caller chose that id). Only the
+  ``otel_cancel.*`` baggage entries are dropped; the rest is kept.
+- An internal service adopts a well-formed incoming root at depth + 1. With a
+  signing key configured, the root's signature must verify too.
+- A trusted hop whose baggage cannot be parsed (malformed, over 8,192 bytes, a
+  bad root) becomes its own root, logs a warning and counts it in a metric; it
+  never fails the request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+
+from opentelemetry import baggage, trace
+from opentelemetry.context import Context
+
+from . import attributes, telemetry
+from ._root import is_valid_root, new_root, parse_depth, random_root, with_root, without_root
+from ._signing import sign_root, verify_root
+
+_log = logging.getLogger("otel_cancel.incoming")
+
+MAX_BAGGAGE_BYTES = 8192
+_LOG_INTERVAL_SECONDS = 60.0
+_last_logged: dict[str, float] = {}
+
+
+def _log_rate_limited(kind: str, message: str, *args: object) -> None:
+    # One line per kind of bad input per minute: hostile traffic must not flood the log.
+    now = time.monotonic()
+    if now - _last_logged.get(kind, -_LOG_INTERVAL_SECONDS) >= _LOG_INTERVAL_SECONDS:
+        _last_logged[kind] = now
+        _log.warning(message, *args)
+
+
+@dataclasses.dataclass(frozen=True)
+class IncomingRoot:
+    """The outcome: the context to run the request in, its root and depth."""
+
+    context: Context
+    root: str
+    depth: int
+    adopted: bool
+
+
+def _header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [value for key, value in headers if key.lower() == name]
+
+
+def establish_root(
+    context: Context,
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    trusted: bool,
+    signing_key: bytes | None = None,
+) -> IncomingRoot:
+    """The root of a request whose extracted context is ``context``.
+
+    Args:
+        context: the context extracted from the request (baggage and remote parent).
+        headers: the raw request headers (to tell malformed baggage from absent, and
+            a continued trace from a new one).
+        trusted: whether this service adopts incoming roots (internal service).
+        signing_key: when set, adopted roots must carry a valid signature.
+    """
+    headers = list(headers)
+    if trusted:
+        adopted = _adopt(context, headers, signing_key)
+        if adopted is not None:
+            return adopted
+    elif baggage.get_baggage(attributes.BAGGAGE_ROOT, context) is not None:
+        telemetry.baggage_rejected("untrusted")
+    context = without_root(context)
+    root = _root_started_here(context, headers)
+    return IncomingRoot(_with_signed_root(context, root, 0, signing_key), root, 0, adopted=False)
+
+
+def _adopt(context: Context, headers: list[tuple[bytes, bytes]], signing_key: bytes | None) -> IncomingRoot | None:
+    raw = b",".join(_header_values(headers, b"baggage"))
+    incoming = baggage.get_baggage(attributes.BAGGAGE_ROOT, context)
+    if len(raw) > MAX_BAGGAGE_BYTES:
+        telemetry.baggage_rejected("oversized")
+        _log_rate_limited(
+            "oversized", "otel-cancel: incoming baggage of %d bytes is over the limit; new root", len(raw)
+        )
+        return None
+    if incoming is None:
+        if attributes.BAGGAGE_ROOT.encode() in raw:
+            telemetry.baggage_rejected("malformed")
+            _log_rate_limited("malformed", "otel-cancel: incoming baggage is malformed; this request starts a new root")
+        return None
+    if not is_valid_root(incoming):
+        telemetry.baggage_rejected("invalid_root")
+        _log_rate_limited("invalid_root", "otel-cancel: incoming root %.40r is not valid; new root", incoming)
+        return None
+    assert isinstance(incoming, str)
+    if signing_key is not None and not verify_root(
+        signing_key, incoming, baggage.get_baggage(attributes.BAGGAGE_SIGNATURE, context)
+    ):
+        telemetry.baggage_rejected("bad_signature")
+        _log_rate_limited("bad_signature", "otel-cancel: incoming root %s is unsigned or badly signed", incoming)
+        return None
+    depth_value = baggage.get_baggage(attributes.BAGGAGE_DEPTH, context)
+    incoming_depth = parse_depth(depth_value) if depth_value is not None else 0
+    if incoming_depth is None:
+        telemetry.baggage_rejected("invalid_depth")
+        _log_rate_limited(
+            "invalid_depth", "otel-cancel: incoming depth %.20r is not valid; counting from 0", depth_value
+        )
+        incoming_depth = 0
+    depth = min(incoming_depth + 1, 1000)
+    return IncomingRoot(with_root(incoming, depth, context), incoming, depth, adopted=True)
+
+
+def _root_started_here(context: Context, headers: list[tuple[bytes, bytes]]) -> str:
+    span_context = trace.get_current_span(context).get_span_context()
+    continued = bool(_header_values(headers, b"traceparent"))
+    if span_context.is_valid and not continued:
+        return new_root(context)
+    # The caller chose this trace id (or there is no trace): never let it pick the root.
+    return random_root()
+
+
+def _with_signed_root(context: Context, root: str, depth: int, signing_key: bytes | None) -> Context:
+    extra = {attributes.BAGGAGE_SIGNATURE: sign_root(signing_key, root)} if signing_key else None
+    return with_root(root, depth, context, extra=extra)

@@ -1,0 +1,144 @@
+"""``OtelCancelInstrumentor``: turn otel-cancel on without code changes.
+
+Registered under the ``opentelemetry_instrumentor`` entry point, so::
+
+    opentelemetry-instrument uvicorn app:app
+
+on an app that never imports otel_cancel gets:
+
+- :class:`~otel_cancel.asgi.CancelMiddleware` on every Starlette / FastAPI app,
+  placed right inside OpenTelemetry's ASGI middleware (added once, even when the
+  app also adds it explicitly);
+- outgoing baggage on httpx calls (the httpx instrumentation is switched on if
+  it is installed and not yet on);
+- the watcher started when the app starts serving (ASGI lifespan) or at the
+  first request;
+- LangGraph runs in scopes (when LangGraph is installed).
+
+``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_cancel`` turns it off. A propagator
+configuration that drops baggage is reported loudly at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from typing import Any
+
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+
+from ._runtime import get_runtime
+
+_log = logging.getLogger("otel_cancel.instrumentation")
+
+
+def _is_cancel_middleware(entry: Any) -> bool:
+    from .asgi import CancelMiddleware
+
+    return getattr(entry, "cls", None) is CancelMiddleware
+
+
+def _is_otel_asgi_middleware(entry: Any) -> bool:
+    cls = getattr(entry, "cls", None)
+    return getattr(cls, "__module__", "").startswith("opentelemetry.instrumentation.asgi")
+
+
+def _instrument_httpx() -> None:
+    try:
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    except ImportError:
+        _log.warning(
+            "otel-cancel: opentelemetry-instrumentation-httpx is not installed; "
+            "outgoing httpx calls will not carry the root"
+        )
+        return
+    instrumentor = HTTPXClientInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument()
+        _switched_on.append(instrumentor)
+
+
+_pending_start_hooks: list[Callable[[], None]] = []
+_switched_on: list[Any] = []
+
+
+def run_start_hooks() -> None:
+    """Run what the instrumentor deferred to the start of serving (called by CancelMiddleware)."""
+    while _pending_start_hooks:
+        _pending_start_hooks.pop(0)()
+
+
+class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """The otel-cancel instrumentor (see the module docstring)."""
+
+    _original_build_middleware_stack: Any = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        # Every integration is optional; each is switched on only where its library is installed.
+        return ()
+
+    def _instrument(self, **kwargs: Any) -> None:
+        from .asgi import warn_if_propagators_drop_baggage
+
+        get_runtime()  # fail fast on invalid OTEL_CANCEL_* settings
+        warn_if_propagators_drop_baggage()
+        self._instrument_starlette()
+        # httpx is switched on when the app starts serving, not now: under
+        # opentelemetry-instrument its own instrumentor may still be about to run.
+        _pending_start_hooks.append(_instrument_httpx)
+        self._instrument_langgraph()
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        _pending_start_hooks.clear()
+        while _switched_on:
+            _switched_on.pop().uninstrument()
+        try:
+            from starlette.applications import Starlette
+        except ImportError:
+            return
+        original = OtelCancelInstrumentor._original_build_middleware_stack
+        if original is not None:
+            Starlette.build_middleware_stack = original  # type: ignore[method-assign]
+            OtelCancelInstrumentor._original_build_middleware_stack = None
+        try:
+            from .langgraph import uninstrument_langgraph
+
+            uninstrument_langgraph()
+        except ImportError:
+            pass
+
+    @staticmethod
+    def _instrument_starlette() -> None:
+        try:
+            from starlette.applications import Starlette
+            from starlette.middleware import Middleware
+        except ImportError:
+            return
+        if OtelCancelInstrumentor._original_build_middleware_stack is not None:
+            return
+        from .asgi import CancelMiddleware
+
+        original = Starlette.build_middleware_stack
+        OtelCancelInstrumentor._original_build_middleware_stack = original
+
+        def build_middleware_stack(self: Any) -> Any:
+            # Insert CancelMiddleware just inside OpenTelemetry's ASGI middleware (so it
+            # sees the extracted context and the server span), or outermost among the
+            # user's middleware when OpenTelemetry's is absent. Once only.
+            if not any(_is_cancel_middleware(m) for m in self.user_middleware):
+                position = next(
+                    (i + 1 for i, m in enumerate(self.user_middleware) if _is_otel_asgi_middleware(m)),
+                    0,
+                )
+                self.user_middleware.insert(position, Middleware(CancelMiddleware))
+            return original(self)
+
+        Starlette.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+
+    @staticmethod
+    def _instrument_langgraph() -> None:
+        try:
+            from .langgraph import instrument_langgraph
+        except ImportError:
+            return
+        instrument_langgraph()
