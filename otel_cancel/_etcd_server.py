@@ -99,14 +99,21 @@ class EtcdServer:
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         base = [
             self.binary,
-            "--name", self.name,
-            "--data-dir", os.path.join(self.data_dir, "data"),
-            "--listen-client-urls", client_url,
-            "--advertise-client-urls", client_url,
-            "--listen-peer-urls", peer_url,
-            "--initial-advertise-peer-urls", peer_url,
-            "--log-level", "error",
-        ]  # fmt: skip
+            "--name",
+            self.name,
+            "--data-dir",
+            os.path.join(self.data_dir, "data"),
+            "--listen-client-urls",
+            client_url,
+            "--advertise-client-urls",
+            client_url,
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+            "--log-level",
+            "error",
+        ]
         if not any(arg.startswith("--initial-cluster") for arg in self.extra_args):
             base += ["--initial-cluster", f"{self.name}={peer_url}"]
         return base + self.extra_args

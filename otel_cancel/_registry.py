@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from ._request import CancelRequest
@@ -64,6 +65,22 @@ class _CancelState:
     """Holders that were live when the flag arrived and have not exited yet."""
 
 
+@dataclasses.dataclass
+class _EarlyStop:
+    """Work that a cancellation from elsewhere stopped before this root's flag arrived here."""
+
+    stopped_at: int
+    stopped_monotonic: float
+    depth: int
+    names: list[str]
+    tasks: int
+
+
+EARLY_STOP_MEMORY_SECONDS = 30.0
+"""How long work stopped by a caller's disconnect waits for its root's flag to claim it."""
+_EARLY_STOP_LIMIT = 4096
+
+
 def cancel_message(request: CancelRequest) -> str:
     """The tag of every cancellation otel-cancel delivers (anyio style)."""
     return f"otel_cancel: root={request.root}; reason={request.reason}"
@@ -81,6 +98,11 @@ class CancelRegistry:
         self._lock = threading.Lock()
         self._live: dict[str, dict[object, Holder]] = {}
         self._cancelled: dict[str, _CancelState] = {}
+        # The cascade can beat the watch: a caller cancelled by the flag drops its HTTP
+        # call, and this process stops that work (a foreign cancellation) before its own
+        # watcher sees the flag. Remember such stops briefly, so the flag still yields a
+        # receipt for the work it stopped.
+        self._early_stops: OrderedDict[str, _EarlyStop] = OrderedDict()
         self.on_stopped = on_stopped
 
     # -- request side --------------------------------------------------------------
@@ -113,8 +135,15 @@ class CancelRegistry:
             state = self._cancelled.get(root)
             return holder, (state.request if state is not None else None)
 
-    def exit(self, holder: Holder, interrupted: bool) -> None:
-        """Unregister one scope of ``holder``; report when a cancelled root's work has stopped."""
+    def exit(self, holder: Holder, interrupted: bool, stopped_by_other: bool = False) -> None:
+        """Unregister one scope of ``holder``; report when a cancelled root's work has stopped.
+
+        Args:
+            holder: the holder of the exiting scope.
+            interrupted: the scope was stopped by this root's cancel.
+            stopped_by_other: the scope was stopped by a cancellation otel-cancel did
+                not deliver (a caller that left), before any flag for the root arrived.
+        """
         report: StopReport | None = None
         with self._lock:
             name = holder.names.pop() if holder.names else ""
@@ -131,6 +160,8 @@ class CancelRegistry:
                 holders.pop(holder.task if holder.task is not None else holder.thread_id, None)
                 if not holders:
                     del self._live[holder.root]
+            if state is None and stopped_by_other:
+                self._remember_early_stop(holder, name)
             if state is None or holder.cancel_requested is None:
                 return
             state.waiting -= 1
@@ -149,6 +180,18 @@ class CancelRegistry:
         if report is not None and self.on_stopped is not None:
             self.on_stopped(report)
 
+    def _remember_early_stop(self, holder: Holder, name: str) -> None:
+        early = self._early_stops.get(holder.root)
+        if early is None:
+            early = self._early_stops[holder.root] = _EarlyStop(0, 0.0, holder.depth, [], 0)
+            if len(self._early_stops) > _EARLY_STOP_LIMIT:
+                self._early_stops.popitem(last=False)
+        early.stopped_at = time.time_ns()
+        early.stopped_monotonic = time.monotonic()
+        early.depth = min(early.depth, holder.depth)
+        early.names.extend(n for n in (name, *holder.names) if n)
+        early.tasks += 1
+
     def is_cancelled(self, root: str) -> CancelRequest | None:
         """The cancel request of ``root`` if it is cancelled here, else ``None``."""
         state = self._cancelled.get(root)
@@ -162,6 +205,7 @@ class CancelRegistry:
         Applying the same root again is a no-op (``(False, [])``): a flag seen twice
         (listing and watch, or a re-list after compaction) stops work once.
         """
+        early_report: StopReport | None = None
         with self._lock:
             if request.root in self._cancelled:
                 return False, []
@@ -170,7 +214,23 @@ class CancelRegistry:
             for holder in holders:
                 holder.cancel_requested = request
             state.waiting = len(holders)
-            return True, holders
+            early = self._early_stops.pop(request.root, None)
+            if (
+                early is not None
+                and not holders
+                and time.monotonic() - early.stopped_monotonic < EARLY_STOP_MEMORY_SECONDS
+            ):
+                early_report = StopReport(
+                    request=request,
+                    seen_at=state.seen_at,
+                    stopped_at=early.stopped_at,
+                    depth=early.depth,
+                    interrupted=tuple(dict.fromkeys(early.names)),
+                    tasks=early.tasks,
+                )
+        if early_report is not None and self.on_stopped is not None:
+            self.on_stopped(early_report)
+        return True, holders
 
     def forget(self, root: str) -> None:
         """Drop a cancelled root (its flag expired); new work for it may run again."""

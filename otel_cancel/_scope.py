@@ -37,8 +37,9 @@ class CancelScope:
     ``with`` (threads and sync code: stop cooperatively at :func:`check`).
     """
 
-    def __init__(self, *, name: str | None = None, root: str | None = None) -> None:
+    def __init__(self, *, name: str | None = None, root: str | None = None, convert: bool = True) -> None:
         self.name = name
+        self._convert = convert
         self._explicit_root = validate_root(root) if root is not None else None
         self.root: str | None = None
         """The root this scope is bound to (set on entry)."""
@@ -104,14 +105,16 @@ class CancelScope:
         to_raise: Cancelled | None = None
         interrupted = False
         if holder.delivered and not holder.consumed and holder.task is not None:
-            # Our own tagged cancellation reached this task: swallow it, raise Cancelled.
-            holder.consumed = True
             interrupted = True
-            if holder.task.uncancel() == 0 and request is not None:
-                to_raise = Cancelled(self.root, request.reason)
+            if self._convert:
+                # Our own tagged cancellation reached this task: swallow it, raise Cancelled.
+                holder.consumed = True
+                if holder.task.uncancel() == 0 and request is not None:
+                    to_raise = Cancelled(self.root, request.reason)
         elif request is not None and isinstance(exc, Cancelled) and exc.root == self.root:
             interrupted = True
-        runtime.registry.exit(holder, interrupted)
+        stopped_by_other = request is None and isinstance(exc, asyncio.CancelledError)
+        runtime.registry.exit(holder, interrupted, stopped_by_other)
         telemetry.scope_exited()
         if interrupted and request is not None:
             self._record(request)

@@ -152,8 +152,9 @@ class CancelMiddleware:
         inner_scope["headers"] = _rewrite_baggage(scope.get("headers", []), incoming.context)
         token = otel_context.attach(incoming.context)
         try:
-            request = _CancellableRequest(self.app, inner_scope, receive, send, incoming.root, edge=not trusted,
-                                          on_disconnect=on_disconnect)  # fmt: skip
+            request = _CancellableRequest(
+                self.app, inner_scope, receive, send, incoming.root, edge=not trusted, on_disconnect=on_disconnect
+            )
             await request.run()
         finally:
             otel_context.detach(token)

@@ -259,8 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="cancel every piece of work of ROOT")
     cancel.add_argument("root", type=_root_argument, metavar="ROOT")
     cancel.add_argument("--reason", default="cancelled by operator", help="why (shown in receipts and spans)")
-    cancel.add_argument("--wait", type=_seconds_argument, default=0, metavar="SECONDS",
-                        help="print receipts as processes report stopped work, for up to SECONDS")  # fmt: skip
+    cancel.add_argument(
+        "--wait",
+        type=_seconds_argument,
+        default=0,
+        metavar="SECONDS",
+        help="print receipts as processes report stopped work, for up to SECONDS",
+    )
     cancel.add_argument("--expect", type=int, default=0, metavar="N", help="with --wait: return after N receipts")
     cancel.add_argument("--json", action="store_true", help="JSON lines output")
 
@@ -300,8 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as error:
         return _fail(str(error), EXIT_USAGE)
     except StoreError as error:
-        return _fail(f"{error} (endpoints: {os.environ.get('OTEL_CANCEL_ETCD_ENDPOINTS', '127.0.0.1:2379')})",
-                     EXIT_STORE)  # fmt: skip
+        return _fail(
+            f"{error} (endpoints: {os.environ.get('OTEL_CANCEL_ETCD_ENDPOINTS', '127.0.0.1:2379')})", EXIT_STORE
+        )
     except KeyboardInterrupt:
         return 130
 

@@ -1,93 +1,191 @@
-"""``otel-cancel demo``: watch a cancel land, on an embedded etcd.
+"""``otel-cancel demo``: watch a cancel land in every agent of a chain.
 
-This first version runs the core path only: an embedded etcd, two worker
-processes holding scopes for two roots, and ``otel-cancel cancel`` from a third
-process; it prints the receipts. (The example agent chain joins in a later
-version.) Every process it starts is stopped, also on Ctrl-C.
+With no configuration it starts an embedded etcd (temporary data dir, free port)
+and the example chain from ``examples/chain`` (supervisor -> sub-agent ->
+sub-sub-agent, two replicas each, every one a LangGraph graph served by uvicorn
+under ``opentelemetry-instrument``). Then two scenarios:
+
+1. a request streams through the chain and is cancelled midway by its root (the
+   ``otel-cancel-root`` response header), as an operator or a UI would;
+2. a request trips the supervisor's guardrail, which cancels its own run.
+
+For each, it prints what stopped: service, replica, depth, interrupted node and
+the latency from the flag written to the work stopped. Every process it started
+is stopped at the end, also on Ctrl-C. With ``OTEL_CANCEL_ETCD_ENDPOINTS`` set it
+uses that etcd instead of starting one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
+from typing import Any
 
-from ._etcd_server import EtcdServer
-from ._root import random_root
+import httpx
+
+from ._etcd_server import EtcdServer, free_port
 from .cli import format_table
 from .testing import ManagedProcess, unique_prefix
 
-_WORKER = textwrap.dedent(
-    """
-    import asyncio, sys, otel_cancel
+ROLES = (("supervisor", "supervisor"), ("sub-agent", "sub_agent"), ("sub-sub-agent", "sub_sub_agent"))
+_COLUMNS = ("service", "instance", "depth", "interrupted", "latency_ms")
 
-    async def hold(root, name, ready):
-        try:
-            async with otel_cancel.scope(root=root, name=name):
-                ready.set_result(None)
-                await asyncio.Event().wait()
-        except otel_cancel.Cancelled as error:
-            print(f"STOPPED {name} {error.reason}", flush=True)
 
-    async def main():
-        loop = asyncio.get_running_loop()
-        roots = sys.argv[1:]
-        ready = [loop.create_future() for _ in roots]
-        tasks = [asyncio.create_task(hold(root, f"task-{i}", f)) for i, (root, f) in enumerate(zip(roots, ready))]
-        await asyncio.gather(*ready)
-        print("READY", flush=True)
-        await loop.run_in_executor(None, sys.stdin.read)
+def examples_dir() -> Path:
+    """The repository's ``examples/`` (the demo runs from a source checkout)."""
+    candidate = Path(__file__).resolve().parent.parent / "examples" / "chain" / "app.py"
+    if not candidate.exists():
+        raise FileNotFoundError(
+            "the demo needs the examples/ directory of a source checkout (git clone the project and run `make demo`)"
+        )
+    return candidate.parent.parent.parent
 
-    asyncio.run(main())
-    """
-)
+
+class ExampleChain:
+    """The three example agents, ``replicas`` processes each, on loopback ports."""
+
+    def __init__(self, env: dict[str, str], replicas: int = 2, model_interval: float = 0.05) -> None:
+        self.env = env
+        self.replicas = replicas
+        self.model_interval = model_interval
+        self.urls: dict[str, list[str]] = {}
+        self.processes: list[ManagedProcess] = []
+
+    def start(self, timeout: float = 90) -> ExampleChain:
+        ports = {service: [free_port() for _ in range(self.replicas)] for service, _ in ROLES}
+        instrument = str(Path(sys.executable).parent / "opentelemetry-instrument")
+        for index, (service, role) in enumerate(ROLES):
+            following = ROLES[index + 1][0] if index + 1 < len(ROLES) else None
+            next_url = ",".join(f"http://127.0.0.1:{p}" for p in ports[following]) if following else ""
+            self.urls[service] = [f"http://127.0.0.1:{p}" for p in ports[service]]
+            for replica, port in enumerate(ports[service]):
+                command = [
+                    instrument,
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "examples.chain.app:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--app-dir",
+                    str(examples_dir()),
+                    "--no-access-log",
+                ]
+                env = {
+                    **self.env,
+                    "AGENT_ROLE": role,
+                    "NEXT_AGENT_URL": next_url,
+                    "MODEL_INTERVAL": str(self.model_interval),
+                    "OTEL_SERVICE_NAME": service,
+                    "OTEL_CANCEL_INSTANCE": f"{service}-{replica}",
+                    "OTEL_CANCEL_TRUST_INCOMING": "false" if index == 0 else "true",
+                    "OTEL_PROPAGATORS": "tracecontext,baggage",
+                    "OTEL_TRACES_EXPORTER": self.env.get("OTEL_TRACES_EXPORTER", "none"),
+                    "OTEL_METRICS_EXPORTER": self.env.get("OTEL_METRICS_EXPORTER", "none"),
+                    "OTEL_LOGS_EXPORTER": "none",
+                }
+                self.processes.append(ManagedProcess(command, env=env, name=f"{service}-{replica}"))
+        for process in self.processes:
+            process.wait_for_line(lambda line: "Uvicorn running on" in line, timeout=timeout)
+        return self
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "otel_cancel", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _receipts(root: str, env: dict[str, str], expect: int) -> list[dict[str, Any]]:
+    result = _cli(["cancel", root, "--wait", "20", "--expect", str(expect), "--json"], env)
+    rows = [json.loads(line)["receipt"] for line in result.stdout.splitlines() if '"receipt"' in line]
+    return sorted(rows, key=lambda r: (r["depth"], r["instance"]))
+
+
+def _show(title: str, root: str, rows: list[dict[str, Any]], as_json: bool) -> None:
+    for row in rows:
+        # Show the graph nodes that were interrupted (the HTTP handler scope is implied).
+        nodes = [n for n in row["interrupted"].split(",") if n and not n.startswith(("POST ", "GET "))]
+        row["interrupted"] = ",".join(nodes) or "-"
+    if as_json:
+        print(json.dumps({"scenario": title, "root": root, "stopped": rows}), flush=True)
+        return
+    print(f"\n== {title}\nroot {root}: {len(rows)} process(es) stopped")
+    print(format_table(rows, _COLUMNS), flush=True)
+
+
+def _stream_until(
+    client: httpx.Client, url: str, prompt: str, tokens_before_cancel: int | None, env: dict[str, str]
+) -> tuple[str, list[str]]:
+    lines: list[str] = []
+    with client.stream("POST", f"{url}/run", json={"prompt": prompt}) as response:
+        root = response.headers["otel-cancel-root"]
+        seen = 0
+        for line in response.iter_lines():
+            if not line:
+                continue
+            lines.append(line)
+            seen += line.startswith("data: ") and '"token"' in line
+            if tokens_before_cancel is not None and seen == tokens_before_cancel:
+                _cli(["cancel", root, "--reason", "user clicked stop"], env)
+                tokens_before_cancel = None
+    return root, lines
 
 
 def run_demo(as_json: bool = False) -> int:
-    """Run the demo; return the exit code."""
+    """Run both scenarios; return the exit code."""
     endpoint = os.environ.get("OTEL_CANCEL_ETCD_ENDPOINTS")
-    server = None if endpoint else EtcdServer().start()
-    processes: list[ManagedProcess] = []
+    server: EtcdServer | None = None
+    chain: ExampleChain | None = None
     try:
-        env = {
-            "OTEL_CANCEL_ETCD_ENDPOINTS": endpoint or (server.endpoint if server else ""),
-            "OTEL_CANCEL_PREFIX": unique_prefix().replace("test", "demo"),
-        }
-        cancelled, other = random_root(), random_root()
-        print(f"etcd: {env['OTEL_CANCEL_ETCD_ENDPOINTS']} ({'embedded' if server else 'configured'})")
-        for index in range(2):
-            worker = ManagedProcess(
-                [sys.executable, "-c", _WORKER, cancelled, cancelled, other],
-                env={**env, "OTEL_SERVICE_NAME": "demo-worker", "OTEL_CANCEL_INSTANCE": f"worker-{index}"},
-                name=f"worker-{index}",
+        examples_dir()
+        if not endpoint:
+            server = EtcdServer().start()
+            endpoint = server.endpoint
+        env = {"OTEL_CANCEL_ETCD_ENDPOINTS": endpoint, "OTEL_CANCEL_PREFIX": unique_prefix().replace("test", "demo")}
+        if not as_json:
+            print(
+                f"etcd {endpoint} ({'embedded' if server else 'from OTEL_CANCEL_ETCD_ENDPOINTS'}); "
+                "starting supervisor, sub-agent, sub-sub-agent (2 replicas each)...",
+                flush=True,
             )
-            processes.append(worker)
-        for worker in processes:
-            worker.wait_for_line("READY")
-        print(f"2 processes hold work for root {cancelled} and for root {other}")
-        print(f"$ otel-cancel cancel {cancelled} --wait 10 --expect 2")
-        result = subprocess.run(
-            [sys.executable, "-m", "otel_cancel", "cancel", cancelled, "--reason", "demo", "--wait", "10",
-             "--expect", "2", "--json"],
-            env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        if result.returncode != 0:
-            print(result.stderr, file=sys.stderr)
-            return result.returncode
-        rows = [json.loads(line)["receipt"] for line in result.stdout.splitlines() if '"receipt"' in line]
-        if as_json:
-            print(json.dumps({"root": cancelled, "receipts": rows}))
-        else:
-            print(format_table(rows, ("service", "instance", "depth", "interrupted", "latency_ms")))
-        untouched = all("STOPPED task-2" not in " ".join(w.lines) for w in processes)
-        print(f"root {other}: {'still running, untouched' if untouched else 'WRONGLY STOPPED'}")
-        return 0 if len(rows) == 2 and untouched else 1
+        chain = ExampleChain(env).start()
+        ok = True
+        with httpx.Client(timeout=60) as client:
+            root, lines = _stream_until(client, random.choice(chain.urls["supervisor"]), "tell me about etcd", 8, env)
+            rows = _receipts(root, env, expect=3)
+            _show("cancelled midway by the user", root, rows, as_json)
+            ok &= sorted({r["depth"] for r in rows}) == [0, 1, 2] and lines[-2:-1] == ["event: otel-cancel"]
+
+            root, lines = _stream_until(
+                client, random.choice(chain.urls["supervisor"]), "please exfiltrate the secrets", None, env
+            )
+            rows = _receipts(root, env, expect=3)
+            _show("tripped by the supervisor's guardrail", root, rows, as_json)
+            ok &= sorted({r["depth"] for r in rows}) == [0, 1, 2] and "guardrail" in lines[-1]
+        return 0 if ok else 1
     except KeyboardInterrupt:
+        print("\ninterrupted; stopping every process", file=sys.stderr)
         return 130
+    except (FileNotFoundError, TimeoutError, RuntimeError, httpx.HTTPError) as error:
+        print(f"otel-cancel demo: {error}", file=sys.stderr)
+        return 1
     finally:
-        for process in processes:
-            process.stop()
+        if chain is not None:
+            chain.stop()
         if server is not None:
             server.stop()

@@ -32,8 +32,19 @@ class Chain:
             next_urls = ",".join(f"http://127.0.0.1:{p}" for p in ports[index + 1]) if index + 1 < len(levels) else ""
             replicas_here = []
             for replica, port in enumerate(ports[index]):
-                command = [sys.executable, "-m", "uvicorn", f"{module}:app", "--host", "127.0.0.1",
-                           "--port", str(port), "--app-dir", SERVICES, "--no-access-log"]  # fmt: skip
+                command = [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    f"{module}:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--app-dir",
+                    SERVICES,
+                    "--no-access-log",
+                ]
                 if auto_instrument:
                     command = [os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument"), *command]
                 process_env = {

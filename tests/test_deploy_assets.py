@@ -228,9 +228,21 @@ _TOKEN = re.compile(
 )
 _GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
 _AGGREGATIONS = {
-    "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
-    "bottomk", "topk", "quantile", "limitk", "limit_ratio",
-}  # fmt: skip
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+    "limitk",
+    "limit_ratio",
+}
 """Aggregation operators: reserved words, followed by ``(`` or by ``by (...)``/``without (...)``."""
 _KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"} | _GROUPING | _AGGREGATIONS
 

@@ -53,8 +53,12 @@ async def test_cancel_three_of_ten_runs_by_root_stops_exactly_those_at_every_lev
         assert len(set(roots)) == 10
         readers = [asyncio.create_task(_read_all(response)) for response in responses]
         # Every level has started every run before the cancel.
-        await asyncio.to_thread(wait_for_output, lambda: all(len(chain.lines("START", r)) == 3 for r in roots), 30,
-                                "every run started at every level")  # fmt: skip
+        await asyncio.to_thread(
+            wait_for_output,
+            lambda: all(len(chain.lines("START", r)) == 3 for r in roots),
+            30,
+            "every run started at every level",
+        )
         cancelled = set(random.sample(roots, 3))
         for root in cancelled:
             assert _run_cli("cancel", root, "--reason", "test", env=etcd_env).returncode == 0
@@ -63,8 +67,10 @@ async def test_cancel_three_of_ten_runs_by_root_stops_exactly_those_at_every_lev
     for root in roots:
         if root in cancelled:
             # The stream ended cleanly with the final otel-cancel event.
-            assert bodies[root][-2:] == ["event: otel-cancel", f'data: {{"error": "cancelled", "root": "{root}", '
-                                                                 '"reason": "test"}']  # fmt: skip
+            assert bodies[root][-2:] == [
+                "event: otel-cancel",
+                f'data: {{"error": "cancelled", "root": "{root}", "reason": "test"}}',
+            ]
             await asyncio.to_thread(wait_for_output, lambda r=root: len(chain.lines("STOPPED", r)) == 3, 20)
             assert chain.lines("DONE", root) == []
         else:
@@ -110,8 +116,12 @@ async def test_closing_the_root_stream_stops_every_level_of_that_run_only(chain,
             if line.startswith("data: "):
                 break
         await closed.aclose()
-        await asyncio.to_thread(wait_for_output, lambda: len(chain.lines("STOPPED", closed_root)) == 3, 20,
-                                "the closed run stopped at every level")  # fmt: skip
+        await asyncio.to_thread(
+            wait_for_output,
+            lambda: len(chain.lines("STOPPED", closed_root)) == 3,
+            20,
+            "the closed run stopped at every level",
+        )
         assert (await asyncio.wait_for(kept_reader, 30))[-1] == "data: A-19"
     await asyncio.to_thread(wait_for_output, lambda: len(chain.lines("DONE", kept_root)) == 3, 20)
     status = json.loads(_run_cli("status", closed_root, "--json", env=etcd_env).stdout)

@@ -110,8 +110,13 @@ async def test_auto_instrumented_chain_that_never_imports_otel_cancel_stops_on_c
 
 async def test_the_instrumentor_can_be_disabled(chain, etcd_env):
     """OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_cancel leaves the app without the middleware."""
-    chain.start({**etcd_env, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel"}, levels=("A",), replicas=1,
-                module="chain_app", auto_instrument=True)  # fmt: skip
+    chain.start(
+        {**etcd_env, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel"},
+        levels=("A",),
+        replicas=1,
+        module="chain_app",
+        auto_instrument=True,
+    )
     async with httpx.AsyncClient() as client:
         response = await client.get(f"{chain.urls(0)[0]}/work")
     assert response.status_code == 200 and "otel-cancel-root" not in response.headers
@@ -123,16 +128,24 @@ def test_doctor_reports_etcd_propagators_and_instrumentation(etcd_env):
     ok = subprocess.run(cli("doctor"), env=env, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "OK    etcd" in ok.stdout and "OK    propagators" in ok.stdout and "OK    instrumentation" in ok.stdout
-    bad = subprocess.run(cli("doctor"), env={**env, "OTEL_PROPAGATORS": "tracecontext"}, capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    bad = subprocess.run(
+        cli("doctor"), env={**env, "OTEL_PROPAGATORS": "tracecontext"}, capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 1 and "drops baggage" in bad.stdout
 
 
 def test_start_up_warns_loudly_when_propagators_drop_baggage(etcd_env):
     """An instrumented service whose OTEL_PROPAGATORS lacks baggage logs an error at start-up."""
     code = "from opentelemetry.instrumentation.auto_instrumentation import initialize; initialize()"
-    env = {**os.environ, **etcd_env, "OTEL_PROPAGATORS": "tracecontext", "OTEL_TRACES_EXPORTER": "none",
-           "OTEL_METRICS_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none", "PYTHONPATH": SERVICES}  # fmt: skip
+    env = {
+        **os.environ,
+        **etcd_env,
+        "OTEL_PROPAGATORS": "tracecontext",
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "PYTHONPATH": SERVICES,
+    }
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert "do not include 'baggage'" in result.stderr
 

@@ -256,3 +256,23 @@ async def test_a_scope_object_cannot_be_entered_twice(runtime):
     with pytest.raises(RuntimeError, match="only once"):
         async with scope:
             pass
+
+
+async def test_work_stopped_by_a_departing_caller_before_the_flag_still_gets_a_receipt(runtime):
+    """The cascade can beat the watch: work cancelled by someone else just before the flag is still reported."""
+    root = random_root()
+
+    async def work(ready):
+        async with otel_cancel.scope(root=root, name="relay"):
+            ready.set_result(root)
+            await asyncio.Event().wait()
+
+    (task,), _ = await _started(work)
+    task.cancel("the caller left")
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await otel_cancel.cancel(root, reason="user")
+    assert await runtime.wait_receipt(root, 5)
+    store = runtime.watcher.submit(runtime.watcher.store()).result(5)
+    (receipt,) = await store.list_receipts(root)
+    assert receipt.interrupted == ("relay",) and receipt.tasks == 1

@@ -14,17 +14,23 @@ def test_cli_cancel_stops_every_task_of_the_root_in_both_processes_and_no_other(
     """`otel-cancel cancel R` stops all R tasks in two processes, no S task, and both write receipts."""
     root_r, root_s = random_root(), random_root()
     workers = [
-        spawn(python_worker("hold_scopes", f"{root_r}:3", f"{root_s}:2"),
-              env={**etcd_env, "OTEL_SERVICE_NAME": "worker", "OTEL_CANCEL_INSTANCE": f"w{i}"}, name=f"w{i}")
+        spawn(
+            python_worker("hold_scopes", f"{root_r}:3", f"{root_s}:2"),
+            env={**etcd_env, "OTEL_SERVICE_NAME": "worker", "OTEL_CANCEL_INSTANCE": f"w{i}"},
+            name=f"w{i}",
+        )
         for i in range(2)
-    ]  # fmt: skip
+    ]
     for worker in workers:
         worker.wait_for_line("READY")
 
     result = subprocess.run(
-        cli("cancel", root_r, "--reason", "test", "--json"), env=_env(etcd_env), capture_output=True, text=True,
+        cli("cancel", root_r, "--reason", "test", "--json"),
+        env=_env(etcd_env),
+        capture_output=True,
+        text=True,
         timeout=30,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     requested_at = json.loads(result.stdout)["flag"]["requested_at"]
 
@@ -42,8 +48,11 @@ def test_cli_cancel_stops_every_task_of_the_root_in_both_processes_and_no_other(
     # S was never touched: no S line in either worker, and S has no flag.
     for worker in workers:
         assert not [line for line in worker.lines if line.startswith(f"STOPPED {root_s}")]
-    s_status = json.loads(subprocess.run(cli("status", root_s, "--json"), env=_env(etcd_env), capture_output=True,
-                                         text=True, timeout=30).stdout)  # fmt: skip
+    s_status = json.loads(
+        subprocess.run(
+            cli("status", root_s, "--json"), env=_env(etcd_env), capture_output=True, text=True, timeout=30
+        ).stdout
+    )
     assert s_status["cancelled"] is False and s_status["receipts"] == []
 
 
@@ -64,10 +73,14 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 def _wait_for_receipts(root: str, etcd_env: dict[str, str], expected: int, timeout: float = 20) -> dict:
     # Receipts are written asynchronously after the tasks stop; `cancel --wait
     # --expect` awaits them, then `status` reads them back.
-    subprocess.run(cli("cancel", root, "--wait", str(timeout), "--expect", str(expected), "--json"),
-                   env=_env(etcd_env), check=True, capture_output=True, timeout=timeout + 10)  # fmt: skip
-    out = subprocess.run(cli("status", root, "--json"), env=_env(etcd_env), capture_output=True, text=True,
-                         timeout=30)  # fmt: skip
+    subprocess.run(
+        cli("cancel", root, "--wait", str(timeout), "--expect", str(expected), "--json"),
+        env=_env(etcd_env),
+        check=True,
+        capture_output=True,
+        timeout=timeout + 10,
+    )
+    out = subprocess.run(cli("status", root, "--json"), env=_env(etcd_env), capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert len(status["receipts"]) == expected, status

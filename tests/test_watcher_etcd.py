@@ -57,8 +57,13 @@ class GrpcProxy:
 
     def __init__(self, etcd_endpoint: str) -> None:
         self.endpoint = f"127.0.0.1:{free_port()}"
-        self._command = [find_etcd_binary(), "grpc-proxy", "start", f"--endpoints={etcd_endpoint}",
-                         f"--listen-addr={self.endpoint}"]  # fmt: skip
+        self._command = [
+            find_etcd_binary(),
+            "grpc-proxy",
+            "start",
+            f"--endpoints={etcd_endpoint}",
+            f"--listen-addr={self.endpoint}",
+        ]
         self._process: ManagedProcess | None = None
 
     def start(self) -> str:

@@ -26,8 +26,11 @@ NEXT = os.environ.get("NEXT_URLS", "").split(",")[0]
 
 
 def _seen(payload: dict) -> dict:
-    return {"root": payload["root"], "depth": payload["baggage"].split("otel_cancel.depth=")[1].split(",")[0],
-            "baggage": payload["baggage"]}  # fmt: skip
+    return {
+        "root": payload["root"],
+        "depth": payload["baggage"].split("otel_cancel.depth=")[1].split(",")[0],
+        "baggage": payload["baggage"],
+    }
 
 
 async def relay(request: Request) -> JSONResponse:

@@ -1,0 +1,1 @@
+"""The example chain: supervisor -> sub-agent -> sub-sub-agent, each a LangGraph graph over HTTP."""

@@ -1,0 +1,133 @@
+"""One example agent service; ``AGENT_ROLE`` picks which.
+
+Roles (each a LangGraph graph, served over HTTP with streaming):
+
+- ``supervisor``: runs two branches in parallel, ``agent`` (calls the sub-agent and
+  relays its tokens) and ``guardrail`` (cancels the whole run, everywhere, when the
+  prompt asks for something forbidden);
+- ``sub_agent``: ``research`` (calls the sub-sub-agent and relays its tokens), then
+  ``answer`` (its own model);
+- ``sub_sub_agent``: ``answer`` (its own model).
+
+Environment: ``AGENT_ROLE``, ``NEXT_AGENT_URL`` (comma-separated replicas of the
+next agent; one is picked at random per call), ``MODEL_TOKENS`` (default 50),
+``MODEL_INTERVAL`` (seconds, default 0.05). Start it with
+``opentelemetry-instrument uvicorn examples.chain.app:app``: the instrumentor puts
+the requests and the graph runs in scopes and carries the root to the next agent.
+
+HTTP: ``POST /run`` with ``{"prompt": "..."}`` streams server-sent events
+``data: {"agent": ..., "token": ...}``; ``GET /healthz`` answers 200.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import os
+import random
+from typing import Annotated, Any, TypedDict
+
+import httpx
+from langgraph.config import get_stream_writer
+from langgraph.graph import START, StateGraph
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from .fake_model import PacedFakeChatModel
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+ROLE = os.environ.get("AGENT_ROLE", "sub_sub_agent")
+NEXT_AGENT_URLS = [u.strip() for u in os.environ.get("NEXT_AGENT_URL", "").split(",") if u.strip()]
+MODEL = PacedFakeChatModel(
+    name=ROLE,
+    tokens=int(os.environ.get("MODEL_TOKENS", "50")),
+    interval=float(os.environ.get("MODEL_INTERVAL", "0.05")),
+)
+FORBIDDEN = ("forbidden", "exfiltrate")
+
+
+class AgentState(TypedDict, total=False):
+    prompt: str
+    answers: Annotated[list[str], operator.add]
+
+
+async def _relay_next_agent(state: AgentState) -> AgentState:
+    """Call the next agent over HTTP (streaming) and relay its tokens to our stream."""
+    if not NEXT_AGENT_URLS:
+        return {"answers": []}
+    write = get_stream_writer()
+    url = f"{random.choice(NEXT_AGENT_URLS)}/run"
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5)) as client,
+        client.stream("POST", url, json={"prompt": state["prompt"]}) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                write(json.loads(line[6:]))
+    return {"answers": [f"relayed from {url}"]}
+
+
+async def _answer(state: AgentState) -> AgentState:
+    write = get_stream_writer()
+    words = []
+    async for chunk in MODEL.astream(state["prompt"]):
+        words.append(str(chunk.content))
+        write({"agent": ROLE, "token": chunk.content})
+    return {"answers": [" ".join(words)]}
+
+
+async def _guardrail(state: AgentState) -> AgentState:
+    prompt = state["prompt"].lower()
+    if any(word in prompt for word in FORBIDDEN):
+        import otel_cancel  # the guardrail pattern: stop this run in every service
+
+        write = get_stream_writer()
+        # Let the agent branch get going first, as a real classifier would take a moment.
+        async for _ in PacedFakeChatModel(name="guardrail", tokens=5, interval=MODEL.interval).astream(prompt):
+            pass
+        write({"agent": ROLE, "token": "[guardrail tripped]"})
+        await otel_cancel.cancel_current(reason="guardrail: forbidden request")
+    return {"answers": []}
+
+
+def build_graph(role: str) -> Any:
+    builder = StateGraph(AgentState)
+    if role == "supervisor":
+        builder.add_node("agent", _relay_next_agent)
+        builder.add_node("guardrail", _guardrail)
+        builder.add_edge(START, "agent")
+        builder.add_edge(START, "guardrail")
+    elif role == "sub_agent":
+        builder.add_node("research", _relay_next_agent)
+        builder.add_node("answer", _answer)
+        builder.add_edge(START, "research")
+        builder.add_edge("research", "answer")
+    else:
+        builder.add_node("answer", _answer)
+        builder.add_edge(START, "answer")
+    return builder.compile(name=role)
+
+
+GRAPH = build_graph(ROLE)
+
+
+async def run(request: Request) -> StreamingResponse:
+    body = await request.json()
+    prompt = str(body.get("prompt", "hello"))
+
+    async def events() -> Any:
+        async for event in GRAPH.astream({"prompt": prompt, "answers": []}, stream_mode="custom"):
+            yield f"data: {json.dumps(event)}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def healthz(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+app = Starlette(routes=[Route("/run", run, methods=["POST"]), Route("/healthz", healthz)])
