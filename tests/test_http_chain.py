@@ -126,3 +126,21 @@ async def test_closing_the_root_stream_stops_every_level_of_that_run_only(chain,
     await asyncio.to_thread(wait_for_output, lambda: len(chain.lines("DONE", kept_root)) == 3, 20)
     status = json.loads(_run_cli("status", closed_root, "--json", env=etcd_env).stdout)
     assert status["flag"]["reason"] == "client disconnected"
+
+
+async def test_a_plain_chunked_stream_cancelled_midway_ends_without_an_event(chain, etcd_env):
+    """A non-SSE stream whose root is cancelled ends (truncated, no hang); status tells why."""
+    chain.start(etcd_env, levels=("A",), replicas=1)
+    async with httpx.AsyncClient(timeout=60) as client:
+        request = client.build_request("GET", f"{chain.urls(0)[0]}/stream", params={"tokens": 200, "plain": "1"})
+        response = await client.send(request, stream=True)
+        root = response.headers["otel-cancel-root"]
+        body = response.aiter_lines()
+        assert (await anext(body)).startswith("data: A-")
+        assert _run_cli("cancel", root, "--reason", "plain", env=etcd_env).returncode == 0
+        rest = [line async for line in body if line]
+        await response.aclose()
+    assert rest and all(line.startswith("data: A-") for line in rest) and rest[-1] != "data: A-199"
+    await asyncio.to_thread(wait_for_output, lambda: len(chain.lines("STOPPED", root)) == 1, 20)
+    status = json.loads(_run_cli("status", root, "--json", env=etcd_env).stdout)
+    assert status["flag"]["reason"] == "plain"

@@ -132,6 +132,10 @@ def test_doctor_reports_etcd_propagators_and_instrumentation(etcd_env):
         cli("doctor"), env={**env, "OTEL_PROPAGATORS": "tracecontext"}, capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 1 and "drops baggage" in bad.stdout
+    internal = subprocess.run(
+        cli("doctor"), env={**env, "OTEL_SERVICE_NAME": "sub-agent"}, capture_output=True, text=True, timeout=60
+    )
+    assert "WARN  trust" in internal.stdout and "OTEL_CANCEL_TRUST_INCOMING=true" in internal.stdout
 
 
 def test_start_up_warns_loudly_when_propagators_drop_baggage(etcd_env):

@@ -138,3 +138,20 @@ async def test_foreign_values_under_the_flags_prefix_are_logged_and_do_not_stop_
         messages = [r.getMessage() for r in caplog.records]
         assert any("not a valid root" in m for m in messages)
         assert any("malformed flag" in m for m in messages)
+
+
+async def test_a_scope_fails_open_after_the_start_up_wait_when_etcd_is_unreachable(caplog):
+    """With etcd unreachable, the first scope waits the bounded start-up time, then runs and logs one line."""
+    from otel_cancel.testing import free_port
+
+    with (
+        caplog.at_level(logging.WARNING, logger="otel_cancel"),
+        configured(endpoints=(f"127.0.0.1:{free_port()}",), startup_wait_seconds=0.3, timeout_seconds=0.2),
+    ):
+        ran = []
+        for _ in range(3):
+            async with otel_cancel.scope():
+                ran.append(True)
+    assert ran == [True, True, True]
+    fail_open = [r for r in caplog.records if "fail open" in r.getMessage()]
+    assert len(fail_open) == 1

@@ -68,7 +68,8 @@ async def stream(request: Request) -> StreamingResponse:
         finally:
             _log("DONE" if finished else "STOPPED", root)
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    media_type = "text/plain" if request.query_params.get("plain") else "text/event-stream"
+    return StreamingResponse(events(), media_type=media_type)
 
 
 async def work(request: Request) -> JSONResponse:
