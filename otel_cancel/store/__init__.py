@@ -61,6 +61,8 @@ class CancelStore(Protocol):
     async def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]:
         """Write the flag for ``request.root`` unless one exists.
 
+        The stored flag's ``requested_at`` is the time of the write itself.
+
         Returns:
             The flag now stored and whether this call created it. When a flag was
             already there, it is returned unchanged (the first cancel wins).

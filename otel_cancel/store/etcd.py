@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -250,10 +252,13 @@ class EtcdCancelStore:
 
         async def create(client: _EtcdClient) -> tuple[CancelRequest, bool]:
             lease = await client.lease(ttl_seconds)
+            # Stamp the flag when it is written (after connecting and granting the
+            # lease), so latencies measure flag written -> work stopped.
+            stamped = dataclasses.replace(request, requested_at=time.time_ns())
             try:
                 created, responses = await client.transaction(
                     compare=[client.transactions.version(key) == 0],
-                    success=[client.transactions.put(key, request.to_json(), lease=lease.id)],
+                    success=[client.transactions.put(key, stamped.to_json(), lease=lease.id)],
                     failure=[client.transactions.get(key)],
                 )
             except BaseException:
@@ -262,7 +267,7 @@ class EtcdCancelStore:
                     await client.revoke_lease(lease.id)
                 raise
             if created:
-                return request, True
+                return stamped, True
             await client.revoke_lease(lease.id)
             existing = responses[0][0][0] if responses and responses[0] else None
             if existing is None:

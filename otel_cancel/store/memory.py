@@ -75,10 +75,11 @@ class MemoryCancelStore:
                 except ValueError:
                     _log.warning("otel-cancel: flag %s holds a malformed value; keeping it", key)
                     return request, False
-            value = request.to_json()
+            stamped = dataclasses.replace(request, requested_at=time.time_ns())
+            value = stamped.to_json()
             self._data[key] = _Entry(value, time.monotonic() + ttl_seconds)
             self._append_locked(FlagEvent("put", key, value, self._next_revision_locked()))
-            return request, True
+            return stamped, True
 
     async def get_flag(self, root: str) -> CancelRequest | None:
         key = flag_key(self.prefix, root)
