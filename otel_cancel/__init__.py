@@ -20,6 +20,8 @@ httpx and LangGraph, so application code needs no change.
 
 from __future__ import annotations
 
+from ._deadline import deadline as deadline
+from ._deadline import time_left as time_left
 from ._root import current_depth as current_depth
 from ._root import current_root as current_root
 from ._root import validate_root as validate_root
@@ -49,7 +51,9 @@ __all__ = (
     "configure",
     "current_depth",
     "current_root",
+    "deadline",
     "is_cancelled",
     "scope",
+    "time_left",
     "validate_root",
 )

@@ -40,6 +40,8 @@ class Holder:
     consumed: bool = False
     """Set when a scope turned the delivered cancellation into ``Cancelled``."""
     interrupted: bool = False
+    deadline_ms: int | None = None
+    """The earliest deadline a scope of this holder has a timer for."""
 
 
 @dataclasses.dataclass

@@ -46,6 +46,8 @@ class Runtime:
 
     def start(self) -> None:
         """Start the watcher (idempotent)."""
+        if not self.watcher.started:
+            telemetry.initialise_counters()
         self.watcher.start()
 
     async def ensure_listed(self) -> None:
@@ -54,7 +56,7 @@ class Runtime:
         A replica that never served must still refuse a late hop, so the first
         scopes wait for the listing; after ``startup_wait_seconds`` they fail open.
         """
-        self.watcher.start()
+        self.start()
         if self.watcher.listed.is_set():
             return
         if not await self.watcher.wait_listed(self.settings.startup_wait_seconds) and not self._startup_wait_logged:

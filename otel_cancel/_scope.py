@@ -22,6 +22,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from . import attributes, telemetry
+from ._deadline import DEADLINE_REASON, current_deadline, now_ms
 from ._registry import Holder
 from ._request import CancelRequest
 from ._root import current_depth, current_root, new_root, validate_root, with_root
@@ -48,6 +49,11 @@ class CancelScope:
         self._holder: Holder | None = None
         self._token: object | None = None
         self._entered = False
+        self._exited = False
+        self._deadline_ms: int | None = None
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        self._deadline_fired = False
+        self._owns_deadline_timer = False
 
     # -- entry ---------------------------------------------------------------------
 
@@ -76,6 +82,38 @@ class CancelScope:
             telemetry.late_arrival(root, request.reason, attributes.KIND_EXPLICIT)
             self._detach()
             raise Cancelled(root, request.reason)
+        self._arm_deadline(holder)
+
+    def _arm_deadline(self, holder: Holder) -> None:
+        """Stop this scope's work locally when the run's deadline passes (no etcd involved)."""
+        deadline_ms = current_deadline()
+        if deadline_ms is None:
+            return
+        assert self._runtime is not None and self.root is not None
+        self._deadline_ms = deadline_ms
+        remaining = (deadline_ms - now_ms()) / 1000
+        if remaining <= 0:
+            # Arrived after its deadline: do no work.
+            self._runtime.registry.exit(holder, interrupted=False)
+            telemetry.scope_exited()
+            telemetry.late_arrival(self.root, DEADLINE_REASON, attributes.KIND_DEADLINE)
+            self._detach()
+            raise Cancelled(self.root, DEADLINE_REASON)
+        task = holder.task
+        if task is None:
+            return  # threads stop at check(), which reads the deadline too
+        if holder.deadline_ms is not None and holder.deadline_ms <= deadline_ms:
+            return  # an enclosing scope of this task already stops it at (or before) this deadline
+        holder.deadline_ms = deadline_ms
+        self._owns_deadline_timer = True
+        self._deadline_handle = task.get_loop().call_later(remaining, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        holder = self._holder
+        if holder is None or holder.task is None or holder.count <= 0 or holder.task.done() or self._exited:
+            return
+        self._deadline_fired = True
+        holder.task.cancel(f"otel_cancel: root={self.root}; reason={DEADLINE_REASON}")
 
     async def __aenter__(self) -> CancelScope:
         runtime = get_runtime()
@@ -101,9 +139,24 @@ class CancelScope:
     def _finish(self, exc: BaseException | None) -> Cancelled | None:
         holder, runtime = self._holder, self._runtime
         assert holder is not None and runtime is not None and self.root is not None
+        self._exited = True
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+        if self._owns_deadline_timer:
+            holder.deadline_ms = None
         request = holder.cancel_requested
         to_raise: Cancelled | None = None
         interrupted = False
+        if self._deadline_fired and holder.task is not None and not (holder.delivered and not holder.consumed):
+            # Our deadline stopped this task: swallow that cancellation, raise Cancelled.
+            # (A non-converting scope leaves the CancelledError to propagate, like node scopes do.)
+            if self._convert and holder.task.uncancel() == 0:
+                to_raise = Cancelled(self.root, DEADLINE_REASON)
+            runtime.registry.exit(holder, False)
+            telemetry.scope_exited()
+            self._record_deadline()
+            self._detach()
+            return to_raise
         if holder.delivered and not holder.consumed and holder.task is not None:
             interrupted = True
             if self._convert:
@@ -120,6 +173,20 @@ class CancelScope:
             self._record(request)
         self._detach()
         return to_raise
+
+    def _record_deadline(self) -> None:
+        late_ms = (now_ms() - self._deadline_ms) if self._deadline_ms is not None else None
+        telemetry.mark_span_cancelled(trace.get_current_span(), DEADLINE_REASON)
+        assert self.root is not None
+        telemetry.work_cancelled(
+            root=self.root,
+            reason=DEADLINE_REASON,
+            kind=attributes.KIND_DEADLINE,
+            depth=self.depth,
+            node=self.name,
+            start_ns=time.time_ns(),
+            latency_ms=float(late_ms) if late_ms is not None else None,
+        )
 
     def _record(self, request: CancelRequest) -> None:
         latency_ms = (time.time_ns() - request.requested_at) / 1e6 if request.requested_at else None
@@ -176,11 +243,16 @@ def _cancel_request_for_current() -> CancelRequest | None:
         return None
     runtime = get_runtime()
     runtime.start()
-    return runtime.registry.is_cancelled(root)
+    request = runtime.registry.is_cancelled(root)
+    if request is None:
+        deadline_ms = current_deadline()
+        if deadline_ms is not None and deadline_ms <= now_ms():
+            return CancelRequest(root, DEADLINE_REASON, deadline_ms * 1_000_000, "deadline")
+    return request
 
 
 def is_cancelled() -> bool:
-    """Whether the root of the current context is cancelled. Safe from any thread."""
+    """Whether the root of the current context is cancelled (or its deadline passed). Safe from any thread."""
     return _cancel_request_for_current() is not None
 
 
@@ -211,7 +283,7 @@ class CancelResult:
     created: bool
 
 
-def _parent_in_root_trace(root: str) -> otel_context.Context:
+def parent_in_root_trace(root: str) -> otel_context.Context:
     """A context whose current span lies in the root's trace, so the request span joins it."""
     current = otel_context.get_current()
     span_context = trace.get_current_span(current).get_span_context()
@@ -252,7 +324,7 @@ async def cancel(root: str, reason: str = "cancelled") -> CancelResult:
     validate_root(root)
     runtime = get_runtime()
     request = CancelRequest.new(root, reason, runtime.requester)
-    span = telemetry.start_request_span(root, reason, _parent_in_root_trace(root))
+    span = telemetry.start_request_span(root, reason, parent_in_root_trace(root))
     try:
         # The write runs on the watcher's loop and is shielded: when it cancels the
         # caller's own scope (cancel_current), it still completes.

@@ -24,7 +24,12 @@ Per request it:
    body and any other stream ends (truncated). The child task absorbs the
    cancellation, so the server never sees a bare ``CancelledError`` and logs no
    traceback; the app's outgoing httpx calls are cancelled with it;
-4. at an edge, when the client goes away from an unfinished response
+4. enforces the run's deadline (``otel_cancel.deadline`` in baggage, narrowed by
+   the ``otel-cancel-timeout`` request header and ``deadline_seconds``): a hop that
+   arrives after it gets ``504`` and runs no handler; one that runs past it is
+   stopped locally like a cancel (``504`` before the response starts, a final
+   ``otel-cancel`` event or a truncated body after);
+5. at an edge, when the client goes away from an unfinished response
    (``http.disconnect`` from ``receive`` or an ``OSError`` from ``send``), cancels
    the root, so the whole chain stops (``on_disconnect="continue"`` lets work
    outlive its caller). An internal service just stops its own work.
@@ -36,16 +41,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.textmap import Getter
 
-from . import attributes
+from . import attributes, telemetry
+from ._deadline import DEADLINE_REASON, MAX_AHEAD_SECONDS, now_ms, parse_timeout, validate_deadline
 from ._incoming import establish_root
+from ._root import with_root
 from ._runtime import get_runtime
 from ._scope import cancel, scope
 from .exceptions import Cancelled, ConfigurationError
@@ -115,14 +123,26 @@ class CancelMiddleware:
         app: the ASGI app to wrap.
         trust_incoming: adopt incoming roots (an internal service); default from
             ``OTEL_CANCEL_TRUST_INCOMING`` (``false``: an edge).
+        deadline_seconds: a time budget for every request at this hop; it narrows
+            (never widens) a deadline that arrived with the request.
         on_disconnect: ``cancel`` (default) or ``continue``, when the client leaves an
             unfinished response; default from ``OTEL_CANCEL_ON_DISCONNECT``.
     """
 
-    def __init__(self, app: ASGIApp, *, trust_incoming: bool | None = None, on_disconnect: str | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        trust_incoming: bool | None = None,
+        on_disconnect: str | None = None,
+        deadline_seconds: float | None = None,
+    ) -> None:
         if on_disconnect is not None and on_disconnect not in _ON_DISCONNECT:
             raise ConfigurationError(f"on_disconnect must be 'cancel' or 'continue', got {on_disconnect!r}")
+        if deadline_seconds is not None and not 0 < deadline_seconds <= MAX_AHEAD_SECONDS:
+            raise ConfigurationError(f"deadline_seconds must be in (0, {MAX_AHEAD_SECONDS}], got {deadline_seconds}")
         self.app = app
+        self._deadline_seconds = deadline_seconds
         self._trust_incoming = trust_incoming
         self._on_disconnect = on_disconnect
 
@@ -147,17 +167,83 @@ class CancelMiddleware:
             # No OpenTelemetry ASGI middleware in front: extract the context ourselves.
             current = propagate.extract(scope, getter=_getter)
         incoming = establish_root(current, scope.get("headers", []), trusted=trusted, signing_key=settings.signing_key)
+        context, deadline_ms = self._narrow_deadline(incoming.context, incoming.root, incoming.depth, scope)
+        if deadline_ms is not None and deadline_ms <= now_ms():
+            # The budget ran out before this hop: do no work.
+            telemetry.late_arrival(incoming.root, DEADLINE_REASON, attributes.KIND_DEADLINE, context)
+            await _send_json(send, 504, _deadline_body(incoming.root, deadline_ms), incoming.root)
+            return
         inner_scope = dict(scope)
         inner_scope[_APPLIED] = True
-        inner_scope["headers"] = _rewrite_baggage(scope.get("headers", []), incoming.context)
-        token = otel_context.attach(incoming.context)
+        inner_scope["headers"] = _rewrite_baggage(scope.get("headers", []), context)
+        token = otel_context.attach(context)
         try:
             request = _CancellableRequest(
-                self.app, inner_scope, receive, send, incoming.root, edge=not trusted, on_disconnect=on_disconnect
+                self.app,
+                inner_scope,
+                receive,
+                send,
+                incoming.root,
+                edge=not trusted,
+                on_disconnect=on_disconnect,
+                deadline_ms=deadline_ms,
             )
             await request.run()
         finally:
             otel_context.detach(token)
+
+    def _narrow_deadline(
+        self, context: otel_context.Context, root: str, depth: int, scope: Scope
+    ) -> tuple[otel_context.Context, int | None]:
+        """The request's deadline: the incoming one, narrowed by the header and this hop's budget."""
+        raw = baggage.get_baggage(attributes.BAGGAGE_DEADLINE, context)
+        deadline_ms = validate_deadline(raw)
+        if raw is not None and deadline_ms is None:
+            context = baggage.remove_baggage(attributes.BAGGAGE_DEADLINE, context)
+        budgets = [self._deadline_seconds] if self._deadline_seconds else []
+        for key, value in scope.get("headers", []):
+            if key.lower() == attributes.HEADER_TIMEOUT.encode():
+                try:
+                    budgets.append(parse_timeout(value.decode("latin-1")))
+                except ValueError as error:
+                    _log_bad_timeout(str(error))
+        start = now_ms()
+        for seconds in budgets:
+            candidate = start + int(seconds * 1000)
+            deadline_ms = candidate if deadline_ms is None else min(deadline_ms, candidate)
+        if deadline_ms is None:
+            return context, None
+        return with_root(root, depth, context, extra={attributes.BAGGAGE_DEADLINE: str(deadline_ms)}), deadline_ms
+
+
+_bad_timeout_logged_at = -60.0
+
+
+def _log_bad_timeout(message: str) -> None:
+    global _bad_timeout_logged_at
+    now = time.monotonic()
+    if now - _bad_timeout_logged_at >= 60:
+        _bad_timeout_logged_at = now
+        _log.warning("otel-cancel: ignoring the %s header: %s", attributes.HEADER_TIMEOUT, message)
+
+
+def _deadline_body(root: str, deadline_ms: int | None) -> bytes:
+    return json.dumps({"error": "deadline_exceeded", "root": root, "deadline": deadline_ms}).encode()
+
+
+async def _send_json(send: Send, status: int, body: bytes, root: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (attributes.HEADER_ROOT.encode(), root.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _rewrite_baggage(headers: Any, context: otel_context.Context) -> list[tuple[bytes, bytes]]:
@@ -182,8 +268,18 @@ class _CancellableRequest:
     """The state of one request: response started or finished, stream kind, client gone."""
 
     def __init__(
-        self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, root: str, *, edge: bool, on_disconnect: str
+        self,
+        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        root: str,
+        *,
+        edge: bool,
+        on_disconnect: str,
+        deadline_ms: int | None = None,
     ) -> None:
+        self.deadline_ms = deadline_ms
         self.app = app
         self.scope = scope
         self._receive = receive
@@ -310,23 +406,15 @@ class _CancellableRequest:
     async def _end_quietly(self, error: Cancelled | None) -> None:
         reason = error.reason if error else _DISCONNECT_REASON
         body = json.dumps({"error": "cancelled", "root": self.root, "reason": reason}).encode()
+        status = 409
+        if reason == DEADLINE_REASON:
+            status, body = 504, _deadline_body(self.root, self.deadline_ms)
         # The client may be gone already: nothing to tell it then.
         with contextlib.suppress(OSError):
             if self.client_gone:
                 return
             if not self.response_started:
-                await self._send(
-                    {
-                        "type": "http.response.start",
-                        "status": 409,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (attributes.HEADER_ROOT.encode(), self.root.encode()),
-                        ],
-                    }
-                )
-                await self._send({"type": "http.response.body", "body": body, "more_body": False})
+                await _send_json(self._send, status, body, self.root)
             elif not self.response_complete:
                 final = b""
                 if self.event_stream:

@@ -27,8 +27,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import telemetry
 from ._request import CancelRequest, Receipt
 from ._root import validate_root
+from ._scope import parent_in_root_trace
 from ._settings import Settings
 from .exceptions import ConfigurationError, InvalidRootError, StoreError
 from .store import CancelStore
@@ -84,7 +86,13 @@ def _request_dict(request: CancelRequest) -> dict[str, Any]:
 async def _cancel(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
     requester = f"cli:{os.environ.get('USER', 'unknown')}@{socket.gethostname()}"
     request = CancelRequest.new(args.root, args.reason, requester)
-    stored, created = await store.create_flag(request, settings.ttl_seconds)
+    # The request span lands in the root's trace, next to the stops it causes.
+    span = telemetry.start_request_span(args.root, args.reason, parent_in_root_trace(args.root))
+    try:
+        stored, created = await store.create_flag(request, settings.ttl_seconds)
+    finally:
+        span.end()
+    telemetry.cancel_requested(args.root, args.reason, created)
     if args.json:
         print(json.dumps({"created": created, "flag": _request_dict(stored)}), flush=True)
     elif created:
@@ -287,9 +295,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _export_spans_if_configured() -> Any:
+    """Set up an OTLP span exporter when the environment asks for one (and the SDK is installed)."""
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "otlp" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "")
+    if exporter.strip().lower() != "otlp":
+        return None
+    try:
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        return None
+    service = os.environ.get("OTEL_SERVICE_NAME") or "otel-cancel-cli"
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``otel-cancel`` console script."""
     args = build_parser().parse_args(argv)
+    provider = _export_spans_if_configured() if args.command == "cancel" else None
+    try:
+        return _main(args)
+    finally:
+        if provider is not None:
+            provider.shutdown()  # flush the request span before exiting
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "demo":
             from .demo import run_demo

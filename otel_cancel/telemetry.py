@@ -76,6 +76,15 @@ _meter.create_observable_gauge(
 )
 
 
+def initialise_counters() -> None:
+    """Give every counter a zero point, so dashboards show 0 rather than no data."""
+    _cancellations.add(0)
+    _late_arrivals.add(0)
+    _reconnects.add(0)
+    _receipts.add(0)
+    _scopes_active.add(0)
+
+
 def observe_watch_connected(source: Callable[[], bool]) -> None:
     """Report ``source()`` as ``otel_cancel.watch.connected`` (one source per process)."""
     _connected_sources[:] = [source]

@@ -85,3 +85,22 @@ def _wait_for_receipts(root: str, etcd_env: dict[str, str], expected: int, timeo
     status = json.loads(out.stdout)
     assert len(status["receipts"]) == expected, status
     return status
+
+
+def test_status_draws_the_propagation_as_a_timeline(spawn, etcd_env):
+    """`otel-cancel status ROOT` prints one bar per process that stopped, grouped by depth."""
+    root = random_root()
+    workers = [
+        spawn(
+            python_worker("hold_scopes", f"{root}:1"), env={**etcd_env, "OTEL_CANCEL_INSTANCE": f"p{i}"}, name=f"p{i}"
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        worker.wait_for_line("READY")
+    _wait_for_receipts(root, etcd_env, expected=2)
+    text = subprocess.run(cli("status", root), env=_env(etcd_env), capture_output=True, text=True, timeout=30).stdout
+    timeline = text[text.index("flag written") :].splitlines()
+    assert timeline[1] == "depth 0"
+    bars = [line for line in timeline if "█" in line]
+    assert len(bars) == 2 and {"p0", "p1"} == {bar.split("/")[1].split()[0] for bar in bars}

@@ -1,0 +1,175 @@
+"""Deadlines that travel: an absolute time budget in baggage, enforced at every hop.
+
+The deadline of a run is carried as ``otel_cancel.deadline`` (epoch milliseconds)
+in baggage. Anyone may narrow it (:func:`deadline`, the middleware's
+``deadline_seconds``, the request header ``otel-cancel-timeout``); nobody can widen
+it. Every scope whose context carries a deadline cancels its own work locally when
+the deadline passes, with reason ``deadline``, exactly like a remote cancel but
+without any etcd round trip (deadline stops record spans and metrics, not receipts).
+
+Clock skew: deadlines are absolute wall-clock times, so hops compare them with
+their own clocks. The design assumes clocks synchronised by NTP (skew of a few
+milliseconds); a skewed hop stops early or late by its skew. Absurd values are
+treated as invalid input, logged and ignored: a deadline more than
+:data:`MAX_AHEAD_SECONDS` away, or more than :data:`MAX_BEHIND_SECONDS` in the past.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from types import TracebackType
+from typing import Any
+
+from opentelemetry import baggage
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+
+from . import attributes
+
+_log = logging.getLogger("otel_cancel.deadline")
+
+MAX_AHEAD_SECONDS = 24 * 3600
+"""A deadline further away than this is not a budget but garbage (or a clock years off)."""
+MAX_BEHIND_SECONDS = 3600
+"""A deadline further in the past than this is garbage; a more recent one has simply expired."""
+DEADLINE_REASON = "deadline"
+
+_TIMEOUT_PATTERN = re.compile(r"([0-9]{1,9})(ms|s|m)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+_LOG_INTERVAL_SECONDS = 60.0
+_last_logged: dict[str, float] = {}
+
+
+def _log_rate_limited(kind: str, message: str, *args: object) -> None:
+    now = time.monotonic()
+    if now - _last_logged.get(kind, -_LOG_INTERVAL_SECONDS) >= _LOG_INTERVAL_SECONDS:
+        _last_logged[kind] = now
+        _log.warning(message, *args)
+
+
+def now_ms() -> int:
+    """The wall clock in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def parse_timeout(value: str) -> float:
+    """Parse an ``otel-cancel-timeout`` value (``30s``, ``1500ms``, ``2m``) into seconds.
+
+    Raises:
+        ValueError: the value is not digits followed by ``ms``, ``s`` or ``m``, or is 0
+            or longer than a day.
+    """
+    match = _TIMEOUT_PATTERN.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(f"a timeout is digits and a unit (ms, s or m), like 30s or 1500ms; got {value[:40]!r}")
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not 0 < seconds <= MAX_AHEAD_SECONDS:
+        raise ValueError(f"a timeout must be more than 0 and at most {MAX_AHEAD_SECONDS}s; got {value!r}")
+    return seconds
+
+
+def validate_deadline(value: object, *, now: int | None = None) -> int | None:
+    """A deadline (epoch ms) from baggage, or ``None`` when it is absent or invalid (logged once).
+
+    An expired deadline within :data:`MAX_BEHIND_SECONDS` is valid (and expired).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 15:
+        _log_rate_limited("malformed", "otel-cancel: ignoring malformed deadline %.40r in baggage", value)
+        return None
+    deadline_ms = int(value)
+    current = now_ms() if now is None else now
+    if deadline_ms > current + MAX_AHEAD_SECONDS * 1000:
+        _log_rate_limited("ahead", "otel-cancel: ignoring deadline %d: more than a day away (clock skew?)", deadline_ms)
+        return None
+    if deadline_ms < current - MAX_BEHIND_SECONDS * 1000:
+        _log_rate_limited("behind", "otel-cancel: ignoring deadline %d: over an hour past (clock skew?)", deadline_ms)
+        return None
+    return deadline_ms
+
+
+def current_deadline(context: Context | None = None) -> int | None:
+    """The deadline of ``context`` (epoch ms), or ``None``."""
+    return validate_deadline(baggage.get_baggage(attributes.BAGGAGE_DEADLINE, context))
+
+
+def with_deadline(deadline_ms: int, context: Context | None = None) -> Context:
+    """``context`` with its deadline narrowed to ``deadline_ms`` (never widened)."""
+    context = context if context is not None else otel_context.get_current()
+    existing = current_deadline(context)
+    if existing is not None and existing <= deadline_ms:
+        return context
+    return baggage.set_baggage(attributes.BAGGAGE_DEADLINE, str(deadline_ms), context)
+
+
+def time_left(context: Context | None = None) -> float | None:
+    """Seconds left before the current deadline (0 when passed), or ``None`` without one.
+
+    Use it to bound calls that take a timeout, such as an LLM request.
+    """
+    deadline_ms = current_deadline(context)
+    if deadline_ms is None:
+        return None
+    return max(0.0, (deadline_ms - now_ms()) / 1000)
+
+
+class Deadline:
+    """Narrow the current deadline for a block; see :func:`deadline`."""
+
+    def __init__(self, seconds: float) -> None:
+        if not 0 < seconds <= MAX_AHEAD_SECONDS:
+            raise ValueError(f"deadline seconds must be more than 0 and at most {MAX_AHEAD_SECONDS}, got {seconds}")
+        self.seconds = seconds
+        self._token: object | None = None
+        self._scope: Any = None
+
+    def _enter(self) -> None:
+        deadline_ms = now_ms() + int(self.seconds * 1000)
+        self._token = otel_context.attach(with_deadline(deadline_ms))
+
+    def _exit(self) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]
+            self._token = None
+
+    def __enter__(self) -> Deadline:
+        self._enter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._exit()
+
+    async def __aenter__(self) -> Deadline:
+        from ._scope import CancelScope
+
+        self._enter()
+        self._scope = CancelScope(name="deadline")
+        try:
+            await self._scope.__aenter__()
+        except BaseException:
+            self._exit()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        try:
+            await self._scope.__aexit__(exc_type, exc, traceback)
+        finally:
+            self._exit()
+
+
+def deadline(seconds: float) -> Deadline:
+    """Narrow the run's deadline to at most ``seconds`` from now, for the block.
+
+    ``async with otel_cancel.deadline(2):`` also enforces it on the block (a scope
+    that raises :class:`~otel_cancel.Cancelled` with reason ``deadline``);
+    ``with otel_cancel.deadline(2):`` narrows the deadline carried to downstream
+    calls and seen by :func:`otel_cancel.check` and :func:`time_left`. An outer,
+    shorter deadline always wins: a deadline narrows, never widens.
+    """
+    return Deadline(seconds)
