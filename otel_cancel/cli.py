@@ -296,23 +296,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export_spans_if_configured() -> Any:
-    """Set up an OTLP span exporter when the environment asks for one (and the SDK is installed)."""
+    """Set up OTLP span and metric exporters when the environment asks for them (and the SDK is installed).
+
+    Returns an object whose ``shutdown()`` flushes both, or ``None``.
+    """
     exporter = os.environ.get("OTEL_TRACES_EXPORTER", "otlp" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "")
     if exporter.strip().lower() != "otlp":
         return None
     try:
-        from opentelemetry import trace
+        from opentelemetry import metrics, trace
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         return None
-    service = os.environ.get("OTEL_SERVICE_NAME") or "otel-cancel-cli"
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    return provider
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "otel-cancel-cli"})
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(tracer_provider)
+    meter_provider = MeterProvider(
+        resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]
+    )
+    metrics.set_meter_provider(meter_provider)
+
+    class _Providers:
+        def shutdown(self) -> None:
+            tracer_provider.shutdown()
+            meter_provider.shutdown()
+
+    return _Providers()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
