@@ -44,8 +44,10 @@ async def test_cancel_at_the_root_stops_the_sub_sub_agents_model(example_chain, 
     async with httpx.AsyncClient(timeout=60) as client, client.stream("POST", url, json={"prompt": "hi"}) as resp:
         root = resp.headers["otel-cancel-root"]
         tokens = 0
+        before = []
         lines_iter = resp.aiter_lines()
         async for line in lines_iter:
+            before.append(line)
             tokens += '"sub_sub_agent"' in line
             if tokens >= 5:
                 result = subprocess.run(
@@ -54,7 +56,9 @@ async def test_cancel_at_the_root_stops_the_sub_sub_agents_model(example_chain, 
                 assert result.returncode == 0
                 break
         lines = [line async for line in lines_iter if line]
-    assert lines[-2] == "event: otel-cancel" if lines else False
+    logs = "\n".join(line for process in example_chain.processes for line in process.lines[-20:])
+    assert tokens >= 5, f"the stream ended early: {before}\n{logs}"
+    assert lines[-2:-1] == ["event: otel-cancel"], f"{lines}\n{logs}"
     await asyncio.to_thread(
         wait_for_output,
         lambda: bool(_model_reports(example_chain, "sub_sub_agent")),

@@ -21,6 +21,8 @@ HTTP: ``POST /run`` with ``{"prompt": "..."}`` streams server-sent events
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import operator
@@ -31,6 +33,7 @@ from typing import Annotated, Any, TypedDict
 import httpx
 from langgraph.config import get_stream_writer
 from langgraph.graph import START, StateGraph
+from opentelemetry import baggage
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
@@ -55,11 +58,25 @@ class AgentState(TypedDict, total=False):
     answers: Annotated[list[str], operator.add]
 
 
+# Per run (by root): set once the next agent streams tokens, so the guardrail can
+# trip while the whole chain is busy (what the demo wants to show).
+_downstream_streaming: dict[str, asyncio.Event] = {}
+
+
+def _run_key() -> str:
+    return str(baggage.get_baggage("otel_cancel.root"))
+
+
+def _downstream_event() -> asyncio.Event:
+    return _downstream_streaming.setdefault(_run_key(), asyncio.Event())
+
+
 async def _relay_next_agent(state: AgentState) -> AgentState:
     """Call the next agent over HTTP (streaming) and relay its tokens to our stream."""
     if not NEXT_AGENT_URLS:
         return {"answers": []}
     write = get_stream_writer()
+    streaming = _downstream_event()
     url = f"{random.choice(NEXT_AGENT_URLS)}/run"
     async with (
         httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5)) as client,
@@ -67,6 +84,7 @@ async def _relay_next_agent(state: AgentState) -> AgentState:
     ):
         async for line in response.aiter_lines():
             if line.startswith("data: "):
+                streaming.set()
                 write(json.loads(line[6:]))
     return {"answers": [f"relayed from {url}"]}
 
@@ -86,9 +104,10 @@ async def _guardrail(state: AgentState) -> AgentState:
         import otel_cancel  # the guardrail pattern: stop this run in every service
 
         write = get_stream_writer()
-        # Let the agent branch get going first, as a real classifier would take a moment.
-        async for _ in PacedFakeChatModel(name="guardrail", tokens=5, interval=MODEL.interval).astream(prompt):
-            pass
+        # A real classifier takes a moment; here it decides once the agents downstream
+        # are streaming (or after 5 s), so the cancel visibly stops a busy chain.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_downstream_event().wait(), 5)
         write({"agent": ROLE, "token": "[guardrail tripped]"})
         await otel_cancel.cancel_current(reason="guardrail: forbidden request")
     return {"answers": []}
@@ -120,8 +139,11 @@ async def run(request: Request) -> StreamingResponse:
     prompt = str(body.get("prompt", "hello"))
 
     async def events() -> Any:
-        async for event in GRAPH.astream({"prompt": prompt, "answers": []}, stream_mode="custom"):
-            yield f"data: {json.dumps(event)}\n\n"
+        try:
+            async for event in GRAPH.astream({"prompt": prompt, "answers": []}, stream_mode="custom"):
+                yield f"data: {json.dumps(event)}\n\n"
+        finally:
+            _downstream_streaming.pop(_run_key(), None)
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
