@@ -27,8 +27,9 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 
 from . import attributes
+from ._logging import RateLimitedLogger
 
-_log = logging.getLogger("otel_cancel.deadline")
+_log = RateLimitedLogger(logging.getLogger("otel_cancel.deadline"))
 
 MAX_AHEAD_SECONDS = 24 * 3600
 """A deadline further away than this is not a budget but garbage (or a clock years off)."""
@@ -38,15 +39,6 @@ DEADLINE_REASON = "deadline"
 
 _TIMEOUT_PATTERN = re.compile(r"([0-9]{1,9})(ms|s|m)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0}
-_LOG_INTERVAL_SECONDS = 60.0
-_last_logged: dict[str, float] = {}
-
-
-def _log_rate_limited(kind: str, message: str, *args: object) -> None:
-    now = time.monotonic()
-    if now - _last_logged.get(kind, -_LOG_INTERVAL_SECONDS) >= _LOG_INTERVAL_SECONDS:
-        _last_logged[kind] = now
-        _log.warning(message, *args)
 
 
 def now_ms() -> int:
@@ -78,15 +70,15 @@ def validate_deadline(value: object, *, now: int | None = None) -> int | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 15:
-        _log_rate_limited("malformed", "otel-cancel: ignoring malformed deadline %.40r in baggage", value)
+        _log.warning("malformed", "otel-cancel: ignoring malformed deadline %.40r in baggage", value)
         return None
     deadline_ms = int(value)
     current = now_ms() if now is None else now
     if deadline_ms > current + MAX_AHEAD_SECONDS * 1000:
-        _log_rate_limited("ahead", "otel-cancel: ignoring deadline %d: more than a day away (clock skew?)", deadline_ms)
+        _log.warning("ahead", "otel-cancel: ignoring deadline %d: more than a day away (clock skew?)", deadline_ms)
         return None
     if deadline_ms < current - MAX_BEHIND_SECONDS * 1000:
-        _log_rate_limited("behind", "otel-cancel: ignoring deadline %d: over an hour past (clock skew?)", deadline_ms)
+        _log.warning("behind", "otel-cancel: ignoring deadline %d: over an hour past (clock skew?)", deadline_ms)
         return None
     return deadline_ms
 

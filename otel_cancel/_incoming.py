@@ -18,29 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Iterable
 
 from opentelemetry import baggage, trace
 from opentelemetry.context import Context
 
 from . import attributes, telemetry
+from ._logging import RateLimitedLogger
 from ._root import is_valid_root, new_root, parse_depth, random_root, with_root, without_root
 from ._signing import sign_root, verify_root
 
-_log = logging.getLogger("otel_cancel.incoming")
+_log = RateLimitedLogger(logging.getLogger("otel_cancel.incoming"))
 
 MAX_BAGGAGE_BYTES = 8192
-_LOG_INTERVAL_SECONDS = 60.0
-_last_logged: dict[str, float] = {}
-
-
-def _log_rate_limited(kind: str, message: str, *args: object) -> None:
-    # One line per kind of bad input per minute: hostile traffic must not flood the log.
-    now = time.monotonic()
-    if now - _last_logged.get(kind, -_LOG_INTERVAL_SECONDS) >= _LOG_INTERVAL_SECONDS:
-        _last_logged[kind] = now
-        _log.warning(message, *args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,33 +80,29 @@ def _adopt(context: Context, headers: list[tuple[bytes, bytes]], signing_key: by
     incoming = baggage.get_baggage(attributes.BAGGAGE_ROOT, context)
     if len(raw) > MAX_BAGGAGE_BYTES:
         telemetry.baggage_rejected("oversized")
-        _log_rate_limited(
-            "oversized", "otel-cancel: incoming baggage of %d bytes is over the limit; new root", len(raw)
-        )
+        _log.warning("oversized", "otel-cancel: incoming baggage of %d bytes is over the limit; new root", len(raw))
         return None
     if incoming is None:
         if attributes.BAGGAGE_ROOT.encode() in raw:
             telemetry.baggage_rejected("malformed")
-            _log_rate_limited("malformed", "otel-cancel: incoming baggage is malformed; this request starts a new root")
+            _log.warning("malformed", "otel-cancel: incoming baggage is malformed; this request starts a new root")
         return None
     if not is_valid_root(incoming):
         telemetry.baggage_rejected("invalid_root")
-        _log_rate_limited("invalid_root", "otel-cancel: incoming root %.40r is not valid; new root", incoming)
+        _log.warning("invalid_root", "otel-cancel: incoming root %.40r is not valid; new root", incoming)
         return None
     assert isinstance(incoming, str)
     if signing_key is not None and not verify_root(
         signing_key, incoming, baggage.get_baggage(attributes.BAGGAGE_SIGNATURE, context)
     ):
         telemetry.baggage_rejected("bad_signature")
-        _log_rate_limited("bad_signature", "otel-cancel: incoming root %s is unsigned or badly signed", incoming)
+        _log.warning("bad_signature", "otel-cancel: incoming root %s is unsigned or badly signed", incoming)
         return None
     depth_value = baggage.get_baggage(attributes.BAGGAGE_DEPTH, context)
     incoming_depth = parse_depth(depth_value) if depth_value is not None else 0
     if incoming_depth is None:
         telemetry.baggage_rejected("invalid_depth")
-        _log_rate_limited(
-            "invalid_depth", "otel-cancel: incoming depth %.20r is not valid; counting from 0", depth_value
-        )
+        _log.warning("invalid_depth", "otel-cancel: incoming depth %.20r is not valid; counting from 0", depth_value)
         incoming_depth = 0
     depth = min(incoming_depth + 1, 1000)
     return IncomingRoot(with_root(incoming, depth, context), incoming, depth, adopted=True)

@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -53,6 +52,7 @@ from opentelemetry.propagators.textmap import Getter
 from . import attributes, telemetry
 from ._deadline import DEADLINE_REASON, MAX_AHEAD_SECONDS, now_ms, parse_timeout, validate_deadline
 from ._incoming import establish_root
+from ._logging import RateLimitedLogger
 from ._root import with_root
 from ._runtime import get_runtime
 from ._scope import cancel, scope
@@ -65,6 +65,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _log = logging.getLogger("otel_cancel.asgi")
+_bad_input_log = RateLimitedLogger(_log)
 _APPLIED = "otel_cancel.applied"
 _DISCONNECT_REASON = "client disconnected"
 _ON_DISCONNECT = ("cancel", "continue")
@@ -206,7 +207,9 @@ class CancelMiddleware:
                 try:
                     budgets.append(parse_timeout(value.decode("latin-1")))
                 except ValueError as error:
-                    _log_bad_timeout(str(error))
+                    _bad_input_log.warning(
+                        "timeout", "otel-cancel: ignoring the %s header: %s", attributes.HEADER_TIMEOUT, error
+                    )
         start = now_ms()
         for seconds in budgets:
             candidate = start + int(seconds * 1000)
@@ -214,17 +217,6 @@ class CancelMiddleware:
         if deadline_ms is None:
             return context, None
         return with_root(root, depth, context, extra={attributes.BAGGAGE_DEADLINE: str(deadline_ms)}), deadline_ms
-
-
-_bad_timeout_logged_at = -60.0
-
-
-def _log_bad_timeout(message: str) -> None:
-    global _bad_timeout_logged_at
-    now = time.monotonic()
-    if now - _bad_timeout_logged_at >= 60:
-        _bad_timeout_logged_at = now
-        _log.warning("otel-cancel: ignoring the %s header: %s", attributes.HEADER_TIMEOUT, message)
 
 
 def _deadline_body(root: str, deadline_ms: int | None) -> bytes:

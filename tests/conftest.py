@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from chain import Chain
 
 from otel_cancel import _runtime
 from otel_cancel.testing import EtcdServer, ManagedProcess, unique_prefix
@@ -69,6 +70,14 @@ def spawn() -> Iterator[object]:
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def chain() -> Iterator[Chain]:
+    """A chain of real uvicorn services (tests call ``chain.start(...)``), always stopped."""
+    started = Chain()
+    yield started
+    started.stop()
 
 
 def python_worker(name: str, *args: str) -> list[str]:

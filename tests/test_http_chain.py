@@ -11,19 +11,11 @@ from collections import defaultdict
 
 import httpx
 import pytest
-from chain import Chain
 from conftest import cli
 
 from otel_cancel.testing import wait_for_output
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def chain():
-    started = Chain()
-    yield started
-    started.stop()
 
 
 async def _open_stream(client: httpx.AsyncClient, url: str, tokens: int, interval: float):

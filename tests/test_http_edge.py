@@ -8,20 +8,13 @@ import sys
 
 import httpx
 import pytest
-from chain import SERVICES, Chain
+from chain import SERVICES
 from conftest import cli
 
 from otel_cancel._root import random_root
 from otel_cancel.testing import wait_for_output
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def chain():
-    started = Chain()
-    yield started
-    started.stop()
 
 
 def _cancel(root: str, env: dict[str, str]) -> None:

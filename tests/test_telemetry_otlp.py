@@ -9,7 +9,6 @@ import time
 
 import httpx
 import pytest
-from chain import Chain
 from conftest import cli
 from otlp_receiver import OtlpReceiver
 
@@ -24,13 +23,6 @@ STATUS_ERROR = 2
 @pytest.fixture
 def receiver():
     started = OtlpReceiver().start()
-    yield started
-    started.stop()
-
-
-@pytest.fixture
-def chain():
-    started = Chain()
     yield started
     started.stop()
 
