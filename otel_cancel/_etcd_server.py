@@ -6,14 +6,18 @@ failing that, an ``etcd`` on ``PATH`` (Debian's ``etcd-server``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.request
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -43,11 +47,47 @@ def find_etcd_binary() -> str:
     )
 
 
+def find_etcdctl_binary() -> str:
+    """Path of the ``etcdctl`` that goes with :func:`find_etcd_binary`.
+
+    Raises:
+        ConfigurationError: none is installed.
+    """
+    beside = Path(find_etcd_binary()).parent / "etcdctl"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("etcdctl")
+    if found:
+        return found
+    raise ConfigurationError("no etcdctl binary found next to etcd or on PATH (Debian: etcd-client)")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdTls:
+    """TLS on an :class:`EtcdServer`'s client URL (paths of PEM files).
+
+    Attributes:
+        ca_cert: the CA that signed the server's certificate (and the clients', for mutual TLS).
+        cert: the server certificate (valid for ``127.0.0.1``).
+        key: its key.
+        client_cert_auth: require clients to present a certificate signed by ``ca_cert``.
+        client_cert: a client certificate for the server's own health probe (mutual TLS).
+        client_key: its key.
+    """
+
+    ca_cert: str
+    cert: str
+    key: str
+    client_cert_auth: bool = False
+    client_cert: str | None = None
+    client_key: str | None = None
 
 
 class EtcdServer:
@@ -61,8 +101,10 @@ class EtcdServer:
         client_port: the client port (free one by default).
         peer_port: the peer port (free one by default).
         data_dir: where etcd keeps its data (a temporary dir, removed on stop, by default).
-        extra_args: more etcd flags (auth, TLS, cluster membership...).
+        extra_args: more etcd flags (auth, cluster membership...).
         name: the member name.
+        log_path: where etcd's output goes (next to the data dir by default).
+        tls: serve the client URL over TLS.
     """
 
     def __init__(
@@ -74,8 +116,10 @@ class EtcdServer:
         extra_args: list[str] | None = None,
         name: str = "otel-cancel",
         log_path: str | None = None,
+        tls: EtcdTls | None = None,
     ) -> None:
         self.binary = find_etcd_binary()
+        self.tls = tls
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self._own_dir = data_dir is None
@@ -94,8 +138,13 @@ class EtcdServer:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    @property
+    def client_url(self) -> str:
+        """The client URL (``https://`` with TLS)."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+
     def command(self) -> list[str]:
-        client_url = f"http://127.0.0.1:{self.client_port}"
+        client_url = self.client_url
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         base = [
             self.binary,
@@ -116,6 +165,10 @@ class EtcdServer:
         ]
         if not any(arg.startswith("--initial-cluster") for arg in self.extra_args):
             base += ["--initial-cluster", f"{self.name}={peer_url}"]
+        if self.tls is not None:
+            base += ["--cert-file", self.tls.cert, "--key-file", self.tls.key, "--trusted-ca-file", self.tls.ca_cert]
+            if self.tls.client_cert_auth:
+                base.append("--client-cert-auth")
         return base + self.extra_args
 
     def start(self, timeout: float = 20.0, wait: bool = True) -> EtcdServer:
@@ -132,12 +185,17 @@ class EtcdServer:
     def wait_healthy(self, timeout: float = 20.0) -> None:
         """Block until ``/health`` answers (or raise ``TimeoutError``)."""
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.client_port}/health"
+        url = f"{self.client_url}/health"
+        context: ssl.SSLContext | None = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=self.tls.ca_cert)
+            if self.tls.client_cert is not None:
+                context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
         while True:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.process.returncode}; see {self.log_path}")
             try:
-                with urllib.request.urlopen(url, timeout=1) as response:
+                with urllib.request.urlopen(url, timeout=1, context=context) as response:
                     if response.status == 200:
                         return
             except OSError:
@@ -145,6 +203,33 @@ class EtcdServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"etcd on port {self.client_port} not healthy after {timeout}s")
             time.sleep(0.05)  # polling a health endpoint: there is no event to await
+
+    def log_size(self) -> int:
+        """How many bytes etcd has logged so far (an offset for :meth:`wait_for_log`)."""
+        try:
+            return os.path.getsize(self.log_path)
+        except OSError:
+            return 0
+
+    def wait_for_log(self, text: str, *, since: int = 0, timeout: float = 20.0) -> str:
+        """Block until etcd logs a line containing ``text`` after byte ``since``; return the line.
+
+        etcd logs what happens only it can see (a member joining, a simple auth token
+        deleted when its TTL ran out): run it with ``--log-level info`` for those.
+
+        Raises:
+            TimeoutError: no such line within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.log_path, "rb") as log:
+                log.seek(since)
+                for line in log.read().decode("utf-8", "replace").splitlines():
+                    if text in line:
+                        return line
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd did not log {text!r} within {timeout}s; see {self.log_path}")
+            time.sleep(0.05)  # etcd writes to a file: there is no event to await
 
     def stop(self, remove_data: bool = True) -> None:
         """Stop etcd (SIGTERM, then SIGKILL) and, by default, remove its data."""
@@ -184,6 +269,86 @@ class EtcdServer:
         self.start(timeout)
 
     def __enter__(self) -> EtcdServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class EtcdCluster:
+    """A cluster of etcd members on 127.0.0.1 (three by default), each with its own ports and data.
+
+    Members can be killed, frozen and restarted one by one (they are
+    :class:`EtcdServer` instances); the cluster keeps serving while a majority runs.
+
+    Args:
+        size: the number of members.
+        extra_args: more etcd flags for every member (for example a shorter
+            ``--election-timeout``).
+    """
+
+    def __init__(self, size: int = 3, *, extra_args: Sequence[str] = ()) -> None:
+        if size < 1:
+            raise ValueError(f"a cluster needs at least one member, got {size}")
+        self.members = [EtcdServer(name=f"member{index}") for index in range(size)]
+        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+        token = f"otel-cancel-{uuid.uuid4().hex[:12]}"
+        for member in self.members:
+            member.extra_args = [
+                "--initial-cluster",
+                initial,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                token,
+                *extra_args,
+            ]
+
+    @property
+    def endpoints(self) -> list[str]:
+        """``127.0.0.1:port`` of every member, in member order."""
+        return [member.endpoint for member in self.members]
+
+    def member(self, endpoint: str) -> EtcdServer:
+        """The member serving ``endpoint`` (``host:port``, as ``EtcdCancelStore.endpoint`` says).
+
+        Raises:
+            KeyError: no member serves it.
+        """
+        for member in self.members:
+            if member.endpoint == endpoint:
+                return member
+        raise KeyError(endpoint)
+
+    def start(self, timeout: float = 30.0) -> EtcdCluster:
+        """Start every member, then wait until each answers its health endpoint.
+
+        The members start together: none is healthy before a majority has joined.
+        """
+        try:
+            for member in self.members:
+                member.start(wait=False)
+            for member in self.members:
+                member.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every member (SIGKILL: the data goes too) and remove its data.
+
+        A member stopped gracefully first hands its leadership over, which the
+        members stopping beside it cannot take: seconds lost for data thrown away.
+        """
+        for member in self.members:
+            member.kill(signal.SIGKILL)
+        for member in self.members:
+            member.stop()
+
+    def __enter__(self) -> EtcdCluster:
         return self.start()
 
     def __exit__(

@@ -152,6 +152,13 @@ class CancelRegistry:
             holder.count -= 1
             if interrupted and not holder.interrupted:
                 holder.interrupted = True
+            elif holder.cancel_requested is not None and holder.task is not None and holder.task.cancelling() > 0:
+                # The flag was applied to this holder, but a cancellation we did not
+                # deliver got there first (its caller, stopped by the same cancel, hung
+                # up) and our own delivery has not run yet: it will find the scope gone.
+                # The work was stopped by a cancellation all the same, so it counts for
+                # this root's receipt; a scope that finished normally is not cancelling.
+                holder.interrupted = True
             state = self._cancelled.get(holder.root)
             if state is not None and holder.cancel_requested is not None and holder.interrupted and name:
                 state.interrupted.append(name)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from . import environment_variables as env
 from .exceptions import ConfigurationError
 from .store import DEFAULT_PREFIX, DEFAULT_TTL_SECONDS, CancelStore
+from .store._endpoints import parse_endpoint
 from .store._keys import validate_prefix
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -39,6 +40,19 @@ def _number(environ: Mapping[str, str], name: str, default: float, low: float, h
     if not low <= value <= high:
         raise ConfigurationError(f"{name} must be between {low:g} and {high:g}, got {raw!r}")
     return value
+
+
+def _text(environ: Mapping[str, str], name: str) -> str | None:
+    """The value of ``name`` (``None`` when unset or empty), refused when it is not valid UTF-8."""
+    raw = environ.get(name) or None
+    if raw is not None:
+        try:
+            # POSIX hands undecodable bytes over as lone surrogates; etcd and gRPC
+            # would fail on them at the first call, long after start-up.
+            raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigurationError(f"{name} must be valid UTF-8 text, got {raw!r}") from None
+    return raw
 
 
 def _choice(environ: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -86,13 +100,19 @@ class Settings:
         )
         if not endpoints:
             raise ConfigurationError(f"{env.OTEL_CANCEL_ETCD_ENDPOINTS} is empty; give at least one host:port")
-        signing_key = environ.get(env.OTEL_CANCEL_SIGNING_KEY) or None
+        signing_key: bytes | None = None
+        if raw_key := environ.get(env.OTEL_CANCEL_SIGNING_KEY):
+            try:
+                # The key's bytes as the environment holds them (undecodable bytes included).
+                signing_key = raw_key.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                raise ConfigurationError(f"{env.OTEL_CANCEL_SIGNING_KEY} cannot be read as bytes") from None
         values: dict[str, object] = {
             "endpoints": endpoints,
             "prefix": environ.get(env.OTEL_CANCEL_PREFIX, DEFAULT_PREFIX) or DEFAULT_PREFIX,
             "ttl_seconds": int(_number(environ, env.OTEL_CANCEL_TTL_SECONDS, DEFAULT_TTL_SECONDS, 1, 7 * 86400)),
-            "username": environ.get(env.OTEL_CANCEL_ETCD_USERNAME) or None,
-            "password": environ.get(env.OTEL_CANCEL_ETCD_PASSWORD) or None,
+            "username": _text(environ, env.OTEL_CANCEL_ETCD_USERNAME),
+            "password": _text(environ, env.OTEL_CANCEL_ETCD_PASSWORD),
             "ca_cert": environ.get(env.OTEL_CANCEL_ETCD_CA_CERT) or None,
             "cert": environ.get(env.OTEL_CANCEL_ETCD_CERT) or None,
             "key": environ.get(env.OTEL_CANCEL_ETCD_KEY) or None,
@@ -101,7 +121,7 @@ class Settings:
             "on_disconnect": _choice(environ, env.OTEL_CANCEL_ON_DISCONNECT, "cancel", ("cancel", "continue")),
             "startup_wait_seconds": _number(environ, env.OTEL_CANCEL_STARTUP_WAIT_SECONDS, 1.0, 0, 60),
             "watchdog_seconds": _number(environ, env.OTEL_CANCEL_WATCHDOG_SECONDS, 5.0, 0.1, 3600),
-            "signing_key": signing_key.encode() if signing_key else None,
+            "signing_key": signing_key,
             "service": environ.get("OTEL_SERVICE_NAME") or "unknown_service",
             "instance": environ.get(env.OTEL_CANCEL_INSTANCE) or f"{socket.gethostname()}-{os.getpid()}",
             "store": _choice(environ, env.OTEL_CANCEL_STORE, "etcd", ("etcd", "memory")),
@@ -109,6 +129,10 @@ class Settings:
         values.update(overrides)
         settings = cls(**values)  # type: ignore[arg-type]
         validate_prefix(settings.prefix)
+        if settings.store == "etcd":
+            for endpoint in settings.endpoints:
+                # Now, not when the watcher first connects on its own thread: fail fast.
+                parse_endpoint(endpoint)
         return settings
 
     def create_store(self) -> CancelStore:

@@ -200,7 +200,8 @@ class CancelWatcher:
                     await store.ping()
                 self._set_connected(True)
                 if warned:
-                    _log.warning("otel-cancel: reconnected to the cancel store at revision %d", self.last_revision)
+                    # Info, not a warning: an outage logs exactly one warning (when it starts).
+                    _log.info("otel-cancel: reconnected to the cancel store at revision %d", self.last_revision)
                     warned = False
                 backoff = BACKOFF_INITIAL_SECONDS
                 await self._watch_until_error(store)

@@ -282,6 +282,7 @@ class _CancellableRequest:
         self.response_started = False
         self.response_complete = False
         self.event_stream = False
+        self.streaming = False
         self.body_received = not _has_body(scope)
         self.client_gone = False
         self._child: asyncio.Task[None] | None = None
@@ -331,14 +332,17 @@ class _CancellableRequest:
         if message["type"] == "http.response.start":
             message = self._decorate_response_start(message)
             self.response_started = True
-        elif message["type"] == "http.response.body" and not message.get("more_body", False):
-            self.response_complete = True
+        elif message["type"] == "http.response.body":
+            if message.get("more_body", False):
+                self.streaming = True
+            else:
+                self.response_complete = True
         try:
             await self._send(message)
         except OSError:
             self._client_left()
             raise
-        if message["type"] == "http.response.start":
+        if self.streaming:
             self._listen_for_disconnect()
 
     def _decorate_response_start(self, message: Message) -> Message:
@@ -358,10 +362,12 @@ class _CancellableRequest:
     # -- the client going away ------------------------------------------------------------
 
     def _listen_for_disconnect(self) -> None:
-        # Once the response has started and the request body is consumed, the next
-        # message from the server can only be http.disconnect: wait for it, so a
-        # client that leaves is noticed even while the app is not sending.
-        if self._listener is None and self.response_started and self.body_received and not self.response_complete:
+        # Once a streaming response is under way and the request body is consumed, the
+        # next message from the server can only be http.disconnect: wait for it, so a
+        # client that leaves is noticed even while the app is not sending. Only for
+        # streams: a one-shot response ends at once, and every receive() under
+        # OpenTelemetry's ASGI middleware costs a span.
+        if self._listener is None and self.streaming and self.body_received and not self.response_complete:
             self._listener = asyncio.get_running_loop().create_task(self._await_disconnect())
 
     async def _await_disconnect(self) -> None:

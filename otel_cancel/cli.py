@@ -24,10 +24,11 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from . import telemetry
+from ._io_loop import io_loop
 from ._request import CancelRequest, Receipt
 from ._root import validate_root
 from ._scope import parent_in_root_trace
@@ -43,8 +44,13 @@ EXIT_USAGE = 2
 _RECEIPT_COLUMNS = ("service", "instance", "depth", "interrupted", "latency_ms")
 
 
+def _one_line(text: str) -> str:
+    """``text`` with control characters and line breaks escaped: an error is one line, whatever was typed."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _fail(message: str, code: int) -> int:
-    print(f"otel-cancel: {message}", file=sys.stderr)
+    print(f"otel-cancel: {_one_line(message)}", file=sys.stderr)
     return code
 
 
@@ -256,7 +262,7 @@ def _seconds_argument(value: str) -> float:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         # One line, exit 2 (argparse would print the whole usage first).
-        print(f"otel-cancel: {message}", file=sys.stderr)
+        print(f"otel-cancel: {_one_line(message)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -333,6 +339,9 @@ def _export_spans_if_configured() -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``otel-cancel`` console script."""
+    # gRPC's core logs failed connections (a TLS handshake refused, say) to stderr
+    # at info level, before our one-line reason; keep its errors only, unless asked.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     args = build_parser().parse_args(argv)
     provider = _export_spans_if_configured() if args.command == "cancel" else None
     try:
@@ -340,6 +349,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if provider is not None:
             provider.shutdown()  # flush the request span before exiting
+
+
+def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
+    """Run a store command on the process's IO loop and wait for its exit code.
+
+    Not on a loop of its own (``asyncio.run``): that loop would close with gRPC
+    completions still in flight (the ones closing the channel), and gRPC would
+    hand them to whichever other loop of the process polls next; there they raise
+    "Event loop is closed". It matters when ``main()`` runs inside a program (or a
+    test); every other etcd call otel-cancel makes runs on the IO loop already.
+    """
+    future = io_loop().submit(command)
+    try:
+        return future.result()
+    except KeyboardInterrupt:
+        future.cancel()  # cancels the command on the IO loop (the store closes)
+        raise
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -353,8 +379,7 @@ def _main(args: argparse.Namespace) -> int:
             from .doctor import run_doctor
 
             return run_doctor(settings, as_json=args.json)
-        code: int = asyncio.run(_run_store_command(settings, args))
-        return code
+        return _on_io_loop(_run_store_command(settings, args))
     except ConfigurationError as error:
         return _fail(str(error), EXIT_USAGE)
     except StoreError as error:

@@ -1,6 +1,8 @@
 """Helpers for testing code that uses otel-cancel (shipped for users, used by our own tests).
 
-- :class:`EtcdServer` runs a real etcd on loopback with a temporary data dir.
+- :class:`EtcdServer` runs a real etcd on loopback with a temporary data dir
+  (optionally with TLS, :class:`EtcdTls`); :class:`EtcdCluster` runs several
+  members as one cluster.
 - :func:`configured` configures otel-cancel for a block and restores it after.
 - :class:`ManagedProcess` runs a child process, reads its output lines with a
   timeout (await an event instead of sleeping) and always kills it by pid.
@@ -19,8 +21,11 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from ._etcd_server import EtcdCluster as EtcdCluster
 from ._etcd_server import EtcdServer as EtcdServer
+from ._etcd_server import EtcdTls as EtcdTls
 from ._etcd_server import find_etcd_binary as find_etcd_binary
+from ._etcd_server import find_etcdctl_binary as find_etcdctl_binary
 from ._etcd_server import free_port as free_port
 from ._runtime import Runtime, configure, reset
 from .store import CancelStore
@@ -157,10 +162,13 @@ class ManagedProcess:
 
 
 __all__ = (
+    "EtcdCluster",
     "EtcdServer",
+    "EtcdTls",
     "ManagedProcess",
     "configured",
     "find_etcd_binary",
+    "find_etcdctl_binary",
     "free_port",
     "reset",
     "unique_prefix",

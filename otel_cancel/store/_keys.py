@@ -28,6 +28,9 @@ def validate_prefix(prefix: str) -> str:
 def key_segment(value: str) -> str:
     """``value`` made safe as one key segment (service and instance names)."""
     cleaned = "".join(c if _SEGMENT.fullmatch(c) else "_" for c in value)[:128]
+    if cleaned in (".", ".."):
+        # Harmless to etcd (keys are flat), but a key must read as a plain path, like the prefix.
+        return cleaned.replace(".", "_")
     return cleaned or "_"
 
 

@@ -39,6 +39,7 @@ from ..exceptions import (
     StoreUnavailableError,
 )
 from . import DEFAULT_PREFIX, FlagEvent, FlagListing
+from ._endpoints import parse_endpoint as parse_endpoint
 from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, validate_prefix
 
 _log = logging.getLogger("otel_cancel.store")
@@ -46,57 +47,110 @@ _log = logging.getLogger("otel_cancel.store")
 DEFAULT_TIMEOUT_SECONDS = 2.0
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """Split ``host:port`` (scheme ignored, IPv6 in brackets) into its parts.
+class _WatchRefusedError(aetcd.exceptions.ClientError):  # type: ignore[misc]  # aetcd is untyped
+    """etcd refused to create a watch (the reason is the message)."""
 
-    Raises:
-        ConfigurationError: the endpoint is not ``host:port``.
+
+class _RefusalAwareWatcher(aetcd.watcher.Watcher):  # type: ignore[misc]  # aetcd is untyped
+    """aetcd's watch multiplexer, except that a watch etcd refuses raises instead of hanging.
+
+    etcd answers a watch it will not serve (the user's role may not read the range,
+    or the token the watch stream was opened with has expired) with one response
+    that is both ``created`` and ``canceled``. aetcd 1.0 takes it for a live watch
+    and files it under the id of the refused request (0, the id of the watch that
+    may already run on the stream): the caller would wait for events that never
+    come, connected in appearance, and the running watch's events would go astray.
     """
-    text = endpoint.strip()
-    for scheme in ("http://", "https://", "grpc://"):
-        if text.startswith(scheme):
-            text = text[len(scheme) :]
-    text = text.rstrip("/")
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigurationError(f"an etcd endpoint is host:port (like 127.0.0.1:2379), got {endpoint!r}")
-    return host, int(port_text)
+
+    async def _handle_response(self, response: Any) -> None:
+        if response.created and response.canceled:
+            async with self._lock:
+                if self._new_callback is not None:
+                    if response.compact_revision:
+                        self._new_callback.error = aetcd.exceptions.RevisionCompactedError(response.compact_revision)
+                    else:
+                        self._new_callback.error = _WatchRefusedError(response.cancel_reason or "watch cancelled")
+                    self._new_callback_ready.notify_all()
+            return
+        await super()._handle_response(response)
 
 
 class _EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
-    """``aetcd.Client`` that can open a TLS channel; aetcd itself only opens plain ones."""
+    """``aetcd.Client`` with what aetcd 1.0 lacks.
+
+    - TLS channels (aetcd only opens plain ones);
+    - renewing the auth token on the open channel (:meth:`renew_token`), so the
+      watch stream survives a token that expired (aetcd authenticates only on connect);
+    - watches that etcd refuses raise (:class:`_RefusalAwareWatcher`).
+    """
+
+    # Attributes of aetcd.Client, declared for mypy (aetcd is untyped).
+    _is_connecting: bool
+    metadata: Any
 
     def __init__(self, *args: Any, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._credentials = credentials
+        self._auth_lock = asyncio.Lock()
 
     async def connect(self) -> None:
-        connecting: bool = getattr(self, "_is_connecting", False)
-        if self._credentials is None or self._connected.is_set() or connecting:
+        if self._connected.is_set() or self._is_connecting:
+            # Connected, or another task is connecting: aetcd returns or waits for it.
             await super().connect()
             return
-        # The same steps as aetcd.Client.connect(), with a secure channel.
+        # The same steps as aetcd.Client.connect(), with our channel and watcher.
         self._is_connecting = True
         try:
             target = f"{self._host}:{self._port}"
-            self.channel = grpc.aio.secure_channel(target, self._credentials, options=self._options.items())
+            if self._credentials is None:
+                self.channel = grpc.aio.insecure_channel(target, options=self._options.items())
+            else:
+                self.channel = grpc.aio.secure_channel(target, self._credentials, options=self._options.items())
             if self._username is not None and self._password is not None:
                 self.auth_stub = aetcd.rpc.AuthStub(self.channel)
-                request = aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password)
-                response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
-                self.metadata = (("token", response.token),)
+                await self._authenticate()
             self.kvstub = aetcd.rpc.KVStub(self.channel)
             self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
             self.leasestub = aetcd.rpc.LeaseStub(self.channel)
             self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
-            self._watcher = aetcd.watcher.Watcher(
+            self._watcher = _RefusalAwareWatcher(
                 aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
             )
             self._connected.set()
         finally:
             self._is_connecting = False
+
+    async def _authenticate(self) -> None:
+        request = aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password)
+        try:
+            response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as error:
+            # The same mapping aetcd applies to every other call (then _translated's).
+            aetcd.exceptions._handle_exception(error)
+        self.metadata = (("token", response.token),)
+        if self._watcher is not None:
+            # A watch stream opened from now on carries the new token. The running one
+            # keeps its own: etcd checks a stream's token only when a watch is created on it.
+            self._watcher._metadata = self.metadata
+
+    async def renew_token(self, rejected: Any) -> None:
+        """Authenticate again on the open channel, unless a concurrent call already did.
+
+        Args:
+            rejected: the token metadata etcd rejected. A burst of calls that all saw
+                it rejected (receipts after an idle spell) authenticate once: each
+                authentication costs etcd a bcrypt check.
+        """
+        async with self._auth_lock:
+            if self.metadata == rejected:
+                await self._authenticate()
+
+
+def _is_permission_denied(error: Exception) -> bool:
+    """Whether etcd refused a call because the user's role lacks the permission."""
+    cause = error.__cause__
+    code = cause.code() if isinstance(cause, grpc.aio.AioRpcError) else None
+    return code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in str(error)
 
 
 @contextlib.contextmanager
@@ -112,15 +166,27 @@ def _translated(action: str) -> Iterator[None]:
         raise StoreUnavailableError(f"etcd unavailable while {action}: {error}") from None
     except aetcd.exceptions.WatchTimeoutError:
         raise StoreUnavailableError(f"etcd did not answer in time while {action}") from None
+    except _WatchRefusedError as error:
+        raise StorePermissionError(
+            f"etcd refused {action}: {error}; the etcd role of this user must be allowed to read the flags prefix "
+            "(or the watch stream's auth token expired)"
+        ) from None
     except aetcd.exceptions.UnauthenticatedError as error:
         raise StorePermissionError(
             f"etcd refused the credentials while {action}: {error}; "
             "check OTEL_CANCEL_ETCD_USERNAME / OTEL_CANCEL_ETCD_PASSWORD"
         ) from None
+    except aetcd.exceptions.InvalidArgumentError as error:
+        # etcd reports a wrong user or password, and a missing one when authentication
+        # is on, as INVALID_ARGUMENT; they are refusals, not faults of the call.
+        if "authentication failed" in str(error) or "user name is empty" in str(error):
+            raise StorePermissionError(
+                f"etcd refused the credentials while {action}: {error}; "
+                "check OTEL_CANCEL_ETCD_USERNAME / OTEL_CANCEL_ETCD_PASSWORD"
+            ) from None
+        raise StoreError(f"etcd failed while {action}: {error}") from None
     except aetcd.exceptions.ClientError as error:
-        cause = error.__cause__
-        code = cause.code() if isinstance(cause, grpc.aio.AioRpcError) else None
-        if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in str(error):
+        if _is_permission_denied(error):
             raise StorePermissionError(
                 f"etcd denied {action}: {error}; the etcd role of this user lacks the permission"
             ) from None
@@ -142,6 +208,8 @@ def _read(path: str | None, what: str) -> bytes | None:
         return Path(path).read_bytes()
     except OSError as error:
         raise ConfigurationError(f"cannot read the {what} at {path!r}: {error.strerror}") from None
+    except UnicodeError:  # a path no file system can hold (a lone surrogate)
+        raise ConfigurationError(f"cannot read the {what} at {path!r}: not a valid path") from None
 
 
 class EtcdCancelStore:
@@ -192,6 +260,7 @@ class EtcdCancelStore:
             )
         self._client: _EtcdClient | None = None
         self._endpoint_index = 0
+        self._receipts_on_own_lease = False
         self.calls = 0
         """How many etcd calls this store has made (benchmarks check the request path makes none)."""
 
@@ -234,16 +303,32 @@ class EtcdCancelStore:
         for _ in range(len(self.endpoints)):
             try:
                 with _translated(action):
-                    return await asyncio.wait_for(operation(self._connection()), self.timeout * 2)
+                    return await asyncio.wait_for(self._renewing_token(operation), self.timeout * 2)
             except StoreUnavailableError as error:
                 last_error = error
                 await self._drop_connection(rotate=True)
-            except StorePermissionError:
-                # A token that expired is renewed by reconnecting (aetcd authenticates on connect).
-                await self._drop_connection(rotate=False)
-                raise
+            # A StorePermissionError (the role lacks the permission, wrong credentials)
+            # propagates and keeps the connection: dropping it would also end the watch
+            # stream that shares it, for nothing.
         assert last_error is not None
         raise last_error
+
+    async def _renewing_token(self, operation: Any) -> Any:
+        # etcd forgets auth tokens (their TTL runs out while the process is idle, or
+        # etcd restarted) and aetcd authenticates only when it connects. When etcd
+        # rejects the token, authenticate again on the same channel and retry once,
+        # rather than reconnect: the watch stream on that channel keeps running.
+        client = self._connection()
+        await client.connect()
+        token = client.metadata
+        try:
+            return await operation(client)
+        except aetcd.exceptions.UnauthenticatedError as error:
+            if token is None or "invalid auth token" not in str(error):
+                raise
+            _log.info("otel-cancel: the etcd auth token expired; authenticating again")
+            await client.renew_token(token)
+            return await operation(client)
 
     # -- CancelStore ---------------------------------------------------------------
 
@@ -323,8 +408,19 @@ class EtcdCancelStore:
         async def put(client: _EtcdClient) -> None:
             found = await client.get(flag)
             lease_id = found.lease if found is not None and found.lease else None
-            if lease_id is None:
-                lease_id = (await client.lease(ttl_seconds)).id
+            if lease_id is not None and not self._receipts_on_own_lease:
+                try:
+                    await client.put(key, receipt.to_json(), lease=lease_id)
+                    return
+                except aetcd.exceptions.ClientError as error:
+                    if not _is_permission_denied(error):
+                        raise
+                    # etcd lets a key join a lease only when the user may write every
+                    # key already on it: a service whose role may not write flags (the
+                    # README's least-privilege roles) cannot share the flag's lease.
+                    # Its receipts get leases of their own, with the configured TTL.
+                    self._receipts_on_own_lease = True
+            lease_id = (await client.lease(ttl_seconds)).id
             await client.put(key, receipt.to_json(), lease=lease_id)
 
         await self._call("writing a receipt", put)

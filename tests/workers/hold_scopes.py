@@ -3,7 +3,8 @@
 Usage: hold_scopes.py ROOT:COUNT [ROOT:COUNT ...]
 
 Prints ``READY`` once every scope is entered, then ``STOPPED <root> <index>
-<epoch_ns>`` for each task its root's cancel stopped. Exits when stdin closes.
+<epoch_ns>`` for each task its root's cancel stopped. When stdin closes it prints
+``APPLIED <n>`` (flags its watcher applied) and exits.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 
 import otel_cancel
+from otel_cancel._runtime import get_runtime
 
 
 async def hold(root: str, index: int, entered: asyncio.Event, counter: list[int], total: int) -> None:
@@ -40,6 +42,7 @@ async def main() -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     for task in tasks:
         task.cancel()
+    print(f"APPLIED {get_runtime().watcher.flags_applied}", flush=True)
 
 
 asyncio.run(main())

@@ -1,0 +1,572 @@
+"""Cost on the request path: microseconds per hop, throughput of a three-hop chain.
+
+    /work/venv/bin/python bench/overhead.py [--quick]
+
+1. In process (one event loop, real etcd behind the runtime, listing done):
+   ``async with otel_cancel.scope()`` enter+exit (root already in the context,
+   as behind ``CancelMiddleware``; explicit root; no root: a new one) and
+   ``otel_cancel.check()``, against an empty ``async with``.
+2. In process: one ASGI request through a bare app vs the same app behind
+   ``CancelMiddleware`` (edge: new root; internal: root adopted from ``baggage``),
+   with a plain JSON response and with a 10-chunk event stream, also behind
+   OpenTelemetry's ASGI middleware with the SDK tracer (no exporter), with the
+   spans one request makes counted. The difference is the per-hop cost of
+   otel-cancel.
+3. Over the network: requests per second through a chain of three uvicorn
+   services (``GET /hop``, each calls the next with httpx), under
+   ``opentelemetry-instrument`` (exporters ``none``) with otel-cancel off
+   (``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_cancel``) and on, plus the chain
+   without OpenTelemetry for reference; ``wrk`` is the load generator. The three
+   chains run side by side and the rounds are interleaved, so load from
+   elsewhere hits all of them alike.
+   A diagnostic fourth chain stubs out ``CancelMiddleware``'s disconnect listener
+   (``BENCH_DISCONNECT_LISTENER=off`` in the bench service) to show what it costs.
+4. The request path makes no etcd call: each otel-cancel service's store call
+   counter (``EtcdCancelStore.calls``, read from ``/debug/otel-cancel``) before
+   and after every round, against the requests served and the watchdog's pings.
+
+Writes ``bench/results/overhead.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import CpuSampler, ServiceChain, base_parser, loadavg, say, table, write_results
+from opentelemetry import baggage, context
+
+import otel_cancel
+from otel_cancel import attributes
+from otel_cancel.testing import EtcdServer, configured, unique_prefix
+
+ROOT = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+# -- 1. scope ---------------------------------------------------------------------------------------
+
+
+class _Empty:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _root_context() -> context.Context:
+    ctx = baggage.set_baggage(attributes.BAGGAGE_ROOT, ROOT)
+    return baggage.set_baggage(attributes.BAGGAGE_DEPTH, "1", context=ctx)
+
+
+async def _time_loop(make: Any, iterations: int) -> float:
+    """Mean microseconds of one ``async with make():`` over ``iterations``."""
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        for _ in range(iterations):
+            async with make():
+                pass
+        return (time.perf_counter_ns() - start) / iterations / 1000
+    finally:
+        gc.enable()
+
+
+async def _time_call(call: Any, iterations: int) -> float:
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        for _ in range(iterations):
+            call()
+        return (time.perf_counter_ns() - start) / iterations / 1000
+    finally:
+        gc.enable()
+
+
+def _stats(samples: list[float]) -> dict[str, Any]:
+    return {
+        "min_us": round(min(samples), 3),
+        "median_us": round(statistics.median(samples), 3),
+        "repeats": len(samples),
+    }
+
+
+async def scope_costs(iterations: int, repeats: int) -> list[dict[str, Any]]:
+    cases: list[tuple[str, Any, bool]] = [
+        ("empty async with (baseline)", _Empty, True),
+        ("scope(), root in context (a hop)", otel_cancel.scope, True),
+        ("scope(root=...) explicit root", lambda: otel_cancel.scope(root=ROOT), False),
+        ("scope(), no root (starts a root)", otel_cancel.scope, False),
+    ]
+    rows = []
+    for name, make, with_root in cases:
+        token = context.attach(_root_context()) if with_root else None
+        try:
+            await _time_loop(make, iterations // 10)  # warm up
+            samples = [await _time_loop(make, iterations) for _ in range(repeats)]
+        finally:
+            if token is not None:
+                context.detach(token)
+        rows.append({"case": name, **_stats(samples)})
+    token = context.attach(_root_context())
+    try:
+        samples = [await _time_call(otel_cancel.check, iterations) for _ in range(repeats)]
+    finally:
+        context.detach(token)
+    rows.append({"case": "check(), root in context", **_stats(samples)})
+    return rows
+
+
+# -- 2. ASGI ----------------------------------------------------------------------------------------
+
+
+async def json_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"ok":true}'})
+
+
+async def stream_app(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for index in range(10):
+        await send({"type": "http.response.body", "body": b"data: %d\n\n" % index, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _http_scope(with_baggage: bool) -> dict[str, Any]:
+    headers = [(b"host", b"127.0.0.1"), (b"user-agent", b"bench"), (b"accept", b"*/*")]
+    if with_baggage:
+        headers.append((b"baggage", f"{attributes.BAGGAGE_ROOT}={ROOT},{attributes.BAGGAGE_DEPTH}=1".encode()))
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/hop",
+        "raw_path": b"/hop",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def _drive(app: Any, scope: dict[str, Any], iterations: int) -> float:
+    async def send(message: Any) -> None:
+        return None
+
+    gc.disable()
+    try:
+        start = time.perf_counter_ns()
+        for _ in range(iterations):
+            state = {"sent": False}
+
+            async def receive(state: dict[str, bool] = state) -> dict[str, Any]:
+                if not state["sent"]:
+                    state["sent"] = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
+                await asyncio.Future()  # a client that stays: only cancellation ends this
+                raise AssertionError
+
+            await app(dict(scope), receive, send)
+        return (time.perf_counter_ns() - start) / iterations / 1000
+    finally:
+        gc.enable()
+
+
+async def asgi_costs(iterations: int, repeats: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from otel_cancel.asgi import CancelMiddleware
+
+    cases: list[tuple[str, str, Any, bool]] = []
+    for body, inner in (("json", json_app), ("stream x10", stream_app)):
+        cases += [
+            (body, "bare app", inner, False),
+            (body, "CancelMiddleware, edge (new root)", CancelMiddleware(inner, trust_incoming=False), False),
+            (
+                body,
+                "CancelMiddleware, internal (root from baggage)",
+                CancelMiddleware(inner, trust_incoming=True),
+                True,
+            ),
+        ]
+    rows = []
+    for body, name, app, with_baggage in cases:
+        scope = _http_scope(with_baggage)
+        await _drive(app, scope, iterations // 10)
+        samples = [await _drive(app, scope, iterations) for _ in range(repeats)]
+        rows.append({"body": body, "stack": name, **_stats(samples)})
+
+    # The same under OpenTelemetry's ASGI middleware with the SDK tracer (spans recorded, not exported).
+    trace.set_tracer_provider(TracerProvider())
+    otel_rows = []
+    for body, inner in (("json", json_app), ("stream x10", stream_app)):
+        for name, app, with_baggage in (
+            ("OTel ASGI", OpenTelemetryMiddleware(inner), True),
+            (
+                "OTel ASGI + CancelMiddleware, internal",
+                OpenTelemetryMiddleware(CancelMiddleware(inner, trust_incoming=True)),
+                True,
+            ),
+        ):
+            scope = _http_scope(with_baggage)
+            await _drive(app, scope, iterations // 20)
+            samples = [await _drive(app, scope, iterations // 2) for _ in range(repeats)]
+            otel_rows.append({"body": body, "stack": name, **_stats(samples)})
+    # How many spans one request makes, with and without otel-cancel (an in-memory exporter).
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    counting = TracerProvider()
+    counting.add_span_processor(SimpleSpanProcessor(exporter))
+    for body, inner in (("json", json_app), ("stream x10", stream_app)):
+        for name, app in (
+            ("OTel ASGI", OpenTelemetryMiddleware(inner, tracer_provider=counting)),
+            (
+                "OTel ASGI + CancelMiddleware, internal",
+                OpenTelemetryMiddleware(CancelMiddleware(inner, trust_incoming=True), tracer_provider=counting),
+            ),
+        ):
+            exporter.clear()
+            await _drive(app, _http_scope(True), 200)
+            spans = exporter.get_finished_spans()
+            names: dict[str, int] = {}
+            for span in spans:
+                names[span.name] = names.get(span.name, 0) + 1
+            row = next(r for r in otel_rows if r["body"] == body and r["stack"] == name)
+            row["spans_per_request"] = round(len(spans) / 200, 2)
+            row["span_names"] = {k: round(v / 200, 2) for k, v in names.items()}
+
+    # Diagnostic: the same with CancelMiddleware's disconnect listener stubbed out.
+    from otel_cancel import asgi as cancel_asgi
+
+    original = cancel_asgi._CancellableRequest._listen_for_disconnect
+    cancel_asgi._CancellableRequest._listen_for_disconnect = lambda self: None  # type: ignore[method-assign]
+    try:
+        for body, inner in (("json", json_app), ("stream x10", stream_app)):
+            app = OpenTelemetryMiddleware(CancelMiddleware(inner, trust_incoming=True))
+            scope = _http_scope(True)
+            await _drive(app, scope, iterations // 20)
+            samples = [await _drive(app, scope, iterations // 2) for _ in range(repeats)]
+            otel_rows.append(
+                {
+                    "body": body,
+                    "stack": "OTel ASGI + CancelMiddleware, listener stubbed (diagnostic)",
+                    **_stats(samples),
+                }
+            )
+    finally:
+        cancel_asgi._CancellableRequest._listen_for_disconnect = original  # type: ignore[method-assign]
+    return rows, otel_rows
+
+
+def asgi_deltas(rows: list[dict[str, Any]], otel_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    deltas = []
+    for body in ("json", "stream x10"):
+        base = next(r for r in rows if r["body"] == body and r["stack"] == "bare app")
+        for r in rows:
+            if r["body"] == body and r is not base:
+                deltas.append(
+                    {
+                        "body": body,
+                        "added by": r["stack"],
+                        "over": "bare app",
+                        "added_us_min": round(r["min_us"] - base["min_us"], 2),
+                        "added_us_median": round(r["median_us"] - base["median_us"], 2),
+                    }
+                )
+        otel = [r for r in otel_rows if r["body"] == body]
+        for other in otel[1:]:
+            deltas.append(
+                {
+                    "body": body,
+                    "added by": other["stack"].replace("OTel ASGI + ", ""),
+                    "over": "OTel ASGI (SDK)",
+                    "added_us_min": round(other["min_us"] - otel[0]["min_us"], 2),
+                    "added_us_median": round(other["median_us"] - otel[0]["median_us"], 2),
+                }
+            )
+    return deltas
+
+
+# -- 3. throughput ------------------------------------------------------------------------------------
+
+
+WRK_LATENCY = re.compile(r"^\s*(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$")
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, seconds: float, connections: int) -> dict[str, Any]:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "--timeout", "10s", url]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout
+    result: dict[str, Any] = {"raw": output}
+    for line in output.splitlines():
+        if line.startswith("Requests/sec:"):
+            result["rps"] = float(line.split()[1])
+        elif "requests in" in line:
+            result["requests"] = int(line.split()[0])
+        elif line.strip().startswith("Non-2xx"):
+            result["non_2xx"] = int(line.split()[-1])
+        elif line.strip().startswith("Socket errors"):
+            result["socket_errors"] = line.strip()
+        else:
+            match = WRK_LATENCY.match(line)
+            if match:
+                result[f"p{match.group(1)}_ms"] = round(_ms(match.group(2), match.group(3)), 3)
+    return result
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(chain: ServiceChain) -> float:
+    """User + system CPU time used so far by the chain's processes (``/proc/<pid>/stat``)."""
+    total = 0
+    for process in chain.processes():
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / CLOCK_TICKS
+
+
+def debug_state(chain: ServiceChain) -> list[dict[str, Any]]:
+    states = []
+    for level in range(chain.depth):
+        for url in chain.urls(level):
+            states.append(httpx.get(f"{url}/debug/otel-cancel", timeout=10).json())
+    return states
+
+
+def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        return {"ran": False, "reason": "wrk is not installed (Debian: apt-get install -y wrk)"}
+    seconds = 3 if quick else 8
+    rounds = 2 if quick else 7
+    connections = 16
+    base = {"OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint, "OTEL_CANCEL_PREFIX": unique_prefix().replace("test", "bench")}
+    variants = {
+        "no OpenTelemetry": ({}, False),
+        "OpenTelemetry": ({"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel"}, True),
+        "OpenTelemetry + otel-cancel": ({}, True),
+        "OpenTelemetry + otel-cancel, listener stubbed (diagnostic)": ({"BENCH_DISCONNECT_LISTENER": "off"}, True),
+    }
+    chains: dict[str, ServiceChain] = {}
+    try:
+        for name, (extra, instrument) in variants.items():
+            chains[name] = ServiceChain(3, 1, "level_app", {**base, **extra}, auto_instrument=instrument).start()
+        # Each chain answers, and only the last one runs otel-cancel.
+        checks = {}
+        for name, chain in chains.items():
+            response = httpx.get(f"{chain.urls(0)[0]}/hop", timeout=10)
+            checks[name] = {
+                "status": response.status_code,
+                "otel_cancel_root_header": "otel-cancel-root" in response.headers,
+                "body": response.json(),
+            }
+        for chain in chains.values():
+            wrk(f"{chain.urls(0)[0]}/hop", 2, connections)  # warm-up
+        samples: dict[str, list[dict[str, Any]]] = {name: [] for name in chains}
+        calls: list[dict[str, Any]] = []
+        names = list(chains)
+        for index in range(rounds):
+            order = names[index % len(names) :] + names[: index % len(names)]
+            for name in order:
+                chain = chains[name]
+                before = debug_state(chain)
+                cpu_before = cpu_seconds(chain)
+                started = time.time()
+                result = wrk(f"{chain.urls(0)[0]}/hop", seconds, connections)
+                ended = time.time()
+                cpu_used = cpu_seconds(chain) - cpu_before
+                after = debug_state(chain)
+                # CPU time per request is what the chain's own processes spent: unlike req/s, load
+                # from other processes on the machine does not change it much.
+                if result.get("requests"):
+                    result["cpu_us_per_request"] = round(1e6 * cpu_used / result["requests"], 1)
+                result.update(cpu.window(started, ended))
+                result["round"] = index
+                result.pop("raw", None) if "rps" in result else None
+                samples[name].append(result)
+                if name == "OpenTelemetry + otel-cancel":
+                    calls.append(
+                        {
+                            "round": index,
+                            "seconds": round(ended - started, 2),
+                            "requests_at_edge": result.get("requests"),
+                            "store_calls_delta": [
+                                (a["store_calls"] or 0) - (b["store_calls"] or 0)
+                                for a, b in zip(after, before, strict=True)
+                            ],
+                            "store_calls_after": [a["store_calls"] for a in after],
+                            "watchdog_seconds": after[0]["watchdog_seconds"],
+                        }
+                    )
+                say(f"  round {index + 1}/{rounds} {name:>28}: {result.get('rps', 0):,.0f} req/s")
+    finally:
+        for chain in chains.values():
+            chain.stop()
+    summary_rows = []
+    for name, results in samples.items():
+        rps = [r["rps"] for r in results if "rps" in r]
+        cpu = [r["cpu_us_per_request"] for r in results if "cpu_us_per_request" in r]
+        summary_rows.append(
+            {
+                "variant": name,
+                "cpu_us_per_request_median": round(statistics.median(cpu), 1) if cpu else None,
+                "cpu_us_per_request_min": round(min(cpu), 1) if cpu else None,
+                "rps_median": round(statistics.median(rps), 1) if rps else None,
+                "rps_min": round(min(rps), 1) if rps else None,
+                "rps_max": round(max(rps), 1) if rps else None,
+                "p50_ms_median": statistics.median([r["p50_ms"] for r in results if "p50_ms" in r])
+                if results
+                else None,
+                "p99_ms_median": statistics.median([r["p99_ms"] for r in results if "p99_ms" in r])
+                if results
+                else None,
+                "non_2xx": sum(r.get("non_2xx", 0) for r in results),
+            }
+        )
+    by_name = {r["variant"]: r for r in summary_rows}
+    otel, both = by_name["OpenTelemetry"]["rps_median"], by_name["OpenTelemetry + otel-cancel"]["rps_median"]
+    # Paired: each round ran both variants back to back; compare within a round.
+    paired = []
+    for a, b in zip(samples["OpenTelemetry"], samples["OpenTelemetry + otel-cancel"], strict=False):
+        if a.get("rps") and b.get("rps"):
+            paired.append(round(100 * (a["rps"] - b["rps"]) / a["rps"], 2))
+    stubbed = by_name.get("OpenTelemetry + otel-cancel, listener stubbed (diagnostic)", {}).get("rps_median")
+
+    def cpu_loss(variant: str) -> float | None:
+        # At CPU saturation throughput is 1 / (CPU per request): the loss is 1 - cpu_otel / cpu_variant.
+        base = by_name["OpenTelemetry"]["cpu_us_per_request_median"]
+        other = by_name.get(variant, {}).get("cpu_us_per_request_median")
+        return round(100 * (1 - base / other), 2) if base and other else None
+
+    return {
+        "ran": True,
+        "cpu_us_per_hop_added": round(
+            (
+                by_name["OpenTelemetry + otel-cancel"]["cpu_us_per_request_median"]
+                - by_name["OpenTelemetry"]["cpu_us_per_request_median"]
+            )
+            / 3,
+            1,
+        )
+        if by_name["OpenTelemetry"]["cpu_us_per_request_median"]
+        and by_name["OpenTelemetry + otel-cancel"]["cpu_us_per_request_median"]
+        else None,
+        "loss_pct_from_cpu_per_request": cpu_loss("OpenTelemetry + otel-cancel"),
+        "loss_pct_from_cpu_per_request_listener_stubbed": cpu_loss(
+            "OpenTelemetry + otel-cancel, listener stubbed (diagnostic)"
+        ),
+        "loss_pct_listener_stubbed_of_medians": round(100 * (otel - stubbed) / otel, 2) if otel and stubbed else None,
+        "chain": "3 levels x 1 replica, GET /hop, each level calls the next with one shared httpx.AsyncClient",
+        "load_generator": f"wrk -t1 -c{connections} -d{seconds}s",
+        "rounds": rounds,
+        "checks": checks,
+        "variants": summary_rows,
+        "samples": samples,
+        "loss_pct_of_medians": round(100 * (otel - both) / otel, 2) if otel and both else None,
+        "loss_pct_paired_rounds": paired,
+        "loss_pct_paired_median": round(statistics.median(paired), 2) if paired else None,
+        "per_request_added_us_at_saturation": round(1e6 / both - 1e6 / otel, 1) if otel and both else None,
+        "etcd_calls": calls,
+    }
+
+
+async def in_process(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
+    iterations = 5_000 if quick else 40_000
+    repeats = 3 if quick else 7
+    with configured(endpoints=(etcd.endpoint,), prefix=unique_prefix(), service="bench-overhead") as runtime:
+        await runtime.ensure_listed()
+        scope_rows = await scope_costs(iterations, repeats)
+        asgi_iterations = 2_000 if quick else 20_000
+        asgi_rows, otel_rows = await asgi_costs(asgi_iterations, repeats)
+        calls = runtime.watcher._store.calls if runtime.watcher._store is not None else None
+    baseline = scope_rows[0]["min_us"]
+    for row in scope_rows[1:]:
+        row["over_baseline_us"] = round(row["min_us"] - baseline, 3)
+    return {
+        "scope": scope_rows,
+        "asgi": asgi_rows,
+        "asgi_otel": otel_rows,
+        "asgi_added": asgi_deltas(asgi_rows, otel_rows),
+        "store_calls_in_process": calls,
+        "iterations": {"scope": iterations, "asgi": asgi_iterations, "repeats": repeats},
+    }
+
+
+def main() -> int:
+    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    started, load_before = time.time(), loadavg()
+    with CpuSampler() as cpu, EtcdServer() as etcd:
+        say("in process: scope and ASGI costs ...")
+        micro = asyncio.run(in_process(etcd, args.quick))
+        say("three-hop chain throughput (wrk) ...")
+        net = throughput(etcd, args.quick, cpu)
+    data = {"quick": args.quick, "in_process": micro, "throughput": net}
+    path = write_results("overhead", data, started, load_before)
+
+    say("\nscope enter+exit, microseconds per operation (min / median of repeats)")
+    say(table(micro["scope"], ["case", "min_us", "median_us", "over_baseline_us"]))
+    say("\none ASGI request in process, microseconds")
+    say(table(micro["asgi"] + micro["asgi_otel"], ["body", "stack", "min_us", "median_us", "spans_per_request"]))
+    say("\nadded per hop by otel-cancel, microseconds")
+    say(table(micro["asgi_added"], ["body", "added by", "over", "added_us_min", "added_us_median"]))
+    if net.get("ran"):
+        say(f"\nthree-hop chain, {net['load_generator']}, {net['rounds']} interleaved rounds")
+        say(
+            table(
+                net["variants"],
+                [
+                    "variant",
+                    "cpu_us_per_request_median",
+                    "rps_median",
+                    "rps_min",
+                    "rps_max",
+                    "p50_ms_median",
+                    "p99_ms_median",
+                    "non_2xx",
+                ],
+            )
+        )
+        say(
+            f"CPU per request: otel-cancel adds {net['cpu_us_per_hop_added']} µs per hop; throughput loss at "
+            f"saturation {net['loss_pct_from_cpu_per_request']}% "
+            f"(listener stubbed: {net['loss_pct_from_cpu_per_request_listener_stubbed']}%)"
+        )
+        say(
+            f"throughput loss with otel-cancel: {net['loss_pct_of_medians']}% (medians), "
+            f"paired rounds {net['loss_pct_paired_rounds']} -> median {net['loss_pct_paired_median']}%"
+        )
+        say("\netcd calls by the otel-cancel services while serving (per level: edge, 1, 2)")
+        say(table(net["etcd_calls"], ["round", "seconds", "requests_at_edge", "store_calls_delta", "watchdog_seconds"]))
+    else:
+        say(f"\nthroughput not measured: {net.get('reason')}")
+    say(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())

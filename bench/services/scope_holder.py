@@ -1,0 +1,102 @@
+"""A process that holds otel-cancel scopes on command (the scale benchmark's worker).
+
+Configured from the ``OTEL_CANCEL_*`` environment. Commands on stdin, one per line:
+
+``hold SEED N``   start N tasks, task i in ``otel_cancel.scope()`` for the root
+                  ``roots(SEED, N)[i]``, each waiting until it is cancelled; answers
+                  ``HELD SEED N <t_ns>`` once all are inside their scope.
+``release SEED``  stop the tasks of SEED (plain ``task.cancel()``); ``RELEASED SEED``.
+``stats``         ``STATS {json}``: live scopes, flags applied, receipts written, etcd calls.
+``quit``
+
+With ``BENCH_RECEIPTS=off`` (a diagnostic, not a supported setting) the worker
+detaches the runtime's receipt writer, to show what receipts cost under load.
+
+Each task whose scope raises ``Cancelled`` prints ``STOPPED <root> <t_ns>``
+(``time.time_ns()`` right after the scope exits). Prints ``READY`` when the
+watcher has listed the flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import time
+
+import otel_cancel
+from otel_cancel._runtime import get_runtime
+
+
+def roots(seed: str, count: int) -> list[str]:
+    """``count`` distinct valid roots derived from ``seed`` (the benchmark derives the same)."""
+    return [hashlib.md5(f"{seed}-{index}".encode()).hexdigest() for index in range(count)]
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+async def _hold(root: str, entered: asyncio.Event, counter: list[int], total: int) -> None:
+    try:
+        async with otel_cancel.scope(root=root, name="held"):
+            counter[0] += 1
+            if counter[0] == total:
+                entered.set()
+            await asyncio.Future()
+    except otel_cancel.Cancelled:
+        _say(f"STOPPED {root} {time.time_ns()}")
+
+
+async def main() -> None:
+    runtime = get_runtime()
+    if os.environ.get("BENCH_RECEIPTS") == "off":
+        runtime.registry.on_stopped = None
+    await runtime.ensure_listed()
+    _say("READY")
+    loop = asyncio.get_running_loop()
+    held: dict[str, list[asyncio.Task[None]]] = {}
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            return
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0] == "hold":
+            seed, count = parts[1], int(parts[2])
+            entered = asyncio.Event()
+            counter = [0]
+            held[seed] = [asyncio.create_task(_hold(root, entered, counter, count)) for root in roots(seed, count)]
+            await entered.wait()
+            _say(f"HELD {seed} {count} {time.time_ns()}")
+        elif parts[0] == "release":
+            tasks = held.pop(parts[1], [])
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            _say(f"RELEASED {parts[1]}")
+        elif parts[0] == "stats":
+            store = runtime.watcher._store
+            _say(
+                "STATS "
+                + json.dumps(
+                    {
+                        "live_scopes": runtime.registry.live_scopes(),
+                        "cancelled_roots": runtime.registry.cancelled_roots(),
+                        "flags_applied": runtime.watcher.flags_applied,
+                        "receipts_written": runtime.receipts_written,
+                        "store_calls": getattr(store, "calls", None),
+                        "connected": runtime.watcher.connected,
+                    }
+                )
+            )
+        elif parts[0] == "quit":
+            return
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

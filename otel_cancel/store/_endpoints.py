@@ -1,0 +1,37 @@
+"""Parse etcd endpoints (``host:port``), without importing the etcd client.
+
+Settings validate ``OTEL_CANCEL_ETCD_ENDPOINTS`` with it at start-up; the etcd
+store uses it to connect.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..exceptions import ConfigurationError
+
+# Host names, IPv4 and (bracketed) IPv6 addresses, with an IPv6 zone (%eth0).
+_HOST = re.compile(r"[A-Za-z0-9._%:-]{1,253}")
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split ``host:port`` (scheme ignored, IPv6 in brackets) into its parts.
+
+    Raises:
+        ConfigurationError: the endpoint is not ``host:port``, or the host holds
+            characters no host name or address has (spaces, non-ASCII: write an
+            internationalised name in its ``xn--`` form).
+    """
+    text = endpoint.strip()
+    for scheme in ("http://", "https://", "grpc://"):
+        if text.startswith(scheme):
+            text = text[len(scheme) :]
+    text = text.rstrip("/")
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    # isascii(): str.isdigit() also accepts digits int() refuses (superscripts).
+    port_ok = port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536
+    if not sep or not _HOST.fullmatch(host) or not port_ok:
+        raise ConfigurationError(f"an etcd endpoint is host:port (like 127.0.0.1:2379), got {endpoint!r}")
+    return host, int(port_text)

@@ -1,0 +1,194 @@
+"""A service for fault, load and security tests: streams like chain_app, and shows its insides.
+
+Wired by hand (``CancelMiddleware``, httpx instrumentation, one shared httpx client),
+with an in-memory OpenTelemetry metric reader so the ``otel_cancel.watch.connected``
+gauge can be read back. otel-cancel's log lines go to stdout as ``LEVEL logger message``.
+
+Environment: ``LEVEL`` and ``NEXT_URLS`` as for chain_app; ``DEBUG_APP_METRICS=0``
+leaves the OpenTelemetry SDK out (then ``connected_metric`` is ``null``).
+
+Routes under ``CancelMiddleware``:
+
+- ``GET /stream?tokens=N&interval=S&gate=1`` streams server-sent events: the next
+  level's events relayed, then N tokens of its own. With ``gate=1`` each level sends
+  its first token, then waits until its ``/debug/release`` is called before the rest
+  (so no level finishes on its own while a test cancels).
+  Prints ``START <root> <LEVEL>`` when its body starts, then ``DONE`` or ``STOPPED``.
+- ``GET /ping`` answers ``ok`` (a plain ASGI app: the cheapest request there is).
+
+Routes outside it (they run in no scope, so they never count in the registry):
+
+- ``GET /debug/state[?connected=true|false&timeout=S]``: the registry, the watcher
+  and the gauge, as JSON; with ``connected``, first waits (at most S seconds) until
+  the watcher's connection state is that;
+- ``POST /debug/release``: open the gate of every gated stream started so far;
+- ``POST /debug/cancel?root=R``: call ``otel_cancel.cancel(R)``; JSON ``{"created"}`` or ``{"error", "message"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import sys
+
+import httpx
+from opentelemetry import baggage, metrics
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+import otel_cancel
+from otel_cancel._runtime import get_runtime
+from otel_cancel.asgi import CancelMiddleware
+from otel_cancel.exceptions import OtelCancelError
+
+LEVEL = os.environ.get("LEVEL", "?")
+NEXT_URLS = [url for url in os.environ.get("NEXT_URLS", "").split(",") if url]
+
+_handler = logging.StreamHandler(sys.stdout)
+_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+_otel_cancel_log = logging.getLogger("otel_cancel")
+_otel_cancel_log.addHandler(_handler)
+_otel_cancel_log.setLevel(logging.INFO)
+_otel_cancel_log.propagate = False
+
+_reader = InMemoryMetricReader()
+if os.environ.get("DEBUG_APP_METRICS", "1") != "0":
+    metrics.set_meter_provider(MeterProvider(metric_readers=[_reader]))
+HTTPXClientInstrumentor().instrument()
+
+_client: httpx.AsyncClient | None = None
+_gate: asyncio.Event | None = None
+
+
+def _http() -> httpx.AsyncClient:
+    global _client
+    if _client is None:
+        _client = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None))
+    return _client
+
+
+def _gate_event() -> asyncio.Event:
+    global _gate
+    if _gate is None:
+        _gate = asyncio.Event()
+    return _gate
+
+
+def _log(event: str, root: str) -> None:
+    print(f"{event} {root} {LEVEL}", flush=True)
+
+
+async def stream(request: Request) -> StreamingResponse:
+    tokens = int(request.query_params.get("tokens", "3"))
+    interval = float(request.query_params.get("interval", "0"))
+    gated = request.query_params.get("gate") == "1"
+    root = str(baggage.get_baggage("otel_cancel.root"))
+
+    async def events():
+        gate = _gate_event()  # this stream's gate: a later release opens only the streams started before it
+        _log("START", root)
+        finished = False
+        try:
+            if NEXT_URLS:
+                url = f"{random.choice(NEXT_URLS)}/stream"
+                async with _http().stream("GET", url, params=dict(request.query_params)) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            yield f"{line}\n\n"
+            for index in range(tokens):
+                if index == 1 and gated:
+                    await gate.wait()
+                await asyncio.sleep(interval)
+                yield f"data: {LEVEL}-{index}\n\n"
+            finished = True
+        finally:
+            _log("DONE" if finished else "STOPPED", root)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def ping(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _gauge(name: str) -> int | None:
+    if os.environ.get("DEBUG_APP_METRICS", "1") == "0":
+        return None
+    data = _reader.get_metrics_data()
+    for resource_metrics in data.resource_metrics if data else ():
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                if metric.name == name:
+                    return int(metric.data.data_points[-1].value)
+    return None
+
+
+async def state(request: Request) -> JSONResponse:
+    runtime = get_runtime()
+    watcher, registry = runtime.watcher, runtime.registry
+    if "connected" in request.query_params:
+        wanted = request.query_params["connected"] == "true"
+        timeout = float(request.query_params.get("timeout", "10"))
+        await asyncio.to_thread(watcher.wait_connected, wanted, timeout)
+    store = watcher._store
+    return JSONResponse(
+        {
+            "live_scopes": registry.live_scopes(),
+            "live_roots": registry.live_roots(),
+            "cancelled_roots": registry.cancelled_roots(),
+            "connected": watcher.connected,
+            "connected_metric": _gauge("otel_cancel.watch.connected"),
+            "reconnects": watcher.reconnects,
+            "listings": watcher.listings,
+            "flags_applied": watcher.flags_applied,
+            "last_revision": watcher.last_revision,
+            "receipts_written": runtime.receipts_written,
+            "endpoint": getattr(store, "endpoint", None),
+        }
+    )
+
+
+async def release(request: Request) -> PlainTextResponse:
+    global _gate
+    _gate_event().set()
+    _gate = None  # streams started from now on wait for the next release
+    return PlainTextResponse("released")
+
+
+async def cancel(request: Request) -> JSONResponse:
+    try:
+        result = await otel_cancel.cancel(request.query_params["root"], reason="from the service")
+    except OtelCancelError as error:
+        return JSONResponse({"error": type(error).__name__, "message": str(error)})
+    return JSONResponse({"created": result.created})
+
+
+_debug = Starlette(
+    routes=[
+        Route("/debug/state", state),
+        Route("/debug/release", release, methods=["POST"]),
+        Route("/debug/cancel", cancel, methods=["POST"]),
+    ]
+)
+_streams = CancelMiddleware(Starlette(routes=[Route("/stream", stream)]))
+_ping = CancelMiddleware(ping)
+
+
+async def app(scope, receive, send) -> None:
+    path = scope.get("path", "")
+    if scope["type"] == "lifespan":
+        await _streams(scope, receive, send)
+    elif path.startswith("/debug/"):
+        await _debug(scope, receive, send)
+    elif path == "/ping":
+        await _ping(scope, receive, send)
+    else:
+        await _streams(scope, receive, send)
