@@ -52,7 +52,7 @@ def machine_block(results: dict[str, dict[str, Any] | None]) -> str:
         f"- **otel-cancel** commit {m['otel_cancel_commit']}",
         "",
         "Load on the machine while each benchmark ran (`os.getloadavg()`, 1/5/15 min; the machine was shared "
-        "with another engineer's test runs):",
+        "with the project's test suite running):",
         "",
     ]
     rows = []
