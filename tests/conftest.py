@@ -10,6 +10,7 @@ import pytest
 from chain import Chain
 
 from otel_cancel import _runtime
+from otel_cancel._io_loop import io_loop
 from otel_cancel.testing import EtcdServer, ManagedProcess, unique_prefix
 
 WORKERS = os.path.join(os.path.dirname(__file__), "workers")
@@ -18,6 +19,17 @@ WORKERS = os.path.join(os.path.dirname(__file__), "workers")
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _grpc_pinned_to_the_io_loop() -> None:
+    """Bind gRPC's asyncio poller to otel-cancel's IO loop before any test opens a channel.
+
+    gRPC dispatches every completion of the process through the loop that first
+    initialised it; a test that opened a raw aetcd client first would bind it to that
+    test's loop, which closes when the test ends (see otel_cancel._io_loop).
+    """
+    io_loop().start()
 
 
 @pytest.fixture(scope="session")
