@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 from . import telemetry
@@ -16,7 +17,7 @@ from ._registry import CancelRegistry, StopReport
 from ._request import Receipt
 from ._settings import Settings
 from ._watcher import CancelWatcher
-from .exceptions import StoreError
+from .exceptions import StoreError, StoreUnavailableError
 from .store import CancelStore
 
 _log = logging.getLogger("otel_cancel")
@@ -83,11 +84,23 @@ class Runtime:
 
     async def _write_receipt(self, receipt: Receipt) -> None:
         store = await self.watcher.store()
-        try:
-            await store.put_receipt(receipt, self.settings.ttl_seconds)
-        except StoreError as error:
-            _log.warning("otel-cancel: could not write the receipt for %s: %s", receipt.root, error)
-            return
+        # Retry through an outage (capped backoff) until the flag itself would have expired;
+        # a refusal (permissions) will not change, so give up on it at once.
+        give_up_at = time.monotonic() + self.settings.ttl_seconds
+        backoff = 0.1
+        while True:
+            try:
+                await store.put_receipt(receipt, self.settings.ttl_seconds)
+                break
+            except StoreUnavailableError as error:
+                if time.monotonic() + backoff > give_up_at:
+                    _log.warning("otel-cancel: gave up writing the receipt for %s: %s", receipt.root, error)
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except StoreError as error:
+                _log.warning("otel-cancel: could not write the receipt for %s: %s", receipt.root, error)
+                return
         self.receipts_written += 1
         telemetry.receipt_written()
         self._receipt_event(receipt.root).set()

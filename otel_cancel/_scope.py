@@ -166,6 +166,16 @@ class CancelScope:
                     to_raise = Cancelled(self.root, request.reason)
         elif request is not None and isinstance(exc, Cancelled) and exc.root == self.root:
             interrupted = True
+        elif (
+            request is not None
+            and isinstance(exc, asyncio.CancelledError)
+            and holder.task is not None
+            and holder.task.cancelling() > 0
+        ):
+            # The flag was applied here, but the caller (stopped by the same cancel) hung
+            # up first and its cancellation reached this task before ours: the work was
+            # still stopped by this root's cancel, so it gets its span (and receipt).
+            interrupted = True
         stopped_by_other = request is None and isinstance(exc, asyncio.CancelledError)
         runtime.registry.exit(holder, interrupted, stopped_by_other)
         telemetry.scope_exited()

@@ -35,7 +35,7 @@ from . import telemetry
 from ._io_loop import io_loop
 from ._registry import CancelRegistry, deliver
 from ._request import CancelRequest
-from .exceptions import RevisionCompactedError, StoreError
+from .exceptions import RevisionCompactedError, StoreError, StoreUnavailableError
 from .store import CancelStore, FlagEvent
 from .store._keys import root_of_flag_key
 
@@ -231,6 +231,11 @@ class CancelWatcher:
         try:
             done, _ = await asyncio.wait({watch_task, watchdog_task}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
+                if task.cancelled():
+                    # Nobody here cancelled it (that happens below): a gRPC call of it was
+                    # cancelled under it, with the connection it shared. Letting the
+                    # CancelledError out would end the watcher for good, silently.
+                    raise StoreUnavailableError("the watch lost its etcd connection")
                 task.result()  # raises the StoreError that ended it
         finally:
             for task in (watch_task, watchdog_task):

@@ -11,12 +11,12 @@ Checks, each reported as ``ok``, ``warn`` or ``fail`` with one line of advice:
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
 from importlib.metadata import entry_points
 
+from ._io_loop import io_loop
 from ._settings import Settings
 from .exceptions import StoreError
 
@@ -91,7 +91,8 @@ def _check_trust(settings: Settings) -> Check:
 def run_doctor(settings: Settings, as_json: bool = False) -> int:
     """Print the report; exit 0 when nothing failed, 1 otherwise."""
     checks = [
-        asyncio.run(_check_etcd(settings)),
+        # On the IO loop, like every etcd call (see otel_cancel._io_loop).
+        io_loop().run(_check_etcd(settings)),
         _check_propagators(),
         _check_instrumentation(),
         _check_trust(settings),

@@ -170,6 +170,35 @@ async def test_a_frozen_etcd_is_noticed_in_bounded_time_and_flags_written_at_the
     assert noticed_after <= DETECTION_BOUND_SECONDS, f"noticed after {noticed_after:.2f}s"
 
 
+async def test_a_call_whose_connection_another_call_closes_fails_as_unavailable_not_cancelled(private_etcd, prefix):
+    """A store call in flight when another call drops the shared connection raises StoreUnavailableError."""
+
+    async def scenario() -> None:
+        store = EtcdCancelStore([private_etcd.endpoint], prefix=prefix, timeout=EVENT_TIMEOUT)
+        await store.ping()
+        private_etcd.freeze()  # the next call stays in flight
+        try:
+            in_flight = asyncio.Event()
+
+            async def status(client):  # the watchdog's call, with a signal once it is sent
+                call = client.status()
+                in_flight.set()
+                return await call
+
+            pending = asyncio.create_task(store._call("checking etcd", status))
+            await asyncio.wait_for(in_flight.wait(), EVENT_TIMEOUT)
+            await store.close()  # what a concurrent call does when it fails (or fails over)
+            # grpc.aio cancels the pending call; before the fix the CancelledError escaped
+            # and ended the caller (the watcher's loop) silently.
+            with pytest.raises(StoreUnavailableError, match="connection was closed"):
+                await asyncio.wait_for(pending, EVENT_TIMEOUT)
+        finally:
+            private_etcd.thaw()
+            await store.close()
+
+    await io_loop().call(scenario())
+
+
 async def test_flags_written_through_another_member_while_the_watched_member_is_frozen_apply_after_the_thaw(prefix):
     """A watcher on one frozen member of three misses nothing written through the others, nor at the thaw."""
     with (

@@ -208,7 +208,7 @@ def _read(path: str | None, what: str) -> bytes | None:
         return Path(path).read_bytes()
     except OSError as error:
         raise ConfigurationError(f"cannot read the {what} at {path!r}: {error.strerror}") from None
-    except UnicodeError:  # a path no file system can hold (a lone surrogate)
+    except ValueError:  # a path no file system can hold (a NUL byte, a lone surrogate)
         raise ConfigurationError(f"cannot read the {what} at {path!r}: not a valid path") from None
 
 
@@ -304,6 +304,16 @@ class EtcdCancelStore:
             try:
                 with _translated(action):
                     return await asyncio.wait_for(self._renewing_token(operation), self.timeout * 2)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # this task is being cancelled: let it be
+                # Nobody cancelled this task: grpc.aio cancels every call of a channel
+                # that is closed, and another call on this store closed it (it failed,
+                # or failed over). For this call that is a failure, not a cancellation;
+                # raising CancelledError would silently end the caller (the watcher's
+                # loop, a receipt write). Retry on the next connection.
+                last_error = StoreUnavailableError(f"the etcd connection was closed while {action}")
             except StoreUnavailableError as error:
                 last_error = error
                 await self._drop_connection(rotate=True)
