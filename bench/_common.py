@@ -493,3 +493,53 @@ def etcd_metrics(client_port: int, names: Sequence[str]) -> dict[str, float]:
                 key, _, value = line.rpartition(" ")
                 found[key] = float(value)
     return found
+
+
+# -- rows shared by the benchmarks' own tables and bench/report.py ---------------------------
+
+THROUGHPUT_COLUMNS = [
+    "variant",
+    "cpu_us_per_request_median",
+    "rps_median",
+    "rps_min",
+    "rps_max",
+    "p50_ms_median",
+    "p99_ms_median",
+    "non_2xx",
+]
+"""Columns of the three-hop throughput table (bench/overhead.py)."""
+
+
+def cascade_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cascade configuration: how the deepest level stopped (bench/cascade.py)."""
+    return [
+        {
+            "shape": r["shape"],
+            "depth": r["depth"],
+            "mechanism": r["mechanism"],
+            "stopped": f"{r['deepest_stopped']}/{r['rounds']}",
+            "p50": r["deepest_latency_ms"]["p50"],
+            "p99": r["deepest_latency_ms"]["p99"],
+            "max": r["deepest_latency_ms"]["max"],
+            "ran_on": r["deepest_ran_on_ms"]["p50"],
+        }
+        for r in results
+    ]
+
+
+def langgraph_rows(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per LangGraph runs.cancel scenario: how the leaf stopped (bench/langgraph_cancel.py)."""
+    return [
+        {
+            "scenario": s["scenario"],
+            "depth": s["depth"],
+            "stopped": f"{s['leaf_stopped']}/{s['rounds']}",
+            "p50": s["leaf_latency_ms"]["p50"],
+            "max": s["leaf_latency_ms"]["max"],
+            "ran_on": s["leaf_ran_on_ms"]["p50"],
+            "top": s["top_latency_ms"]["p50"],
+            "call": s["cancel_call_ms"]["p50"],
+            "status": ", ".join(s["top_run_status"]),
+        }
+        for s in scenarios
+    ]

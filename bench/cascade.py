@@ -41,7 +41,18 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CpuSampler, EventLog, ServiceChain, base_parser, loadavg, say, summary, table, write_results
+from _common import (
+    CpuSampler,
+    EventLog,
+    ServiceChain,
+    base_parser,
+    cascade_rows,
+    loadavg,
+    say,
+    summary,
+    table,
+    write_results,
+)
 
 from otel_cancel.testing import EtcdServer, unique_prefix
 
@@ -175,20 +186,7 @@ def main() -> int:
     started, load_before = time.time(), loadavg()
     data = asyncio.run(run(args))
     path = write_results("cascade", data, started, load_before)
-    rows = []
-    for r in data["results"]:
-        rows.append(
-            {
-                "shape": r["shape"],
-                "depth": r["depth"],
-                "mechanism": r["mechanism"],
-                "stopped": f"{r['deepest_stopped']}/{r['rounds']}",
-                "p50": r["deepest_latency_ms"]["p50"],
-                "p99": r["deepest_latency_ms"]["p99"],
-                "max": r["deepest_latency_ms"]["max"],
-                "ran_on": r["deepest_ran_on_ms"]["p50"],
-            }
-        )
+    rows = cascade_rows(data["results"])
     say("\nclient closes the root stream -> deepest level's work stops, ms")
     say(
         table(

@@ -41,7 +41,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH, REPO, SERVICES, base_parser, loadavg, say, summary, table, write_results
+from _common import BENCH, REPO, SERVICES, base_parser, langgraph_rows, loadavg, say, summary, table, write_results
 
 from otel_cancel.testing import ManagedProcess, free_port
 
@@ -321,19 +321,7 @@ def main() -> int:
     started, load_before = time.time(), loadavg()
     data = asyncio.run(run(args))
     path = write_results("langgraph", data, started, load_before)
-    rows = [
-        {
-            "scenario": s["scenario"],
-            "depth": s["depth"],
-            "stopped": f"{s['leaf_stopped']}/{s['rounds']}",
-            "p50": s["leaf_latency_ms"]["p50"],
-            "max": s["leaf_latency_ms"]["max"],
-            "ran_on": s["leaf_ran_on_ms"]["p50"],
-            "top": s["top_latency_ms"]["p50"],
-            "status": ",".join(s["top_run_status"]),
-        }
-        for s in data["scenarios"]
-    ]
+    rows = langgraph_rows(data["scenarios"])
     if rows:
         say("\nruns.cancel on the top run -> the leaf's node stops, ms")
         say(

@@ -47,7 +47,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CpuSampler, ServiceChain, base_parser, loadavg, say, table, write_results
+from _common import THROUGHPUT_COLUMNS, CpuSampler, ServiceChain, base_parser, loadavg, say, table, write_results
 from opentelemetry import baggage, context
 
 import otel_cancel
@@ -535,21 +535,7 @@ def main() -> int:
     say(table(micro["asgi_added"], ["body", "added by", "over", "added_us_min", "added_us_median"]))
     if net.get("ran"):
         say(f"\nthree-hop chain, {net['load_generator']}, {net['rounds']} interleaved rounds")
-        say(
-            table(
-                net["variants"],
-                [
-                    "variant",
-                    "cpu_us_per_request_median",
-                    "rps_median",
-                    "rps_min",
-                    "rps_max",
-                    "p50_ms_median",
-                    "p99_ms_median",
-                    "non_2xx",
-                ],
-            )
-        )
+        say(table(net["variants"], THROUGHPUT_COLUMNS))
         say(
             f"CPU per request: otel-cancel adds {net['cpu_us_per_hop_added']} µs per hop; throughput loss at "
             f"saturation {net['loss_pct_from_cpu_per_request']}% "

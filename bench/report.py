@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, read_results, table
+from _common import REPO, THROUGHPUT_COLUMNS, cascade_rows, langgraph_rows, read_results, table
 
 DOCUMENT = REPO / "BENCHMARKS.md"
 NAMES = ("propagation", "cascade", "langgraph", "overhead", "scale")
@@ -321,20 +321,7 @@ def propagation_block(result: dict[str, Any] | None) -> str:
 def cascade_block(result: dict[str, Any] | None) -> str:
     if not result:
         return "_Not run yet: `bench/cascade.py`._"
-    rows = []
-    for r in result["results"]:
-        rows.append(
-            {
-                "shape": r["shape"],
-                "depth": r["depth"],
-                "mechanism": r["mechanism"],
-                "stopped": f"{r['deepest_stopped']}/{r['rounds']}",
-                "p50": r["deepest_latency_ms"]["p50"],
-                "p99": r["deepest_latency_ms"]["p99"],
-                "max": r["deepest_latency_ms"]["max"],
-                "ran_on": r["deepest_ran_on_ms"]["p50"],
-            }
-        )
+    rows = cascade_rows(result["results"])
     return (
         table(
             rows,
@@ -364,20 +351,7 @@ def langgraph_block(result: dict[str, Any] | None) -> str:
             out.append("(partial results below)")
         else:
             return "\n".join(out)
-    rows = [
-        {
-            "scenario": s["scenario"],
-            "depth": s["depth"],
-            "stopped": f"{s['leaf_stopped']}/{s['rounds']}",
-            "p50": s["leaf_latency_ms"]["p50"],
-            "max": s["leaf_latency_ms"]["max"],
-            "ran_on": s["leaf_ran_on_ms"]["p50"],
-            "top": s["top_latency_ms"]["p50"],
-            "call": s["cancel_call_ms"]["p50"],
-            "status": ", ".join(s["top_run_status"]),
-        }
-        for s in result["scenarios"]
-    ]
+    rows = langgraph_rows(result["scenarios"])
     versions = ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items())
     return table(
         rows,
@@ -440,16 +414,7 @@ def overhead_block(result: dict[str, Any] | None) -> str:
             "",
             table(
                 net["variants"],
-                [
-                    "variant",
-                    "cpu_us_per_request_median",
-                    "rps_median",
-                    "rps_min",
-                    "rps_max",
-                    "p50_ms_median",
-                    "p99_ms_median",
-                    "non_2xx",
-                ],
+                THROUGHPUT_COLUMNS,
                 [
                     "variant",
                     "CPU µs per request (chain processes, median)",

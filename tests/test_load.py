@@ -21,7 +21,7 @@ from collections import Counter
 import aetcd
 import httpx
 import pytest
-from debug_service import write_flags
+from debug_service import open_gated_stream, write_flags
 
 from otel_cancel._io_loop import io_loop
 from otel_cancel._root import random_root
@@ -104,15 +104,7 @@ async def test_a_thousand_concurrent_runs_through_three_levels_cancel_exactly_th
 
         async def run(index: int) -> tuple[str, asyncio.Task[list[str]]]:
             url = chain.urls(0)[index % len(chain.urls(0))]
-            request = client.build_request("GET", f"{url}/stream", params={"tokens": 3, "gate": "1"})
-            response = await client.send(request, stream=True)
-
-            async def read() -> list[str]:
-                lines = [line async for line in response.aiter_lines() if line]
-                await response.aclose()
-                return lines
-
-            return response.headers["otel-cancel-root"], asyncio.create_task(read())
+            return await open_gated_stream(client, url)
 
         started = await asyncio.gather(*(run(index) for index in range(runs)))
         roots = [root for root, _ in started]
