@@ -6,11 +6,14 @@
 - :func:`configured` configures otel-cancel for a block and restores it after.
 - :class:`ManagedProcess` runs a child process, reads its output lines with a
   timeout (await an event instead of sleeping) and always kills it by pid.
+- :func:`on_io_loop` runs an async test on otel-cancel's IO loop, for tests
+  that call a store directly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import signal
@@ -18,8 +21,8 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 from ._etcd_server import EtcdCluster as EtcdCluster
 from ._etcd_server import EtcdServer as EtcdServer
@@ -27,8 +30,31 @@ from ._etcd_server import EtcdTls as EtcdTls
 from ._etcd_server import find_etcd_binary as find_etcd_binary
 from ._etcd_server import find_etcdctl_binary as find_etcdctl_binary
 from ._etcd_server import free_port as free_port
+from ._io_loop import io_loop
 from ._runtime import Runtime, configure, reset
 from .store import CancelStore
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def on_io_loop(test: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Run the async ``test`` on otel-cancel's IO loop instead of the test runner's loop.
+
+    gRPC's asyncio calls must not outlive the loop they were made on: a test loop
+    that closes while a cancelled watch still awaits its last completion makes
+    gRPC raise "Event loop is closed" later, in another test. Store calls made on
+    the IO loop (where the library makes all of its own) never hit that.
+    """
+
+    @functools.wraps(test)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        async def body() -> T:
+            return await test(*args, **kwargs)
+
+        return await io_loop().call(body())
+
+    return run
 
 
 def unique_prefix() -> str:

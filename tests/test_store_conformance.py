@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 import pytest
 
+from otel_cancel._io_loop import io_loop
 from otel_cancel._request import CancelRequest, Receipt
 from otel_cancel._root import random_root
 from otel_cancel.exceptions import InvalidRootError, RevisionCompactedError
 from otel_cancel.store import CancelStore
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.store.memory import MemoryCancelStore
+from otel_cancel.testing import on_io_loop
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(params=["memory", "etcd"])
-async def store(request, etcd, prefix) -> AsyncIterator[CancelStore]:
+def store(request, etcd, prefix) -> Iterator[CancelStore]:
     if request.param == "memory":
         backend: CancelStore = MemoryCancelStore(prefix)
     else:
         backend = EtcdCancelStore([etcd.endpoint], prefix=prefix)
     yield backend
-    await backend.close()
+    io_loop().run(backend.close(), timeout=10)
 
 
 def _request(root: str, reason: str = "test") -> CancelRequest:
@@ -41,6 +43,7 @@ async def _compact(store: CancelStore) -> None:
         await client.compact(listing.revision)
 
 
+@on_io_loop
 async def test_create_flag_writes_once_and_keeps_the_first(store):
     """A second cancel of the same root keeps the first flag (reason, time, requester)."""
     root = random_root()
@@ -51,11 +54,13 @@ async def test_create_flag_writes_once_and_keeps_the_first(store):
     assert await store.get_flag(root) == first
 
 
+@on_io_loop
 async def test_get_flag_of_an_uncancelled_root_is_none(store):
     """Reading the flag of a root nobody cancelled gives None."""
     assert await store.get_flag(random_root()) is None
 
 
+@on_io_loop
 async def test_list_flags_returns_every_flag_and_a_revision(store):
     """The listing holds each flag under {prefix}flags/{root} and the revision it was taken at."""
     roots = {random_root() for _ in range(3)}
@@ -67,6 +72,7 @@ async def test_list_flags_returns_every_flag_and_a_revision(store):
     assert listing.revision >= max(event.revision for event in listing.flags)
 
 
+@on_io_loop
 async def test_watch_from_a_revision_replays_later_flags_in_order(store):
     """A watch started at listing revision + 1 sees flags written after the listing, in order."""
     listing = await store.list_flags()
@@ -87,6 +93,7 @@ async def test_watch_from_a_revision_replays_later_flags_in_order(store):
     assert CancelRequest.from_json(seen[0].value, roots[0]).root == roots[0]
 
 
+@on_io_loop
 async def test_watch_from_a_compacted_revision_raises(store):
     """Watching from a revision the store compacted raises RevisionCompactedError."""
     first = (await store.list_flags()).revision
@@ -99,6 +106,7 @@ async def test_watch_from_a_compacted_revision_raises(store):
                 pass
 
 
+@on_io_loop
 async def test_receipts_round_trip_per_process(store):
     """Receipts are stored one per service/instance under the root and read back."""
     root = random_root()
@@ -112,6 +120,7 @@ async def test_receipts_round_trip_per_process(store):
     assert receipts[0].interrupted == ("node",) and receipts[0].latency_ms == pytest.approx(15e-6)
 
 
+@on_io_loop
 async def test_keys_are_built_only_from_valid_roots(store):
     """A root that could escape the prefix is refused before any key is built."""
     for bad in ("../../etc", "A" * 32, "0" * 32, "g" * 32, ""):
@@ -121,6 +130,7 @@ async def test_keys_are_built_only_from_valid_roots(store):
             await store.list_receipts(bad)
 
 
+@on_io_loop
 async def test_receipt_names_cannot_escape_their_segment(store):
     """Service and instance names with slashes stay inside one key segment."""
     root = random_root()
@@ -129,6 +139,7 @@ async def test_receipt_names_cannot_escape_their_segment(store):
     assert receipt.service == "a/../../b"
 
 
+@on_io_loop
 async def test_ping_answers(store):
     """ping() returns when the store is up."""
     await store.ping()

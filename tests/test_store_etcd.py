@@ -11,7 +11,7 @@ from otel_cancel._request import CancelRequest, Receipt
 from otel_cancel._root import random_root
 from otel_cancel.exceptions import StoreUnavailableError
 from otel_cancel.store.etcd import EtcdCancelStore
-from otel_cancel.testing import free_port
+from otel_cancel.testing import free_port, on_io_loop
 
 pytestmark = pytest.mark.anyio
 
@@ -23,6 +23,7 @@ async def _leases(store: EtcdCancelStore) -> set[int]:
     return {lease.ID for lease in response.leases}
 
 
+@on_io_loop
 async def test_flag_lives_on_a_ttl_lease_and_receipts_share_it(etcd, prefix):
     """The flag is attached to a lease with the configured TTL; receipts use the same lease."""
     store = EtcdCancelStore([etcd.endpoint], prefix=prefix)
@@ -38,6 +39,7 @@ async def test_flag_lives_on_a_ttl_lease_and_receipts_share_it(etcd, prefix):
     await store.close()
 
 
+@on_io_loop
 async def test_a_second_create_revokes_its_unused_lease(etcd, prefix):
     """Create-if-absent that finds a flag revokes the lease it granted (no lease leak)."""
     store = EtcdCancelStore([etcd.endpoint], prefix=prefix)
@@ -50,6 +52,7 @@ async def test_a_second_create_revokes_its_unused_lease(etcd, prefix):
     await store.close()
 
 
+@on_io_loop
 async def test_unreachable_etcd_raises_store_unavailable_within_the_deadline():
     """A call to an endpoint nobody listens on fails with StoreUnavailableError, bounded by the timeout."""
     store = EtcdCancelStore([f"127.0.0.1:{free_port()}"], timeout=0.5)
@@ -60,6 +63,7 @@ async def test_unreachable_etcd_raises_store_unavailable_within_the_deadline():
     await store.close()
 
 
+@on_io_loop
 async def test_fails_over_to_the_next_endpoint(etcd, prefix):
     """With the first endpoint dead, the store moves on to the next one."""
     store = EtcdCancelStore([f"127.0.0.1:{free_port()}", etcd.endpoint], prefix=prefix, timeout=0.5)
@@ -69,6 +73,7 @@ async def test_fails_over_to_the_next_endpoint(etcd, prefix):
     await store.close()
 
 
+@on_io_loop
 async def test_malformed_receipts_are_skipped(etcd, prefix):
     """Garbage under the acks prefix is skipped (and logged) when reading receipts."""
     store = EtcdCancelStore([etcd.endpoint], prefix=prefix)

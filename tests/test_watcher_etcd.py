@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import aetcd
 import pytest
 
 import otel_cancel
+from otel_cancel._io_loop import io_loop
 from otel_cancel._request import CancelRequest
 from otel_cancel._root import random_root
 from otel_cancel.store.etcd import EtcdCancelStore, parse_endpoint
@@ -31,9 +33,23 @@ async def _hold(root: str) -> tuple[asyncio.Task[None], asyncio.Future[None]]:
 
 
 async def _write_flag(endpoint: str, prefix: str, root: str) -> None:
-    store = EtcdCancelStore([endpoint], prefix=prefix)
-    await store.create_flag(CancelRequest.new(root, "test", "tests"), 60)
-    await store.close()
+    async def write() -> None:
+        store = EtcdCancelStore([endpoint], prefix=prefix)
+        await store.create_flag(CancelRequest.new(root, "test", "tests"), 60)
+        await store.close()
+
+    await io_loop().call(write())  # where the library makes its etcd calls
+
+
+async def _with_client(endpoint: str, action: Callable[[aetcd.Client], Awaitable[object]]) -> None:
+    """Run ``action`` with a raw etcd client, on the IO loop like every etcd call."""
+
+    async def run() -> None:
+        host, port = parse_endpoint(endpoint)
+        async with aetcd.Client(host, port) as client:
+            await action(client)
+
+    await io_loop().call(run())
 
 
 async def _assert_cancelled(task: asyncio.Task[None], timeout: float = 15) -> None:
@@ -114,10 +130,11 @@ async def test_compaction_past_the_watchers_revision_lists_again_and_misses_noth
         await _write_flag(private_etcd.endpoint, prefix, root)
         for _ in range(5):
             await _write_flag(private_etcd.endpoint, prefix, random_root())
-        host, port = parse_endpoint(private_etcd.endpoint)
-        async with aetcd.Client(host, port) as client:
-            head = (await client.get_prefix(prefix.encode())).header.revision
-            await client.compact(head)
+
+        async def compact_to_head(client: aetcd.Client) -> None:
+            await client.compact((await client.get_prefix(prefix.encode())).header.revision)
+
+        await _with_client(private_etcd.endpoint, compact_to_head)
         grpc_proxy.start()
         await _assert_cancelled(task)
         assert runtime.watcher.listings > listings
@@ -128,11 +145,13 @@ async def test_foreign_values_under_the_flags_prefix_are_logged_and_do_not_stop_
     with configured(endpoints=(etcd.endpoint,), prefix=prefix) as runtime:
         task, _ = await _hold(root := random_root())
         assert runtime.watcher.wait_connected(True, 10)
-        host, port = parse_endpoint(etcd.endpoint)
+
+        async def write_garbage(client: aetcd.Client) -> None:
+            await client.put(f"{prefix}flags/not-a-root".encode(), b"{}")
+            await client.put(f"{prefix}flags/{random_root()}".encode(), b"\x00garbage")
+
         with caplog.at_level(logging.WARNING, logger="otel_cancel.watcher"):
-            async with aetcd.Client(host, port) as client:
-                await client.put(f"{prefix}flags/not-a-root".encode(), b"{}")
-                await client.put(f"{prefix}flags/{random_root()}".encode(), b"\x00garbage")
+            await _with_client(etcd.endpoint, write_garbage)
             await _write_flag(etcd.endpoint, prefix, root)
             await _assert_cancelled(task)
         messages = [r.getMessage() for r in caplog.records]
