@@ -1,6 +1,6 @@
-"""What a cancel flag and a receipt hold, (de)serialised in one place.
+"""What a cancel flag, a receipt and a task record hold, (de)serialised in one place.
 
-Both are JSON objects in etcd. Parsing is strict: anything else under the prefix
+All are JSON objects in etcd. Parsing is strict: anything else under the prefix
 (garbage, wrong JSON, a root that does not match its key) raises ``ValueError``,
 which the watcher logs once and ignores.
 """
@@ -151,4 +151,52 @@ class Receipt:
             interrupted=tuple(_text(name, "interrupted") for name in interrupted[:100]),
             tasks=_int(data.get("tasks", 0), "tasks"),
             reason=_text(data.get("reason", ""), "reason"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRecord:
+    """Which root a protocol task (an A2A task) belongs to, and where it runs.
+
+    Written by the process that runs the task, so that a cancel for the task that
+    lands on any replica can cancel the task's root.
+
+    Attributes:
+        task_id: the protocol's task id.
+        root: the root the task's work runs under.
+        context_id: the protocol's context id (empty when there is none).
+        service: ``OTEL_SERVICE_NAME`` of the process running the task.
+        instance: that process.
+        started_at: when the task started there, epoch nanoseconds.
+    """
+
+    task_id: str
+    root: str
+    context_id: str
+    service: str
+    instance: str
+    started_at: int
+
+    def to_json(self) -> bytes:
+        """The record's value in etcd."""
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, expected_task_id: str | None = None) -> TaskRecord:
+        """Parse a task record.
+
+        Raises:
+            ValueError: the value is not a task record, or names another task than its key.
+        """
+        data = _load_object(raw)
+        task_id = _text(data.get("task_id"), "task_id")
+        if expected_task_id is not None and task_id != expected_task_id:
+            raise ValueError(f"record for task {expected_task_id!r} names task {task_id!r}")
+        return cls(
+            task_id=task_id,
+            root=validate_root(data.get("root")),
+            context_id=_text(data.get("context_id", ""), "context_id"),
+            service=_text(data.get("service", ""), "service"),
+            instance=_text(data.get("instance", ""), "instance"),
+            started_at=_int(data.get("started_at", 0), "started_at"),
         )

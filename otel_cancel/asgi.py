@@ -128,6 +128,12 @@ class CancelMiddleware:
             (never widens) a deadline that arrived with the request.
         on_disconnect: ``cancel`` (default) or ``continue``, when the client leaves an
             unfinished response; default from ``OTEL_CANCEL_ON_DISCONNECT``.
+        run_in_scope: run each request in a scope (the default). ``False`` is for apps
+            that stop cancelled work themselves and report it in their own protocol
+            (A2A servers with :class:`otel_cancel.a2a.CancellableAgentExecutor`): the
+            middleware then establishes the root, depth and deadline and answers with
+            ``otel-cancel-root``, but refuses no request (no 409 or 504) and stops none;
+            the app's own scopes do, and a late hop is refused there.
     """
 
     def __init__(
@@ -137,6 +143,7 @@ class CancelMiddleware:
         trust_incoming: bool | None = None,
         on_disconnect: str | None = None,
         deadline_seconds: float | None = None,
+        run_in_scope: bool = True,
     ) -> None:
         if on_disconnect is not None and on_disconnect not in _ON_DISCONNECT:
             raise ConfigurationError(f"on_disconnect must be 'cancel' or 'continue', got {on_disconnect!r}")
@@ -146,6 +153,7 @@ class CancelMiddleware:
         self._deadline_seconds = deadline_seconds
         self._trust_incoming = trust_incoming
         self._on_disconnect = on_disconnect
+        self._run_in_scope = run_in_scope
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -169,7 +177,7 @@ class CancelMiddleware:
             current = propagate.extract(scope, getter=_getter)
         incoming = establish_root(current, scope.get("headers", []), trusted=trusted, signing_key=settings.signing_key)
         context, deadline_ms = self._narrow_deadline(incoming.context, incoming.root, incoming.depth, scope)
-        if deadline_ms is not None and deadline_ms <= now_ms():
+        if self._run_in_scope and deadline_ms is not None and deadline_ms <= now_ms():
             # The budget ran out before this hop: do no work.
             telemetry.late_arrival(incoming.root, DEADLINE_REASON, attributes.KIND_DEADLINE, context)
             await _send_json(send, 504, _deadline_body(incoming.root, deadline_ms), incoming.root)
@@ -188,6 +196,7 @@ class CancelMiddleware:
                 edge=not trusted,
                 on_disconnect=on_disconnect,
                 deadline_ms=deadline_ms,
+                run_in_scope=self._run_in_scope,
             )
             await request.run()
         finally:
@@ -270,8 +279,10 @@ class _CancellableRequest:
         edge: bool,
         on_disconnect: str,
         deadline_ms: int | None = None,
+        run_in_scope: bool = True,
     ) -> None:
         self.deadline_ms = deadline_ms
+        self.run_in_scope = run_in_scope
         self.app = app
         self.scope = scope
         self._receive = receive
@@ -313,6 +324,9 @@ class _CancellableRequest:
             raise error
 
     async def _run_app(self) -> None:
+        if not self.run_in_scope:
+            await self.app(self.scope, self.receive, self.send)
+            return
         name = f"{self.scope.get('method', 'HTTP')} {self.scope.get('path', '')}"
         async with scope(name=name):
             await self.app(self.scope, self.receive, self.send)

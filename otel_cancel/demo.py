@@ -46,17 +46,33 @@ def examples_dir() -> Path:
 
 
 class ExampleChain:
-    """The three example agents, ``replicas`` processes each, on loopback ports."""
+    """The three example agents on loopback ports.
 
-    def __init__(self, env: dict[str, str], replicas: int = 2, model_interval: float = 0.05) -> None:
+    Args:
+        env: environment for every agent (etcd endpoints, prefix, OTel settings).
+        replicas: processes per agent, or per service name (``supervisor``,
+            ``sub-agent``, ``sub-sub-agent``).
+        model_interval: seconds between two fake-model tokens.
+        app: the ASGI app to serve: the REST chain (default) or
+            ``examples.a2a_chain.app:app``, the same chain speaking A2A.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        replicas: int | dict[str, int] = 2,
+        model_interval: float = 0.05,
+        app: str = "examples.chain.app:app",
+    ) -> None:
         self.env = env
-        self.replicas = replicas
+        self.replicas = replicas if isinstance(replicas, dict) else {service: replicas for service, _ in ROLES}
         self.model_interval = model_interval
+        self.app = app
         self.urls: dict[str, list[str]] = {}
         self.processes: list[ManagedProcess] = []
 
     def start(self, timeout: float = 90) -> ExampleChain:
-        ports = {service: [free_port() for _ in range(self.replicas)] for service, _ in ROLES}
+        ports = {service: [free_port() for _ in range(self.replicas[service])] for service, _ in ROLES}
         instrument = str(Path(sys.executable).parent / "opentelemetry-instrument")
         for index, (service, role) in enumerate(ROLES):
             following = ROLES[index + 1][0] if index + 1 < len(ROLES) else None
@@ -68,7 +84,7 @@ class ExampleChain:
                     sys.executable,
                     "-m",
                     "uvicorn",
-                    "examples.chain.app:app",
+                    self.app,
                     "--host",
                     "127.0.0.1",
                     "--port",
@@ -80,6 +96,7 @@ class ExampleChain:
                 env = {
                     **self.env,
                     "AGENT_ROLE": role,
+                    "AGENT_URL": f"http://127.0.0.1:{port}/",
                     "NEXT_AGENT_URL": next_url,
                     "MODEL_INTERVAL": str(self.model_interval),
                     "OTEL_SERVICE_NAME": service,

@@ -5,6 +5,7 @@
     OtelCancelError
      ├── Cancelled                 the work of a root was cancelled
      ├── InvalidRootError          a root that is not 32 lowercase hex digits (or is all zeros)
+     ├── InvalidTaskIdError        a protocol task id that cannot name a store key
      ├── ConfigurationError        bad settings; raised at start-up, never on a request
      └── StoreError                the cancel store failed
           ├── StoreUnavailableError     etcd could not be reached in time
@@ -41,6 +42,10 @@ class Cancelled(OtelCancelError):
 
 class InvalidRootError(OtelCancelError, ValueError):
     """A root id is not 32 lowercase hex digits, or is all zeros."""
+
+
+class InvalidTaskIdError(OtelCancelError, ValueError):
+    """A protocol task id (A2A) is empty, too long or holds characters a store key cannot."""
 
 
 class ConfigurationError(OtelCancelError):

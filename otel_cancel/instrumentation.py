@@ -13,7 +13,11 @@ on an app that never imports otel_cancel gets:
   it is installed and not yet on);
 - the watcher started when the app starts serving (ASGI lifespan) or at the
   first request;
-- LangGraph runs in scopes (when LangGraph is installed).
+- LangGraph runs in scopes (when LangGraph is installed);
+- on apps that serve a2a-sdk routes, the middleware in the mode A2A needs
+  (``run_in_scope=False``: the executor, wrapped in
+  :class:`otel_cancel.a2a.CancellableAgentExecutor`, stops the work and reports
+  it in the protocol).
 
 ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_cancel`` turns it off. A propagator
 configuration that drops baggage is reported loudly at start-up.
@@ -41,6 +45,14 @@ def _is_cancel_middleware(entry: Any) -> bool:
 def _is_otel_asgi_middleware(entry: Any) -> bool:
     cls = getattr(entry, "cls", None)
     return getattr(cls, "__module__", "").startswith("opentelemetry.instrumentation.asgi")
+
+
+def _serves_a2a(app: Any) -> bool:
+    try:
+        from .a2a import is_a2a_app
+    except ImportError:  # a2a-sdk is not installed
+        return False
+    return is_a2a_app(app)
 
 
 def _instrument_httpx() -> None:
@@ -130,7 +142,8 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                     (i + 1 for i, m in enumerate(self.user_middleware) if _is_otel_asgi_middleware(m)),
                     0,
                 )
-                self.user_middleware.insert(position, Middleware(CancelMiddleware))
+                middleware = Middleware(CancelMiddleware, run_in_scope=not _serves_a2a(self))
+                self.user_middleware.insert(position, middleware)
             return original(self)
 
         Starlette.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from otel_cancel._io_loop import io_loop
-from otel_cancel._request import CancelRequest, Receipt
+from otel_cancel._request import CancelRequest, Receipt, TaskRecord
 from otel_cancel._root import random_root
-from otel_cancel.exceptions import InvalidRootError, RevisionCompactedError
+from otel_cancel.exceptions import InvalidRootError, InvalidTaskIdError, RevisionCompactedError
 from otel_cancel.store import CancelStore
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.store.memory import MemoryCancelStore
@@ -143,3 +144,44 @@ async def test_receipt_names_cannot_escape_their_segment(store):
 async def test_ping_answers(store):
     """ping() returns when the store is up."""
     await store.ping()
+
+
+def _record(task_id: str, root: str, instance: str = "i1") -> TaskRecord:
+    return TaskRecord(task_id, root, "ctx-1", "agent", instance, 1)
+
+
+@on_io_loop
+async def test_task_records_round_trip_and_a_later_write_replaces_them(store):
+    """A task record reads back as written; a second write for the same task replaces it."""
+    task_id = str(uuid.uuid4())
+    assert await store.get_task(task_id) is None
+    first = _record(task_id, random_root())
+    await store.put_task(first, 60)
+    assert await store.get_task(task_id) == first
+    second = _record(task_id, random_root(), instance="i2")
+    await store.put_task(second, 60)
+    assert await store.get_task(task_id) == second
+
+
+@on_io_loop
+async def test_deleting_a_task_record_spares_a_later_write(store):
+    """delete_task removes the record written at its revision, never a newer one."""
+    task_id = str(uuid.uuid4())
+    old = await store.put_task(_record(task_id, random_root()), 60)
+    newer = _record(task_id, random_root(), instance="i2")
+    new = await store.put_task(newer, 60)
+    assert not await store.delete_task(task_id, old)
+    assert await store.get_task(task_id) == newer
+    assert await store.delete_task(task_id, new)
+    assert await store.get_task(task_id) is None
+    assert not await store.delete_task(task_id, new)
+
+
+@on_io_loop
+async def test_task_ids_that_could_escape_the_prefix_are_refused(store):
+    """Task ids with slashes, dot segments, odd characters or no characters build no key."""
+    for bad in ("../flags/x", "a/b", ".", "..", "", "x" * 129, "tab\there", "ünïcode"):
+        with pytest.raises(InvalidTaskIdError):
+            await store.get_task(bad)
+        with pytest.raises(InvalidTaskIdError):
+            await store.put_task(_record(bad, random_root()), 60)

@@ -9,6 +9,7 @@ Layout (etcd keys, ``prefix`` defaults to ``/otel-cancel/``)::
 
     {prefix}flags/{root}                       one CancelRequest (JSON), on a TTL lease
     {prefix}acks/{root}/{service}/{instance}   one Receipt (JSON) per stopped process
+    {prefix}tasks/{task_id}                    one TaskRecord (JSON) per running A2A task, on a TTL lease
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Literal, Protocol, runtime_checkable
 
-from .._request import CancelRequest, Receipt
+from .._request import CancelRequest, Receipt, TaskRecord
 
 DEFAULT_PREFIX = "/otel-cancel/"
 DEFAULT_TTL_SECONDS = 3600
@@ -92,6 +93,26 @@ class CancelStore(Protocol):
 
     async def list_receipts(self, root: str) -> list[Receipt]:
         """Every well-formed receipt for ``root`` (malformed ones are logged and skipped)."""
+        ...
+
+    async def put_task(self, record: TaskRecord, ttl_seconds: int) -> int:
+        """Write ``record`` under ``{prefix}tasks/{task_id}`` on a TTL lease, replacing any earlier one.
+
+        Returns:
+            The revision of the write, to pass to :meth:`delete_task`.
+        """
+        ...
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        """The record of ``task_id``, or ``None`` (none, expired, or malformed: logged)."""
+        ...
+
+    async def delete_task(self, task_id: str, revision: int) -> bool:
+        """Delete the record of ``task_id`` if it is still the one written at ``revision``.
+
+        Returns:
+            Whether it was deleted (``False`` when a later write replaced it, or it is gone).
+        """
         ...
 
     async def ping(self) -> None:

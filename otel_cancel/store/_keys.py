@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 
 from .._root import is_valid_root, validate_root
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, InvalidTaskIdError
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+_TASK_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
 def validate_prefix(prefix: str) -> str:
@@ -57,3 +58,19 @@ def root_of_flag_key(prefix: str, key: str) -> str | None:
         return None
     root = key[len(head) :]
     return root if is_valid_root(root) else None
+
+
+def validate_task_id(task_id: object) -> str:
+    """Return ``task_id`` if it can name a key (UUIDs and similar ids).
+
+    Raises:
+        InvalidTaskIdError: it is empty, too long, holds a ``/`` or other odd characters, or is ``.``/``..``.
+    """
+    if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id) or task_id in (".", ".."):
+        shown = task_id if isinstance(task_id, str) and len(task_id) <= 64 else f"{str(task_id)[:64]}..."
+        raise InvalidTaskIdError(f"not a usable task id: {shown!r} (1-128 of A-Z a-z 0-9 . _ : @ -)")
+    return task_id
+
+
+def task_key(prefix: str, task_id: str) -> str:
+    return f"{prefix}tasks/{validate_task_id(task_id)}"

@@ -30,7 +30,7 @@ import aetcd.watcher
 import grpc
 
 from .._io_loop import io_loop
-from .._request import CancelRequest, Receipt
+from .._request import CancelRequest, Receipt, TaskRecord
 from ..exceptions import (
     ConfigurationError,
     RevisionCompactedError,
@@ -40,7 +40,7 @@ from ..exceptions import (
 )
 from . import DEFAULT_PREFIX, FlagEvent, FlagListing
 from ._endpoints import parse_endpoint as parse_endpoint
-from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, validate_prefix
+from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, task_key, validate_prefix
 
 _log = logging.getLogger("otel_cancel.store")
 
@@ -446,6 +446,64 @@ class EtcdCancelStore:
             except ValueError as error:
                 _log.warning("otel-cancel: ignoring malformed receipt %r: %s", kv.key, error)
         return receipts
+
+    async def put_task(self, record: TaskRecord, ttl_seconds: int) -> int:
+        key = task_key(self.prefix, record.task_id).encode()
+
+        async def put(client: _EtcdClient) -> int:
+            # One lease per record: deleting the record is revoking its lease.
+            lease = await client.lease(ttl_seconds)
+            try:
+                response = await client.put(key, record.to_json(), lease=lease.id, prev_kv=True)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.revoke_lease(lease.id)
+                raise
+            replaced = response.prev_kv
+            if replaced is not None and replaced.lease:
+                with contextlib.suppress(aetcd.exceptions.ClientError):
+                    await client.revoke_lease(replaced.lease)  # holds nothing any more
+            return int(response.header.revision)
+
+        revision: int = await self._call("writing a task record", put)
+        return revision
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        key = task_key(self.prefix, task_id).encode()
+
+        async def get(client: _EtcdClient) -> Any:
+            return await client.get(key)
+
+        found = await self._call("reading a task record", get)
+        if found is None:
+            return None
+        try:
+            return TaskRecord.from_json(found.value, task_id)
+        except ValueError as error:
+            _log.warning("otel-cancel: ignoring malformed task record %r: %s", key, error)
+            return None
+
+    async def delete_task(self, task_id: str, revision: int) -> bool:
+        key = task_key(self.prefix, task_id).encode()
+
+        async def delete(client: _EtcdClient) -> bool:
+            found = await client.get(key)
+            if found is None or found.mod_revision != revision:
+                return False
+            if not found.lease:
+                deleted, _ = await client.transaction(
+                    compare=[client.transactions.mod(key) == revision],
+                    success=[client.transactions.delete(key)],
+                    failure=[],
+                )
+                return bool(deleted)
+            # Revoking the record's lease deletes the record, and nothing else: a later
+            # write of the same key moved it to a lease of its own.
+            await client.revoke_lease(found.lease)
+            return True
+
+        result: bool = await self._call("deleting a task record", delete)
+        return result
 
     async def ping(self) -> None:
         async def status(client: _EtcdClient) -> Any:

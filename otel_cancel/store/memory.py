@@ -15,10 +15,10 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from .._request import CancelRequest, Receipt
+from .._request import CancelRequest, Receipt, TaskRecord
 from ..exceptions import RevisionCompactedError
 from . import DEFAULT_PREFIX, FlagEvent, FlagListing
-from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, validate_prefix
+from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, task_key, validate_prefix
 
 _log = logging.getLogger("otel_cancel.store")
 
@@ -27,6 +27,7 @@ _log = logging.getLogger("otel_cancel.store")
 class _Entry:
     value: bytes
     expires_at: float
+    revision: int = 0
 
 
 class MemoryCancelStore:
@@ -140,6 +141,36 @@ class MemoryCancelStore:
             except ValueError as error:
                 _log.warning("otel-cancel: ignoring malformed receipt %s: %s", key, error)
         return receipts
+
+    async def put_task(self, record: TaskRecord, ttl_seconds: int) -> int:
+        key = task_key(self.prefix, record.task_id)
+        with self._lock:
+            revision = self._next_revision_locked()
+            self._data[key] = _Entry(record.to_json(), time.monotonic() + ttl_seconds, revision)
+            return revision
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        key = task_key(self.prefix, task_id)
+        with self._lock:
+            self._expire_locked()
+            entry = self._data.get(key)
+        if entry is None:
+            return None
+        try:
+            return TaskRecord.from_json(entry.value, task_id)
+        except ValueError as error:
+            _log.warning("otel-cancel: ignoring malformed task record %s: %s", key, error)
+            return None
+
+    async def delete_task(self, task_id: str, revision: int) -> bool:
+        key = task_key(self.prefix, task_id)
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None or entry.revision != revision:
+                return False
+            del self._data[key]
+            self._next_revision_locked()
+            return True
 
     async def ping(self) -> None:
         return None

@@ -1,0 +1,305 @@
+"""A2A agents (a2a-sdk) as real processes: cancel-task becomes a distributed cancel.
+
+The chain is examples/a2a_chain under opentelemetry-instrument: a supervisor (two
+replicas) -> a sub-agent (two replicas) -> a sub-sub-agent, each an A2A server
+whose LangGraph graph streams fake-model tokens as artifact chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import aetcd
+import httpx
+import pytest
+from a2a.client import Client, ClientConfig, ClientFactory
+from a2a.types import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    CancelTaskRequest,
+    GetTaskRequest,
+    Message,
+    Part,
+    Role,
+    SendMessageRequest,
+    StreamResponse,
+)
+from a2a.types import TaskState as State
+
+from otel_cancel._io_loop import io_loop
+from otel_cancel._request import CancelRequest, TaskRecord
+from otel_cancel._root import random_root
+from otel_cancel.demo import ExampleChain
+from otel_cancel.store._keys import task_key
+from otel_cancel.store.etcd import EtcdCancelStore, parse_endpoint
+from otel_cancel.testing import EtcdServer, unique_prefix, wait_for_output
+
+pytestmark = pytest.mark.anyio
+
+EVENT_TIMEOUT = 30
+_EMITTED = re.compile(r"model (\w+) emitted (\d+)/(\d+) tokens")
+
+
+@pytest.fixture(scope="module")
+def a2a_chain(etcd: EtcdServer) -> Iterator[ExampleChain]:
+    """The A2A example chain, shared by this module's tests (each test runs its own tasks)."""
+    env = {
+        "OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint,
+        "OTEL_CANCEL_PREFIX": unique_prefix(),
+        "OTEL_CANCEL_WATCHDOG_SECONDS": "1",
+    }
+    replicas = {"supervisor": 2, "sub-agent": 2, "sub-sub-agent": 1}
+    chain = ExampleChain(env, replicas=replicas, app="examples.a2a_chain.app:app")
+    try:
+        yield chain.start()
+    finally:
+        chain.stop()
+
+
+@contextlib.asynccontextmanager
+async def _client(url: str, on_response: list[httpx.Response] | None = None) -> AsyncIterator[Client]:
+    hooks = {"response": [_collect(on_response)]} if on_response is not None else {}
+    async with httpx.AsyncClient(timeout=EVENT_TIMEOUT, event_hooks=hooks) as http:
+        card = AgentCard(
+            name="test",
+            supported_interfaces=[AgentInterface(protocol_binding="JSONRPC", url=f"{url}/")],
+            capabilities=AgentCapabilities(streaming=True),
+        )
+        yield ClientFactory(ClientConfig(streaming=True, httpx_client=http)).create(card)
+
+
+def _collect(responses: list[httpx.Response]):  # type: ignore[no-untyped-def]
+    async def hook(response: httpx.Response) -> None:
+        responses.append(response)
+
+    return hook
+
+
+def _message(text: str) -> SendMessageRequest:
+    return SendMessageRequest(
+        message=Message(message_id=uuid.uuid4().hex, role=Role.ROLE_USER, parts=[Part(text=text)])
+    )
+
+
+def _task_id(event: StreamResponse) -> str:
+    if event.HasField("task"):
+        return event.task.id
+    if event.HasField("status_update"):
+        return event.status_update.task_id
+    return event.artifact_update.task_id
+
+
+def _tokens_from(event: StreamResponse, agent: str) -> int:
+    if not event.HasField("artifact_update"):
+        return 0
+    artifact = event.artifact_update.artifact
+    return len(artifact.parts) if artifact.metadata["agent"] == agent else 0
+
+
+def _model_reports(chain: ExampleChain, role: str, since: dict[int, int]) -> list[tuple[int, int]]:
+    """``(emitted, total)`` of every fake-model stop that ``role`` logged after ``since``."""
+    reports = []
+    for index, process in enumerate(chain.processes):
+        for line in process.lines[since.get(index, 0) :]:
+            match = _EMITTED.search(line)
+            if match and match.group(1) == role:
+                reports.append((int(match.group(2)), int(match.group(3))))
+    return reports
+
+
+def _marks(chain: ExampleChain) -> dict[int, int]:
+    return {index: len(process.lines) for index, process in enumerate(chain.processes)}
+
+
+async def _await_leaf_stopped(chain: ExampleChain, since: dict[int, int]) -> tuple[int, int]:
+    await asyncio.to_thread(
+        wait_for_output,
+        lambda: bool(_model_reports(chain, "sub_sub_agent", since)),
+        EVENT_TIMEOUT,
+        "the sub-sub-agent's model reported",
+    )
+    ((emitted, total),) = _model_reports(chain, "sub_sub_agent", since)
+    return emitted, total
+
+
+async def _stream_until_leaf_tokens(events: AsyncIterator[StreamResponse], count: int) -> tuple[str, int]:
+    """Read the stream until the sub-sub-agent's ``count``-th token; return the task id and tokens seen."""
+    task_id, seen = "", 0
+    async for event in events:
+        task_id = task_id or _task_id(event)
+        seen += _tokens_from(event, "sub_sub_agent")
+        if seen >= count:
+            return task_id, seen
+    raise AssertionError(f"the stream ended after {seen} sub-sub-agent tokens")
+
+
+async def _rest_of(events: AsyncIterator[StreamResponse]) -> list[StreamResponse]:
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        return [event async for event in events]
+
+
+def _no_tracebacks(chain: ExampleChain, since: dict[int, int]) -> None:
+    for index, process in enumerate(chain.processes):
+        new = process.lines[since.get(index, 0) :]
+        assert not [line for line in new if "Traceback" in line], "\n".join(new[-40:])
+
+
+async def test_cancel_task_on_the_supervisor_stops_the_sub_sub_agent_and_reports_canceled(a2a_chain):
+    """CancelTask on the supervisor stops the leaf's model; the task and its stream end `canceled` with the reason."""
+    since = _marks(a2a_chain)
+    supervisor = a2a_chain.urls["supervisor"][0]
+    async with _client(supervisor) as client:
+        events = client.send_message(_message("hello over a2a"))
+        task_id, _ = await _stream_until_leaf_tokens(events, 5)
+        cancel = CancelTaskRequest(id=task_id)
+        cancel.metadata.update({"reason": "user pressed stop"})
+        answered = await client.cancel_task(cancel)
+        rest = await _rest_of(events)
+        stored = await client.get_task(GetTaskRequest(id=task_id))
+    assert answered.status.state == State.TASK_STATE_CANCELED
+    assert answered.status.message.parts[0].text == "cancelled: user pressed stop"
+    # The caller's stream ends by itself, its last event saying canceled (with the reason).
+    assert rest and rest[-1].HasField("status_update"), rest
+    assert rest[-1].status_update.status.state == State.TASK_STATE_CANCELED
+    assert rest[-1].status_update.status.message.metadata["otel_cancel.reason"] == "user pressed stop"
+    assert stored.status.state == State.TASK_STATE_CANCELED
+    emitted, total = await _await_leaf_stopped(a2a_chain, since)
+    assert 5 <= emitted < total
+    _no_tracebacks(a2a_chain, since)
+
+
+async def test_cancel_task_on_a_replica_not_running_the_task_still_stops_it(a2a_chain):
+    """CancelTask sent to the other supervisor replica finds the task's root in etcd and stops it where it runs."""
+    since = _marks(a2a_chain)
+    running_here, elsewhere = a2a_chain.urls["supervisor"]
+    async with _client(running_here) as client, _client(elsewhere) as other_replica:
+        events = client.send_message(_message("cancelled from elsewhere"))
+        task_id, _ = await _stream_until_leaf_tokens(events, 5)
+        answered = await other_replica.cancel_task(CancelTaskRequest(id=task_id))
+        rest = await _rest_of(events)
+        stored = await client.get_task(GetTaskRequest(id=task_id))
+    assert answered.id == task_id and answered.status.state == State.TASK_STATE_CANCELED
+    assert answered.status.message.parts[0].text == "cancelled: a2a cancel-task"
+    assert rest[-1].status_update.status.state == State.TASK_STATE_CANCELED
+    assert stored.status.state == State.TASK_STATE_CANCELED
+    emitted, total = await _await_leaf_stopped(a2a_chain, since)
+    assert 5 <= emitted < total
+    _no_tracebacks(a2a_chain, since)
+
+
+async def test_a_streaming_call_cancelled_by_its_root_ends_cleanly(a2a_chain):
+    """Cancelling the stream's root (its otel-cancel-root header) ends the caller's stream with a canceled event."""
+    since = _marks(a2a_chain)
+    responses: list[httpx.Response] = []
+    async with _client(a2a_chain.urls["supervisor"][1], on_response=responses) as client:
+        events = client.send_message(_message("cancelled by root"))
+        await _stream_until_leaf_tokens(events, 3)
+        root = responses[-1].headers["otel-cancel-root"]
+        await _cancel_root(a2a_chain, root)
+        rest = await _rest_of(events)
+    final = rest[-1].status_update.status
+    assert final.state == State.TASK_STATE_CANCELED and final.message.metadata["otel_cancel.root"] == root
+    emitted, total = await _await_leaf_stopped(a2a_chain, since)
+    assert 3 <= emitted < total
+    _no_tracebacks(a2a_chain, since)
+
+
+def _store(chain: ExampleChain) -> EtcdCancelStore:
+    return EtcdCancelStore(chain.env["OTEL_CANCEL_ETCD_ENDPOINTS"].split(","), prefix=chain.env["OTEL_CANCEL_PREFIX"])
+
+
+async def _cancel_root(chain: ExampleChain, root: str) -> None:
+    """Write the flag for ``root`` as an operator would (on the IO loop, like the library)."""
+
+    async def write() -> None:
+        store = _store(chain)
+        try:
+            await store.create_flag(CancelRequest.new(root, "operator", "tests"), 60)
+        finally:
+            await store.close()
+
+    await io_loop().call(write())
+
+
+async def _task_record(chain: ExampleChain, task_id: str) -> TaskRecord | None:
+    async def read() -> TaskRecord | None:
+        store = _store(chain)
+        try:
+            return await store.get_task(task_id)
+        finally:
+            await store.close()
+
+    return await io_loop().call(read())
+
+
+async def _await_key_deleted(chain: ExampleChain, key: str) -> None:
+    """Watch ``key`` until etcd reports it deleted (returns at once if it is already gone)."""
+
+    async def watch() -> None:
+        host, port = parse_endpoint(chain.env["OTEL_CANCEL_ETCD_ENDPOINTS"].split(",")[0])
+        async with aetcd.Client(host, port) as client:
+            found = await client.get(key.encode())
+            if found is None:
+                return
+            events = await client.watch(key.encode(), start_revision=found.mod_revision + 1)
+            try:
+                async for event in events:
+                    if event.kind == "DELETE":
+                        return
+            finally:
+                await events.cancel()
+
+    await io_loop().call(asyncio.wait_for(watch(), EVENT_TIMEOUT))
+
+
+async def test_a_late_hop_gets_a_canceled_task_not_a_409(a2a_chain):
+    """A message arriving with an already-cancelled root is answered with a task born `canceled`; no model runs."""
+    since = _marks(a2a_chain)
+    root = random_root()
+    await _cancel_root(a2a_chain, root)
+    leaf = a2a_chain.urls["sub-sub-agent"][0]  # an internal service: it trusts the incoming root
+    payload = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "SendMessage",
+        "params": {"message": {"messageId": uuid.uuid4().hex, "role": "ROLE_USER", "parts": [{"text": "late"}]}},
+    }
+    headers = {"baggage": f"otel_cancel.root={root},otel_cancel.depth=2", "A2A-Version": "1.0"}
+    async with httpx.AsyncClient(timeout=EVENT_TIMEOUT) as http:
+        response = await http.post(f"{leaf}/", json=payload, headers=headers)
+    assert response.status_code == 200, response.text
+    task = response.json()["result"]["task"]
+    assert task["status"]["state"] == "TASK_STATE_CANCELED", task
+    assert task["status"]["message"]["metadata"]["otel_cancel.root"] == root
+    assert not _model_reports(a2a_chain, "sub_sub_agent", since)
+
+
+async def test_cancel_task_for_unknown_or_hostile_ids_is_a_protocol_error(a2a_chain):
+    """CancelTask for an unknown id, or one that could escape the key prefix, is an A2A error; the service lives on."""
+    supervisor = a2a_chain.urls["supervisor"][0]
+    async with httpx.AsyncClient(timeout=EVENT_TIMEOUT) as http:
+        for task_id in (str(uuid.uuid4()), "../flags/x", "a" * 500, ""):
+            payload = {"jsonrpc": "2.0", "id": 1, "method": "CancelTask", "params": {"id": task_id}}
+            response = await http.post(f"{supervisor}/", json=payload, headers={"A2A-Version": "1.0"})
+            assert response.status_code == 200, response.text
+            assert "error" in response.json(), response.text
+        assert (await http.get(f"{supervisor}/healthz")).status_code == 200
+
+
+async def test_the_task_record_lives_while_the_task_runs(a2a_chain):
+    """{prefix}tasks/{id} names the task's root while it runs and is gone once it completed."""
+    responses: list[httpx.Response] = []
+    async with _client(a2a_chain.urls["sub-sub-agent"][0], on_response=responses) as client:
+        events = client.send_message(_message("short"))
+        task_id, _ = await _stream_until_leaf_tokens(events, 1)
+        running = await _task_record(a2a_chain, task_id)
+        rest = await _rest_of(events)
+    assert running is not None and running.root == responses[-1].headers["otel-cancel-root"]
+    assert running.service == "sub-sub-agent"
+    assert rest[-1].status_update.status.state == State.TASK_STATE_COMPLETED
+    await _await_key_deleted(a2a_chain, task_key(a2a_chain.env["OTEL_CANCEL_PREFIX"], task_id))
