@@ -88,6 +88,7 @@ class _RunningTask:
     root: str
     stopped: asyncio.Event
     record_write: concurrent.futures.Future[int] | None = None
+    record_removal: concurrent.futures.Future[None] | None = None
 
 
 # Task id -> the execution running it here. Task ids are unique per agent; one
@@ -156,6 +157,7 @@ def _finished(running: _RunningTask) -> None:
         runtime = get_runtime()
         removal = runtime.watcher.submit(_delete_record(runtime, running.task_id, running.record_write))
         removal.add_done_callback(lambda future: _log_store_failure("removing the task record", future))
+        running.record_removal = removal
 
 
 # -- ending a cancelled task in the protocol ---------------------------------------------------

@@ -67,7 +67,7 @@ async def _client(url: str, on_response: list[httpx.Response] | None = None) -> 
     async with httpx.AsyncClient(timeout=EVENT_TIMEOUT, event_hooks=hooks) as http:
         card = AgentCard(
             name="test",
-            supported_interfaces=[AgentInterface(protocol_binding="JSONRPC", url=f"{url}/")],
+            supported_interfaces=[AgentInterface(protocol_binding="JSONRPC", protocol_version="1.0", url=f"{url}/")],
             capabilities=AgentCapabilities(streaming=True),
         )
         yield ClientFactory(ClientConfig(streaming=True, httpx_client=http)).create(card)

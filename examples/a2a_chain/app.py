@@ -87,7 +87,7 @@ def agent_card(url: str, name: str) -> AgentCard:
         name=name,
         description=f"otel-cancel example agent ({name})",
         version="0.1.0",
-        supported_interfaces=[AgentInterface(protocol_binding="JSONRPC", url=url)],
+        supported_interfaces=[AgentInterface(protocol_binding="JSONRPC", protocol_version="1.0", url=url)],
         capabilities=AgentCapabilities(streaming=True),
         default_input_modes=["text/plain"],
         default_output_modes=["text/plain"],
