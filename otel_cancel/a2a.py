@@ -57,7 +57,13 @@ if TYPE_CHECKING:
 
     from a2a.server.context import ServerCallContext
 
-__all__ = ("DEFAULT_REASON", "CancellableAgentExecutor", "CancellableRequestHandler", "is_a2a_app")
+__all__ = (
+    "DEFAULT_REASON",
+    "CancellableAgentExecutor",
+    "CancellableRequestHandler",
+    "is_a2a_app",
+    "warn_if_not_cancellable",
+)
 
 _log = logging.getLogger("otel_cancel.a2a")
 _rate_limited = RateLimitedLogger(_log)
@@ -404,13 +410,38 @@ class CancellableRequestHandler(RequestHandler):
         return await self.handler.on_get_extended_agent_card(params, context)
 
 
-def is_a2a_app(app: Any) -> bool:
-    """Whether a Starlette app serves a2a-sdk routes (JSON-RPC or REST), mounted or not."""
-    routes = list(getattr(app, "routes", None) or ())
+def _endpoints(app: Any) -> list[Any]:
+    endpoints, routes = [], list(getattr(app, "routes", None) or ())
     while routes:
         route = routes.pop()
-        # JSON-RPC and REST endpoints are dispatcher methods, the card a function: all from a2a.server.
-        if str(getattr(getattr(route, "endpoint", None), "__module__", "")).startswith("a2a.server."):
-            return True
-        routes.extend(getattr(route, "routes", None) or ())
-    return False
+        endpoints.append(getattr(route, "endpoint", None))
+        routes.extend(getattr(route, "routes", None) or ())  # mounted apps and routers
+    return endpoints
+
+
+def is_a2a_app(app: Any) -> bool:
+    """Whether a Starlette app serves a2a-sdk routes (JSON-RPC, REST or the agent card), mounted or not."""
+    # JSON-RPC and REST endpoints are dispatcher methods, the card a function: all from a2a.server.
+    return any(str(getattr(endpoint, "__module__", "")).startswith("a2a.server.") for endpoint in _endpoints(app))
+
+
+def warn_if_not_cancellable(app: Any) -> bool:
+    """Log one warning when an A2A app's request handler is not a :class:`CancellableRequestHandler`.
+
+    Returns:
+        Whether it warned.
+    """
+    handlers = {
+        id(handler): handler
+        for endpoint in _endpoints(app)
+        if (handler := getattr(getattr(endpoint, "__self__", None), "request_handler", None)) is not None
+    }
+    plain = [type(h).__name__ for h in handlers.values() if not isinstance(h, CancellableRequestHandler)]
+    if plain:
+        _log.warning(
+            "otel-cancel: this A2A app's request handler (%s) is not wrapped: cancel-task stops only local work "
+            "and reaches nothing downstream. Use CancellableRequestHandler(DefaultRequestHandler("
+            "CancellableAgentExecutor(executor), ...)) from otel_cancel.a2a",
+            ", ".join(sorted(set(plain))),
+        )
+    return bool(plain)

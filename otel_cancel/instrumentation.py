@@ -49,10 +49,13 @@ def _is_otel_asgi_middleware(entry: Any) -> bool:
 
 def _serves_a2a(app: Any) -> bool:
     try:
-        from .a2a import is_a2a_app
+        from .a2a import is_a2a_app, warn_if_not_cancellable
     except ImportError:  # a2a-sdk is not installed
         return False
-    return is_a2a_app(app)
+    if not is_a2a_app(app):
+        return False
+    warn_if_not_cancellable(app)
+    return True
 
 
 def _instrument_httpx() -> None:

@@ -43,6 +43,7 @@ from otel_cancel.a2a import (
     CancellableRequestHandler,
     _reason_of,
     is_a2a_app,
+    warn_if_not_cancellable,
 )
 from otel_cancel.exceptions import ConfigurationError, StoreUnavailableError
 from otel_cancel.store.memory import MemoryCancelStore
@@ -286,3 +287,16 @@ def test_a2a_apps_are_recognised_mounted_or_not():
     assert is_a2a_app(Starlette(routes=a2a_routes))
     assert is_a2a_app(Starlette(routes=[Mount("/agent", routes=a2a_routes)]))
     assert not is_a2a_app(Starlette(routes=[Route("/run", plain)]))
+
+
+def test_an_a2a_app_with_an_unwrapped_handler_is_reported(caplog):
+    """The instrumentor's check names an A2A app whose request handler is not wrapped; a wrapped one passes."""
+    plain = DefaultRequestHandler(ScriptedAgent(), InMemoryTaskStore(), _card())
+    wrapped = CancellableRequestHandler(
+        DefaultRequestHandler(CancellableAgentExecutor(ScriptedAgent()), InMemoryTaskStore(), _card())
+    )
+    with caplog.at_level(logging.WARNING, "otel_cancel"):
+        assert warn_if_not_cancellable(Starlette(routes=create_jsonrpc_routes(plain, "/")))
+        assert not warn_if_not_cancellable(Starlette(routes=create_jsonrpc_routes(wrapped, "/")))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "otel_cancel.a2a"]
+    assert "DefaultRequestHandlerV2" in line and "CancellableRequestHandler" in line

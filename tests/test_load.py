@@ -243,6 +243,10 @@ async def test_after_a_hundred_thousand_requests_the_registry_is_empty_and_memor
     service = _Service(url, process.pid)
     late = [random_root() for _ in range(50)]  # cancelled before their requests come: 409
     await write_flags([etcd.endpoint], prefix, late, "late")
+    applied = {f"APPLIED {root} A" for root in late}
+    await asyncio.to_thread(
+        wait_for_output, lambda: applied <= set(process.lines), EVENT_TIMEOUT, "the late flags applied"
+    )
     flags, served, refused = len(late), 0, 0
 
     async def round_of(pings: int, cancel_streams: bool) -> None:

@@ -14,6 +14,7 @@ Routes under ``CancelMiddleware``:
   its first token, then waits until its ``/debug/release`` is called before the rest
   (so no level finishes on its own while a test cancels).
   Prints ``START <root> <LEVEL>`` when its body starts, then ``DONE`` or ``STOPPED``.
+  (Every flag the process applies prints ``APPLIED <root> <LEVEL>``.)
 - ``GET /ping`` answers ``ok`` (a plain ASGI app: the cheapest request there is).
 
 Routes outside it (they run in no scope, so they never count in the registry):
@@ -44,6 +45,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 import otel_cancel
+from otel_cancel._registry import CancelRegistry
+from otel_cancel._request import CancelRequest
 from otel_cancel._runtime import get_runtime
 from otel_cancel.asgi import CancelMiddleware
 from otel_cancel.exceptions import OtelCancelError
@@ -82,7 +85,24 @@ def _gate_event() -> asyncio.Event:
 
 
 def _log(event: str, root: str) -> None:
-    print(f"{event} {root} {LEVEL}", flush=True)
+    # One write per line: lines come from the IO loop's thread too, and print() writes
+    # the text and the newline separately, so two threads could interleave them.
+    sys.stdout.write(f"{event} {root} {LEVEL}\n")
+    sys.stdout.flush()
+
+
+_apply = CancelRegistry.apply
+
+
+def _apply_and_say(self: CancelRegistry, request: CancelRequest) -> object:
+    """Apply a flag, and say so: tests await this line instead of racing the watch."""
+    result = _apply(self, request)
+    if result[0]:
+        _log("APPLIED", request.root)
+    return result
+
+
+CancelRegistry.apply = _apply_and_say  # type: ignore[method-assign,assignment]
 
 
 async def stream(request: Request) -> StreamingResponse:
