@@ -303,3 +303,27 @@ async def test_the_task_record_lives_while_the_task_runs(a2a_chain):
     assert running.service == "sub-sub-agent"
     assert rest[-1].status_update.status.state == State.TASK_STATE_COMPLETED
     await _await_key_deleted(a2a_chain, task_key(a2a_chain.env["OTEL_CANCEL_PREFIX"], task_id))
+
+
+async def test_a_0_3_client_cancels_with_tasks_cancel(a2a_chain):
+    """`tasks/cancel` from an A2A 0.3 client, sent to the replica not running the task, stops the run too."""
+    since = _marks(a2a_chain)
+    running_here, elsewhere = a2a_chain.urls["supervisor"]
+    async with _client(running_here) as client, httpx.AsyncClient(timeout=EVENT_TIMEOUT) as http:
+        events = client.send_message(_message("cancelled by an old client"))
+        task_id, _ = await _stream_until_leaf_tokens(events, 3)
+        payload = {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "method": "tasks/cancel",
+            "params": {"id": task_id, "metadata": {"reason": "0.3 client stop"}},
+        }
+        response = await http.post(f"{elsewhere}/", json=payload)
+        rest = await _rest_of(events)
+    assert response.status_code == 200, response.text
+    status = response.json()["result"]["status"]
+    assert status["state"] == "canceled", response.text
+    assert status["message"]["parts"][0]["text"] == "cancelled: 0.3 client stop"
+    assert rest[-1].status_update.status.state == State.TASK_STATE_CANCELED
+    emitted, total = await _await_leaf_stopped(a2a_chain, since)
+    assert 3 <= emitted < total
