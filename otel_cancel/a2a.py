@@ -124,17 +124,12 @@ async def _get_record(runtime: Runtime, task_id: str) -> TaskRecord | None:
     return await store.get_task(task_id)
 
 
-def _log_store_failure(what: str, future: concurrent.futures.Future[Any]) -> None:
+def _log_store_failure(what: str, consequence: str, future: concurrent.futures.Future[Any]) -> None:
     if future.cancelled():
         return
     error = future.exception()
     if error is not None:
-        _rate_limited.warning(
-            f"a2a {what}",
-            "otel-cancel: %s failed (%s); a cancel-task call on another replica will not find this task",
-            what,
-            error,
-        )
+        _rate_limited.warning(f"a2a {what}", "otel-cancel: %s failed (%s); %s", what, error, consequence)
 
 
 def _started(task_id: str, root: str, context_id: str) -> _RunningTask:
@@ -147,11 +142,15 @@ def _started(task_id: str, root: str, context_id: str) -> _RunningTask:
         _rate_limited.warning("a2a task id", "otel-cancel: task not recorded in the store: %s", error)
         return running
     settings = runtime.settings
-    record = TaskRecord(task_id, root, context_id, settings.service, settings.instance, time.time_ns())
+    record = TaskRecord(task_id, root, context_id[:MAX_TEXT], settings.service, settings.instance, time.time_ns())
     # Not awaited: the task starts at once. A cancel-task call needs the task id,
     # which the caller learns from the task's first event, after this write began.
     running.record_write = runtime.watcher.submit(_put_record(runtime, record))
-    running.record_write.add_done_callback(lambda future: _log_store_failure("writing the task record", future))
+    running.record_write.add_done_callback(
+        lambda future: _log_store_failure(
+            "writing the task record", "a cancel-task call on another replica will not find this task", future
+        )
+    )
     return running
 
 
@@ -162,7 +161,9 @@ def _finished(running: _RunningTask) -> None:
     if running.record_write is not None:
         runtime = get_runtime()
         removal = runtime.watcher.submit(_delete_record(runtime, running.task_id, running.record_write))
-        removal.add_done_callback(lambda future: _log_store_failure("removing the task record", future))
+        removal.add_done_callback(
+            lambda future: _log_store_failure("removing the task record", "it expires with its lease", future)
+        )
         running.record_removal = removal
 
 
