@@ -65,6 +65,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+import otel_cancel
 from otel_cancel.a2a import CancellableAgentExecutor, CancellableRequestHandler
 
 from ..chain.fake_model import PacedFakeChatModel
@@ -117,6 +118,12 @@ async def _relay_next_agent(state: AgentState) -> AgentState:
     message = Message(message_id=uuid.uuid4().hex, role=Role.ROLE_USER, parts=[Part(text=state["prompt"])])
     async with contextlib.aclosing(client.send_message(SendMessageRequest(message=message))) as events:
         async for event in events:
+            status = event.status_update.status if event.HasField("status_update") else None
+            if status is not None and status.state == TaskState.TASK_STATE_CANCELED:
+                # The next agent's part of this run was cancelled, so this run was: stop
+                # here too, even if the flag has not reached this process yet.
+                reason = dict(status.message.metadata.items()).get("otel_cancel.reason", "next agent cancelled")
+                raise otel_cancel.Cancelled(str(otel_cancel.current_root()), str(reason))
             if event.HasField("artifact_update"):
                 for part in event.artifact_update.artifact.parts:
                     agent = str(event.artifact_update.artifact.metadata["agent"])

@@ -39,6 +39,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+import otel_cancel
+
 from .fake_model import PacedFakeChatModel
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -82,10 +84,20 @@ async def _relay_next_agent(state: AgentState) -> AgentState:
         httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5)) as client,
         client.stream("POST", url, json={"prompt": state["prompt"]}) as response,
     ):
+        event = "message"
         async for line in response.aiter_lines():
-            if line.startswith("data: "):
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if event == "otel-cancel":
+                    # The next agent's part of this run was cancelled, so this run was:
+                    # stop here too, even if the flag has not reached this process yet.
+                    raise otel_cancel.Cancelled(data["root"], data["reason"])
                 streaming.set()
-                write(json.loads(line[6:]))
+                write(data)
+            elif not line:
+                event = "message"
     return {"answers": [f"relayed from {url}"]}
 
 
@@ -101,8 +113,7 @@ async def _answer(state: AgentState) -> AgentState:
 async def _guardrail(state: AgentState) -> AgentState:
     prompt = state["prompt"].lower()
     if any(word in prompt for word in FORBIDDEN):
-        import otel_cancel  # the guardrail pattern: stop this run in every service
-
+        # The guardrail pattern: stop this run in every service.
         write = get_stream_writer()
         # A real classifier takes a moment; here it decides once the agents downstream
         # are streaming (or after 5 s), so the cancel visibly stops a busy chain.
