@@ -1,7 +1,8 @@
 """One example agent speaking A2A (``a2a-sdk``); ``AGENT_ROLE`` picks which.
 
-The same supervisor -> sub-agent -> sub-sub-agent chain as ``examples.chain``,
-with A2A between the agents instead of plain REST. Each agent is a LangGraph graph
+The same supervisor -> sub-agent -> sub-sub-agent chain as ``examples.chain`` (its
+graphs, model and settings, without the guardrail), with A2A between the agents
+instead of plain REST. Each agent is a LangGraph graph
 behind an A2A ``AgentExecutor``; tokens stream to the caller as artifact chunks:
 
 - ``supervisor``: ``agent`` (sends the prompt to the sub-agent over A2A, streaming,
@@ -30,13 +31,10 @@ HTTP: A2A JSON-RPC at ``/`` (``SendMessage``, ``SendStreamingMessage``, ``GetTas
 from __future__ import annotations
 
 import contextlib
-import logging
-import operator
 import os
 import random
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, TypedDict
 
 import httpx
 from a2a.client import ClientConfig, ClientFactory
@@ -59,27 +57,15 @@ from a2a.types import (
     TaskStatus,
 )
 from langgraph.config import get_stream_writer
-from langgraph.graph import START, StateGraph
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 import otel_cancel
 from otel_cancel.a2a import CancellableAgentExecutor, CancellableRequestHandler
 
-from ..chain.fake_model import PacedFakeChatModel
+from ..chain.app import NEXT_AGENT_URLS, ROLE, AgentState, build_graph, healthz
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-ROLE = os.environ.get("AGENT_ROLE", "sub_sub_agent")
 AGENT_URL = os.environ.get("AGENT_URL", "http://127.0.0.1:8000/")
-NEXT_AGENT_URLS = [u.strip() for u in os.environ.get("NEXT_AGENT_URL", "").split(",") if u.strip()]
-MODEL = PacedFakeChatModel(
-    name=ROLE,
-    tokens=int(os.environ.get("MODEL_TOKENS", "50")),
-    interval=float(os.environ.get("MODEL_INTERVAL", "0.05")),
-)
 
 
 def agent_card(url: str, name: str) -> AgentCard:
@@ -97,11 +83,6 @@ def agent_card(url: str, name: str) -> AgentCard:
 
 
 # -- the graph -----------------------------------------------------------------------------
-
-
-class AgentState(TypedDict, total=False):
-    prompt: str
-    answers: Annotated[list[str], operator.add]
 
 
 _http = httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5))
@@ -131,32 +112,7 @@ async def _relay_next_agent(state: AgentState) -> AgentState:
     return {"answers": [f"relayed from {url}"]}
 
 
-async def _answer(state: AgentState) -> AgentState:
-    write = get_stream_writer()
-    words = []
-    async for chunk in MODEL.astream(state["prompt"]):
-        words.append(str(chunk.content))
-        write({"agent": ROLE, "token": chunk.content})
-    return {"answers": [" ".join(words)]}
-
-
-def build_graph(role: str) -> Any:
-    builder = StateGraph(AgentState)
-    if role == "supervisor":
-        builder.add_node("agent", _relay_next_agent)
-        builder.add_edge(START, "agent")
-    elif role == "sub_agent":
-        builder.add_node("research", _relay_next_agent)
-        builder.add_node("answer", _answer)
-        builder.add_edge(START, "research")
-        builder.add_edge("research", "answer")
-    else:
-        builder.add_node("answer", _answer)
-        builder.add_edge(START, "answer")
-    return builder.compile(name=role)
-
-
-GRAPH = build_graph(ROLE)
+GRAPH = build_graph(ROLE, _relay_next_agent, guardrail=False)
 
 
 # -- the A2A agent -------------------------------------------------------------------------
@@ -193,10 +149,6 @@ class ChainAgentExecutor(AgentExecutor):
 
 CARD = agent_card(AGENT_URL, ROLE)
 _handler = DefaultRequestHandler(CancellableAgentExecutor(ChainAgentExecutor()), InMemoryTaskStore(), CARD)
-
-
-async def healthz(request: Request) -> PlainTextResponse:
-    return PlainTextResponse("ok")
 
 
 @contextlib.asynccontextmanager

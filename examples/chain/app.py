@@ -28,6 +28,7 @@ import logging
 import operator
 import os
 import random
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypedDict
 
 import httpx
@@ -124,15 +125,20 @@ async def _guardrail(state: AgentState) -> AgentState:
     return {"answers": []}
 
 
-def build_graph(role: str) -> Any:
+Node = Callable[[AgentState], Awaitable[AgentState]]
+
+
+def build_graph(role: str, relay: Node = _relay_next_agent, *, guardrail: bool = True) -> Any:
+    """The graph of ``role``; ``relay`` calls the next agent (examples.a2a_chain passes its A2A relay)."""
     builder = StateGraph(AgentState)
     if role == "supervisor":
-        builder.add_node("agent", _relay_next_agent)
-        builder.add_node("guardrail", _guardrail)
+        builder.add_node("agent", relay)
         builder.add_edge(START, "agent")
-        builder.add_edge(START, "guardrail")
+        if guardrail:
+            builder.add_node("guardrail", _guardrail)
+            builder.add_edge(START, "guardrail")
     elif role == "sub_agent":
-        builder.add_node("research", _relay_next_agent)
+        builder.add_node("research", relay)
         builder.add_node("answer", _answer)
         builder.add_edge(START, "research")
         builder.add_edge("research", "answer")
