@@ -40,6 +40,8 @@ class Holder:
     consumed: bool = False
     """Set when a scope turned the delivered cancellation into ``Cancelled``."""
     interrupted: bool = False
+    stopped_early: list[str] = dataclasses.field(default_factory=list)
+    """Names of this holder's scopes that exited stopped before any flag for the root arrived."""
     deadline_ms: int | None = None
     """The earliest deadline a scope of this holder has a timer for."""
 
@@ -162,6 +164,10 @@ class CancelRegistry:
             state = self._cancelled.get(holder.root)
             if state is not None and holder.cancel_requested is not None and holder.interrupted and name:
                 state.interrupted.append(name)
+            if state is None and stopped_by_other:
+                # Kept per scope: nested scopes share the holder, and only the last
+                # one out decides whether the stop is remembered.
+                holder.stopped_early.append(name)
             if holder.count > 0:
                 return
             holders = self._live.get(holder.root)
@@ -170,7 +176,7 @@ class CancelRegistry:
                 if not holders:
                     del self._live[holder.root]
             if state is None and stopped_by_other:
-                self._remember_early_stop(holder, name)
+                self._remember_early_stop(holder)
             if state is None or holder.cancel_requested is None:
                 return
             state.waiting -= 1
@@ -189,7 +195,7 @@ class CancelRegistry:
         if report is not None and self.on_stopped is not None:
             self.on_stopped(report)
 
-    def _remember_early_stop(self, holder: Holder, name: str) -> None:
+    def _remember_early_stop(self, holder: Holder) -> None:
         early = self._early_stops.get(holder.root)
         if early is None:
             early = self._early_stops[holder.root] = _EarlyStop(0, 0.0, holder.depth, [], 0)
@@ -198,7 +204,7 @@ class CancelRegistry:
         early.stopped_at = time.time_ns()
         early.stopped_monotonic = time.monotonic()
         early.depth = min(early.depth, holder.depth)
-        early.names.extend(n for n in (name, *holder.names) if n)
+        early.names.extend(n for n in reversed(holder.stopped_early) if n)
         early.tasks += 1
 
     def is_cancelled(self, root: str) -> CancelRequest | None:

@@ -176,7 +176,12 @@ class CancelScope:
             # up first and its cancellation reached this task before ours: the work was
             # still stopped by this root's cancel, so it gets its span (and receipt).
             interrupted = True
-        stopped_by_other = request is None and isinstance(exc, asyncio.CancelledError)
+        # Before any flag for this root arrived, the work was stopped by its caller
+        # hanging up, or learned from the agent it called that this root was cancelled
+        # (a relay raising Cancelled): the flag, once here, still owes it a receipt.
+        stopped_by_other = request is None and (
+            isinstance(exc, asyncio.CancelledError) or (isinstance(exc, Cancelled) and exc.root == self.root)
+        )
         runtime.registry.exit(holder, interrupted, stopped_by_other)
         telemetry.scope_exited()
         if interrupted and request is not None:

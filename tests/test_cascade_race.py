@@ -57,3 +57,63 @@ async def test_work_that_finished_as_the_flag_applied_writes_no_receipt():
         assert applied.is_set()
         assert runtime.registry.live_scopes() == 0
     assert await store.list_receipts(root) == []
+
+
+async def test_work_stopped_by_its_caller_before_the_flag_arrived_writes_a_receipt_when_it_does():
+    """The caller hangs up before this process sees the flag: the flag, once applied, still yields the receipt."""
+    store = MemoryCancelStore("/race/")
+    with configured(store=store, prefix="/race/") as runtime:
+        root = random_root()
+        entered = asyncio.Event()
+
+        async def work() -> None:
+            async with otel_cancel.scope(root=root, name="relay"):
+                entered.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(work())
+        await asyncio.wait_for(entered.wait(), 10)
+        task.cancel("the caller hung up")
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        runtime.watcher.apply(CancelRequest.new(root, "user", "tests"))
+        assert await runtime.wait_receipt(root, 10)
+    (receipt,) = await store.list_receipts(root)
+    assert receipt.tasks == 1 and receipt.interrupted == ("relay",)
+
+
+async def test_work_that_learned_of_its_cancel_from_downstream_before_the_flag_writes_a_receipt_when_it_arrives():
+    """A relay raises Cancelled for its own root (the next agent's stream ended cancelled) before the flag: receipt."""
+    store = MemoryCancelStore("/race/")
+    with configured(store=store, prefix="/race/") as runtime:
+        root = random_root()
+
+        async def work() -> None:
+            async with otel_cancel.scope(root=root, name="request"), otel_cancel.scope(root=root, name="relay"):
+                raise otel_cancel.Cancelled(root, "user")
+
+        with pytest.raises(otel_cancel.Cancelled):
+            await asyncio.create_task(work())
+        assert runtime.registry.live_scopes() == 0
+        runtime.watcher.apply(CancelRequest.new(root, "user", "tests"))
+        assert await runtime.wait_receipt(root, 10)
+    (receipt,) = await store.list_receipts(root)
+    assert receipt.tasks == 1 and set(receipt.interrupted) == {"request", "relay"}
+
+
+async def test_a_cancelled_of_another_root_is_not_taken_for_an_early_stop_of_this_one():
+    """Cancelled raised for a different root says nothing about this root: its later flag stops nothing here."""
+    store = MemoryCancelStore("/race/")
+    with configured(store=store, prefix="/race/") as runtime:
+        root, other = random_root(), random_root()
+
+        async def work() -> None:
+            async with otel_cancel.scope(root=root, name="relay"):
+                raise otel_cancel.Cancelled(other, "user")
+
+        with pytest.raises(otel_cancel.Cancelled):
+            await asyncio.create_task(work())
+        reports = []
+        runtime.registry.on_stopped = reports.append  # reports are made inside apply, synchronously
+        runtime.watcher.apply(CancelRequest.new(root, "user", "tests"))
+    assert reports == []
