@@ -72,6 +72,8 @@ DEFAULT_REASON = "a2a cancel-task"
 """The reason of a cancel-task call that gives none in ``metadata.reason``."""
 STOP_WAIT_SECONDS = 10.0
 """How long a cancel-task call waits for a task running here to end before answering."""
+RECORD_WAIT_SECONDS = 2.0
+"""How long a task's first event waits for its record to be in the store (etcd connected)."""
 
 _TERMINAL = frozenset(
     {
@@ -143,8 +145,9 @@ def _started(task_id: str, root: str, context_id: str) -> _RunningTask:
         return running
     settings = runtime.settings
     record = TaskRecord(task_id, root, context_id[:MAX_TEXT], settings.service, settings.instance, time.time_ns())
-    # Not awaited: the task starts at once. A cancel-task call needs the task id,
-    # which the caller learns from the task's first event, after this write began.
+    # Not awaited here: the agent starts at once, and the write runs beside it. The
+    # task's first event waits for it (see _ObservedQueue): a caller learns the task
+    # id from that event, so any replica it sends cancel-task to finds the record.
     running.record_write = runtime.watcher.submit(_put_record(runtime, record))
     running.record_write.add_done_callback(
         lambda future: _log_store_failure(
@@ -178,8 +181,11 @@ class _ObservedQueue(EventQueue):
         self.task_known = False
         self.terminal = False
         self.answered_with_message = False
+        self.running: _RunningTask | None = None
 
     async def enqueue_event(self, event: Event) -> None:
+        if not self.task_known and not isinstance(event, a2a_pb2.Message):
+            await self._record_written()
         await self._queue.enqueue_event(event)
         if isinstance(event, a2a_pb2.Message):
             self.answered_with_message = True
@@ -187,6 +193,19 @@ class _ObservedQueue(EventQueue):
         self.task_known = True
         if isinstance(event, a2a_pb2.Task | a2a_pb2.TaskStatusUpdateEvent) and event.status.state in _TERMINAL:
             self.terminal = True
+
+    async def _record_written(self) -> None:
+        """Hold the event that names the task until the task's record is in the store.
+
+        Bounded, and skipped while the watcher is disconnected: with etcd down the
+        write cannot land, and the agent's answer matters more than a record.
+        """
+        write = self.running.record_write if self.running is not None else None
+        if write is None or write.done() or not get_runtime().watcher.connected:
+            return
+        # A failed or slow write is logged by its own callback.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(write)), RECORD_WAIT_SECONDS)
 
 
 def _cancelled_status(task_id: str, context_id: str, root: str, reason: str) -> a2a_pb2.TaskStatus:
@@ -250,7 +269,7 @@ class CancellableAgentExecutor(AgentExecutor):
         try:
             async with scope(name=self.name) as bound:
                 assert bound.root is not None
-                running = _started(context.task_id or "", bound.root, context.context_id or "")
+                running = observed.running = _started(context.task_id or "", bound.root, context.context_id or "")
                 await self.executor.execute(context, observed)
         except Cancelled as stopped:
             await _end_as_cancelled(context, observed, stopped)

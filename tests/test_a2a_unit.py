@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -213,6 +214,57 @@ async def test_the_task_record_is_removed_when_the_execution_ends(runtime, store
     assert entry.record_removal is not None and record.task_id not in a2a._running
     await asyncio.wait_for(asyncio.wrap_future(entry.record_removal), TIMEOUT)
     assert await store.get_task(record.task_id) is None
+
+
+class SlowTaskStore(MemoryCancelStore):
+    """A store whose task-record write lands only once the agent is announcing its task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.announcing = threading.Event()
+
+    async def put_task(self, record: TaskRecord, ttl_seconds: int) -> int:
+        await asyncio.to_thread(self.announcing.wait, TIMEOUT)
+        return await super().put_task(record, ttl_seconds)
+
+
+class AnnouncingAgent(ScriptedAgent):
+    """Says (to the slow store) when it is about to enqueue its task, then does."""
+
+    def __init__(self, store: SlowTaskStore) -> None:
+        super().__init__()
+        self.store = store
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        self.store.announcing.set()
+        await super().execute(context, event_queue)
+
+
+class RecordCheckingQueue(RecordingQueue):
+    """Notes, for each event, whether the task's record was in the store when the event went out."""
+
+    def __init__(self, store: MemoryCancelStore, task_id: str) -> None:
+        super().__init__()
+        self.store, self.task_id = store, task_id
+        self.recorded: list[bool] = []
+
+    async def enqueue_event(self, event: Event) -> None:
+        self.recorded.append(await self.store.get_task(self.task_id) is not None)
+        await super().enqueue_event(event)
+
+
+async def test_the_event_that_names_the_task_waits_until_its_record_is_in_the_store():
+    """A caller learns the task id only once another replica could find the task (no window for cancel-task)."""
+    store = SlowTaskStore()
+    with configured(store=store, service="agent", instance="a1") as runtime:
+        runtime.start()  # as when the service starts serving
+        assert await asyncio.to_thread(runtime.watcher.wait_connected, True, TIMEOUT)
+        context = _context()
+        agent, queue = AnnouncingAgent(store), RecordCheckingQueue(store, context.task_id or "")
+        running = await _run_until_busy(CancellableAgentExecutor(agent), agent, context, queue)
+        agent.release.set()
+        await asyncio.wait_for(running, TIMEOUT)
+    assert queue.recorded == [True]
 
 
 class FailingTaskStore(MemoryCancelStore):
