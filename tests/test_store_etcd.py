@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aetcd.rpc
+import grpc
 import pytest
 
 from otel_cancel._request import CancelRequest, Receipt
@@ -83,3 +85,24 @@ async def test_malformed_receipts_are_skipped(etcd, prefix):
     await store.put_receipt(Receipt(root, "svc", "i", 0, 1, 2, 0), 60)
     assert [r.service for r in await store.list_receipts(root)] == ["svc"]
     await store.close()
+
+
+@on_io_loop
+async def test_a_store_reaches_a_restarted_etcd_at_once_while_another_channel_backs_off(private_etcd, prefix):
+    """gRPC shares subchannels between channels: one in reconnect backoff must not fail a fresh store's call."""
+    private_etcd.kill()
+    # A channel of this process tries etcd while it is down and stays open, in backoff
+    # (as the watcher's connection is while it waits to reconnect).
+    lingering = EtcdCancelStore([private_etcd.endpoint], prefix=prefix, timeout=1)
+    client = lingering._connection()
+    await client.connect()
+    state = client.channel.get_state(try_to_connect=True)
+    while state is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+        await asyncio.wait_for(client.channel.wait_for_state_change(state), 10)
+        state = client.channel.get_state()
+    private_etcd.start()
+    fresh = EtcdCancelStore([private_etcd.endpoint], prefix=prefix, timeout=1)
+    _, created = await fresh.create_flag(CancelRequest.new(random_root(), "after the restart", "tests"), 60)
+    assert created
+    await fresh.close()
+    await lingering.close()

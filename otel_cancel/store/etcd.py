@@ -75,6 +75,19 @@ class _RefusalAwareWatcher(aetcd.watcher.Watcher):  # type: ignore[misc]  # aetc
         await super()._handle_response(response)
 
 
+# gRPC shares a subchannel (the TCP connection and its reconnect backoff) between all
+# channels of a process with the same target and arguments. After etcd went away, a
+# new channel would then inherit a sibling's backoff and fail fast with the old
+# "connection refused" although etcd is back. Each channel gets its own subchannel, and
+# reconnect backoff is capped (gRPC's default grows to two minutes).
+_CHANNEL_OPTIONS = {
+    "grpc.use_local_subchannel_pool": 1,
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 2000,
+}
+
+
 class _EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
     """``aetcd.Client`` with what aetcd 1.0 lacks.
 
@@ -285,6 +298,7 @@ class EtcdCancelStore:
                 timeout=self.timeout,
                 credentials=self._credentials,
                 connect_wait_timeout=self.timeout,
+                options=_CHANNEL_OPTIONS,
             )
         self.calls += 1
         return self._client
