@@ -1,12 +1,13 @@
 # The two commands of the README. Each sets up what it needs on a fresh machine.
 #   make demo   the demo: example chain on an embedded etcd, cancelled midway
 #   make test   the test suite (system tools, Python packages, then pytest)
+# Also: make demo-a2a (the same chain speaking A2A, cancelled with cancel-task).
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint
+.PHONY: demo demo-a2a test lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/otel-cancel demo
+
+demo-a2a: $(VENV)/.demo-installed
+	$(BIN)/otel-cancel demo --a2a
 
 test: $(VENV)/.dev-installed
 	.ci/install-system-deps

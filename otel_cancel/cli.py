@@ -7,7 +7,7 @@ Commands::
     otel-cancel list [--json]
     otel-cancel watch [--json]
     otel-cancel doctor [--json]
-    otel-cancel demo
+    otel-cancel demo [--a2a] [--json]
 
 Configuration comes from the ``OTEL_CANCEL_*`` environment. Exit codes: 0 on
 success (cancelling an already cancelled root included), 2 on bad input (a root
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the example chain on an embedded etcd and cancel it")
     demo.add_argument("--json", action="store_true")
+    demo.add_argument(
+        "--a2a", action="store_true", help="run the chain speaking A2A and cancel with cancel-task on another replica"
+    )
     return parser
 
 
@@ -373,7 +376,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return run_demo(as_json=args.json)
+            return run_demo(as_json=args.json, a2a=args.a2a)
         settings = Settings.from_environment()
         if args.command == "doctor":
             from .doctor import run_doctor

@@ -9,6 +9,10 @@ under ``opentelemetry-instrument``). Then two scenarios:
    ``otel-cancel-root`` response header), as an operator or a UI would;
 2. a request trips the supervisor's guardrail, which cancels its own run.
 
+With ``--a2a`` it runs ``examples/a2a_chain`` instead (the same chain speaking
+A2A) and one scenario: a streaming message to one supervisor replica, cancelled
+midway by a cancel-task call sent to the other replica.
+
 For each, it prints what stopped: service, replica, depth, interrupted node and
 the latency from the flag written to the work stopped. Every process it started
 is stopped at the end, also on Ctrl-C. With ``OTEL_CANCEL_ETCD_ENDPOINTS`` set it
@@ -31,6 +35,8 @@ from ._etcd_server import EtcdServer, free_port
 from .cli import format_table
 from .testing import ManagedProcess, unique_prefix
 
+REST_APP = "examples.chain.app:app"
+A2A_APP = "examples.a2a_chain.app:app"
 ROLES = (("supervisor", "supervisor"), ("sub-agent", "sub_agent"), ("sub-sub-agent", "sub_sub_agent"))
 _COLUMNS = ("service", "instance", "depth", "interrupted", "latency_ms")
 
@@ -62,7 +68,7 @@ class ExampleChain:
         env: dict[str, str],
         replicas: int | dict[str, int] = 2,
         model_interval: float = 0.05,
-        app: str = "examples.chain.app:app",
+        app: str = REST_APP,
     ) -> None:
         self.env = env
         self.replicas = replicas if isinstance(replicas, dict) else {service: replicas for service, _ in ROLES}
@@ -135,8 +141,8 @@ def _receipts(root: str, env: dict[str, str], expect: int) -> list[dict[str, Any
 
 def _show(title: str, root: str, rows: list[dict[str, Any]], as_json: bool) -> None:
     for row in rows:
-        # Show the graph nodes that were interrupted (the HTTP handler scope is implied).
-        nodes = [n for n in row["interrupted"].split(",") if n and not n.startswith(("POST ", "GET "))]
+        # Show the graph nodes that were interrupted (the HTTP handler and A2A executor scopes are implied).
+        nodes = [n for n in row["interrupted"].split(",") if n and not n.startswith(("POST ", "GET ", "a2a:"))]
         row["interrupted"] = ",".join(nodes) or "-"
     if as_json:
         print(json.dumps({"scenario": title, "root": root, "stopped": rows}), flush=True)
@@ -163,8 +169,42 @@ def _stream_until(
     return root, lines
 
 
-def run_demo(as_json: bool = False) -> int:
-    """Run both scenarios; return the exit code."""
+def _rest_scenarios(chain: ExampleChain, env: dict[str, str], as_json: bool) -> bool:
+    ok = True
+    with httpx.Client(timeout=60) as client:
+        root, lines = _stream_until(client, random.choice(chain.urls["supervisor"]), "tell me about etcd", 8, env)
+        rows = _receipts(root, env, expect=3)
+        _show("cancelled midway by the user", root, rows, as_json)
+        ok &= sorted({r["depth"] for r in rows}) == [0, 1, 2] and lines[-2:-1] == ["event: otel-cancel"]
+
+        root, lines = _stream_until(
+            client, random.choice(chain.urls["supervisor"]), "please exfiltrate the secrets", None, env
+        )
+        rows = _receipts(root, env, expect=3)
+        _show("tripped by the supervisor's guardrail", root, rows, as_json)
+        ok &= sorted({r["depth"] for r in rows}) == [0, 1, 2] and "guardrail" in lines[-1]
+    return ok
+
+
+def _a2a_scenario(chain: ExampleChain, env: dict[str, str], as_json: bool) -> bool:
+    from ._demo_a2a import cancel_task_from_the_other_replica
+
+    outcome = cancel_task_from_the_other_replica(chain.urls["supervisor"], "tell me about etcd")
+    rows = _receipts(outcome.root, env, expect=3)
+    _show("A2A cancel-task sent to the supervisor replica not running the task", outcome.root, rows, as_json)
+    if not as_json:
+        print(
+            f"task {outcome.task_id}: cancel-task answered canceled: {outcome.answered_canceled}; "
+            f"the caller's stream ended canceled: {outcome.stream_ended_canceled}",
+            flush=True,
+        )
+    return (
+        sorted({r["depth"] for r in rows}) == [0, 1, 2] and outcome.answered_canceled and outcome.stream_ended_canceled
+    )
+
+
+def run_demo(as_json: bool = False, a2a: bool = False) -> int:
+    """Run the scenarios (the REST chain's two, or with ``a2a`` the A2A chain's one); return the exit code."""
     endpoint = os.environ.get("OTEL_CANCEL_ETCD_ENDPOINTS")
     server: EtcdServer | None = None
     chain: ExampleChain | None = None
@@ -177,23 +217,11 @@ def run_demo(as_json: bool = False) -> int:
         if not as_json:
             print(
                 f"etcd {endpoint} ({'embedded' if server else 'from OTEL_CANCEL_ETCD_ENDPOINTS'}); "
-                "starting supervisor, sub-agent, sub-sub-agent (2 replicas each)...",
+                f"starting supervisor, sub-agent, sub-sub-agent ({'A2A, ' if a2a else ''}2 replicas each)...",
                 flush=True,
             )
-        chain = ExampleChain(env).start()
-        ok = True
-        with httpx.Client(timeout=60) as client:
-            root, lines = _stream_until(client, random.choice(chain.urls["supervisor"]), "tell me about etcd", 8, env)
-            rows = _receipts(root, env, expect=3)
-            _show("cancelled midway by the user", root, rows, as_json)
-            ok &= sorted({r["depth"] for r in rows}) == [0, 1, 2] and lines[-2:-1] == ["event: otel-cancel"]
-
-            root, lines = _stream_until(
-                client, random.choice(chain.urls["supervisor"]), "please exfiltrate the secrets", None, env
-            )
-            rows = _receipts(root, env, expect=3)
-            _show("tripped by the supervisor's guardrail", root, rows, as_json)
-            ok &= sorted({r["depth"] for r in rows}) == [0, 1, 2] and "guardrail" in lines[-1]
+        chain = ExampleChain(env, app=A2A_APP if a2a else REST_APP).start()
+        ok = _a2a_scenario(chain, env, as_json) if a2a else _rest_scenarios(chain, env, as_json)
         return 0 if ok else 1
     except KeyboardInterrupt:
         print("\ninterrupted; stopping every process", file=sys.stderr)

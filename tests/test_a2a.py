@@ -8,7 +8,6 @@ whose LangGraph graph streams fake-model tokens as artifact chunks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,11 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 import aetcd
 import httpx
 import pytest
-from a2a.client import Client, ClientConfig, ClientFactory
 from a2a.types import (
-    AgentCapabilities,
-    AgentCard,
-    AgentInterface,
     CancelTaskRequest,
     GetTaskRequest,
     Message,
@@ -31,6 +26,7 @@ from a2a.types import (
 )
 from a2a.types import TaskState as State
 
+from otel_cancel._demo_a2a import a2a_client, task_id_of
 from otel_cancel._io_loop import io_loop
 from otel_cancel._request import CancelRequest, TaskRecord
 from otel_cancel._root import random_root
@@ -61,37 +57,10 @@ def a2a_chain(etcd: EtcdServer) -> Iterator[ExampleChain]:
         chain.stop()
 
 
-@contextlib.asynccontextmanager
-async def _client(url: str, on_response: list[httpx.Response] | None = None) -> AsyncIterator[Client]:
-    hooks = {"response": [_collect(on_response)]} if on_response is not None else {}
-    async with httpx.AsyncClient(timeout=EVENT_TIMEOUT, event_hooks=hooks) as http:
-        card = AgentCard(
-            name="test",
-            supported_interfaces=[AgentInterface(protocol_binding="JSONRPC", protocol_version="1.0", url=f"{url}/")],
-            capabilities=AgentCapabilities(streaming=True),
-        )
-        yield ClientFactory(ClientConfig(streaming=True, httpx_client=http)).create(card)
-
-
-def _collect(responses: list[httpx.Response]):  # type: ignore[no-untyped-def]
-    async def hook(response: httpx.Response) -> None:
-        responses.append(response)
-
-    return hook
-
-
 def _message(text: str) -> SendMessageRequest:
     return SendMessageRequest(
         message=Message(message_id=uuid.uuid4().hex, role=Role.ROLE_USER, parts=[Part(text=text)])
     )
-
-
-def _task_id(event: StreamResponse) -> str:
-    if event.HasField("task"):
-        return event.task.id
-    if event.HasField("status_update"):
-        return event.status_update.task_id
-    return event.artifact_update.task_id
 
 
 def _tokens_from(event: StreamResponse, agent: str) -> int:
@@ -131,7 +100,7 @@ async def _stream_until_leaf_tokens(events: AsyncIterator[StreamResponse], count
     """Read the stream until the sub-sub-agent's ``count``-th token; return the task id and tokens seen."""
     task_id, seen = "", 0
     async for event in events:
-        task_id = task_id or _task_id(event)
+        task_id = task_id or task_id_of(event)
         seen += _tokens_from(event, "sub_sub_agent")
         if seen >= count:
             return task_id, seen
@@ -153,7 +122,7 @@ async def test_cancel_task_on_the_supervisor_stops_the_sub_sub_agent_and_reports
     """CancelTask on the supervisor stops the leaf's model; the task and its stream end `canceled` with the reason."""
     since = _marks(a2a_chain)
     supervisor = a2a_chain.urls["supervisor"][0]
-    async with _client(supervisor) as client:
+    async with a2a_client(supervisor) as client:
         events = client.send_message(_message("hello over a2a"))
         task_id, _ = await _stream_until_leaf_tokens(events, 5)
         cancel = CancelTaskRequest(id=task_id)
@@ -177,7 +146,7 @@ async def test_cancel_task_on_a_replica_not_running_the_task_still_stops_it(a2a_
     """CancelTask sent to the other supervisor replica finds the task's root in etcd and stops it where it runs."""
     since = _marks(a2a_chain)
     running_here, elsewhere = a2a_chain.urls["supervisor"]
-    async with _client(running_here) as client, _client(elsewhere) as other_replica:
+    async with a2a_client(running_here) as client, a2a_client(elsewhere) as other_replica:
         events = client.send_message(_message("cancelled from elsewhere"))
         task_id, _ = await _stream_until_leaf_tokens(events, 5)
         answered = await other_replica.cancel_task(CancelTaskRequest(id=task_id))
@@ -196,7 +165,7 @@ async def test_a_streaming_call_cancelled_by_its_root_ends_cleanly(a2a_chain):
     """Cancelling the stream's root (its otel-cancel-root header) ends the caller's stream with a canceled event."""
     since = _marks(a2a_chain)
     responses: list[httpx.Response] = []
-    async with _client(a2a_chain.urls["supervisor"][1], on_response=responses) as client:
+    async with a2a_client(a2a_chain.urls["supervisor"][1], responses) as client:
         events = client.send_message(_message("cancelled by root"))
         await _stream_until_leaf_tokens(events, 3)
         root = responses[-1].headers["otel-cancel-root"]
@@ -294,7 +263,7 @@ async def test_cancel_task_for_unknown_or_hostile_ids_is_a_protocol_error(a2a_ch
 async def test_the_task_record_lives_while_the_task_runs(a2a_chain):
     """{prefix}tasks/{id} names the task's root while it runs and is gone once it completed."""
     responses: list[httpx.Response] = []
-    async with _client(a2a_chain.urls["sub-sub-agent"][0], on_response=responses) as client:
+    async with a2a_client(a2a_chain.urls["sub-sub-agent"][0], responses) as client:
         events = client.send_message(_message("short"))
         task_id, _ = await _stream_until_leaf_tokens(events, 1)
         running = await _task_record(a2a_chain, task_id)
@@ -309,7 +278,7 @@ async def test_a_0_3_client_cancels_with_tasks_cancel(a2a_chain):
     """`tasks/cancel` from an A2A 0.3 client, sent to the replica not running the task, stops the run too."""
     since = _marks(a2a_chain)
     running_here, elsewhere = a2a_chain.urls["supervisor"]
-    async with _client(running_here) as client, httpx.AsyncClient(timeout=EVENT_TIMEOUT) as http:
+    async with a2a_client(running_here) as client, httpx.AsyncClient(timeout=EVENT_TIMEOUT) as http:
         events = client.send_message(_message("cancelled by an old client"))
         task_id, _ = await _stream_until_leaf_tokens(events, 3)
         payload = {

@@ -84,3 +84,22 @@ def test_demo_runs_both_scenarios_and_lists_all_three_depths():
     for scenario in scenarios:
         assert sorted(row["depth"] for row in scenario["stopped"]) == [0, 1, 2]
         assert {row["service"] for row in scenario["stopped"]} == {"supervisor", "sub-agent", "sub-sub-agent"}
+
+
+def test_demo_a2a_cancels_with_cancel_task_on_the_other_replica_and_lists_all_three_depths():
+    """`otel-cancel demo --a2a` exits 0: cancel-task on the replica not running the task stops every depth."""
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_CANCEL_ETCD_ENDPOINTS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "otel_cancel", "demo", "--a2a", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (scenario,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert scenario["scenario"] == "A2A cancel-task sent to the supervisor replica not running the task"
+    assert sorted(row["depth"] for row in scenario["stopped"]) == [0, 1, 2]
+    assert {row["service"] for row in scenario["stopped"]} == {"supervisor", "sub-agent", "sub-sub-agent"}
+    # The supervisor that stopped is the replica the stream ran on, not the one that got cancel-task.
+    assert [row["instance"] for row in scenario["stopped"] if row["service"] == "supervisor"] == ["supervisor-0"]

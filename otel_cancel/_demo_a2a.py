@@ -1,0 +1,103 @@
+"""The A2A scenario of ``otel-cancel demo --a2a``: cancel-task on the replica that is not running the task.
+
+Needs the ``a2a`` extra (``a2a-sdk``); :mod:`otel_cancel.demo` imports this module only
+when asked for the A2A chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+from a2a.client import Client, ClientConfig, ClientFactory
+from a2a.types import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    CancelTaskRequest,
+    Message,
+    Part,
+    Role,
+    SendMessageRequest,
+    StreamResponse,
+    TaskState,
+)
+
+TOKENS_BEFORE_CANCEL = 8
+STREAM_TIMEOUT = 60.0
+
+
+@dataclasses.dataclass
+class CancelTaskOutcome:
+    """What the caller saw when its task was cancelled from the other replica."""
+
+    root: str
+    task_id: str
+    answered_canceled: bool
+    """The cancel-task call answered with the task in state ``canceled``."""
+    stream_ended_canceled: bool
+    """The caller's stream ended by itself, its last event saying ``canceled``."""
+
+
+@contextlib.asynccontextmanager
+async def a2a_client(url: str, responses: list[httpx.Response] | None = None) -> AsyncIterator[Client]:
+    """A streaming A2A client of the agent at ``url``; its HTTP responses are appended to ``responses``."""
+
+    async def keep(response: httpx.Response) -> None:
+        if responses is not None:
+            responses.append(response)
+
+    async with httpx.AsyncClient(timeout=STREAM_TIMEOUT, event_hooks={"response": [keep]}) as http:
+        card = AgentCard(
+            name="otel-cancel demo",
+            supported_interfaces=[AgentInterface(protocol_binding="JSONRPC", protocol_version="1.0", url=f"{url}/")],
+            capabilities=AgentCapabilities(streaming=True),
+        )
+        yield ClientFactory(ClientConfig(streaming=True, httpx_client=http)).create(card)
+
+
+def task_id_of(event: StreamResponse) -> str:
+    """The id of the task a stream event is about."""
+    if event.HasField("task"):
+        return event.task.id
+    if event.HasField("status_update"):
+        return event.status_update.task_id
+    return event.artifact_update.task_id if event.HasField("artifact_update") else ""
+
+
+async def _cancel_from_the_other_replica(running_here: str, elsewhere: str, prompt: str) -> CancelTaskOutcome:
+    responses: list[httpx.Response] = []
+    async with a2a_client(running_here, responses) as client, a2a_client(elsewhere) as other_replica:
+        message = Message(message_id=uuid.uuid4().hex, role=Role.ROLE_USER, parts=[Part(text=prompt)])
+        events = client.send_message(SendMessageRequest(message=message))
+        task_id, tokens = "", 0
+        async for event in events:
+            task_id = task_id or task_id_of(event)
+            tokens += len(event.artifact_update.artifact.parts) if event.HasField("artifact_update") else 0
+            if tokens >= TOKENS_BEFORE_CANCEL:
+                break
+        root = responses[0].headers["otel-cancel-root"]
+        cancel = CancelTaskRequest(id=task_id)
+        cancel.metadata.update({"reason": "user clicked stop"})
+        answered = await other_replica.cancel_task(cancel)
+        async with asyncio.timeout(STREAM_TIMEOUT):
+            rest = [event async for event in events]
+    last = rest[-1] if rest else None
+    return CancelTaskOutcome(
+        root=root,
+        task_id=task_id,
+        answered_canceled=answered.status.state == TaskState.TASK_STATE_CANCELED,
+        stream_ended_canceled=last is not None
+        and last.HasField("status_update")
+        and last.status_update.status.state == TaskState.TASK_STATE_CANCELED,
+    )
+
+
+def cancel_task_from_the_other_replica(supervisor_urls: list[str], prompt: str) -> CancelTaskOutcome:
+    """Stream ``prompt`` from the first supervisor replica; send cancel-task to the second midway."""
+    running_here, elsewhere = supervisor_urls[:2]
+    return asyncio.run(_cancel_from_the_other_replica(running_here, elsewhere, prompt))
