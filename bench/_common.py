@@ -509,6 +509,10 @@ THROUGHPUT_COLUMNS = [
 ]
 """Columns of the three-hop throughput table (bench/overhead.py)."""
 
+A2A_COLUMNS = ["target", "depth", "stopped", "p50", "p99", "max"]
+A2A_HEADERS = ["cancel-task sent to", "depth", "stopped", "p50 ms", "p99 ms", "max ms"]
+"""Columns and headers of the A2A cancel-task table (bench/a2a_cancel.py)."""
+
 
 def cascade_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per cascade configuration: how the deepest level stopped (bench/cascade.py)."""

@@ -22,10 +22,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, THROUGHPUT_COLUMNS, cascade_rows, langgraph_rows, read_results, table
+from _common import (
+    A2A_COLUMNS,
+    A2A_HEADERS,
+    REPO,
+    THROUGHPUT_COLUMNS,
+    cascade_rows,
+    langgraph_rows,
+    read_results,
+    table,
+)
 
 DOCUMENT = REPO / "BENCHMARKS.md"
-NAMES = ("propagation", "cascade", "langgraph", "overhead", "scale")
+NAMES = ("propagation", "cascade", "langgraph", "overhead", "scale", "a2a")
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -552,6 +561,18 @@ def scale_block(result: dict[str, Any] | None) -> str:
     )
 
 
+def a2a_block(result: dict[str, Any] | None) -> str:
+    if not result:
+        return "_Not run yet: `bench/a2a_cancel.py`._"
+    rounds = len(result["rounds"]) // 2
+    return (
+        table(result["rows"], A2A_COLUMNS, A2A_HEADERS)
+        + f"\n\n{rounds} rounds per target{' (quick)' if result.get('quick') else ''}. Depth rows: flag written -> "
+        + "work stopped in that process (receipts, one clock). The other rows: from sending cancel-task to its "
+        + "answer, and to the end of the caller's stream."
+    )
+
+
 def render(results: dict[str, dict[str, Any] | None]) -> dict[str, str]:
     return {
         "machine": machine_block(results),
@@ -561,6 +582,7 @@ def render(results: dict[str, dict[str, Any] | None]) -> dict[str, str]:
         "langgraph": langgraph_block(results["langgraph"]),
         "overhead": overhead_block(results["overhead"]),
         "scale": scale_block(results["scale"]),
+        "a2a": a2a_block(results["a2a"]),
     }
 
 

@@ -25,6 +25,7 @@ BENCHMARKS = {
     "langgraph": "langgraph_cancel.py",
     "overhead": "overhead.py",
     "scale": "scale.py",
+    "a2a": "a2a_cancel.py",
 }
 
 

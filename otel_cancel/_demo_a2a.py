@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -41,6 +42,10 @@ class CancelTaskOutcome:
     """The cancel-task call answered with the task in state ``canceled``."""
     stream_ended_canceled: bool
     """The caller's stream ended by itself, its last event saying ``canceled``."""
+    cancel_answer_ms: float
+    """From sending cancel-task to its answer."""
+    stream_end_ms: float
+    """From sending cancel-task to the end of the caller's stream."""
 
 
 @contextlib.asynccontextmanager
@@ -69,9 +74,12 @@ def task_id_of(event: StreamResponse) -> str:
     return event.artifact_update.task_id if event.HasField("artifact_update") else ""
 
 
-async def _cancel_from_the_other_replica(running_here: str, elsewhere: str, prompt: str) -> CancelTaskOutcome:
+async def cancel_task_midway(
+    stream_url: str, cancel_url: str, prompt: str, reason: str = "user clicked stop"
+) -> CancelTaskOutcome:
+    """Stream ``prompt`` from the agent at ``stream_url``; midway, send cancel-task to ``cancel_url``."""
     responses: list[httpx.Response] = []
-    async with a2a_client(running_here, responses) as client, a2a_client(elsewhere) as other_replica:
+    async with a2a_client(stream_url, responses) as client, a2a_client(cancel_url) as canceller:
         message = Message(message_id=uuid.uuid4().hex, role=Role.ROLE_USER, parts=[Part(text=prompt)])
         events = client.send_message(SendMessageRequest(message=message))
         task_id, tokens = "", 0
@@ -82,10 +90,13 @@ async def _cancel_from_the_other_replica(running_here: str, elsewhere: str, prom
                 break
         root = responses[0].headers["otel-cancel-root"]
         cancel = CancelTaskRequest(id=task_id)
-        cancel.metadata.update({"reason": "user clicked stop"})
-        answered = await other_replica.cancel_task(cancel)
+        cancel.metadata.update({"reason": reason})
+        sent = time.perf_counter()
+        answered = await canceller.cancel_task(cancel)
+        answered_at = time.perf_counter()
         async with asyncio.timeout(STREAM_TIMEOUT):
             rest = [event async for event in events]
+        ended_at = time.perf_counter()
     last = rest[-1] if rest else None
     return CancelTaskOutcome(
         root=root,
@@ -94,10 +105,12 @@ async def _cancel_from_the_other_replica(running_here: str, elsewhere: str, prom
         stream_ended_canceled=last is not None
         and last.HasField("status_update")
         and last.status_update.status.state == TaskState.TASK_STATE_CANCELED,
+        cancel_answer_ms=(answered_at - sent) * 1000,
+        stream_end_ms=(ended_at - sent) * 1000,
     )
 
 
 def cancel_task_from_the_other_replica(supervisor_urls: list[str], prompt: str) -> CancelTaskOutcome:
     """Stream ``prompt`` from the first supervisor replica; send cancel-task to the second midway."""
     running_here, elsewhere = supervisor_urls[:2]
-    return asyncio.run(_cancel_from_the_other_replica(running_here, elsewhere, prompt))
+    return asyncio.run(cancel_task_midway(running_here, elsewhere, prompt))
