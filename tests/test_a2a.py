@@ -296,3 +296,60 @@ async def test_a_0_3_client_cancels_with_tasks_cancel(a2a_chain):
     assert rest[-1].status_update.status.state == State.TASK_STATE_CANCELED
     emitted, total = await _await_leaf_stopped(a2a_chain, since)
     assert 3 <= emitted < total
+
+
+@pytest.fixture(scope="module")
+def plain_a2a_chain(etcd: EtcdServer) -> Iterator[ExampleChain]:
+    """The A2A chain whose agents call the next one with plain SendMessage (no streaming), one replica each."""
+    env = {
+        "OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint,
+        "OTEL_CANCEL_PREFIX": unique_prefix(),
+        "NEXT_AGENT_STREAMING": "false",
+    }
+    chain = ExampleChain(env, replicas=1, app="examples.a2a_chain.app:app")
+    try:
+        yield chain.start()
+    finally:
+        chain.stop()
+
+
+async def _await_task_record_of(chain: ExampleChain, service: str) -> TaskRecord:
+    """Watch {prefix}tasks/ until ``service`` records a task; return that record."""
+    prefix = f"{chain.env['OTEL_CANCEL_PREFIX']}tasks/".encode()
+
+    async def watch() -> TaskRecord:
+        host, port = parse_endpoint(chain.env["OTEL_CANCEL_ETCD_ENDPOINTS"].split(",")[0])
+        async with aetcd.Client(host, port) as client:
+            current = await client.get_prefix(prefix)
+            found = [r for r in (TaskRecord.from_json(kv.value) for kv in current) if r.service == service]
+            if found:
+                return found[0]
+            events = await client.watch_prefix(prefix, start_revision=current.header.revision + 1)
+            try:
+                async for event in events:
+                    if event.kind == "PUT" and (record := TaskRecord.from_json(event.kv.value)).service == service:
+                        return record
+            finally:
+                await events.cancel()
+        raise AssertionError("the watch ended")
+
+    return await io_loop().call(asyncio.wait_for(watch(), EVENT_TIMEOUT))
+
+
+async def test_plain_send_message_hops_carry_the_root_and_cancel_task_stops_the_leaf(plain_a2a_chain):
+    """Through two plain SendMessage hops the leaf runs under the supervisor's root; cancel-task stops it."""
+    since = _marks(plain_a2a_chain)
+    responses: list[httpx.Response] = []
+    async with a2a_client(plain_a2a_chain.urls["supervisor"][0], responses) as client:
+        events = client.send_message(_message("plain hops"))
+        first = await anext(events)
+        leaf_record = await _await_task_record_of(plain_a2a_chain, "sub-sub-agent")
+        root = responses[0].headers["otel-cancel-root"]
+        assert leaf_record.root == root  # the root travelled supervisor -> sub-agent -> leaf, no streaming
+        answered = await client.cancel_task(CancelTaskRequest(id=task_id_of(first)))
+        rest = await _rest_of(events)
+    assert answered.status.state == State.TASK_STATE_CANCELED
+    assert rest[-1].status_update.status.state == State.TASK_STATE_CANCELED
+    emitted, total = await _await_leaf_stopped(plain_a2a_chain, since)
+    assert emitted < total
+    _no_tracebacks(plain_a2a_chain, since)

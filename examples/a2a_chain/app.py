@@ -20,8 +20,10 @@ adds the middleware (in its A2A mode) and carries the root on every A2A call.
 
 Environment: ``AGENT_ROLE``, ``AGENT_URL`` (this replica's URL, for its agent card;
 default ``http://127.0.0.1:8000/``), ``NEXT_AGENT_URL`` (comma-separated replicas of
-the next agent; one is picked at random per call), ``MODEL_TOKENS`` (default 50),
-``MODEL_INTERVAL`` (seconds, default 0.05).
+the next agent; one is picked at random per call), ``NEXT_AGENT_STREAMING``
+(``false`` calls the next agent with a plain ``SendMessage`` instead of
+``SendStreamingMessage``), ``MODEL_TOKENS`` (default 50), ``MODEL_INTERVAL``
+(seconds, default 0.05).
 
 HTTP: A2A JSON-RPC at ``/`` (``SendMessage``, ``SendStreamingMessage``, ``GetTask``,
 ``CancelTask``; 0.3 clients too), the agent card at ``/.well-known/agent-card.json``,
@@ -86,11 +88,22 @@ def agent_card(url: str, name: str) -> AgentCard:
 
 
 _http = httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5))
-_clients = ClientFactory(ClientConfig(streaming=True, httpx_client=_http))
+# SendStreamingMessage by default; NEXT_AGENT_STREAMING=false makes the hop a plain
+# SendMessage that answers once, with the whole task (as a "sub-agent as a tool" call).
+_STREAMING = os.environ.get("NEXT_AGENT_STREAMING", "true").strip().lower() not in ("false", "0", "no")
+_clients = ClientFactory(ClientConfig(streaming=_STREAMING, httpx_client=_http))
+
+
+def _stop_if_cancelled(status: TaskStatus) -> None:
+    if status.state == TaskState.TASK_STATE_CANCELED:
+        # The next agent's part of this run was cancelled, so this run was: stop here
+        # too, even if the flag has not reached this process yet.
+        reason = dict(status.message.metadata.items()).get("otel_cancel.reason", "next agent cancelled")
+        raise otel_cancel.Cancelled(str(otel_cancel.current_root()), str(reason))
 
 
 async def _relay_next_agent(state: AgentState) -> AgentState:
-    """Send the prompt to the next agent over A2A (streaming) and relay its tokens."""
+    """Send the prompt to the next agent over A2A and relay its tokens."""
     if not NEXT_AGENT_URLS:
         return {"answers": []}
     write = get_stream_writer()
@@ -99,16 +112,15 @@ async def _relay_next_agent(state: AgentState) -> AgentState:
     message = Message(message_id=uuid.uuid4().hex, role=Role.ROLE_USER, parts=[Part(text=state["prompt"])])
     async with contextlib.aclosing(client.send_message(SendMessageRequest(message=message))) as events:
         async for event in events:
-            status = event.status_update.status if event.HasField("status_update") else None
-            if status is not None and status.state == TaskState.TASK_STATE_CANCELED:
-                # The next agent's part of this run was cancelled, so this run was: stop
-                # here too, even if the flag has not reached this process yet.
-                reason = dict(status.message.metadata.items()).get("otel_cancel.reason", "next agent cancelled")
-                raise otel_cancel.Cancelled(str(otel_cancel.current_root()), str(reason))
-            if event.HasField("artifact_update"):
-                for part in event.artifact_update.artifact.parts:
-                    agent = str(event.artifact_update.artifact.metadata["agent"])
-                    write({"agent": agent, "token": part.text})
+            if event.HasField("status_update"):
+                _stop_if_cancelled(event.status_update.status)
+            artifacts = [event.artifact_update.artifact] if event.HasField("artifact_update") else []
+            if event.HasField("task"):  # the plain call's one answer (or a stream's first event)
+                _stop_if_cancelled(event.task.status)
+                artifacts = list(event.task.artifacts)
+            for artifact in artifacts:
+                for part in artifact.parts:
+                    write({"agent": str(artifact.metadata["agent"]), "token": part.text})
     return {"answers": [f"relayed from {url}"]}
 
 
