@@ -42,6 +42,8 @@ class Holder:
     interrupted: bool = False
     stopped_early: list[str] = dataclasses.field(default_factory=list)
     """Names of this holder's scopes that exited stopped before any flag for the root arrived."""
+    on_claimed: list[Callable[[CancelRequest], None]] = dataclasses.field(default_factory=list)
+    """What those scopes record once a flag claims their stop (their spans)."""
     deadline_ms: int | None = None
     """The earliest deadline a scope of this holder has a timer for."""
 
@@ -78,6 +80,7 @@ class _EarlyStop:
     depth: int
     names: list[str]
     tasks: int
+    on_claimed: list[Callable[[CancelRequest], None]] = dataclasses.field(default_factory=list)
 
 
 EARLY_STOP_MEMORY_SECONDS = 30.0
@@ -139,14 +142,23 @@ class CancelRegistry:
             state = self._cancelled.get(root)
             return holder, (state.request if state is not None else None)
 
-    def exit(self, holder: Holder, interrupted: bool, stopped_by_other: bool = False) -> None:
+    def exit(
+        self,
+        holder: Holder,
+        interrupted: bool,
+        stopped_by_other: bool = False,
+        on_claimed: Callable[[CancelRequest], None] | None = None,
+    ) -> None:
         """Unregister one scope of ``holder``; report when a cancelled root's work has stopped.
 
         Args:
             holder: the holder of the exiting scope.
             interrupted: the scope was stopped by this root's cancel.
-            stopped_by_other: the scope was stopped by a cancellation otel-cancel did
-                not deliver (a caller that left), before any flag for the root arrived.
+            stopped_by_other: the scope was stopped before any flag for the root arrived,
+                by a cancellation otel-cancel did not deliver (a caller that left) or by
+                news of the cancel from downstream.
+            on_claimed: with ``stopped_by_other``, called (on the watcher's thread) with
+                the root's cancel request if its flag arrives while the stop is remembered.
         """
         report: StopReport | None = None
         with self._lock:
@@ -168,6 +180,8 @@ class CancelRegistry:
                 # Kept per scope: nested scopes share the holder, and only the last
                 # one out decides whether the stop is remembered.
                 holder.stopped_early.append(name)
+                if on_claimed is not None:
+                    holder.on_claimed.append(on_claimed)
             if holder.count > 0:
                 return
             holders = self._live.get(holder.root)
@@ -205,6 +219,7 @@ class CancelRegistry:
         early.stopped_monotonic = time.monotonic()
         early.depth = min(early.depth, holder.depth)
         early.names.extend(n for n in reversed(holder.stopped_early) if n)
+        early.on_claimed.extend(holder.on_claimed)
         early.tasks += 1
 
     def is_cancelled(self, root: str) -> CancelRequest | None:
@@ -243,8 +258,12 @@ class CancelRegistry:
                     interrupted=tuple(dict.fromkeys(early.names)),
                     tasks=early.tasks,
                 )
-        if early_report is not None and self.on_stopped is not None:
-            self.on_stopped(early_report)
+        if early_report is not None:
+            assert early is not None
+            for claimed in early.on_claimed:
+                claimed(request)
+            if self.on_stopped is not None:
+                self.on_stopped(early_report)
         return True, holders
 
     def forget(self, root: str) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from opentelemetry import context as otel_context
@@ -182,7 +183,8 @@ class CancelScope:
         stopped_by_other = request is None and (
             isinstance(exc, asyncio.CancelledError) or (isinstance(exc, Cancelled) and exc.root == self.root)
         )
-        runtime.registry.exit(holder, interrupted, stopped_by_other)
+        on_claimed = self._early_recorder() if stopped_by_other else None
+        runtime.registry.exit(holder, interrupted, stopped_by_other, on_claimed)
         telemetry.scope_exited()
         if interrupted and request is not None:
             self._record(request)
@@ -202,6 +204,28 @@ class CancelScope:
             start_ns=time.time_ns(),
             latency_ms=float(late_ms) if late_ms is not None else None,
         )
+
+    def _early_recorder(self) -> Callable[[CancelRequest], None]:
+        """What to record if this root's flag arrives after this scope already stopped."""
+        context, stopped_at, depth, name = otel_context.get_current(), time.time_ns(), self.depth, self.name
+
+        def record(request: CancelRequest) -> None:
+            # The work span has ended; the stop's span still lands under it, at the
+            # moment the work stopped, so the trace shows this hop stopping too.
+            latency_ms = max(0, stopped_at - request.requested_at) / 1e6 if request.requested_at else None
+            telemetry.work_cancelled(
+                root=request.root,
+                reason=request.reason,
+                kind=attributes.KIND_EXPLICIT,
+                depth=depth,
+                node=name,
+                start_ns=stopped_at,
+                latency_ms=latency_ms,
+                context=context,
+                end_ns=stopped_at,
+            )
+
+        return record
 
     def _record(self, request: CancelRequest) -> None:
         latency_ms = (time.time_ns() - request.requested_at) / 1e6 if request.requested_at else None

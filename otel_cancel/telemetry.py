@@ -154,11 +154,13 @@ def work_cancelled(
     start_ns: int,
     latency_ms: float | None,
     context: Context | None = None,
+    end_ns: int | None = None,
 ) -> None:
     """Record that work for ``root`` stopped here: metrics and an ``otel_cancel.cancelled`` span.
 
     The span is a child of the current span of ``context`` (the interrupted work),
-    so it lands in the cancelled trace; it starts when the cancel was seen and ends now.
+    so it lands in the cancelled trace; it starts at ``start_ns`` and ends at
+    ``end_ns`` (default: now).
     """
     labels: dict[str, str | int] = {
         attributes.REASON: reason_label(reason),
@@ -181,7 +183,7 @@ def work_cancelled(
     span = _tracer.start_span(
         attributes.SPAN_CANCELLED, context=context, attributes=span_attributes, start_time=start_ns
     )
-    span.end()
+    span.end(end_time=end_ns)
 
 
 def mark_span_cancelled(span: Span, reason: str) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
+from opentelemetry import trace
 
 import otel_cancel
+from otel_cancel import attributes, telemetry
 from otel_cancel._request import CancelRequest
 from otel_cancel._root import random_root
 from otel_cancel.store.memory import MemoryCancelStore
@@ -117,3 +120,42 @@ async def test_a_cancelled_of_another_root_is_not_taken_for_an_early_stop_of_thi
         runtime.registry.on_stopped = reports.append  # reports are made inside apply, synchronously
         runtime.watcher.apply(CancelRequest.new(root, "user", "tests"))
     assert reports == []
+
+
+async def test_an_early_stop_claimed_by_its_flag_records_a_cancelled_span_under_the_stopped_work(monkeypatch):
+    """The flag that claims an early stop records its otel_cancel.cancelled span, in the work's trace, at the stop."""
+    recorded: list[dict[str, object]] = []
+    monkeypatch.setattr(telemetry, "work_cancelled", lambda **kwargs: recorded.append(kwargs))
+    work_span = trace.NonRecordingSpan(
+        trace.SpanContext(trace_id=random.getrandbits(128), span_id=random.getrandbits(64), is_remote=False)
+    )
+    store = MemoryCancelStore("/race/")
+    with configured(store=store, prefix="/race/") as runtime:
+        root = random_root()
+        entered = asyncio.Event()
+
+        async def work() -> None:
+            with trace.use_span(work_span):
+                async with otel_cancel.scope(root=root, name="relay"):
+                    entered.set()
+                    await asyncio.Event().wait()
+
+        task = asyncio.create_task(work())
+        await asyncio.wait_for(entered.wait(), 10)
+        task.cancel("the caller hung up")
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert recorded == []  # nothing to record until a flag says the stop was a cancel
+        request = CancelRequest.new(root, "user", "tests")
+        runtime.watcher.apply(request)
+    (span,) = recorded
+    assert (span["root"], span["reason"], span["node"], span["kind"]) == (
+        root,
+        "user",
+        "relay",
+        attributes.KIND_EXPLICIT,
+    )
+    assert span["start_ns"] == span["end_ns"]
+    assert span["latency_ms"] is not None and span["latency_ms"] >= 0
+    parent = trace.get_current_span(span["context"]).get_span_context()  # type: ignore[arg-type]
+    assert parent.span_id == work_span.get_span_context().span_id
