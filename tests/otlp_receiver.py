@@ -7,6 +7,7 @@ tests read the spans and metric names it received and await them with timeouts.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -115,7 +116,11 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_
         """Block until ``predicate(received)`` holds, re-checked on every export."""
         with self._changed:
             if not self._changed.wait_for(lambda: predicate(self.received), timeout):
-                raise TimeoutError(f"{what} not received within {timeout}s")
+                # Say what did arrive, so a failure tells which part was missing.
+                seen = sorted(
+                    Counter((s.service, s.name) for s in self.received.spans if "otel_cancel" in s.name).items()
+                )
+                raise TimeoutError(f"{what} not received within {timeout}s; otel_cancel spans received: {seen}")
 
     def env(self) -> dict[str, str]:
         """Environment that makes an instrumented service export here, quickly."""
