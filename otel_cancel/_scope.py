@@ -223,6 +223,7 @@ class CancelScope:
                 latency_ms=latency_ms,
                 context=context,
                 end_ns=stopped_at,
+                before_flag=True,
             )
 
         return record

@@ -42,6 +42,10 @@ NODE = "otel_cancel.node"
 KIND = "otel_cancel.kind"
 """``explicit`` (a flag in etcd) or ``deadline`` (the budget ran out locally)."""
 OUTCOME = "otel_cancel.outcome"
+BEFORE_FLAG = "otel_cancel.before_flag"
+"""On an ``otel_cancel.cancelled`` span: the work had stopped before this process saw the
+flag (its caller hung up, or the agent it called reported the cancel). Its work span had
+already ended, without the cancelled status."""
 
 KIND_EXPLICIT = "explicit"
 KIND_DEADLINE = "deadline"

@@ -155,6 +155,7 @@ def work_cancelled(
     latency_ms: float | None,
     context: Context | None = None,
     end_ns: int | None = None,
+    before_flag: bool = False,
 ) -> None:
     """Record that work for ``root`` stopped here: metrics and an ``otel_cancel.cancelled`` span.
 
@@ -180,6 +181,8 @@ def work_cancelled(
         span_attributes[attributes.LATENCY_MS] = round(latency_ms, 3)
     if node:
         span_attributes[attributes.NODE] = node
+    if before_flag:
+        span_attributes[attributes.BEFORE_FLAG] = True
     span = _tracer.start_span(
         attributes.SPAN_CANCELLED, context=context, attributes=span_attributes, start_time=start_ns
     )

@@ -155,7 +155,7 @@ async def test_an_early_stop_claimed_by_its_flag_records_a_cancelled_span_under_
         "relay",
         attributes.KIND_EXPLICIT,
     )
-    assert span["start_ns"] == span["end_ns"]
+    assert span["start_ns"] == span["end_ns"] and span["before_flag"] is True
     assert span["latency_ms"] is not None and span["latency_ms"] >= 0
     parent = trace.get_current_span(span["context"]).get_span_context()  # type: ignore[arg-type]
     assert parent.span_id == work_span.get_span_context().span_id
