@@ -27,6 +27,7 @@ from a2a.types import (
     StreamResponse,
     TaskState,
 )
+from a2a.utils.errors import A2AError
 
 TOKENS_BEFORE_CANCEL = 8
 STREAM_TIMEOUT = 60.0
@@ -113,4 +114,7 @@ async def cancel_task_midway(
 def cancel_task_from_the_other_replica(supervisor_urls: list[str], prompt: str) -> CancelTaskOutcome:
     """Stream ``prompt`` from the first supervisor replica; send cancel-task to the second midway."""
     running_here, elsewhere = supervisor_urls[:2]
-    return asyncio.run(cancel_task_midway(running_here, elsewhere, prompt))
+    try:
+        return asyncio.run(cancel_task_midway(running_here, elsewhere, prompt))
+    except A2AError as error:  # the demo reports failures in one line
+        raise RuntimeError(f"A2A call failed: {type(error).__name__}: {error}") from error
