@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -62,11 +64,51 @@ def find_etcdctl_binary() -> str:
     raise ConfigurationError("no etcdctl binary found next to etcd or on PATH (Debian: etcd-client)")
 
 
+# Ports handed out by this process: a port is only reserved once its server binds it,
+# so never hand the same one out twice.
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+_LOWEST_PORT = 10000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """A TCP port that is free on ``host`` right now, below the kernel's ephemeral range.
+
+    The kernel takes the local ports of outgoing connections from its ephemeral
+    range, so a port chosen there (as ``bind(0)`` does) can be taken by any client
+    socket before the server that was meant to get it binds it. Ports below that
+    range are only ever taken on purpose.
+    """
+    low, _ = _ephemeral_range()
+    with _handed_out_lock:
+        if low - _LOWEST_PORT > 1000:
+            for _ in range(200):
+                port = random.randrange(_LOWEST_PORT, low)
+                if port not in _handed_out and _bindable(host, port):
+                    _handed_out.add(port)
+                    return port
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        _handed_out.add(port)
+        return port
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +162,7 @@ class EtcdServer:
     ) -> None:
         self.binary = find_etcd_binary()
         self.tls = tls
+        self._ports_chosen_here = client_port is None and peer_port is None
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self._own_dir = data_dir is None
@@ -172,15 +215,37 @@ class EtcdServer:
         return base + self.extra_args
 
     def start(self, timeout: float = 20.0, wait: bool = True) -> EtcdServer:
-        """Start etcd and wait until it answers its health endpoint."""
+        """Start etcd and wait until it answers its health endpoint.
+
+        If etcd cannot bind ports this server chose itself (another process took one
+        in between), it starts again on new ones, a few times.
+        """
         if self.process is not None and self.process.poll() is None:
             return self
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        if wait:
-            self.wait_healthy(timeout)
+        for attempt in range(3):
+            log_start = self.log_size()
+            log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            log.close()
+            if not wait:
+                return self
+            try:
+                self.wait_healthy(timeout)
+                return self
+            except RuntimeError:
+                if attempt == 2 or not self._ports_chosen_here or not self._lost_a_port(log_start):
+                    raise
+                self.client_port, self.peer_port = free_port(), free_port()
+                if self._own_dir:  # nothing was served yet: start clean, with the new URLs
+                    shutil.rmtree(os.path.join(self.data_dir, "data"), ignore_errors=True)
         return self
+
+    def _lost_a_port(self, since: int) -> bool:
+        with open(self.log_path, "rb") as log:
+            log.seek(since)
+            return b"address already in use" in log.read()
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
         """Block until ``/health`` answers (or raise ``TimeoutError``)."""
