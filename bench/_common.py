@@ -9,6 +9,7 @@ stopped by pid).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import importlib.metadata
@@ -424,6 +425,20 @@ class EventLog:
     def ended_everywhere(self, runs: Iterable[str], depth: int) -> bool:
         self.update()
         return all(len(self.end.get(run, {})) >= depth for run in runs)
+
+
+async def until(predicate: Callable[[], bool], timeout: float, poll: float = 0.01) -> bool:
+    """Poll ``predicate`` on the event loop until it holds (True) or ``timeout`` passes (False).
+
+    As :func:`wait_until`, the interval only bounds the harness's CPU use; measured
+    latencies come from timestamps taken where the events happen.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(poll)
+    return True
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> float:

@@ -51,6 +51,7 @@ from _common import (
     say,
     summary,
     table,
+    until,
     write_results,
 )
 
@@ -64,15 +65,6 @@ SHAPES: dict[str, dict[str, Any]] = {
     "buffered-call": {"level_env": {1: {"CALL_MODE": "buffered"}}},
     "rpc-endpoint": {"level_env": {0: {"NEXT_PATH": "/invoke"}}},
 }
-
-
-async def until(predicate: Any, timeout: float, poll: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(poll)
-    return True
 
 
 async def one_round(chain: ServiceChain, events: EventLog, mechanism: str) -> dict[str, Any]:

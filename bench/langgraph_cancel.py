@@ -41,7 +41,19 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import BENCH, REPO, SERVICES, base_parser, langgraph_rows, loadavg, say, summary, table, write_results
+from _common import (
+    BENCH,
+    REPO,
+    SERVICES,
+    base_parser,
+    langgraph_rows,
+    loadavg,
+    say,
+    summary,
+    table,
+    until,
+    write_results,
+)
 
 from otel_cancel.testing import ManagedProcess, free_port
 
@@ -148,15 +160,6 @@ def _events(deployments: list[Deployment]) -> dict[str, dict[int, dict[str, Any]
     return found
 
 
-async def _until(predicate: Any, timeout: float, poll: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(poll)
-    return True
-
-
 async def one_round(top: Deployment, levels: list[int], deployments: list[Deployment]) -> dict[str, Any]:
     from langgraph_sdk import get_client
 
@@ -171,7 +174,7 @@ async def one_round(top: Deployment, levels: list[int], deployments: list[Deploy
         seen = _events(deployments).get(run_id_text, {})
         return all("start" in seen.get(level, {}) for level in levels)
 
-    if not await _until(started, 60):
+    if not await until(started, 60, 0.02):
         raise TimeoutError(f"run {run_id_text} did not start at every level: {_events(deployments).get(run_id_text)}")
     await asyncio.sleep(0.05)
     sent_ns = time.time_ns()
@@ -182,7 +185,7 @@ async def one_round(top: Deployment, levels: list[int], deployments: list[Deploy
         seen = _events(deployments).get(run_id_text, {})
         return all("end" in seen.get(level, {}) for level in levels)
 
-    await _until(ended, TOKENS * INTERVAL * len(levels) + 15, 0.05)
+    await until(ended, TOKENS * INTERVAL * len(levels) + 15, 0.05)
     seen = _events(deployments).get(run_id_text, {})
     status = (await client.runs.get(thread["thread_id"], run["run_id"]))["status"]
     out = []

@@ -54,6 +54,7 @@ from _common import (
     service_env,
     summary,
     table,
+    until,
     write_results,
 )
 from opentelemetry import baggage, context
@@ -193,15 +194,6 @@ class Holder:
         self.process.stop()
 
 
-async def _until(predicate: Any, timeout: float, poll: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(poll)
-    return True
-
-
 async def _write_flag(store: EtcdCancelStore, root: str) -> int:
     request = CancelRequest.new(root, "bench", "bench/scale")
 
@@ -227,7 +219,7 @@ async def one_among(
     latencies = []
     for root in wanted:
         requested_at = await _write_flag(store, root)
-        if not await _until(lambda r=root: r in holder.update(), 10):
+        if not await until(lambda r=root: r in holder.update(), 10):
             continue
         latencies.append((holder.stopped[root] - requested_at) / 1e6)
         await asyncio.sleep(0.02)
@@ -300,7 +292,7 @@ async def storm(
     written_from = min(requested.values()) / 1e9 if requested else 0.0
     written_to = max(requested.values()) / 1e9 if requested else 0.0
     if hold:
-        await _until(lambda: len(holder.update()) >= len(requested), 60, 0.05)
+        await until(lambda: len(holder.update()) >= len(requested), 60, 0.05)
     applied_by = time.time()
     # Receipts: every stopped scope's process writes one; wait for them to land.
     receipts_deadline = time.monotonic() + 60
