@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -30,6 +31,32 @@ from ._root import current_depth, current_root, new_root, validate_root, with_ro
 from ._runtime import Runtime, get_runtime
 from ._signing import sign_root
 from .exceptions import Cancelled, StoreError
+
+
+def _record_stop(
+    request: CancelRequest,
+    *,
+    depth: int,
+    node: str | None,
+    stopped_at: int,
+    context: otel_context.Context | None = None,
+    before_flag: bool = False,
+) -> None:
+    """Record work stopped by ``request`` at ``stopped_at`` (metrics and its ``otel_cancel.cancelled`` span)."""
+    latency_ms = (stopped_at - request.requested_at) / 1e6 if request.requested_at else None
+    telemetry.work_cancelled(
+        root=request.root,
+        reason=request.reason,
+        kind=attributes.KIND_EXPLICIT,
+        depth=depth,
+        node=node,
+        start_ns=stopped_at,
+        latency_ms=latency_ms,
+        context=context,
+        # Recorded late (the flag came after the stop): the span ends where the work stopped.
+        end_ns=stopped_at if before_flag else None,
+        before_flag=before_flag,
+    )
 
 
 class CancelScope:
@@ -207,39 +234,20 @@ class CancelScope:
 
     def _early_recorder(self) -> Callable[[CancelRequest], None]:
         """What to record if this root's flag arrives after this scope already stopped."""
-        context, stopped_at, depth, name = otel_context.get_current(), time.time_ns(), self.depth, self.name
-
-        def record(request: CancelRequest) -> None:
-            # The work span has ended; the stop's span still lands under it, at the
-            # moment the work stopped, so the trace shows this hop stopping too.
-            latency_ms = max(0, stopped_at - request.requested_at) / 1e6 if request.requested_at else None
-            telemetry.work_cancelled(
-                root=request.root,
-                reason=request.reason,
-                kind=attributes.KIND_EXPLICIT,
-                depth=depth,
-                node=name,
-                start_ns=stopped_at,
-                latency_ms=latency_ms,
-                context=context,
-                end_ns=stopped_at,
-                before_flag=True,
-            )
-
-        return record
-
-    def _record(self, request: CancelRequest) -> None:
-        latency_ms = (time.time_ns() - request.requested_at) / 1e6 if request.requested_at else None
-        telemetry.mark_span_cancelled(trace.get_current_span(), request.reason)
-        telemetry.work_cancelled(
-            root=request.root,
-            reason=request.reason,
-            kind=attributes.KIND_EXPLICIT,
+        # The work span will have ended by then; the stop's span still lands under it,
+        # at the moment the work stopped, so the trace shows this hop stopping too.
+        return functools.partial(
+            _record_stop,
             depth=self.depth,
             node=self.name,
-            start_ns=time.time_ns(),
-            latency_ms=latency_ms,
+            stopped_at=time.time_ns(),
+            context=otel_context.get_current(),
+            before_flag=True,
         )
+
+    def _record(self, request: CancelRequest) -> None:
+        telemetry.mark_span_cancelled(trace.get_current_span(), request.reason)
+        _record_stop(request, depth=self.depth, node=self.name, stopped_at=time.time_ns())
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None

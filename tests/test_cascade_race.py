@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 import pytest
@@ -18,20 +19,27 @@ from otel_cancel.testing import configured
 pytestmark = pytest.mark.anyio
 
 
+async def _relay_working_for(root: str, under: trace.Span | None = None) -> asyncio.Task[None]:
+    """A task working for ``root`` in a scope named ``relay`` (inside span ``under``), once it is in the scope."""
+    entered = asyncio.Event()
+
+    async def work() -> None:
+        with trace.use_span(under) if under is not None else contextlib.nullcontext():
+            async with otel_cancel.scope(root=root, name="relay"):
+                entered.set()
+                await asyncio.Event().wait()
+
+    task = asyncio.create_task(work())
+    await asyncio.wait_for(entered.wait(), 10)
+    return task
+
+
 async def test_work_stopped_by_its_caller_after_the_flag_applied_but_before_delivery_writes_a_receipt():
     """Flag applied, then the caller's hang-up cancels the task before our delivery runs: one receipt, tasks=1."""
     store = MemoryCancelStore("/race/")
     with configured(store=store, prefix="/race/") as runtime:
         root = random_root()
-        entered = asyncio.Event()
-
-        async def work() -> None:
-            async with otel_cancel.scope(root=root, name="relay"):
-                entered.set()
-                await asyncio.Event().wait()
-
-        task = asyncio.create_task(work())
-        await asyncio.wait_for(entered.wait(), 10)
+        task = await _relay_working_for(root)
         # In this order on one loop: the hang-up's CancelledError reaches the task
         # before the delivery the watcher schedules with call_soon_threadsafe.
         task.cancel("the caller hung up")
@@ -67,15 +75,7 @@ async def test_work_stopped_by_its_caller_before_the_flag_arrived_writes_a_recei
     store = MemoryCancelStore("/race/")
     with configured(store=store, prefix="/race/") as runtime:
         root = random_root()
-        entered = asyncio.Event()
-
-        async def work() -> None:
-            async with otel_cancel.scope(root=root, name="relay"):
-                entered.set()
-                await asyncio.Event().wait()
-
-        task = asyncio.create_task(work())
-        await asyncio.wait_for(entered.wait(), 10)
+        task = await _relay_working_for(root)
         task.cancel("the caller hung up")
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -132,21 +132,14 @@ async def test_an_early_stop_claimed_by_its_flag_records_a_cancelled_span_under_
     store = MemoryCancelStore("/race/")
     with configured(store=store, prefix="/race/") as runtime:
         root = random_root()
-        entered = asyncio.Event()
-
-        async def work() -> None:
-            with trace.use_span(work_span):
-                async with otel_cancel.scope(root=root, name="relay"):
-                    entered.set()
-                    await asyncio.Event().wait()
-
-        task = asyncio.create_task(work())
-        await asyncio.wait_for(entered.wait(), 10)
+        task = await _relay_working_for(root, under=work_span)
+        # As in a chain: the flag is written, the caller (stopped by it) hangs up, and
+        # only then does this process see the flag.
+        request = CancelRequest.new(root, "user", "tests")
         task.cancel("the caller hung up")
         with pytest.raises(asyncio.CancelledError):
             await task
         assert recorded == []  # nothing to record until a flag says the stop was a cancel
-        request = CancelRequest.new(root, "user", "tests")
         runtime.watcher.apply(request)
     (span,) = recorded
     assert (span["root"], span["reason"], span["node"], span["kind"]) == (
