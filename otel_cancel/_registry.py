@@ -40,10 +40,10 @@ class Holder:
     consumed: bool = False
     """Set when a scope turned the delivered cancellation into ``Cancelled``."""
     interrupted: bool = False
-    stopped_early: list[str] = dataclasses.field(default_factory=list)
-    """Names of this holder's scopes that exited stopped before any flag for the root arrived."""
-    on_claimed: list[Callable[[CancelRequest], None]] = dataclasses.field(default_factory=list)
-    """What those scopes record once a flag claims their stop (their spans)."""
+    stopped_early: tuple[tuple[str, Callable[[CancelRequest], None] | None], ...] = ()
+    """This holder's scopes that exited stopped before any flag for the root arrived: their
+    names, and what each records once a flag claims the stop (its span). A tuple, so a
+    holder that never stops early (nearly all) allocates nothing for it."""
     deadline_ms: int | None = None
     """The earliest deadline a scope of this holder has a timer for."""
 
@@ -179,9 +179,7 @@ class CancelRegistry:
             if state is None and stopped_by_other:
                 # Kept per scope: nested scopes share the holder, and only the last
                 # one out decides whether the stop is remembered.
-                holder.stopped_early.append(name)
-                if on_claimed is not None:
-                    holder.on_claimed.append(on_claimed)
+                holder.stopped_early += ((name, on_claimed),)
             if holder.count > 0:
                 return
             holders = self._live.get(holder.root)
@@ -218,8 +216,8 @@ class CancelRegistry:
         early.stopped_at = time.time_ns()
         early.stopped_monotonic = time.monotonic()
         early.depth = min(early.depth, holder.depth)
-        early.names.extend(n for n in reversed(holder.stopped_early) if n)
-        early.on_claimed.extend(holder.on_claimed)
+        early.names.extend(name for name, _ in reversed(holder.stopped_early) if name)
+        early.on_claimed.extend(record for _, record in holder.stopped_early if record is not None)
         early.tasks += 1
 
     def is_cancelled(self, root: str) -> CancelRequest | None:
