@@ -65,6 +65,9 @@ class Deployment:
             "dev",
             "--no-browser",
             "--no-reload",
+            # Several runs at once per deployment (the default runs one at a time).
+            "--n-jobs-per-worker",
+            "4",
             "--host",
             "127.0.0.1",
             "--port",

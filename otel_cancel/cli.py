@@ -4,6 +4,7 @@ Commands::
 
     otel-cancel cancel ROOT [--reason TEXT] [--wait SECONDS] [--expect N] [--json]
     otel-cancel status ROOT [--json]
+    (``--thread THREAD_ID`` or ``--run RUN_ID`` instead of ROOT: a LangGraph Server run's root)
     otel-cancel list [--json]
     otel-cancel watch [--json]
     otel-cancel doctor [--json]
@@ -28,6 +29,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from . import telemetry
+from ._cli_langgraph import UnknownLangGraphIdError, add_langgraph_id_options, check_one_target, resolve_root
 from ._io_loop import io_loop
 from ._request import CancelRequest, Receipt
 from ._root import validate_root
@@ -234,6 +236,11 @@ _STORE_COMMANDS = {"cancel": _cancel, "status": _status, "list": _list, "watch":
 async def _run_store_command(settings: Settings, args: argparse.Namespace) -> int:
     store = settings.create_store()
     try:
+        if args.command in ("cancel", "status"):
+            try:
+                await resolve_root(store, args)  # --thread / --run: a LangGraph Server run's root
+            except UnknownLangGraphIdError as error:
+                return _fail(str(error), EXIT_STORE)
         return await _STORE_COMMANDS[args.command](store, settings, args)
     finally:
         await store.close()
@@ -271,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     cancel = commands.add_parser("cancel", help="cancel every piece of work of ROOT")
-    cancel.add_argument("root", type=_root_argument, metavar="ROOT")
+    cancel.add_argument("root", type=_root_argument, metavar="ROOT", nargs="?")
+    add_langgraph_id_options(cancel)
     cancel.add_argument("--reason", default="cancelled by operator", help="why (shown in receipts and spans)")
     cancel.add_argument(
         "--wait",
@@ -284,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--json", action="store_true", help="JSON lines output")
 
     status = commands.add_parser("status", help="show whether ROOT is cancelled and who stopped")
-    status.add_argument("root", type=_root_argument, metavar="ROOT")
+    status.add_argument("root", type=_root_argument, metavar="ROOT", nargs="?")
+    add_langgraph_id_options(status)
     status.add_argument("--json", action="store_true")
 
     listing = commands.add_parser("list", help="list cancelled roots")
@@ -345,7 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # gRPC's core logs failed connections (a TLS handshake refused, say) to stderr
     # at info level, before our one-line reason; keep its errors only, unless asked.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("cancel", "status"):
+        check_one_target(parser, args)
     provider = _export_spans_if_configured() if args.command == "cancel" else None
     try:
         return _main(args)

@@ -36,9 +36,11 @@ otel-cancel.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.metadata
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -46,16 +48,20 @@ import wrapt
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
 
-from . import attributes
+from . import _cli_langgraph, attributes
 from ._deadline import validate_deadline
+from ._logging import RateLimitedLogger
+from ._request import TaskRecord
 from ._root import current_root, is_valid_root, parse_depth, with_root, without_root
-from ._runtime import get_runtime
+from ._runtime import Runtime, get_runtime
 from ._scope import CancelScope, cancel
 from ._signing import verify_root
-from .exceptions import Cancelled
+from .exceptions import Cancelled, InvalidTaskIdError
 from .langgraph import run_scope_bound
+from .store._keys import validate_task_id
 
 _log = logging.getLogger("otel_cancel.langgraph_server")
+_rate_limited = RateLimitedLogger(_log)
 
 SUPPORTED_LANGGRAPH_API = ((0, 16), (0, 17))
 """The ``langgraph-api`` releases these hooks know: from the first version (included)
@@ -66,6 +72,12 @@ CONFIG_KEY = "__otel_cancel__"
 
 METADATA_ROOT = "otel_cancel_root"
 """The run metadata entry that shows the run's root to SDK users."""
+
+RUN_RECORD = _cli_langgraph.RUN_RECORD
+THREAD_RECORD = _cli_langgraph.THREAD_RECORD
+"""Names of the records (``{prefix}tasks/...``, on the flags' lease) that map a run id, and
+a thread id to its latest run's root, so ``otel-cancel cancel --run/--thread`` finds the
+root from any machine, whichever replica or deployment ran the run."""
 
 # The names hooked, per module. The check at start-up and the test that pins the
 # supported release both read this table.
@@ -211,6 +223,43 @@ async def _relay_langgraph_cancel(done: Any, root: str, interrupt_type: type[Exc
         await cancel(root, reason=str(value) or type(value).__name__)
 
 
+async def _put_records(runtime: Runtime, records: list[TaskRecord]) -> None:
+    store = await runtime.watcher.store()
+    for record in records:
+        await store.put_task(record, runtime.settings.ttl_seconds)
+
+
+def _log_record_failure(future: concurrent.futures.Future[None]) -> None:
+    if future.cancelled():
+        return
+    error = future.exception()
+    if error is not None:
+        _rate_limited.warning(
+            "records",
+            "otel-cancel: writing a LangGraph run's root record failed (%s); "
+            "otel-cancel cancel --run/--thread will not find this run",
+            error,
+        )
+
+
+def _record_run(root: str, run: Mapping[str, Any]) -> None:
+    """Map the run id and its thread id to ``root`` in the store (beside the run, never blocking it)."""
+    runtime = get_runtime()
+    settings = runtime.settings
+    run_id, thread_id = str(run.get("run_id") or ""), str(run.get("thread_id") or "")
+    now = time.time_ns()
+    records = []
+    for name, value in ((RUN_RECORD, run_id), (THREAD_RECORD, thread_id)):
+        if value and value != "None":
+            try:
+                task_id = validate_task_id(name.format(value))
+            except InvalidTaskIdError:
+                continue
+            records.append(TaskRecord(task_id, root, thread_id[:128], settings.service, settings.instance, now))
+    if records:
+        runtime.watcher.submit(_put_records(runtime, records)).add_done_callback(_log_record_failure)
+
+
 def _stream_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> AsyncIterator[Any]:
     return _run_in_scope(wrapped, args, kwargs)
 
@@ -233,6 +282,7 @@ async def _run_in_scope(wrapped: Callable[..., AsyncIterator[Any]], args: Any, k
             async with CancelScope(name=None) as run_scope:
                 root = run_scope.root
                 assert root is not None
+                _record_run(root, run)
                 relay = asyncio.get_running_loop().create_task(
                     _relay_langgraph_cancel(done, root, UserInterrupt), name=f"otel-cancel relay {root}"
                 )

@@ -104,12 +104,13 @@ async def guardrail(state: AgentState, config: RunnableConfig) -> dict[str, Any]
     if any(word in state.get("prompt", "").lower() for word in FORBIDDEN):
         from langgraph_sdk import get_client
 
-        configurable = config.get("configurable", {})
+        configurable, metadata = config.get("configurable", {}), config.get("metadata", {})
+        thread_id = configurable.get("thread_id") or metadata.get("thread_id")
+        run_id = configurable.get("run_id") or metadata.get("run_id")
         say("GUARDRAIL", state, "supervisor")
-        # LangGraph's own cancel of this very run: otel-cancel carries it to every level.
-        await get_client().runs.cancel(
-            configurable["thread_id"], configurable["run_id"], wait=False
-        )
+        # LangGraph's own cancel of this very run (get_client() with no URL talks to
+        # this server in-process): otel-cancel carries it to every level.
+        await get_client().runs.cancel(thread_id, run_id, wait=False)
     return {}
 
 

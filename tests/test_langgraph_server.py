@@ -1,0 +1,286 @@
+"""LangGraph Server: three real ``langgraph dev`` deployments chained by ``RemoteGraph``.
+
+The chain (examples/langgraph_server: supervisor -> sub-agent -> sub-sub-agent, graphs
+that do not import otel-cancel) is started once for the module, under
+``opentelemetry-instrument`` with otel-cancel, on the session's real etcd. Each test
+tags its runs so the nodes' marker lines tell the tests apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from otel_cancel._langgraph_server_chain import ROLES, ServerChain
+from otel_cancel.testing import EtcdServer, unique_prefix
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
+
+langgraph_sdk = pytest.importorskip("langgraph_sdk")
+
+TOKENS = 400  # a run that would take 20 s at every level: it is always cancelled midway
+INTERVAL = 0.05
+STOP_WITHIN_NS = 1_000_000_000
+
+
+@pytest.fixture(scope="module")
+def lg_env(etcd: EtcdServer) -> dict[str, str]:
+    return {
+        "OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint,
+        "OTEL_CANCEL_PREFIX": unique_prefix(),
+        "OTEL_CANCEL_WATCHDOG_SECONDS": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def lg_chain(lg_env: dict[str, str]) -> Iterator[ServerChain]:
+    chain = ServerChain(lg_env).start()
+    try:
+        yield chain
+    finally:
+        chain.stop()
+
+
+@pytest.fixture
+async def top(lg_chain: ServerChain) -> AsyncIterator[Any]:
+    """A langgraph_sdk client of the supervisor deployment (the edge)."""
+    async with langgraph_sdk.get_client(url=lg_chain.top.url) as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def _no_retry_no_detach_error(request: pytest.FixtureRequest) -> Iterator[None]:
+    """No run of any test is retried, and no context is left attached across tasks."""
+    yield
+    if "lg_chain" not in request.fixturenames:
+        return
+    chain: ServerChain = request.getfixturevalue("lg_chain")
+    for deployment in chain.deployments:
+        for line in deployment.process.lines:
+            assert "will retry" not in line and "RETRYING" not in line, f"{deployment.name}: {line}"
+            assert "Failed to detach context" not in line, f"{deployment.name}: {line}"
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    binary = os.path.join(os.path.dirname(sys.executable), "otel-cancel")
+    return subprocess.run([binary, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+def _interrupted_runs(chain: ServerChain) -> list[int]:
+    return [sum("Background run interrupted" in line for line in list(d.process.lines)) for d in chain.deployments]
+
+
+async def _until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)  # polling process output: there is no event to await
+
+
+async def _leaf_token(chain: ServerChain, tag: str, role: str = "sub_sub_agent") -> None:
+    await _until(lambda: any(r == role for r, _ in chain.lines("TOKEN", tag)), 90, f"{role} tokens of {tag}")
+
+
+def _input(tag: str, tokens: int = TOKENS, prompt: str = "tell me") -> dict[str, Any]:
+    return {"prompt": prompt, "tag": tag, "tokens": tokens, "interval": INTERVAL}
+
+
+async def _start(top: Any, tag: str) -> tuple[str, str, str]:
+    """A run on a new supervisor thread, streaming at every level; its thread id, run id and root."""
+    thread = await top.threads.create()
+    run = await top.runs.create(thread["thread_id"], "agent", input=_input(tag))
+    root = run["metadata"]["otel_cancel_root"]
+    return thread["thread_id"], run["run_id"], root
+
+
+async def _every_level_stopped(chain: ServerChain, tag: str, since_ns: int) -> None:
+    """Every level's node ended stopped; the leaf's within a second, with no token after."""
+    await _until(lambda: len(chain.lines("END", tag)) >= len(ROLES), 30, f"every level of {tag} to end")
+    ends = {role: fields for role, fields in chain.lines("END", tag)}
+    # The leaf's node is stopped mid-loop. A relay above it may see its RemoteGraph
+    # stream end first (the interrupted run below ends its stream cleanly) a moment
+    # before its own stop lands: its run still ends interrupted (checked by callers).
+    assert ends["sub_sub_agent"][1] == "stopped"
+    leaf_end = int(ends["sub_sub_agent"][0])
+    assert leaf_end - since_ns < STOP_WITHIN_NS, f"the leaf stopped {(leaf_end - since_ns) / 1e6:.0f} ms after"
+    tokens_after = [f for r, f in chain.lines("TOKEN", tag) if r == "sub_sub_agent" and int(f[0]) > leaf_end]
+    assert tokens_after == []
+
+
+async def _status(top: Any, thread_id: str, run_id: str) -> str:
+    for _ in range(200):
+        status: str = (await top.runs.get(thread_id, run_id))["status"]
+        if status not in ("pending", "running"):
+            return status
+        await asyncio.sleep(0.05)  # polling the server's run status: there is no event to await
+    raise AssertionError(f"run {run_id} still running")
+
+
+async def _every_run_interrupted(chain: ServerChain, before: list[int]) -> None:
+    await _until(
+        lambda: all(now > then for now, then in zip(_interrupted_runs(chain), before, strict=True)),
+        30,
+        "every level's run to end interrupted",
+    )
+
+
+async def test_cancel_by_root_stops_every_level_and_spares_other_threads(
+    lg_chain: ServerChain, lg_env: dict[str, str], top: Any
+) -> None:
+    """The leaf run carries the supervisor's root; cancelling it stops every level, not another thread's run."""
+    tag, other = f"root-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
+    before = _interrupted_runs(lg_chain)
+    thread_id, run_id, root = await _start(top, tag)
+    other_thread = await top.threads.create()
+    other_run = await top.runs.create(other_thread["thread_id"], "agent", input=_input(other, tokens=60))
+    await _leaf_token(lg_chain, tag)
+    await _leaf_token(lg_chain, other)
+    assert {role: fields[1] for role, fields in lg_chain.lines("START", tag)} == dict.fromkeys(ROLES, root)
+    sent = time.time_ns()
+    result = _cli(lg_env, "cancel", root)
+    assert result.returncode == 0, result.stderr
+    await _every_level_stopped(lg_chain, tag, sent)
+    assert await _status(top, thread_id, run_id) == "interrupted"
+    await _every_run_interrupted(lg_chain, before)
+    assert await _status(top, other_thread["thread_id"], other_run["run_id"]) == "success"
+    assert {role: fields[1] for role, fields in lg_chain.lines("END", other)} == dict.fromkeys(ROLES, "done")
+    status = _cli(lg_env, "status", root, "--json")
+    assert '"cancelled": true' in status.stdout and '"answer"' in status.stdout
+
+
+async def test_cancel_by_thread_id_and_resume(lg_chain: ServerChain, lg_env: dict[str, str], top: Any) -> None:
+    """`otel-cancel cancel --thread` stops every level; the same thread then resumes after its last completed step."""
+    tag = f"thread-{uuid.uuid4().hex[:8]}"
+    before = _interrupted_runs(lg_chain)
+    thread_id, run_id, root = await _start(top, tag)
+    await _leaf_token(lg_chain, tag)
+    sent = time.time_ns()
+    result = _cli(lg_env, "cancel", "--thread", thread_id, "--reason", "user pressed stop")
+    assert result.returncode == 0, result.stderr
+    assert root in result.stdout
+    await _every_level_stopped(lg_chain, tag, sent)
+    assert await _status(top, thread_id, run_id) == "interrupted"
+    await _every_run_interrupted(lg_chain, before)
+    # The same thread resumes from its checkpoint: `prepare` completed, so it does not run again.
+    assert len(lg_chain.lines("PREPARE", tag)) == 1
+    await top.threads.update_state(thread_id, {"tokens": 3})
+    resumed = await top.runs.wait(thread_id, "agent", input=None)
+    assert resumed["prepared"] == 1 and resumed["produced"] > 0
+    assert len(lg_chain.lines("PREPARE", tag)) == 1
+
+
+async def test_runs_cancel_on_the_supervisor_stops_every_level(
+    lg_chain: ServerChain, lg_env: dict[str, str], top: Any
+) -> None:
+    """LangGraph's own runs.cancel on the supervisor stops the sub-runs it created through RemoteGraph."""
+    tag = f"runs-cancel-{uuid.uuid4().hex[:8]}"
+    before = _interrupted_runs(lg_chain)
+    thread_id, run_id, root = await _start(top, tag)
+    await _leaf_token(lg_chain, tag)
+    sent = time.time_ns()
+    await top.runs.cancel(thread_id, run_id)
+    await _every_level_stopped(lg_chain, tag, sent)
+    assert await _status(top, thread_id, run_id) == "interrupted"
+    await _every_run_interrupted(lg_chain, before)
+    status = _cli(lg_env, "status", root)
+    assert "(reason: interrupt requested via POST" in status.stdout, status.stdout  # the reason LangGraph gave
+
+
+async def test_client_disconnect_with_on_disconnect_cancel_stops_every_level(lg_chain: ServerChain, top: Any) -> None:
+    """A client that drops its stream with on_disconnect="cancel" stops every level."""
+    tag = f"disconnect-{uuid.uuid4().hex[:8]}"
+    before = _interrupted_runs(lg_chain)
+    thread = await top.threads.create()
+
+    async def stream_until_leaf_tokens() -> None:
+        async for _ in top.runs.stream(
+            thread["thread_id"], "agent", input=_input(tag), stream_mode="values", on_disconnect="cancel"
+        ):
+            pass
+
+    streaming = asyncio.create_task(stream_until_leaf_tokens())
+    await _leaf_token(lg_chain, tag)
+    sent = time.time_ns()
+    streaming.cancel()  # the client goes away mid-stream
+    with pytest.raises(asyncio.CancelledError):
+        await streaming
+    await _every_level_stopped(lg_chain, tag, sent)
+    await _every_run_interrupted(lg_chain, before)
+
+
+async def test_stream_ends_without_reconnecting_when_cancelled(
+    lg_chain: ServerChain, lg_env: dict[str, str], top: Any
+) -> None:
+    """A client streaming the run sees its stream end when the root is cancelled (no reconnect to the finished run)."""
+    tag = f"stream-{uuid.uuid4().hex[:8]}"
+    thread = await top.threads.create()
+    events: list[str] = []
+
+    async def stream() -> None:
+        async for part in top.runs.stream(thread["thread_id"], "agent", input=_input(tag), stream_mode="values"):
+            events.append(part.event)
+
+    streaming = asyncio.create_task(stream())
+    await _leaf_token(lg_chain, tag)
+    root = (await top.runs.list(thread["thread_id"]))[0]["metadata"]["otel_cancel_root"]
+    assert _cli(lg_env, "cancel", root).returncode == 0
+    await asyncio.wait_for(streaming, 10)
+    runs = await top.runs.list(thread["thread_id"])
+    assert [run["status"] for run in runs] == ["interrupted"]
+    assert {role: fields[1] for role, fields in lg_chain.lines("END", tag)} == dict.fromkeys(ROLES, "stopped")
+
+
+async def test_sync_node_stops_at_check(lg_chain: ServerChain, lg_env: dict[str, str]) -> None:
+    """A run whose node never awaits stops at otel_cancel.check(); `cancel --run` finds its root."""
+    tag = f"sync-{uuid.uuid4().hex[:8]}"
+    async with langgraph_sdk.get_client(url=lg_chain.leaf.url) as leaf:
+        thread = await leaf.threads.create()
+        run = await leaf.runs.create(thread["thread_id"], "sync_answer", input=_input(tag))
+        await _leaf_token(lg_chain, tag, role="sync_answer")
+        sent = time.time_ns()
+        result = _cli(lg_env, "cancel", "--run", run["run_id"])
+        assert result.returncode == 0, result.stderr
+        assert await _status(leaf, thread["thread_id"], run["run_id"]) == "interrupted"
+    ends = lg_chain.lines("END", tag)
+    assert [fields[1] for _, fields in ends] == ["stopped"]
+    assert int(ends[0][1][0]) - sent < STOP_WITHIN_NS
+
+
+async def test_edge_ignores_a_root_smuggled_in_config_metadata_or_baggage(lg_chain: ServerChain) -> None:
+    """At the edge a client cannot attach a run to a root of its choosing (config, metadata or baggage)."""
+    smuggled = uuid.uuid4().hex
+    headers = {"baggage": f"otel_cancel.root={smuggled},otel_cancel.depth=0"}
+    async with langgraph_sdk.get_client(url=lg_chain.top.url, headers=headers) as client:
+        thread = await client.threads.create()
+        run = await client.runs.create(
+            thread["thread_id"],
+            "agent",
+            input=_input(f"smuggle-{uuid.uuid4().hex[:8]}", tokens=1),
+            config={"configurable": {"__otel_cancel__": {"otel_cancel.root": smuggled, "otel_cancel.depth": "0"}}},
+            metadata={"otel_cancel_root": smuggled},
+        )
+        root = run["metadata"]["otel_cancel_root"]
+        assert root != smuggled and len(root) == 32
+        await client.runs.join(thread["thread_id"], run["run_id"])
+        stored = (await client.runs.get(thread["thread_id"], run["run_id"]))["kwargs"]["config"]["configurable"]
+    assert stored["__otel_cancel__"]["otel_cancel.root"] == root
+
+
+def test_cli_rejects_bad_and_unknown_langgraph_ids(lg_env: dict[str, str]) -> None:
+    """A malformed thread id exits 2, an unknown run id exits 1, each with one line."""
+    bad = _cli(lg_env, "cancel", "--thread", "not-a-uuid")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    unknown = _cli(lg_env, "status", "--run", str(uuid.uuid4()))
+    assert unknown.returncode == 1 and "no LangGraph run" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    both = _cli(lg_env, "cancel", uuid.uuid4().hex, "--thread", str(uuid.uuid4()))
+    assert both.returncode == 2
