@@ -40,7 +40,8 @@ _log = logging.getLogger("otel_cancel.instrumentation")
 def _is_cancel_middleware(entry: Any) -> bool:
     from .asgi import CancelMiddleware
 
-    return getattr(entry, "cls", None) is CancelMiddleware
+    cls = getattr(entry, "cls", None)
+    return cls is CancelMiddleware or getattr(cls, "__name__", "") == "LangGraphServerCancelMiddleware"
 
 
 def _is_otel_asgi_middleware(entry: Any) -> bool:
@@ -157,10 +158,10 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                     0,
                 )
                 if _is_langgraph_server(self):
-                    # LangGraph Server runs graphs in its worker, which stops them and ends
-                    # their streams itself; a dropped stream follows the run's own
-                    # on_disconnect (LangGraph's default lets background runs go on).
-                    middleware = Middleware(CancelMiddleware, run_in_scope=False, on_disconnect="continue")
+                    from .langgraph_server import LangGraphServerCancelMiddleware
+
+                    # Its worker stops runs itself; see LangGraphServerCancelMiddleware.
+                    middleware = Middleware(LangGraphServerCancelMiddleware)
                 else:
                     middleware = Middleware(CancelMiddleware, run_in_scope=not _serves_a2a(self))
                 self.user_middleware.insert(position, middleware)

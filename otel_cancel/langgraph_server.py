@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hmac
 import importlib.metadata
 import logging
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -47,16 +49,17 @@ from typing import Any
 import wrapt
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
 from . import _cli_langgraph, attributes
 from ._deadline import validate_deadline
 from ._logging import RateLimitedLogger
-from ._request import TaskRecord
+from ._request import CancelRequest, TaskRecord
 from ._root import current_root, is_valid_root, parse_depth, with_root, without_root
 from ._runtime import Runtime, get_runtime
 from ._scope import CancelScope, cancel
 from ._signing import verify_root
-from .exceptions import Cancelled, InvalidTaskIdError
+from .exceptions import Cancelled, InvalidTaskIdError, StoreError
 from .langgraph import run_scope_bound
 from .store._keys import validate_task_id
 
@@ -82,6 +85,7 @@ root from any machine, whichever replica or deployment ran the run."""
 # The names hooked, per module. The check at start-up and the test that pins the
 # supported release both read this table.
 HOOKED_NAMES: Mapping[str, tuple[str, ...]] = {
+    "langgraph_api.asgi_transport": ("ASGITransport",),
     "langgraph_api.models.run": ("create_valid_run", "inject_current_trace_context"),
     "langgraph_api.api.runs": ("create_valid_run",),
     "langgraph_api.cron_scheduler": ("create_valid_run",),
@@ -91,6 +95,7 @@ HOOKED_NAMES: Mapping[str, tuple[str, ...]] = {
 
 _state: dict[str, Any] = {"enabled": False, "hooks_registered": False, "checked": None}
 _patched: list[tuple[Any, str, Any]] = []
+_baggage_propagator = W3CBaggagePropagator()
 _relays: set[asyncio.Task[None]] = set()
 
 
@@ -260,6 +265,35 @@ def _record_run(root: str, run: Mapping[str, Any]) -> None:
         runtime.watcher.submit(_put_records(runtime, records)).add_done_callback(_log_record_failure)
 
 
+FINAL_CHECK_SECONDS = 1.0
+"""How long a finishing run waits for the store to say whether its root was cancelled."""
+
+
+async def _get_flag(runtime: Runtime, root: str) -> CancelRequest | None:
+    store = await runtime.watcher.store()
+    return await store.get_flag(root)
+
+
+async def _cancelled_meanwhile(root: str) -> CancelRequest | None:
+    """Whether ``root`` was cancelled while this run was finishing.
+
+    A run that relays another deployment's run can see that run's stream end cleanly
+    (it was interrupted) a moment before its own process applies the flag: asked once,
+    at the end, the store tells it the run was cancelled, so it ends ``interrupted``
+    too instead of ``success`` with a truncated result. Fails open (a store that does
+    not answer in time, or is down, leaves the run's outcome alone).
+    """
+    runtime = get_runtime()
+    request = runtime.registry.is_cancelled(root)
+    if request is not None or not runtime.watcher.connected:
+        return request
+    try:
+        future = runtime.watcher.submit(_get_flag(runtime, root))
+        return await asyncio.wait_for(asyncio.wrap_future(future), FINAL_CHECK_SECONDS)
+    except (TimeoutError, StoreError):
+        return None
+
+
 def _stream_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> AsyncIterator[Any]:
     return _run_in_scope(wrapped, args, kwargs)
 
@@ -289,6 +323,9 @@ async def _run_in_scope(wrapped: Callable[..., AsyncIterator[Any]], args: Any, k
                 try:
                     async for item in wrapped(*args, **kwargs):
                         yield item
+                    cancelled = await _cancelled_meanwhile(root)
+                    if cancelled is not None:
+                        raise Cancelled(root, cancelled.reason)
                 except UserInterrupt as stopped:
                     # LangGraph stopped the run here (runs.cancel): for the scope, that is
                     # this root's cancel arriving early; the relay's flag claims it.
@@ -315,16 +352,71 @@ async def _run_in_scope(wrapped: Callable[..., AsyncIterator[Any]], args: Any, k
         otel_context.detach(token)
 
 
+# -- requests the server makes to itself ------------------------------------------------
+
+LOOPBACK_HEADER = "otel-cancel-loopback"
+_loopback_token = secrets.token_hex(16)
+"""Marks requests this process sends to itself (``get_client()`` with no URL, the A2A
+endpoint): known only in this process, so no outside client can pass for one."""
+
+
+def _loopback_request(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """An in-process request carries this context's root (and the loopback mark)."""
+    request = args[0] if args else kwargs["request"]
+    # The A2A endpoint forwards its caller's headers: never let that caller's baggage
+    # through, only the root this process established for it.
+    request.headers.pop("baggage", None)
+    carrier: dict[str, str] = {}
+    _baggage_propagator.inject(carrier)
+    if "baggage" in carrier:
+        request.headers["baggage"] = carrier["baggage"]
+    request.headers[LOOPBACK_HEADER] = _loopback_token
+    return wrapped(*args, **kwargs)
+
+
+def _is_loopback(scope: Mapping[str, Any]) -> bool:
+    marks = [value for key, value in scope.get("headers", []) if key.lower() == LOOPBACK_HEADER.encode()]
+    return len(marks) == 1 and hmac.compare_digest(marks[0], _loopback_token.encode())
+
+
+class LangGraphServerCancelMiddleware:
+    """:class:`~otel_cancel.asgi.CancelMiddleware` as LangGraph Server needs it.
+
+    The server's worker runs graphs, stops them and ends their streams itself, so
+    requests are not run in scopes, and a dropped stream follows the run's own
+    ``on_disconnect`` (LangGraph's default lets a background run go on). A request the
+    server makes to itself keeps the root of the request it serves, at an edge too.
+    """
+
+    def __init__(self, app: Any) -> None:
+        from .asgi import CancelMiddleware
+
+        self.app = app
+        self._outside = CancelMiddleware(app, run_in_scope=False, on_disconnect="continue")
+        self._loopback = CancelMiddleware(app, trust_incoming=True, run_in_scope=False, on_disconnect="continue")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and _is_loopback(scope):
+            scope = dict(scope)
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != LOOPBACK_HEADER.encode()]
+            await self._loopback(scope, receive, send)
+            return
+        await self._outside(scope, receive, send)
+
+
 # -- installing ------------------------------------------------------------------------
 
 
 def _wrap(module: Any, name: str, wrapper: Callable[..., Any]) -> None:
-    original = getattr(module, name)
-    _patched.append((module, name, original))
-    setattr(module, name, wrapt.FunctionWrapper(original, wrapper))
+    owner, _, attribute = name.rpartition(".")
+    target = getattr(module, owner) if owner else module
+    original = vars(target)[attribute] if owner else getattr(module, attribute)
+    _patched.append((target, attribute, original))
+    setattr(target, attribute, wrapt.FunctionWrapper(original, wrapper))
 
 
 _WRAPPERS: Mapping[str, Mapping[str, Callable[..., Any]]] = {
+    "langgraph_api.asgi_transport": {"ASGITransport.handle_async_request": _loopback_request},
     "langgraph_api.models.run": {
         "create_valid_run": _create_valid_run,
         "inject_current_trace_context": _inject_current_trace_context,
@@ -345,7 +437,8 @@ def _on_import(module: Any) -> None:
         _unpatch()
         return
     for name, wrapper in _WRAPPERS.get(module.__name__, {}).items():
-        current = getattr(module, name)
+        owner, _, attribute = name.rpartition(".")
+        current = getattr(getattr(module, owner) if owner else module, attribute)
         if isinstance(current, wrapt.FunctionWrapper) and getattr(current, "_self_wrapper", None) is wrapper:
             # Imported by name from a module already hooked: already wrapped, restore the original on undo.
             _patched.append((module, name, current.__wrapped__))
@@ -402,6 +495,7 @@ __all__ = (
     "CONFIG_KEY",
     "METADATA_ROOT",
     "SUPPORTED_LANGGRAPH_API",
+    "LangGraphServerCancelMiddleware",
     "instrument_langgraph_server",
     "is_langgraph_server_app",
     "run_context",

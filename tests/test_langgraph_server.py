@@ -9,6 +9,7 @@ tags its runs so the nodes' marker lines tell the tests apart.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from otel_cancel._langgraph_server_chain import ROLES, ServerChain
@@ -250,6 +252,8 @@ async def test_sync_node_stops_at_check(lg_chain: ServerChain, lg_env: dict[str,
         result = _cli(lg_env, "cancel", "--run", run["run_id"])
         assert result.returncode == 0, result.stderr
         assert await _status(leaf, thread["thread_id"], run["run_id"]) == "interrupted"
+    # The run ends as soon as its task is cancelled; the node's thread stops at its next check().
+    await _until(lambda: lg_chain.lines("END", tag) != [], 10, "the sync node to stop")
     ends = lg_chain.lines("END", tag)
     assert [fields[1] for _, fields in ends] == ["stopped"]
     assert int(ends[0][1][0]) - sent < STOP_WITHIN_NS
@@ -284,3 +288,37 @@ def test_cli_rejects_bad_and_unknown_langgraph_ids(lg_env: dict[str, str]) -> No
     assert len(unknown.stderr.strip().splitlines()) == 1
     both = _cli(lg_env, "cancel", uuid.uuid4().hex, "--thread", str(uuid.uuid4()))
     assert both.returncode == 2
+
+
+async def test_a2a_endpoint_carries_the_root_and_cancel_task_stops_every_level(lg_chain: ServerChain, top: Any) -> None:
+    """/a2a/{assistant_id}: the run (created in-process) keeps the root; tasks/cancel stops every level."""
+    assistant_id = (await top.assistants.search(graph_id="agent"))[0]["assistant_id"]
+    url = f"{lg_chain.top.url}/a2a/{assistant_id}"
+    tag = f"a2a-{uuid.uuid4().hex[:8]}"
+    message = {"role": "user", "parts": [{"kind": "text", "text": f"{tag} tokens={TOKENS}"}], "messageId": tag}
+    before = _interrupted_runs(lg_chain)
+    async with httpx.AsyncClient(timeout=30) as http:
+        task_id: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        roots: list[str] = []
+
+        async def stream() -> None:
+            body = {"jsonrpc": "2.0", "id": 1, "method": "message/stream", "params": {"message": message}}
+            async with http.stream("POST", url, json=body, headers={"Accept": "text/event-stream"}) as response:
+                roots.append(response.headers["otel-cancel-root"])
+                async for line in response.aiter_lines():
+                    if line.startswith("data:") and not task_id.done():
+                        result = json.loads(line[5:]).get("result", {})
+                        found = result.get("id") if result.get("kind") == "task" else result.get("taskId")
+                        if found:
+                            task_id.set_result(found)
+
+        streaming = asyncio.create_task(stream())
+        await _leaf_token(lg_chain, tag)
+        assert {role: fields[1] for role, fields in lg_chain.lines("START", tag)} == dict.fromkeys(ROLES, roots[0])
+        sent = time.time_ns()
+        body = {"jsonrpc": "2.0", "id": 2, "method": "tasks/cancel", "params": {"id": await task_id}}
+        answer = (await http.post(url, json=body, headers={"Accept": "application/json"})).json()
+        assert answer["result"]["status"]["state"] == "canceled"
+        await _every_level_stopped(lg_chain, tag, sent)
+        await _every_run_interrupted(lg_chain, before)
+        await asyncio.wait_for(streaming, 10)

@@ -27,18 +27,23 @@ import operator
 import os
 import sys
 import time
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any
 
+from langchain_core.messages import AIMessage, AnyMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
 from langgraph.pregel.remote import RemoteGraph
 from opentelemetry import baggage
+from typing_extensions import TypedDict
 
 NEXT_AGENT_URL = os.environ.get("NEXT_AGENT_URL", "")
 FORBIDDEN = ("forbidden", "exfiltrate")
 
 
 class AgentState(TypedDict, total=False):
+    messages: Annotated[list[AnyMessage], add_messages]
+    """Chat messages: how the A2A endpoint (``/a2a/{assistant_id}``) talks to the supervisor."""
     prompt: str
     tag: str
     tokens: int
@@ -91,12 +96,23 @@ async def research(state: AgentState) -> dict[str, Any]:
 
 
 async def agent(state: AgentState) -> dict[str, Any]:
-    return await _relay(state, "supervisor")
+    result = await _relay(state, "supervisor")
+    return {**result, "messages": [AIMessage(f"the sub-agents produced {result['produced']} updates")]}
 
 
 def prepare(state: AgentState) -> dict[str, Any]:
-    say("PREPARE", state, "supervisor")
-    return {"prepared": 1}
+    """The prompt (and tag) from the last chat message when the caller sent messages only (A2A)."""
+    update: dict[str, Any] = {"prepared": 1}
+    if "prompt" not in state and state.get("messages"):
+        text = str(state["messages"][-1].content)
+        words = text.split()
+        update.update(prompt=text, tag=words[0] if words else "-")
+        # "tokens=N" in the message sets the leaf's length (A2A sends text only).
+        for word in words:
+            if word.startswith("tokens=") and word[7:].isdigit():
+                update["tokens"] = int(word[7:])
+    say("PREPARE", {**state, **update}, "supervisor")  # type: ignore[typeddict-item]
+    return update
 
 
 async def guardrail(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
