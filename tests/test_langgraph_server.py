@@ -322,3 +322,36 @@ async def test_a2a_endpoint_carries_the_root_and_cancel_task_stops_every_level(l
         await _every_level_stopped(lg_chain, tag, sent)
         await _every_run_interrupted(lg_chain, before)
         await asyncio.wait_for(streaming, 10)
+
+
+async def test_rollback_deletes_the_top_run_and_interrupts_the_runs_below(lg_chain: ServerChain, top: Any) -> None:
+    """runs.cancel(action="rollback"): the top run is rolled back (deleted), the runs below end interrupted."""
+    tag = f"rollback-{uuid.uuid4().hex[:8]}"
+    before = _interrupted_runs(lg_chain)
+    thread_id, run_id, _ = await _start(top, tag)
+    await _leaf_token(lg_chain, tag)
+    sent = time.time_ns()
+    await top.runs.cancel(thread_id, run_id, action="rollback")
+    await _every_level_stopped(lg_chain, tag, sent)
+    await _until(
+        lambda: all(now > then for now, then in list(zip(_interrupted_runs(lg_chain), before, strict=True))[1:]),
+        30,
+        "the runs below the top one to end interrupted",
+    )
+    # LangGraph deletes a rolled-back run (and its checkpoints).
+    assert [run["run_id"] for run in await top.runs.list(thread_id)] == []
+
+
+async def test_cancel_many_stops_every_level_of_every_run(lg_chain: ServerChain, top: Any) -> None:
+    """runs.cancel_many on the runs of two threads stops every level of both."""
+    tags = [f"many-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    started = [await _start(top, tag) for tag in tags]
+    for tag in tags:
+        await _leaf_token(lg_chain, tag)
+    sent = time.time_ns()
+    for thread_id, run_id, _ in started:
+        await top.runs.cancel_many(thread_id=thread_id, run_ids=[run_id])
+    for tag in tags:
+        await _every_level_stopped(lg_chain, tag, sent)
+    for thread_id, run_id, _ in started:
+        assert await _status(top, thread_id, run_id) == "interrupted"
