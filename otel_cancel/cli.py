@@ -8,7 +8,7 @@ Commands::
     otel-cancel list [--json]
     otel-cancel watch [--json]
     otel-cancel doctor [--json]
-    otel-cancel demo [--a2a] [--json]
+    otel-cancel demo [--a2a | --langgraph-server] [--json]
 
 Configuration comes from the ``OTEL_CANCEL_*`` environment. Exit codes: 0 on
 success (cancelling an already cancelled root included), 2 on bad input (a root
@@ -310,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--a2a", action="store_true", help="run the chain speaking A2A and cancel with cancel-task on another replica"
     )
+    demo.add_argument(
+        "--langgraph-server",
+        action="store_true",
+        help="run the agents as LangGraph Server deployments and cancel three ways (root, runs.cancel, disconnect)",
+    )
     return parser
 
 
@@ -385,6 +390,10 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     try:
+        if args.command == "demo" and args.langgraph_server:
+            from ._demo_langgraph_server import run_langgraph_server_demo
+
+            return run_langgraph_server_demo(as_json=args.json)
         if args.command == "demo":
             from .demo import run_demo
 

@@ -355,3 +355,25 @@ async def test_cancel_many_stops_every_level_of_every_run(lg_chain: ServerChain,
         await _every_level_stopped(lg_chain, tag, sent)
     for thread_id, run_id, _ in started:
         assert await _status(top, thread_id, run_id) == "interrupted"
+
+
+def test_demo_langgraph_server_cancels_three_ways_and_lists_every_depth() -> None:
+    """`otel-cancel demo --langgraph-server` exits 0: by root, runs.cancel and a disconnect each stop every depth."""
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_CANCEL_ETCD_ENDPOINTS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "otel_cancel", "demo", "--langgraph-server", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    scenarios = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [s["scenario"] for s in scenarios] == [
+        "cancelled midway by otel-cancel cancel ROOT",
+        "cancelled midway by client.runs.cancel on the supervisor",
+        "cancelled midway by a client disconnect",
+    ]
+    for scenario in scenarios:
+        assert [(row["depth"], row["service"]) for row in scenario["stopped"]] == list(enumerate(ROLES))
+        assert scenario["stopped"][-1]["interrupted"] == "answer"
