@@ -41,7 +41,9 @@ def _bin(name: str) -> str:
 class Deployment:
     """One ``langgraph dev`` server serving one role's graph as ``agent``."""
 
-    def __init__(self, role: str, env: Mapping[str, str], *, name: str | None = None) -> None:
+    def __init__(
+        self, role: str, env: Mapping[str, str], *, name: str | None = None, instrumented: bool = True
+    ) -> None:
         self.role = role
         self.name = name or role
         self.port = free_port()
@@ -58,9 +60,9 @@ class Deployment:
         config = Path(self.workdir) / role / "langgraph.json"
         # `--` ends opentelemetry-instrument's own options: without it, its argument
         # parser takes langgraph's `--config` for an ambiguous abbreviation of its own.
+        launcher = [_bin("opentelemetry-instrument"), "--"] if instrumented else []
         command = [
-            _bin("opentelemetry-instrument"),
-            "--",
+            *launcher,
             _bin("langgraph"),
             "dev",
             "--no-browser",
@@ -120,8 +122,11 @@ class Deployment:
 class ServerChain:
     """The three deployments; :meth:`stop` stops every process started."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], *, instrumented: bool = True, name_suffix: str = "") -> None:
         self.env = dict(env)
+        self.instrumented = instrumented
+        """``False``: plain ``langgraph dev``, without otel-cancel (LangGraph alone, for comparison)."""
+        self.name_suffix = name_suffix
         self.deployments: list[Deployment] = []
 
     def start(self, timeout: float = 180) -> ServerChain:
@@ -134,7 +139,7 @@ class ServerChain:
                     "NEXT_AGENT_URL": next_url,
                     "OTEL_CANCEL_TRUST_INCOMING": "false" if index == 0 else "true",
                 }
-                deployment = Deployment(role, env)
+                deployment = Deployment(role, env, name=role + self.name_suffix, instrumented=self.instrumented)
                 self.deployments.insert(0, deployment)
                 next_url = deployment.url
             for deployment in self.deployments:
