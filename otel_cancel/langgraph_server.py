@@ -93,7 +93,7 @@ HOOKED_NAMES: Mapping[str, tuple[str, ...]] = {
     "langgraph_api.errors": ("UserInterrupt", "UserRollback"),
 }
 
-_state: dict[str, Any] = {"enabled": False, "hooks_registered": False, "checked": None}
+_state: dict[str, Any] = {"enabled": False, "hooks_registered": False}
 _patched: list[tuple[Any, str, Any]] = []
 _baggage_propagator = W3CBaggagePropagator()
 _relays: set[asyncio.Task[None]] = set()
@@ -110,7 +110,7 @@ def _parse_version(text: str) -> tuple[int, int] | None:
         return None
 
 
-def supported_version(version: str | None = None) -> str | None:
+def unsupported_reason(version: str | None = None) -> str | None:
     """Why the installed (or given) ``langgraph-api`` release is not supported, or ``None`` when it is."""
     if version is None:
         try:
@@ -456,7 +456,7 @@ def instrument_langgraph_server() -> bool:
     """
     if _state["enabled"]:
         return True
-    why = supported_version()
+    why = unsupported_reason()
     if why is not None:
         if why != "langgraph-api is not installed":
             _warn_unsupported(why)

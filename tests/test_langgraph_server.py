@@ -390,3 +390,37 @@ async def test_guardrail_stops_the_whole_run_with_langgraphs_own_cancel(lg_chain
     started = {role for role, _ in lg_chain.lines("START", tag)}
     await _until(lambda: {role for role, _ in lg_chain.lines("END", tag)} >= started, 10, "the started levels to stop")
     assert {fields[1] for _, fields in lg_chain.lines("END", tag)} <= {"stopped"}
+
+
+async def test_a_request_deadline_travels_with_the_run_and_stops_every_level(lg_chain: ServerChain) -> None:
+    """A run created with an otel-cancel-timeout header stops at every level when that deadline passes."""
+    tag = f"deadline-{uuid.uuid4().hex[:8]}"
+    async with langgraph_sdk.get_client(url=lg_chain.top.url, headers={"otel-cancel-timeout": "4s"}) as client:
+        thread = await client.threads.create()
+        created = time.time_ns()
+        run = await client.runs.create(thread["thread_id"], "agent", input=_input(tag))
+        assert await _status(client, thread["thread_id"], run["run_id"]) == "interrupted"
+    await _until(lambda: len(lg_chain.lines("END", tag)) >= len(ROLES), 10, f"every level of {tag} to end")
+    leaf_end = next(int(fields[0]) for role, fields in lg_chain.lines("END", tag) if role == "sub_sub_agent")
+    # Stopped by the deadline (4 s after the request), long before its 20 s of work.
+    assert 3.9e9 < leaf_end - created < 6e9
+
+
+async def test_a_dropped_stream_with_langgraphs_default_lets_the_run_go_on(lg_chain: ServerChain, top: Any) -> None:
+    """With LangGraph's default on_disconnect="continue", a client leaving the stream stops nothing."""
+    tag = f"continue-{uuid.uuid4().hex[:8]}"
+    thread = await top.threads.create()
+
+    async def stream() -> None:
+        async for _ in top.runs.stream(thread["thread_id"], "agent", input=_input(tag, tokens=40)):
+            pass
+
+    streaming = asyncio.create_task(stream())
+    await _leaf_token(lg_chain, tag)
+    streaming.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await streaming
+    await _until(lambda: len(lg_chain.lines("END", tag)) >= len(ROLES), 30, f"every level of {tag} to end")
+    assert {role: fields[1] for role, fields in lg_chain.lines("END", tag)} == dict.fromkeys(ROLES, "done")
+    (run,) = await top.runs.list(thread["thread_id"])
+    assert await _status(top, thread["thread_id"], run["run_id"]) == "success"

@@ -44,7 +44,7 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_installed_langgraph_api_is_supported_and_has_every_hooked_name() -> None:
     """The installed langgraph-api is in the supported range and still has every name the hooks wrap."""
-    assert langgraph_server.supported_version() is None
+    assert langgraph_server.unsupported_reason() is None
     result = _python(
         """
         import importlib, json
@@ -94,10 +94,10 @@ def test_unknown_release_logs_one_warning_and_changes_nothing(
 
 def test_supported_range_bounds() -> None:
     """Releases outside the supported range (and unparsable ones) are refused with a sentence that names the range."""
-    assert langgraph_server.supported_version("0.16.0") is None
-    assert "not a release otel-cancel knows (>=0.16,<0.17)" in (langgraph_server.supported_version("0.17.0") or "")
-    assert langgraph_server.supported_version("0.15.9") is not None
-    assert langgraph_server.supported_version("banana") is not None
+    assert langgraph_server.unsupported_reason("0.16.0") is None
+    assert "not a release otel-cancel knows (>=0.16,<0.17)" in (langgraph_server.unsupported_reason("0.17.0") or "")
+    assert langgraph_server.unsupported_reason("0.15.9") is not None
+    assert langgraph_server.unsupported_reason("banana") is not None
 
 
 def test_a_module_missing_a_hooked_name_unhooks_everything(caplog: pytest.LogCaptureFixture) -> None:
