@@ -141,3 +141,15 @@ def test_run_context_checks_the_signature_when_a_key_is_set() -> None:
         assert current_root(langgraph_server.run_context({langgraph_server.CONFIG_KEY: good})) == root
         forged = {"otel_cancel.root": root, "otel_cancel.sig": "0" * len(sign_root(key, root))}
         assert current_root(langgraph_server.run_context({langgraph_server.CONFIG_KEY: forged})) is None
+
+
+def test_opentelemetry_instrument_passes_a_config_option_through_after_a_double_dash() -> None:
+    """`opentelemetry-instrument -- langgraph dev --config X` works; without `--` the option is taken as its own."""
+    instrument = os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument")
+    env = {**os.environ, "OTEL_SDK_DISABLED": "true", "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel"}
+    show_argv = [sys.executable, "-c", "import sys; print(sys.argv[1:])", "--config", "langgraph.json"]
+    clash = subprocess.run([instrument, *show_argv], env=env, capture_output=True, text=True, timeout=60)
+    assert clash.returncode == 2 and "ambiguous option: --config" in clash.stderr
+    passed = subprocess.run([instrument, "--", *show_argv], env=env, capture_output=True, text=True, timeout=60)
+    assert passed.returncode == 0, passed.stderr
+    assert passed.stdout.strip().splitlines()[-1] == "['--config', 'langgraph.json']"
