@@ -20,7 +20,9 @@ from typing import Any
 
 import httpx
 import pytest
+from otlp_receiver import OtlpReceiver
 
+from otel_cancel import attributes
 from otel_cancel._langgraph_server_chain import ROLES, ServerChain
 from otel_cancel.testing import EtcdServer, unique_prefix
 
@@ -34,11 +36,21 @@ STOP_WITHIN_NS = 1_000_000_000
 
 
 @pytest.fixture(scope="module")
-def lg_env(etcd: EtcdServer) -> dict[str, str]:
+def lg_receiver() -> Iterator[OtlpReceiver]:
+    """Where the deployments export their spans (real OTLP over gRPC)."""
+    started = OtlpReceiver().start()
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def lg_env(etcd: EtcdServer, lg_receiver: OtlpReceiver) -> dict[str, str]:
     return {
         "OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint,
         "OTEL_CANCEL_PREFIX": unique_prefix(),
         "OTEL_CANCEL_WATCHDOG_SECONDS": "1",
+        **lg_receiver.env(),
+        "OTEL_METRICS_EXPORTER": "none",
     }
 
 
@@ -74,6 +86,14 @@ def _no_retry_no_detach_error(request: pytest.FixtureRequest) -> Iterator[None]:
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     binary = os.path.join(os.path.dirname(sys.executable), "otel-cancel")
     return subprocess.run([binary, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+def _cancel_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """Run `otel-cancel cancel ... --json`; when its flag was written (epoch ns: the CLI's own start-up
+    is not the library's latency) and its output."""
+    result = _cli(env, "cancel", *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return int(json.loads(result.stdout.splitlines()[0])["flag"]["requested_at"]), result.stdout
 
 
 def _interrupted_runs(chain: ServerChain) -> list[int]:
@@ -136,7 +156,7 @@ async def _every_run_interrupted(chain: ServerChain, before: list[int]) -> None:
 
 
 async def test_cancel_by_root_stops_every_level_and_spares_other_threads(
-    lg_chain: ServerChain, lg_env: dict[str, str], top: Any
+    lg_chain: ServerChain, lg_env: dict[str, str], top: Any, lg_receiver: OtlpReceiver
 ) -> None:
     """The leaf run carries the supervisor's root; cancelling it stops every level, not another thread's run."""
     tag, other = f"root-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
@@ -147,9 +167,7 @@ async def test_cancel_by_root_stops_every_level_and_spares_other_threads(
     await _leaf_token(lg_chain, tag)
     await _leaf_token(lg_chain, other)
     assert {role: fields[1] for role, fields in lg_chain.lines("START", tag)} == dict.fromkeys(ROLES, root)
-    sent = time.time_ns()
-    result = _cli(lg_env, "cancel", root)
-    assert result.returncode == 0, result.stderr
+    sent, _ = _cancel_cli(lg_env, root)
     await _every_level_stopped(lg_chain, tag, sent)
     assert await _status(top, thread_id, run_id) == "interrupted"
     await _every_run_interrupted(lg_chain, before)
@@ -157,6 +175,21 @@ async def test_cancel_by_root_stops_every_level_and_spares_other_threads(
     assert {role: fields[1] for role, fields in lg_chain.lines("END", other)} == dict.fromkeys(ROLES, "done")
     status = _cli(lg_env, "status", root, "--json")
     assert '"cancelled": true' in status.stdout and '"answer"' in status.stdout
+    # Every deployment records its stop in the cancelled trace, naming the interrupted node.
+    await asyncio.to_thread(
+        lg_receiver.wait_for,
+        lambda r: (
+            {s.service for s in r.spans if s.name == attributes.SPAN_CANCELLED and s.trace_id == root} >= set(ROLES)
+        ),
+        30,
+        "an otel_cancel.cancelled span from every deployment",
+    )
+    nodes = {
+        s.service: s.attributes.get(attributes.NODE)
+        for s in lg_receiver.received.spans
+        if s.name == attributes.SPAN_CANCELLED and s.trace_id == root
+    }
+    assert nodes == {"supervisor": "agent", "sub_agent": "research", "sub_sub_agent": "answer"}
 
 
 async def test_cancel_by_thread_id_and_resume(lg_chain: ServerChain, lg_env: dict[str, str], top: Any) -> None:
@@ -165,10 +198,8 @@ async def test_cancel_by_thread_id_and_resume(lg_chain: ServerChain, lg_env: dic
     before = _interrupted_runs(lg_chain)
     thread_id, run_id, root = await _start(top, tag)
     await _leaf_token(lg_chain, tag)
-    sent = time.time_ns()
-    result = _cli(lg_env, "cancel", "--thread", thread_id, "--reason", "user pressed stop")
-    assert result.returncode == 0, result.stderr
-    assert root in result.stdout
+    sent, output = _cancel_cli(lg_env, "--thread", thread_id, "--reason", "user pressed stop")
+    assert root in output
     await _every_level_stopped(lg_chain, tag, sent)
     assert await _status(top, thread_id, run_id) == "interrupted"
     await _every_run_interrupted(lg_chain, before)
@@ -248,9 +279,7 @@ async def test_sync_node_stops_at_check(lg_chain: ServerChain, lg_env: dict[str,
         thread = await leaf.threads.create()
         run = await leaf.runs.create(thread["thread_id"], "sync_answer", input=_input(tag))
         await _leaf_token(lg_chain, tag, role="sync_answer")
-        sent = time.time_ns()
-        result = _cli(lg_env, "cancel", "--run", run["run_id"])
-        assert result.returncode == 0, result.stderr
+        sent, _ = _cancel_cli(lg_env, "--run", run["run_id"])
         assert await _status(leaf, thread["thread_id"], run["run_id"]) == "interrupted"
     # The run ends as soon as its task is cancelled; the node's thread stops at its next check().
     await _until(lambda: lg_chain.lines("END", tag) != [], 10, "the sync node to stop")
