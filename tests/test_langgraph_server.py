@@ -257,6 +257,12 @@ async def test_stream_ends_without_reconnecting_when_cancelled(
     tag = f"stream-{uuid.uuid4().hex[:8]}"
     thread = await top.threads.create()
     events: list[str] = []
+    requests: list[tuple[str, str]] = []
+
+    async def record(request: httpx.Request) -> None:
+        requests.append((request.method, request.url.path))
+
+    top.http.client.event_hooks["request"].append(record)
 
     async def stream() -> None:
         async for part in top.runs.stream(thread["thread_id"], "agent", input=_input(tag), stream_mode="values"):
@@ -267,9 +273,12 @@ async def test_stream_ends_without_reconnecting_when_cancelled(
     root = (await top.runs.list(thread["thread_id"]))[0]["metadata"]["otel_cancel_root"]
     assert _cli(lg_env, "cancel", root).returncode == 0
     await asyncio.wait_for(streaming, 10)
+    # One streaming request, and no reconnect (the SDK GETs the run's stream to reconnect).
+    assert [(m, p) for m, p in requests if "stream" in p] == [("POST", f"/threads/{thread['thread_id']}/runs/stream")]
     runs = await top.runs.list(thread["thread_id"])
     assert [run["status"] for run in runs] == ["interrupted"]
-    assert {role: fields[1] for role, fields in lg_chain.lines("END", tag)} == dict.fromkeys(ROLES, "stopped")
+    await _until(lambda: len(lg_chain.lines("END", tag)) >= len(ROLES), 10, f"every level of {tag} to end")
+    assert dict(lg_chain.lines("END", tag))["sub_sub_agent"][1] == "stopped"
 
 
 async def test_sync_node_stops_at_check(lg_chain: ServerChain, lg_env: dict[str, str]) -> None:
