@@ -37,17 +37,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import importlib.metadata
 import logging
+import os
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 import wrapt
-from opentelemetry import baggage
+from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
@@ -212,7 +214,26 @@ def run_context(configurable: Mapping[str, Any], context: otel_context.Context |
     if validate_deadline(deadline) is not None:
         assert isinstance(deadline, str)
         extra[attributes.BAGGAGE_DEADLINE] = deadline
-    return with_root(root, depth, context, extra=extra)
+    return _in_root_trace(root, with_root(root, depth, context, extra=extra))
+
+
+def _in_root_trace(root: str, context: otel_context.Context) -> otel_context.Context:
+    """``context`` with a parent span in the root's trace, unless its current span is already in it.
+
+    The worker starts from an empty context: without this, what the run records (its
+    ``otel_cancel.cancelled`` span, say) would start traces of its own instead of landing
+    in the cancelled one.
+    """
+    span_context = trace.get_current_span(context).get_span_context()
+    if span_context.is_valid and trace.format_trace_id(span_context.trace_id) == root:
+        return context
+    parent = trace.SpanContext(
+        trace_id=int(root, 16),
+        span_id=int.from_bytes(os.urandom(8), "big") or 1,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent), context)
 
 
 def _langgraph_stop(done: Any, interrupt_type: type[Exception]) -> Exception | None:
@@ -298,7 +319,9 @@ def _stream_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> AsyncIte
     return _run_in_scope(wrapped, args, kwargs)
 
 
-async def _run_in_scope(wrapped: Callable[..., AsyncIterator[Any]], args: Any, kwargs: Any) -> AsyncIterator[Any]:
+async def _run_in_scope(
+    wrapped: Callable[..., AsyncGenerator[Any, None]], args: Any, kwargs: Any
+) -> AsyncIterator[Any]:
     # Iterated by the worker's task for the run's whole life: the scope, the context
     # and the relay all live in that one task.
     from langgraph_api.errors import UserInterrupt  # type: ignore[import-untyped]
@@ -321,8 +344,12 @@ async def _run_in_scope(wrapped: Callable[..., AsyncIterator[Any]], args: Any, k
                     _relay_langgraph_cancel(done, root, UserInterrupt), name=f"otel-cancel relay {root}"
                 )
                 try:
-                    async for item in wrapped(*args, **kwargs):
-                        yield item
+                    # Closed here, in this task, however the run ends: left to the garbage
+                    # collector, the server's own generator would be closed in another task,
+                    # and its OpenTelemetry context could not be detached there.
+                    async with contextlib.aclosing(wrapped(*args, **kwargs)) as events:
+                        async for item in events:
+                            yield item
                     cancelled = await _cancelled_meanwhile(root)
                     if cancelled is not None:
                         raise Cancelled(root, cancelled.reason)

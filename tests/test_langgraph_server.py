@@ -185,11 +185,13 @@ async def test_cancel_by_root_stops_every_level_and_spares_other_threads(
         "an otel_cancel.cancelled span from every deployment",
     )
     nodes = {
-        s.service: s.attributes.get(attributes.NODE)
+        (s.service, s.attributes.get(attributes.NODE))
         for s in lg_receiver.received.spans
         if s.name == attributes.SPAN_CANCELLED and s.trace_id == root
     }
-    assert nodes == {"supervisor": "agent", "sub_agent": "research", "sub_sub_agent": "answer"}
+    # The leaf names its node; a relay may have seen its RemoteGraph stream end first, and
+    # then its run's own stop (no node running any more) is what it records.
+    assert ("sub_sub_agent", "answer") in nodes and {service for service, _ in nodes} == set(ROLES)
 
 
 async def test_cancel_by_thread_id_and_resume(lg_chain: ServerChain, lg_env: dict[str, str], top: Any) -> None:

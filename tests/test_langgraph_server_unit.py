@@ -153,3 +153,13 @@ def test_opentelemetry_instrument_passes_a_config_option_through_after_a_double_
     passed = subprocess.run([instrument, "--", *show_argv], env=env, capture_output=True, text=True, timeout=60)
     assert passed.returncode == 0, passed.stderr
     assert passed.stdout.strip().splitlines()[-1] == "['--config', 'langgraph.json']"
+
+
+def test_a_run_executes_in_its_roots_trace() -> None:
+    """The worker's context for a run has a parent span in the root's trace (its stop spans land there)."""
+    from opentelemetry import trace
+
+    root = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with configured(store=MemoryCancelStore()):
+        context = langgraph_server.run_context({langgraph_server.CONFIG_KEY: {"otel_cancel.root": root}})
+    assert trace.format_trace_id(trace.get_current_span(context).get_span_context().trace_id) == root
