@@ -40,21 +40,27 @@ def add_langgraph_id_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--run", type=_langgraph_id, metavar="RUN_ID", help="the root of this LangGraph run")
 
 
+def _roots_given(args: argparse.Namespace) -> int:
+    # A command takes one ROOT (`root`) or several (`roots`); count either.
+    roots = getattr(args, "roots", None)
+    return len(roots) if roots else int(bool(getattr(args, "root", None)))
+
+
 def check_one_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exactly one of ROOT, ``--thread`` and ``--run`` (a usage error, exit 2, otherwise)."""
-    given = [name for name in ("root", "thread", "run") if getattr(args, name, None)]
-    if len(given) != 1:
-        parser.error(f"{args.command}: give exactly one of ROOT, --thread THREAD_ID, --run RUN_ID")
+    """ROOT, or ``--thread``, or ``--run``, not two of them (a usage error, exit 2, otherwise)."""
+    by_id = [name for name in ("thread", "run") if getattr(args, name, None)]
+    if len(by_id) + bool(_roots_given(args)) != 1:
+        parser.error(f"{args.command}: give ROOT, --thread THREAD_ID or --run RUN_ID (one of them)")
 
 
 async def resolve_root(store: CancelStore, args: argparse.Namespace) -> None:
-    """Set ``args.root`` from ``--thread``/``--run``.
+    """Set the command's root (``args.root``, or ``args.roots`` where it takes several) from ``--thread``/``--run``.
 
     Raises:
         UnknownLangGraphIdError: no run under otel-cancel was recorded with that id
             (or its record expired with the flags' TTL).
     """
-    if args.root:
+    if not (getattr(args, "thread", None) or getattr(args, "run", None)):
         return
     kind, value = ("run", args.run) if getattr(args, "run", None) else ("thread", args.thread)
     name = (RUN_RECORD if kind == "run" else THREAD_RECORD).format(value)
@@ -67,4 +73,7 @@ async def resolve_root(store: CancelStore, args: argparse.Namespace) -> None:
             f"no LangGraph {kind} {value} is known to otel-cancel "
             "(not run on a LangGraph Server with otel-cancel, or its record expired)"
         )
-    args.root = record.root
+    if isinstance(getattr(args, "roots", None), list):
+        args.roots.append(record.root)
+    else:
+        args.root = record.root
