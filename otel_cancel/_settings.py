@@ -133,6 +133,10 @@ class Settings:
             for endpoint in settings.endpoints:
                 # Now, not when the watcher first connects on its own thread: fail fast.
                 parse_endpoint(endpoint)
+            # The TLS files too: a wrong one would otherwise surface as "etcd unavailable".
+            from .store._tls import read_credentials
+
+            read_credentials(settings.ca_cert, settings.cert, settings.key)
         return settings
 
     def create_store(self) -> CancelStore:

@@ -8,7 +8,10 @@ number of loops or requests.
 
 Loop, in order:
 
-1. list ``{prefix}flags/`` and apply every flag; remember the listing revision;
+1. list ``{prefix}flags/`` page by page, keys only (a root is all enforcement
+   needs; a flag's reason is fetched when a refusal first shows it), and mark
+   every root cancelled; remember the listing revision. A re-list keeps enforcing
+   what was known until it has completed;
 2. watch from that revision + 1, applying puts and forgetting deletes, and
    remember the revision of every event;
 3. on any store error, reconnect with capped exponential backoff and jitter and
@@ -16,8 +19,9 @@ Loop, in order:
    lost: etcd replays it); when that revision was compacted, go back to 1.
 
 A watchdog pings the store every ``watchdog_seconds``; a ping that fails (a frozen
-etcd keeps the TCP stream open but answers nothing) tears the watch down so the
-loop reconnects.
+etcd keeps the TCP stream open but answers nothing; a member cut off from its
+peers answers but has no leader) tears the watch down so the loop reconnects,
+through another endpoint.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from typing import Any, TypeVar
 
 from . import telemetry
 from ._io_loop import io_loop
-from ._registry import CancelRegistry, deliver
+from ._logging import RateLimitedLogger
+from ._registry import LISTED_REASON, CancelRegistry, deliver
 from ._request import CancelRequest
 from .exceptions import RevisionCompactedError, StoreError, StoreUnavailableError
 from .store import CancelStore, FlagEvent
@@ -45,6 +50,11 @@ T = TypeVar("T")
 
 BACKOFF_INITIAL_SECONDS = 0.05
 BACKOFF_MAX_SECONDS = 2.0
+_DETAIL_FETCHES_MAX = 256
+"""Flag values fetched at once for refusals (each root once; more wait for the next refusal)."""
+
+FlagListener = Callable[[FlagEvent, bool], None]
+"""Told of every flag event the watcher sees, and whether it is replayed by a listing."""
 
 
 class CancelWatcher:
@@ -55,6 +65,8 @@ class CancelWatcher:
             an etcd client belongs to the loop that created it.
         registry: the process registry.
         watchdog_seconds: interval of the liveness probe.
+        listener: told of every flag event (``otel-cancel watch`` prints them).
+        keys_only: list keys only (services); a listener that shows reasons lists values.
     """
 
     def __init__(
@@ -63,10 +75,18 @@ class CancelWatcher:
         registry: CancelRegistry,
         *,
         watchdog_seconds: float = 5.0,
+        listener: FlagListener | None = None,
+        keys_only: bool = True,
     ) -> None:
         self._store_factory = store_factory
         self._registry = registry
         self._watchdog_seconds = watchdog_seconds
+        self._listener = listener
+        self._keys_only = keys_only
+        self._bad_input = RateLimitedLogger(_log)
+        self._fetching: set[str] = set()
+        self._fetching_lock = threading.Lock()
+        registry.on_details_wanted = self._details_wanted
         self._start_lock = threading.Lock()
         self._future: concurrent.futures.Future[None] | None = None
         self._stopped = threading.Event()
@@ -155,21 +175,89 @@ class CancelWatcher:
                 with contextlib.suppress(RuntimeError):
                     holder.loop.call_soon_threadsafe(deliver, holder)
 
-    def _apply_event(self, event: FlagEvent, prefix: str) -> None:
+    def _root_of(self, event: FlagEvent, prefix: str) -> str | None:
         root = root_of_flag_key(prefix, event.key)
         if root is None:
-            _log.warning("otel-cancel: ignoring key %r under the flags prefix: not a valid root", event.key[:200])
+            self._bad_input.warning(
+                "key", "otel-cancel: ignoring key %r under the flags prefix: not a valid root", event.key[:200]
+            )
+        return root
+
+    def _parse(self, root: str, value: bytes) -> CancelRequest:
+        try:
+            return CancelRequest.from_json(value, root)
+        except ValueError as error:
+            self._bad_input.warning("value", "otel-cancel: ignoring malformed flag for %s: %s", root, error)
+            # The key still says this root was cancelled; honour it with an unknown reason.
+            return CancelRequest(root, "unknown (malformed flag)", 0, "")
+
+    def _apply_event(self, event: FlagEvent, prefix: str) -> None:
+        root = self._root_of(event, prefix)
+        if root is None:
             return
         if event.kind == "delete":
             self._registry.forget(root)
             return
+        self.apply(self._parse(root, event.value))
+
+    # -- fetching what only a message needs --------------------------------------------
+
+    def _details_wanted(self, root: str) -> None:
+        # Any thread (a refusal): fetch the flag once on the IO loop, so later refusals
+        # carry its reason. The refusal itself never waits for etcd.
+        with self._fetching_lock:
+            if root in self._fetching or len(self._fetching) >= _DETAIL_FETCHES_MAX or self._future is None:
+                return
+            self._fetching.add(root)
+        self.submit(self._fetch_details(root))
+
+    async def _fetch_details(self, root: str) -> None:
         try:
-            request = CancelRequest.from_json(event.value, root)
-        except ValueError as error:
-            _log.warning("otel-cancel: ignoring malformed flag for %s: %s", root, error)
-            # The key still says this root was cancelled; honour it with an unknown reason.
-            request = CancelRequest(root, "unknown (malformed flag)", 0, "")
-        self.apply(request)
+            store = await self.store()
+            request = await store.get_flag(root)
+            if request is not None:
+                self.apply(request)
+        except (StoreError, ValueError) as error:
+            _log.debug("otel-cancel: could not fetch the flag of %s: %s", root, error)
+        finally:
+            with self._fetching_lock:
+                self._fetching.discard(root)
+
+    async def _apply_listed(self, store: CancelStore, root: str, value: bytes) -> None:
+        if not self._keys_only:
+            self.apply(self._parse(root, value))
+            return
+        if not self._registry.apply_listed(root):
+            return
+        # Work for this root is live here: stopping it (and its receipt) needs the flag itself.
+        try:
+            request = await store.get_flag(root)
+        except ValueError:
+            request = None
+        self.apply(request or CancelRequest(root, LISTED_REASON, 0, ""))
+
+    async def _list(self, store: CancelStore) -> None:
+        """List every flag, page by page, and mark each root cancelled; forget roots no longer listed."""
+        # A re-list (after a compaction) keeps enforcing what was known until it has
+        # completed, then forgets only the roots whose flags are gone. The first listing
+        # has nothing to forget, and keeps no second copy of the roots.
+        seen: set[str] | None = set() if self.listings else None
+        self.listings += 1
+        revision = 0
+        async for page in store.list_flag_pages(keys_only=self._keys_only):
+            revision = page.revision
+            for event in page.flags:
+                root = self._root_of(event, store.prefix)
+                if root is None:
+                    continue
+                if seen is not None:
+                    seen.add(root)
+                if self._listener is not None:
+                    self._listener(event, True)
+                await self._apply_listed(store, root, event.value)
+        if seen is not None:
+            self._registry.retain_only(seen)
+        self.last_revision = revision
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -181,16 +269,7 @@ class CancelWatcher:
             store = await self.store()
             try:
                 if must_list:
-                    listing = await store.list_flags()
-                    self.listings += 1
-                    roots: set[str] = set()
-                    for event in listing.flags:
-                        self._apply_event(event, store.prefix)
-                        root = root_of_flag_key(store.prefix, event.key)
-                        if root is not None:
-                            roots.add(root)
-                    self._registry.retain_only(roots)
-                    self.last_revision = listing.revision
+                    await self._list(store)
                     must_list = False
                     if not self.listed.is_set():
                         self.listed.set()
@@ -244,6 +323,8 @@ class CancelWatcher:
 
     async def _consume_watch(self, store: CancelStore) -> None:
         async for event in store.watch_flags(self.last_revision + 1):
+            if self._listener is not None:
+                self._listener(event, False)
             self._apply_event(event, store.prefix)
             self.last_revision = max(self.last_revision, event.revision)
 
