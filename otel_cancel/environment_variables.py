@@ -57,7 +57,10 @@ stops; ``continue`` lets the work outlive its caller.
 OTEL_CANCEL_STARTUP_WAIT_SECONDS = "OTEL_CANCEL_STARTUP_WAIT_SECONDS"
 """How long a scope entered before the watcher's first listing waits for it.
 
-Default: ``1``. After that the scope fails open (runs) and logs one line.
+Default: twice ``OTEL_CANCEL_ETCD_TIMEOUT_SECONDS`` plus one second (5 s with the
+default 2 s deadline): time to give up on one endpoint that does not answer (one
+deadline) and list through the next one (another). After that the scope fails
+open (runs) and logs one line.
 """
 
 OTEL_CANCEL_WATCHDOG_SECONDS = "OTEL_CANCEL_WATCHDOG_SECONDS"

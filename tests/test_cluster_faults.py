@@ -1,0 +1,135 @@
+"""A 3-member etcd cluster whose members are partitioned, frozen and killed under the watcher.
+
+The members talk to each other through TCP relays the tests control (tests/tcp_relay.py),
+so one member can be cut off from its peers while its clients still reach it. The
+cluster is shared by the module; every test leaves it whole (healed, thawed, restarted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from conftest import python_worker
+from debug_service import EVENT_TIMEOUT
+from tcp_relay import PartitionableCluster
+
+import otel_cancel
+from otel_cancel._io_loop import io_loop
+from otel_cancel._request import CancelRequest
+from otel_cancel._root import random_root
+from otel_cancel.store.etcd import EtcdCancelStore
+from otel_cancel.testing import EtcdCluster, configured
+
+pytestmark = pytest.mark.anyio
+
+FAST_ELECTIONS = ["--heartbeat-interval", "50", "--election-timeout", "500"]
+WATCHDOG_SECONDS = 0.5
+TIMEOUT_SECONDS = 0.5
+
+
+@pytest.fixture(scope="module")
+def relays() -> Iterator[PartitionableCluster]:
+    partitionable = PartitionableCluster()
+    yield partitionable
+    partitionable.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(relays: PartitionableCluster) -> Iterator[EtcdCluster]:
+    with EtcdCluster(3, extra_args=FAST_ELECTIONS, peer_relay=relays.relay_for) as started:
+        yield started
+
+
+@pytest.fixture
+def whole(cluster: EtcdCluster, relays: PartitionableCluster) -> Iterator[EtcdCluster]:
+    """The cluster, made whole again after the test (healed, thawed, every member running)."""
+    yield cluster
+    relays.heal()
+    for member in cluster.members:
+        if member.process is not None:
+            member.thaw()
+        else:
+            member.start()
+
+
+async def _write_flag(endpoints: list[str], prefix: str, root: str) -> None:
+    async def write() -> None:
+        store = EtcdCancelStore(endpoints, prefix=prefix, timeout=EVENT_TIMEOUT / 4)
+        try:
+            await store.create_flag(CancelRequest.new(root, "test", "tests"), 600)
+        finally:
+            await store.close()
+
+    await io_loop().call(write())
+
+
+async def _hold(root: str) -> asyncio.Task[None]:
+    entered = asyncio.Event()
+
+    async def work() -> None:
+        async with otel_cancel.scope(root=root):
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(work())
+    await asyncio.wait_for(entered.wait(), EVENT_TIMEOUT)
+    return task
+
+
+def _watched_endpoint(runtime: object) -> str:
+    store = runtime.watcher._store  # type: ignore[attr-defined]
+    assert isinstance(store, EtcdCancelStore)
+    return store.endpoint
+
+
+async def test_a_member_cut_off_from_its_peers_is_left_and_a_flag_written_through_the_majority_stops_the_work(
+    whole, relays, prefix
+):
+    """The watched member loses its leader: the watcher moves to a member that has one and applies the flag."""
+    with configured(
+        endpoints=tuple(whole.endpoints),
+        prefix=prefix,
+        watchdog_seconds=WATCHDOG_SECONDS,
+        timeout_seconds=TIMEOUT_SECONDS,
+    ) as runtime:
+        task = await _hold(root := random_root())
+        assert runtime.watcher.wait_connected(True, EVENT_TIMEOUT)
+        watched = whole.member(_watched_endpoint(runtime))
+        reconnects = runtime.watcher.reconnects
+        relays.isolate(watched)
+        majority = [e for e in whole.endpoints if e != watched.endpoint]
+        await _write_flag(majority, prefix, root)
+        with pytest.raises(otel_cancel.Cancelled):
+            await asyncio.wait_for(task, EVENT_TIMEOUT)
+        # Stopped during the partition, through another member, after a reconnect.
+        assert _watched_endpoint(runtime) != watched.endpoint
+        assert runtime.watcher.reconnects > reconnects
+
+
+async def test_a_fresh_process_whose_first_endpoint_is_frozen_refuses_a_late_hop(whole, prefix, spawn):
+    """With the default start-up wait, a new process lists through the next endpoint before its first scope runs."""
+    await _write_flag(whole.endpoints, prefix, root := random_root())
+    first = whole.members[0]
+    first.freeze()
+    worker = spawn(
+        python_worker("late_scope", root),
+        env={"OTEL_CANCEL_ETCD_ENDPOINTS": ",".join(whole.endpoints), "OTEL_CANCEL_PREFIX": prefix},
+        name="late-scope",
+    )
+    line = worker.wait_for_line(lambda text: text.startswith(("REFUSED", "RAN")), EVENT_TIMEOUT)
+    assert line.strip() == f"REFUSED {root}"
+
+
+async def test_a_fresh_process_whose_first_endpoint_has_no_leader_refuses_a_late_hop(whole, relays, prefix, spawn):
+    """A first endpoint that answers nothing in time (a member cut off its peers) costs one deadline, within the wait."""
+    await _write_flag(whole.endpoints, prefix, root := random_root())
+    relays.isolate(whole.members[0])
+    worker = spawn(
+        python_worker("late_scope", root),
+        env={"OTEL_CANCEL_ETCD_ENDPOINTS": ",".join(whole.endpoints), "OTEL_CANCEL_PREFIX": prefix},
+        name="late-scope",
+    )
+    line = worker.wait_for_line(lambda text: text.startswith(("REFUSED", "RAN")), EVENT_TIMEOUT)
+    assert line.strip() == f"REFUSED {root}"
