@@ -7,6 +7,7 @@ while its client port stays reachable.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -53,10 +54,8 @@ class _Link:
 
     def close(self) -> None:
         for sock in self.sockets:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
 
 

@@ -123,7 +123,7 @@ async def test_a_fresh_process_whose_first_endpoint_is_frozen_refuses_a_late_hop
 
 
 async def test_a_fresh_process_whose_first_endpoint_has_no_leader_refuses_a_late_hop(whole, relays, prefix, spawn):
-    """A first endpoint that answers nothing in time (a member cut off its peers) costs one deadline, within the wait."""
+    """A first endpoint that never answers (a member cut off its peers) costs one deadline: in the wait."""
     await _write_flag(whole.endpoints, prefix, root := random_root())
     relays.isolate(whole.members[0])
     worker = spawn(
