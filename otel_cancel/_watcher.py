@@ -67,6 +67,9 @@ class CancelWatcher:
         watchdog_seconds: interval of the liveness probe.
         listener: told of every flag event (``otel-cancel watch`` prints them).
         keys_only: list keys only (services); a listener that shows reasons lists values.
+        fail_before_listing: end (raising the ``StoreError``) when no endpoint can be
+            listed at the start, instead of retrying: a command fails with one line
+            where a service serves on.
     """
 
     def __init__(
@@ -77,12 +80,14 @@ class CancelWatcher:
         watchdog_seconds: float = 5.0,
         listener: FlagListener | None = None,
         keys_only: bool = True,
+        fail_before_listing: bool = False,
     ) -> None:
         self._store_factory = store_factory
         self._registry = registry
         self._watchdog_seconds = watchdog_seconds
         self._listener = listener
         self._keys_only = keys_only
+        self._fail_before_listing = fail_before_listing
         self._bad_input = RateLimitedLogger(_log)
         self._fetching: set[str] = set()
         self._fetching_lock = threading.Lock()
@@ -128,6 +133,13 @@ class CancelWatcher:
             future.cancel()  # cancels the task on the IO loop
             self._stopped.wait(timeout)
             self._set_connected(False)
+
+    def join(self) -> None:
+        """Block until the watcher ends: stopped, or failed (its error is raised here)."""
+        future = self._future
+        if future is not None:
+            with contextlib.suppress(concurrent.futures.CancelledError):
+                future.result()
 
     async def _run(self) -> None:
         try:
@@ -291,6 +303,8 @@ class CancelWatcher:
                 continue
             except StoreError as error:
                 self._set_connected(False)
+                if self._fail_before_listing and not self.listed.is_set():
+                    raise
                 if not warned:
                     _log.warning(
                         "otel-cancel: cancel store unavailable (%s); serving on, cancels will apply on reconnect",

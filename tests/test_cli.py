@@ -74,7 +74,13 @@ def test_watch_prints_cancels_as_they_happen(spawn, etcd_env):
     before = random_root()
     run("cancel", before, env=etcd_env)
     first = json.loads(watcher.wait_for_line(lambda line: before in line))
-    assert first == {"event": "cancelled", "root": before, "reason": "cancelled by operator"}
+    assert {k: first[k] for k in ("event", "root", "reason", "replayed")} == {
+        "event": "cancelled",
+        "root": before,
+        "reason": "cancelled by operator",
+        "replayed": False,
+    }
+    assert first["time"].endswith("Z") and first["requested_at"] > 0
     after = random_root()
     run("cancel", after, "--reason", "later", env=etcd_env)
     assert json.loads(watcher.wait_for_line(lambda line: after in line))["reason"] == "later"

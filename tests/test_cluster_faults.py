@@ -8,10 +8,11 @@ cluster is shared by the module; every test leaves it whole (healed, thawed, res
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import pytest
-from conftest import python_worker
+from conftest import cli, python_worker
 from debug_service import EVENT_TIMEOUT
 from tcp_relay import PartitionableCluster
 
@@ -133,3 +134,32 @@ async def test_a_fresh_process_whose_first_endpoint_has_no_leader_refuses_a_late
     )
     line = worker.wait_for_line(lambda text: text.startswith(("REFUSED", "RAN")), EVENT_TIMEOUT)
     assert line.strip() == f"REFUSED {root}"
+
+
+def _cli_env(cluster: EtcdCluster, prefix: str) -> dict[str, str]:
+    return {
+        "OTEL_CANCEL_ETCD_ENDPOINTS": ",".join(cluster.endpoints),
+        "OTEL_CANCEL_PREFIX": prefix,
+        "OTEL_CANCEL_WATCHDOG_SECONDS": str(WATCHDOG_SECONDS),
+        "OTEL_CANCEL_ETCD_TIMEOUT_SECONDS": str(TIMEOUT_SECONDS),
+    }
+
+
+async def test_watch_replays_with_a_mark_and_survives_its_member_killed_then_frozen(whole, prefix, spawn):
+    """`watch` marks replayed flags, times every line, and goes on printing through a killed and a frozen member."""
+    await _write_flag(whole.endpoints, prefix, old := random_root())
+    watch = spawn(cli("watch", "--json"), env=_cli_env(whole, prefix), name="watch")
+    replayed = json.loads(watch.wait_for_line(lambda line: old in line, EVENT_TIMEOUT))
+    assert replayed["replayed"] is True and replayed["event"] == "cancelled" and replayed["time"].endswith("Z")
+    # The watch starts on the first endpoint: kill it, then a flag written through the others shows.
+    whole.members[0].kill()
+    await _write_flag(whole.endpoints[1:], prefix, after_kill := random_root())
+    line = json.loads(watch.wait_for_line(lambda text: after_kill in text, EVENT_TIMEOUT))
+    assert line["replayed"] is False
+    whole.members[0].start()
+    # Now on the second member: freeze it; the watchdog moves the watch on.
+    whole.members[1].freeze()
+    await _write_flag([whole.endpoints[0], whole.endpoints[2]], prefix, after_freeze := random_root())
+    line = json.loads(watch.wait_for_line(lambda text: after_freeze in text, EVENT_TIMEOUT))
+    assert line["replayed"] is False
+    assert watch.process.poll() is None

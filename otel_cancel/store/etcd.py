@@ -391,17 +391,14 @@ class EtcdCancelStore:
             # lease), so latencies measure flag written -> work stopped.
             stamped = dataclasses.replace(request, requested_at=time.time_ns())
             attempted[stamped.to_json()] = stamped
-            try:
-                created, responses = await client.transaction(
-                    compare=[client.transactions.version(key) == 0],
-                    success=[client.transactions.put(key, stamped.to_json(), lease=lease.id)],
-                    failure=[client.transactions.get(key)],
-                )
-            except BaseException:
-                # The lease would otherwise hold nothing until its TTL ran out.
-                with contextlib.suppress(Exception):
-                    await client.revoke_lease(lease.id)
-                raise
+            # No revocation when the transaction fails: it may have committed (a deadline
+            # that ran out after the leader applied it), and revoking the lease would
+            # delete the flag. An unused lease holds nothing and expires with its TTL.
+            created, responses = await client.transaction(
+                compare=[client.transactions.version(key) == 0],
+                success=[client.transactions.put(key, stamped.to_json(), lease=lease.id)],
+                failure=[client.transactions.get(key)],
+            )
             if created:
                 return stamped, True
             await client.revoke_lease(lease.id)
