@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 from conftest import cli, python_worker
-from debug_service import EVENT_TIMEOUT
+from debug_service import EVENT_TIMEOUT, until
 from tcp_relay import PartitionableCluster
 
 import otel_cancel
 from otel_cancel._io_loop import io_loop
-from otel_cancel._request import CancelRequest
+from otel_cancel._request import CancelRequest, Receipt
 from otel_cancel._root import random_root
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.testing import EtcdCluster, configured
@@ -163,3 +164,74 @@ async def test_watch_replays_with_a_mark_and_survives_its_member_killed_then_fro
     line = json.loads(watch.wait_for_line(lambda text: after_freeze in text, EVENT_TIMEOUT))
     assert line["replayed"] is False
     assert watch.process.poll() is None
+
+
+async def test_a_cancel_storm_from_two_writers_with_the_watched_member_killed_loses_nothing_and_stops_nothing_else(
+    whole, prefix, spawn
+):
+    """3 workers, 2 writers racing on every root, member killed mid-storm: 0 lost, 0 collateral, 0 missing receipts."""
+    env = {
+        "OTEL_CANCEL_ETCD_ENDPOINTS": ",".join(whole.endpoints),
+        "OTEL_CANCEL_PREFIX": prefix,
+        "OTEL_CANCEL_WATCHDOG_SECONDS": str(WATCHDOG_SECONDS),
+        "OTEL_CANCEL_STARTUP_WAIT_SECONDS": str(EVENT_TIMEOUT),
+    }
+    cancelled = {f"w{index}": [random_root() for _ in range(80)] for index in range(3)}
+    bystanders = {name: [random_root() for _ in range(20)] for name in cancelled}
+    workers = {
+        name: spawn(
+            python_worker("hold_scopes", *(f"{root}:1" for root in cancelled[name] + bystanders[name])),
+            env={**env, "OTEL_SERVICE_NAME": "storm", "OTEL_CANCEL_INSTANCE": name},
+            name=name,
+        )
+        for name in cancelled
+    }
+    for worker in workers.values():
+        await asyncio.to_thread(worker.wait_for_line, "READY", EVENT_TIMEOUT)
+    every_root = [root for roots in cancelled.values() for root in roots]
+    writers = [spawn(python_worker("write_flags"), env=env, name=f"writer{i}") for i in range(2)]
+    for index, writer in enumerate(writers):
+        for root in every_root[index::2] + every_root[1 - index :: 2]:  # both write every root, in other orders
+            writer.send(root)
+
+    def written() -> list[str]:
+        return [line for writer in writers for line in writer.lines if line.startswith("WROTE ")]
+
+    await until(lambda: len(written()) >= len(every_root) // 2, "a quarter of the writes done")
+    whole.members[0].kill()  # every process started on the first endpoint
+    await until(lambda: len(written()) == 2 * len(every_root), "every write done")
+
+    def stops(name: str) -> Counter[str]:
+        return Counter(line.split()[1] for line in workers[name].lines if line.startswith("STOPPED "))
+
+    await until(lambda: all(sum(stops(n).values()) >= len(cancelled[n]) for n in workers), "every root stopped")
+
+    async def receipts() -> list[Receipt]:
+        async def read() -> list[Receipt]:
+            store = EtcdCancelStore(whole.endpoints[1:], prefix=prefix)
+            try:
+                return [r for root in every_root for r in await store.list_receipts(root)]
+            finally:
+                await store.close()
+
+        return await io_loop().call(read())
+
+    found: list[Receipt] = []
+    for _ in range(int(EVENT_TIMEOUT / 0.5)):
+        found = await receipts()
+        if len(found) >= len(every_root):
+            break
+        await asyncio.sleep(0.5)  # receipts are written in the background: poll the store
+    for name, worker in workers.items():
+        assert worker.process.stdin is not None
+        worker.process.stdin.close()
+        applied = int((await asyncio.to_thread(worker.wait_for_line, "APPLIED", EVENT_TIMEOUT)).split()[1])
+        assert applied == len(every_root)
+        counts = stops(name)
+        assert set(counts) == set(cancelled[name]), "lost or collateral stops"
+        assert set(counts.values()) == {1}
+    created = Counter(line.split()[1] for line in written() if line.endswith(" created"))
+    assert set(created) == set(every_root) and set(created.values()) == {1}, "each flag created exactly once"
+    by_root = Counter((r.root, r.instance) for r in found)
+    expected = {(root, name) for name, roots in cancelled.items() for root in roots}
+    assert set(by_root) == expected and set(by_root.values()) == {1}, "missing or extra receipts"
