@@ -21,7 +21,6 @@ Writes ``bench/results/listing.json``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 import sys
