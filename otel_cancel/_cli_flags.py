@@ -153,6 +153,16 @@ def watch_command(settings: Settings, *, as_json: bool) -> int:
     )
     watcher.start()
     try:
+        # Say on stderr when the replay is over and live events follow (scripts wait for it).
+        while not watcher.listed.wait(0.1):
+            if watcher.done:
+                break
+        if watcher.listed.is_set():
+            print(
+                f"{_now()} otel-cancel: watching {settings.prefix}flags/ from revision {watcher.last_revision}",
+                file=sys.stderr,
+                flush=True,
+            )
         watcher.join()
     finally:
         watcher.stop()

@@ -134,6 +134,11 @@ class CancelWatcher:
             self._stopped.wait(timeout)
             self._set_connected(False)
 
+    @property
+    def done(self) -> bool:
+        """Whether the watcher has ended (stopped or failed)."""
+        return self._future is None or self._future.done()
+
     def join(self) -> None:
         """Block until the watcher ends: stopped, or failed (its error is raised here)."""
         future = self._future

@@ -71,6 +71,7 @@ def test_list_shows_cancelled_roots_as_json(etcd_env):
 def test_watch_prints_cancels_as_they_happen(spawn, etcd_env):
     """`watch` prints each cancel as a line while it runs."""
     watcher = spawn(cli("watch", "--json"), env=etcd_env, name="watch")
+    watcher.wait_for_line(lambda line: "otel-cancel: watching" in line)
     before = random_root()
     run("cancel", before, env=etcd_env)
     first = json.loads(watcher.wait_for_line(lambda line: before in line))
