@@ -8,9 +8,10 @@ number of loops or requests.
 
 Loop, in order:
 
-1. list ``{prefix}flags/`` page by page, keys only (a root is all enforcement
-   needs; a flag's reason is fetched when a refusal first shows it), and mark
-   every root cancelled; remember the listing revision. A re-list keeps enforcing
+1. list ``{prefix}flags/`` page by page, with values for the first
+   :data:`LISTED_WITH_VALUES` flags and keys only after (a root is all
+   enforcement needs; such a flag's reason is fetched when a refusal first shows
+   it), and mark every root cancelled; remember the listing revision. A re-list keeps enforcing
    what was known until it has completed;
 2. watch from that revision + 1, applying puts and forgetting deletes, and
    remember the revision of every event;
@@ -52,6 +53,11 @@ BACKOFF_INITIAL_SECONDS = 0.05
 BACKOFF_MAX_SECONDS = 2.0
 _DETAIL_FETCHES_MAX = 256
 """Flag values fetched at once for refusals (each root once; more wait for the next refusal)."""
+
+LISTED_WITH_VALUES = 2000
+"""Flags a listing reads with their values (reason, requester): a small set is held whole,
+as the watch holds what it applies. Past them the listing reads keys only and holds one
+string per root, so 100,000 flags cost megabytes, not hundreds of them."""
 
 FlagListener = Callable[[FlagEvent, bool], None]
 """Told of every flag event the watcher sees, and whether it is replayed by a listing."""
@@ -192,19 +198,28 @@ class CancelWatcher:
                 with contextlib.suppress(RuntimeError):
                     holder.loop.call_soon_threadsafe(deliver, holder)
 
-    def _root_of(self, event: FlagEvent, prefix: str) -> str | None:
+    # A listing logs bad keys and values rate-limited (it may meet thousands at once); the
+    # watch logs each one, as it arrives.
+
+    def _root_of(self, event: FlagEvent, prefix: str, *, limited: bool = False) -> str | None:
         root = root_of_flag_key(prefix, event.key)
         if root is None:
-            self._bad_input.warning(
-                "key", "otel-cancel: ignoring key %r under the flags prefix: not a valid root", event.key[:200]
-            )
+            message = "otel-cancel: ignoring key %r under the flags prefix: not a valid root"
+            if limited:
+                self._bad_input.warning("key", message, event.key[:200])
+            else:
+                _log.warning(message, event.key[:200])
         return root
 
-    def _parse(self, root: str, value: bytes) -> CancelRequest:
+    def _parse(self, root: str, value: bytes, *, limited: bool = False) -> CancelRequest:
         try:
             return CancelRequest.from_json(value, root)
         except ValueError as error:
-            self._bad_input.warning("value", "otel-cancel: ignoring malformed flag for %s: %s", root, error)
+            message = "otel-cancel: ignoring malformed flag for %s: %s"
+            if limited:
+                self._bad_input.warning("value", message, root, error)
+            else:
+                _log.warning(message, root, error)
             # The key still says this root was cancelled; honour it with an unknown reason.
             return CancelRequest(root, "unknown (malformed flag)", 0, "")
 
@@ -241,8 +256,8 @@ class CancelWatcher:
                 self._fetching.discard(root)
 
     async def _apply_listed(self, store: CancelStore, root: str, value: bytes) -> None:
-        if not self._keys_only:
-            self.apply(self._parse(root, value))
+        if value or not self._keys_only:
+            self.apply(self._parse(root, value, limited=True))
             return
         if not self._registry.apply_listed(root):
             return
@@ -261,10 +276,11 @@ class CancelWatcher:
         seen: set[str] | None = set() if self.listings else None
         self.listings += 1
         revision = 0
-        async for page in store.list_flag_pages(keys_only=self._keys_only):
+        values_for_first = LISTED_WITH_VALUES if self._keys_only else None
+        async for page in store.list_flag_pages(values_for_first=values_for_first):
             revision = page.revision
             for event in page.flags:
-                root = self._root_of(event, store.prefix)
+                root = self._root_of(event, store.prefix, limited=True)
                 if root is None:
                     continue
                 if seen is not None:

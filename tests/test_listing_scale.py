@@ -21,6 +21,7 @@ from tcp_relay import TcpRelay
 
 import otel_cancel
 from otel_cancel._io_loop import io_loop
+from otel_cancel._registry import LISTED_REASON
 from otel_cancel._request import CancelRequest
 from otel_cancel._root import random_root
 from otel_cancel.store.etcd import EtcdCancelStore
@@ -161,3 +162,25 @@ async def test_a_process_that_must_list_again_keeps_enforcing_and_applies_what_i
 
 
 new_root = random_root()
+
+
+async def test_a_refusal_of_a_root_known_only_by_its_key_fetches_its_reason_for_later_refusals(big_etcd, big_set):
+    """Past the flags listed with values, the first refusal says why it cannot tell the reason; the next one can."""
+    prefix, roots = big_set
+    with configured(endpoints=(big_etcd.endpoint,), prefix=prefix) as runtime:
+        runtime.start()
+        assert await runtime.watcher.wait_listed(EVENT_TIMEOUT)
+        assert runtime.registry.is_cancelled(roots[0]).reason == REASON  # among the first, listed with values
+        with pytest.raises(otel_cancel.Cancelled) as first:
+            async with otel_cancel.scope(root=roots[-1]):
+                pass
+        assert first.value.reason == LISTED_REASON
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + EVENT_TIMEOUT
+        # The fetch runs on the IO loop; nothing to await from here but the registry's answer.
+        while runtime.registry.is_cancelled(roots[-1]).reason != REASON and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        with pytest.raises(otel_cancel.Cancelled) as later:
+            async with otel_cancel.scope(root=roots[-1]):
+                pass
+        assert later.value.reason == REASON

@@ -94,11 +94,19 @@ class CancelStore(Protocol):
         """Every flag, with the revision the listing was taken at (all in memory: small sets only)."""
         ...
 
-    def list_flag_pages(self, *, keys_only: bool = False, page_size: int = LIST_PAGE_SIZE) -> AsyncIterator[FlagPage]:
+    def list_flag_pages(
+        self, *, keys_only: bool = False, page_size: int = LIST_PAGE_SIZE, values_for_first: int | None = None
+    ) -> AsyncIterator[FlagPage]:
         """Every flag, page by page in key order, all pages at the revision of the first.
 
         Memory stays bounded by one page whatever the number of flags: the watcher
-        lists keys only (a root is all enforcement needs), the CLI prints page by page.
+        lists keys only past its first flags (a root is all enforcement needs), the
+        CLI prints page by page.
+
+        Args:
+            keys_only: no values at all.
+            page_size: flags per page.
+            values_for_first: values for this many flags (in key order), keys only after.
 
         Raises:
             RevisionCompactedError: the listing's revision was compacted between two

@@ -434,7 +434,7 @@ class EtcdCancelStore:
         return FlagListing(tuple(flags), revision)
 
     async def list_flag_pages(
-        self, *, keys_only: bool = False, page_size: int = LIST_PAGE_SIZE
+        self, *, keys_only: bool = False, page_size: int = LIST_PAGE_SIZE, values_for_first: int | None = None
     ) -> AsyncIterator[FlagPage]:
         # One range per page, each bounded by ``limit`` (an unpaginated range over many
         # flags passes gRPC's 4 MiB message limit and fails for good). Every page after
@@ -443,9 +443,13 @@ class EtcdCancelStore:
         end = _prefix_end(head)
         start = head
         revision = 0
+        listed = 0
+        with_values = 0 if keys_only else values_for_first
         while True:
+            values = with_values is None or listed < with_values
+            limit = page_size if with_values is None or not values else min(page_size, with_values - listed)
             request = aetcd.rpc.RangeRequest(
-                key=start, range_end=end, limit=page_size, revision=revision, keys_only=keys_only
+                key=start, range_end=end, limit=limit, revision=revision, keys_only=not values
             )
             try:
                 response = await self._call("listing cancel flags", _range_call(request))
@@ -459,9 +463,10 @@ class EtcdCancelStore:
                 revision = int(response.header.revision)
             kvs = response.kvs
             flags = tuple(
-                FlagEvent("put", kv.key.decode("utf-8", "replace"), b"" if keys_only else kv.value, kv.mod_revision)
+                FlagEvent("put", kv.key.decode("utf-8", "replace"), kv.value if values else b"", kv.mod_revision)
                 for kv in kvs
             )
+            listed += len(flags)
             yield FlagPage(flags, revision)
             if not response.more or not kvs:
                 return

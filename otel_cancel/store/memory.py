@@ -101,13 +101,13 @@ class MemoryCancelStore:
             return FlagListing(flags, self._revision)
 
     async def list_flag_pages(
-        self, *, keys_only: bool = False, page_size: int = LIST_PAGE_SIZE
+        self, *, keys_only: bool = False, page_size: int = LIST_PAGE_SIZE, values_for_first: int | None = None
     ) -> AsyncIterator[FlagPage]:
         # One snapshot taken under the lock (this store holds few flags), handed out in pages.
         listing = await self.list_flags()
         flags = listing.flags
-        if keys_only:
-            flags = tuple(dataclasses.replace(flag, value=b"") for flag in flags)
+        with_values = 0 if keys_only else len(flags) if values_for_first is None else values_for_first
+        flags = tuple(f if i < with_values else dataclasses.replace(f, value=b"") for i, f in enumerate(flags))
         for start in range(0, max(len(flags), 1), page_size):
             yield FlagPage(flags[start : start + page_size], listing.revision)
 
