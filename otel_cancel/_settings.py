@@ -94,6 +94,8 @@ class Settings:
     startup_wait_seconds: float = 5.0
     """See ``OTEL_CANCEL_STARTUP_WAIT_SECONDS``: by default :func:`startup_wait_for` the etcd deadline."""
     watchdog_seconds: float = 5.0
+    unlisted: str = "run"
+    """See ``OTEL_CANCEL_UNLISTED``: ``run`` or ``refuse`` work entered before the first listing."""
     signing_key: bytes | None = dataclasses.field(default=None, repr=False)
     service: str = "unknown_service"
     instance: str = ""
@@ -133,6 +135,7 @@ class Settings:
             "on_disconnect": _choice(environ, env.OTEL_CANCEL_ON_DISCONNECT, "cancel", ("cancel", "continue")),
             "startup_wait_seconds": _number(environ, env.OTEL_CANCEL_STARTUP_WAIT_SECONDS, -1.0, 0, 60),
             "watchdog_seconds": _number(environ, env.OTEL_CANCEL_WATCHDOG_SECONDS, 5.0, 0.1, 3600),
+            "unlisted": _choice(environ, env.OTEL_CANCEL_UNLISTED, "run", ("run", "refuse")),
             "signing_key": signing_key,
             "service": environ.get("OTEL_SERVICE_NAME") or "unknown_service",
             "instance": environ.get(env.OTEL_CANCEL_INSTANCE) or f"{socket.gethostname()}-{os.getpid()}",
