@@ -72,7 +72,8 @@ class CancelWatcher:
         registry: the process registry.
         watchdog_seconds: interval of the liveness probe.
         listener: told of every flag event (``otel-cancel watch`` prints them).
-        keys_only: list keys only (services); a listener that shows reasons lists values.
+        keys_only: past the first :data:`LISTED_WITH_VALUES` flags, list keys only (services); a
+            listener that shows reasons lists every value.
         fail_before_listing: end (raising the ``StoreError``) when no endpoint can be
             listed at the start, instead of retrying: a command fails with one line
             where a service serves on.
