@@ -12,7 +12,7 @@ import os
 import socket
 import threading
 
-from otel_cancel.testing import free_port
+from otel_cancel.testing import EtcdServer, free_port
 
 
 def _inodes_of_local_port(port: int) -> set[str]:
@@ -149,17 +149,17 @@ class PartitionableCluster:
     def __init__(self) -> None:
         self.relays: dict[str, TcpRelay] = {}
 
-    def relay_for(self, member: object) -> int:
+    def relay_for(self, member: EtcdServer) -> int:
         """The ``peer_relay`` hook of ``EtcdCluster``: a relay in front of ``member``'s peer port."""
-        relay = TcpRelay(member.peer_port)  # type: ignore[attr-defined]
-        self.relays[member.name] = relay  # type: ignore[attr-defined]
+        relay = TcpRelay(member.peer_port)
+        self.relays[member.name] = relay
         return relay.port
 
-    def isolate(self, member: object) -> None:
+    def isolate(self, member: EtcdServer) -> None:
         """Cut ``member`` off its peers: nothing reaches its peer port, nothing it dials gets through."""
-        pid = member.pid  # type: ignore[attr-defined]
+        pid = member.pid
         for name, relay in self.relays.items():
-            if name == member.name:  # type: ignore[attr-defined]
+            if name == member.name:
                 relay.cut()
             else:
                 relay.cut(origin=pid)
