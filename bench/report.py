@@ -32,9 +32,10 @@ from _common import (
     read_results,
     table,
 )
+from listing import listing_block
 
 DOCUMENT = REPO / "BENCHMARKS.md"
-NAMES = ("propagation", "cascade", "langgraph", "overhead", "scale", "a2a")
+NAMES = ("propagation", "cascade", "langgraph", "overhead", "scale", "a2a", "listing")
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -583,6 +584,7 @@ def render(results: dict[str, dict[str, Any] | None]) -> dict[str, str]:
         "overhead": overhead_block(results["overhead"]),
         "scale": scale_block(results["scale"]),
         "a2a": a2a_block(results["a2a"]),
+        "listing": listing_block(results["listing"]),
     }
 
 

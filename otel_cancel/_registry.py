@@ -88,6 +88,10 @@ EARLY_STOP_MEMORY_SECONDS = 30.0
 _EARLY_STOP_LIMIT = 4096
 
 
+LISTED_REASON = "cancelled before this process listed its flags"
+"""The reason a refusal gives while only the flag's key is known here (its value is being fetched)."""
+
+
 def cancel_message(request: CancelRequest) -> str:
     """The tag of every cancellation otel-cancel delivers (anyio style)."""
     return f"otel_cancel: root={request.root}; reason={request.reason}"
@@ -110,7 +114,13 @@ class CancelRegistry:
         # watcher sees the flag. Remember such stops briefly, so the flag still yields a
         # receipt for the work it stopped.
         self._early_stops: OrderedDict[str, _EarlyStop] = OrderedDict()
+        # Roots known cancelled from a keys-only listing: a set of strings, so that a
+        # process listing 100,000 flags holds 100,000 roots and nothing else. The flag's
+        # value (reason, requester) is fetched when a refusal first needs it.
+        self._listed: set[str] = set()
         self.on_stopped = on_stopped
+        self.on_details_wanted: Callable[[str], None] | None = None
+        """Called (outside the lock) when a scope is refused for a root known only by its key."""
 
     # -- request side --------------------------------------------------------------
 
@@ -140,7 +150,16 @@ class CancelRegistry:
             holder.count += 1
             holder.names.append(name or "")
             state = self._cancelled.get(root)
-            return holder, (state.request if state is not None else None)
+            if state is not None:
+                return holder, state.request
+            if root not in self._listed:
+                return holder, None
+        self._want_details(root)
+        return holder, CancelRequest(root, LISTED_REASON, 0, "")
+
+    def _want_details(self, root: str) -> None:
+        if self.on_details_wanted is not None:
+            self.on_details_wanted(root)
 
     def exit(
         self,
@@ -223,9 +242,28 @@ class CancelRegistry:
     def is_cancelled(self, root: str) -> CancelRequest | None:
         """The cancel request of ``root`` if it is cancelled here, else ``None``."""
         state = self._cancelled.get(root)
-        return state.request if state is not None else None
+        if state is not None:
+            return state.request
+        if root in self._listed:
+            self._want_details(root)
+            return CancelRequest(root, LISTED_REASON, 0, "")
+        return None
 
     # -- watcher side --------------------------------------------------------------
+
+    def apply_listed(self, root: str) -> bool:
+        """Mark ``root`` cancelled from a keys-only listing (from now on its scopes are refused).
+
+        Returns:
+            Whether work for ``root`` is live here (or stopped early, waiting for its
+            flag): the caller must then fetch the flag and :meth:`apply` it, which
+            stops that work and yields its receipt.
+        """
+        with self._lock:
+            if root in self._cancelled or root in self._listed:
+                return False
+            self._listed.add(root)
+            return bool(self._live.get(root)) or root in self._early_stops
 
     def apply(self, request: CancelRequest) -> tuple[bool, list[Holder]]:
         """Mark ``request.root`` cancelled; return whether it is new here and the holders to stop.
@@ -237,8 +275,13 @@ class CancelRegistry:
         with self._lock:
             if request.root in self._cancelled:
                 return False, []
+            listed = request.root in self._listed
+            self._listed.discard(request.root)
             state = self._cancelled[request.root] = _CancelState(request, time.time_ns())
             holders = list(self._live.get(request.root, {}).values())
+            if listed and not holders and request.root not in self._early_stops:
+                # Only the reason was missing: scopes were refused from the listing on.
+                return False, []
             for holder in holders:
                 holder.cancel_requested = request
             state.waiting = len(holders)
@@ -268,12 +311,14 @@ class CancelRegistry:
         """Drop a cancelled root (its flag expired); new work for it may run again."""
         with self._lock:
             self._cancelled.pop(root, None)
+            self._listed.discard(root)
 
     def retain_only(self, roots: set[str]) -> None:
         """Forget every cancelled root not in ``roots`` (after a fresh listing)."""
         with self._lock:
             for root in [r for r in self._cancelled if r not in roots]:
                 del self._cancelled[root]
+            self._listed &= roots
 
     # -- introspection -------------------------------------------------------------
 
@@ -290,7 +335,7 @@ class CancelRegistry:
     def cancelled_roots(self) -> int:
         """How many cancelled roots this process remembers."""
         with self._lock:
-            return len(self._cancelled)
+            return len(self._cancelled) + len(self._listed)
 
 
 def deliver(holder: Holder) -> None:

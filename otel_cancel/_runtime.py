@@ -14,13 +14,16 @@ from typing import Any
 
 from . import telemetry
 from ._registry import CancelRegistry, StopReport
-from ._request import Receipt
+from ._request import CancelRequest, Receipt
 from ._settings import Settings
 from ._watcher import CancelWatcher
 from .exceptions import StoreError, StoreUnavailableError
 from .store import CancelStore
 
 _log = logging.getLogger("otel_cancel")
+
+UNLISTED_REASON = "the cancel store could not be listed"
+"""Why work is refused when the first listing did not complete and ``OTEL_CANCEL_UNLISTED=refuse``."""
 
 
 class Runtime:
@@ -63,9 +66,18 @@ class Runtime:
         if not await self.watcher.wait_listed(self.settings.startup_wait_seconds) and not self._startup_wait_logged:
             self._startup_wait_logged = True
             _log.warning(
-                "otel-cancel: the cancel store was not listed within %.1fs; running work without it (fail open)",
+                "otel-cancel: the cancel store was not listed within %.1fs; %s",
                 self.settings.startup_wait_seconds,
+                "refusing work until it is (OTEL_CANCEL_UNLISTED=refuse)"
+                if self.settings.unlisted == "refuse"
+                else "running work without it (fail open)",
             )
+
+    def unlisted_refusal(self, root: str) -> CancelRequest | None:
+        """The refusal of work for ``root`` when nothing was listed yet and the settings say refuse."""
+        if self.settings.unlisted != "refuse" or self.watcher.listed.is_set():
+            return None
+        return CancelRequest(root, UNLISTED_REASON, 0, "")
 
     def _on_stopped(self, report: StopReport) -> None:
         receipt = Receipt(

@@ -101,6 +101,8 @@ class CancelScope:
         self.root = root
         self.depth = current_depth()
         holder, request = runtime.registry.enter(root, self.depth, self.name, task_mode=task_mode)
+        if request is None:
+            request = runtime.unlisted_refusal(root)
         self._holder = holder
         telemetry.scope_entered()
         if request is not None:

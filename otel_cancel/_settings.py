@@ -62,6 +62,17 @@ def _choice(environ: Mapping[str, str], name: str, default: str, choices: tuple[
     return value
 
 
+def startup_wait_for(timeout_seconds: float) -> float:
+    """The default start-up wait for an etcd deadline of ``timeout_seconds``.
+
+    A fresh process whose first endpoint hangs gives up on it after one deadline and
+    lists through the next endpoint within another: the first scopes wait for both
+    (and a second more) before they fail open, so a replica that never served still
+    refuses a late hop.
+    """
+    return 2 * timeout_seconds + 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """How this process talks to the cancel store and treats incoming requests.
@@ -80,8 +91,11 @@ class Settings:
     timeout_seconds: float = 2.0
     trust_incoming: bool = False
     on_disconnect: str = "cancel"
-    startup_wait_seconds: float = 1.0
+    startup_wait_seconds: float = 5.0
+    """See ``OTEL_CANCEL_STARTUP_WAIT_SECONDS``: by default :func:`startup_wait_for` the etcd deadline."""
     watchdog_seconds: float = 5.0
+    unlisted: str = "run"
+    """See ``OTEL_CANCEL_UNLISTED``: ``run`` or ``refuse`` work entered before the first listing."""
     signing_key: bytes | None = dataclasses.field(default=None, repr=False)
     service: str = "unknown_service"
     instance: str = ""
@@ -119,20 +133,27 @@ class Settings:
             "timeout_seconds": _number(environ, env.OTEL_CANCEL_ETCD_TIMEOUT_SECONDS, 2.0, 0.05, 60),
             "trust_incoming": _flag(environ, env.OTEL_CANCEL_TRUST_INCOMING, False),
             "on_disconnect": _choice(environ, env.OTEL_CANCEL_ON_DISCONNECT, "cancel", ("cancel", "continue")),
-            "startup_wait_seconds": _number(environ, env.OTEL_CANCEL_STARTUP_WAIT_SECONDS, 1.0, 0, 60),
+            "startup_wait_seconds": _number(environ, env.OTEL_CANCEL_STARTUP_WAIT_SECONDS, -1.0, 0, 60),
             "watchdog_seconds": _number(environ, env.OTEL_CANCEL_WATCHDOG_SECONDS, 5.0, 0.1, 3600),
+            "unlisted": _choice(environ, env.OTEL_CANCEL_UNLISTED, "run", ("run", "refuse")),
             "signing_key": signing_key,
             "service": environ.get("OTEL_SERVICE_NAME") or "unknown_service",
             "instance": environ.get(env.OTEL_CANCEL_INSTANCE) or f"{socket.gethostname()}-{os.getpid()}",
             "store": _choice(environ, env.OTEL_CANCEL_STORE, "etcd", ("etcd", "memory")),
         }
         values.update(overrides)
+        if values["startup_wait_seconds"] == -1.0:  # not set: follows the etcd deadline
+            values["startup_wait_seconds"] = startup_wait_for(float(values["timeout_seconds"]))  # type: ignore[arg-type]
         settings = cls(**values)  # type: ignore[arg-type]
         validate_prefix(settings.prefix)
         if settings.store == "etcd":
             for endpoint in settings.endpoints:
                 # Now, not when the watcher first connects on its own thread: fail fast.
                 parse_endpoint(endpoint)
+            # The TLS files too: a wrong one would otherwise surface as "etcd unavailable".
+            from .store._tls import read_credentials
+
+            read_credentials(settings.ca_cert, settings.cert, settings.key)
         return settings
 
     def create_store(self) -> CancelStore:

@@ -56,6 +56,7 @@ from ._logging import RateLimitedLogger
 from ._root import with_root
 from ._runtime import get_runtime
 from ._scope import cancel, scope
+from ._upstream_logs import limit_client_input_logs
 from .exceptions import Cancelled, ConfigurationError
 
 Scope = MutableMapping[str, Any]
@@ -150,6 +151,7 @@ class CancelMiddleware:
         if deadline_seconds is not None and not 0 < deadline_seconds <= MAX_AHEAD_SECONDS:
             raise ConfigurationError(f"deadline_seconds must be in (0, {MAX_AHEAD_SECONDS}], got {deadline_seconds}")
         self.app = app
+        limit_client_input_logs()  # OpenTelemetry's warnings about hostile baggage headers
         self._deadline_seconds = deadline_seconds
         self._trust_incoming = trust_incoming
         self._on_disconnect = on_disconnect

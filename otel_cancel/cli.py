@@ -12,7 +12,9 @@ Commands::
 Configuration comes from the ``OTEL_CANCEL_*`` environment. Exit codes: 0 on
 success (cancelling an already cancelled root included), 2 on bad input (a root
 that is not 32 lowercase hex digits, an invalid setting), 1 with a one-line reason
-when etcd cannot be reached or refuses the call.
+when etcd cannot be reached or refuses the call, 3 when ``cancel --wait`` wrote
+the flag but could not read the receipts (the cancel stands; only its
+confirmation is missing).
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ from ._scope import parent_in_root_trace
 from ._settings import Settings
 from .exceptions import ConfigurationError, InvalidRootError, StoreError
 from .store import CancelStore
-from .store._keys import root_of_flag_key
 
 EXIT_OK = 0
 EXIT_STORE = 1
 EXIT_USAGE = 2
+EXIT_UNCONFIRMED = 3
+"""``cancel --wait``: the flag is written, reading the receipts failed."""
 
 _RECEIPT_COLUMNS = ("service", "instance", "depth", "interrupted", "latency_ms")
 
@@ -110,7 +113,12 @@ async def _cancel(store: CancelStore, settings: Settings, args: argparse.Namespa
             flush=True,
         )
     if args.wait:
-        await _wait_for_receipts(store, args)
+        try:
+            await _wait_for_receipts(store, args)
+        except StoreError as error:
+            return _fail(
+                f"the flag for {stored.root} is written; its receipts could not be read: {error}", EXIT_UNCONFIRMED
+            )
     return EXIT_OK
 
 
@@ -173,62 +181,12 @@ async def _status(store: CancelStore, settings: Settings, args: argparse.Namespa
 
 
 async def _list(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
-    listing = await store.list_flags()
-    flags = []
-    for event in listing.flags:
-        root = root_of_flag_key(store.prefix, event.key)
-        if root is None:
-            continue
-        try:
-            flags.append(CancelRequest.from_json(event.value, root))
-        except ValueError:
-            flags.append(CancelRequest(root, "unknown (malformed flag)", 0, ""))
-    if args.json:
-        print(json.dumps({"revision": listing.revision, "flags": [_request_dict(f) for f in flags]}))
-    elif not flags:
-        print("no cancelled roots")
-    else:
-        rows = [
-            {
-                "root": f.root,
-                "requested_at": _iso(f.requested_at) if f.requested_at else "-",
-                "by": f.requested_by,
-                "reason": f.reason,
-            }
-            for f in flags
-        ]
-        print(format_table(rows, ("root", "requested_at", "by", "reason")))
-    return EXIT_OK
+    from ._cli_flags import list_command
+
+    return await list_command(store, settings, args)
 
 
-async def _watch(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
-    listing = await store.list_flags()
-    revision = listing.revision
-    for event in listing.flags:
-        _print_event(store, event.kind, event.key, event.value, args.json)
-    async for event in store.watch_flags(revision + 1):
-        _print_event(store, event.kind, event.key, event.value, args.json)
-    return EXIT_OK
-
-
-def _print_event(store: CancelStore, kind: str, key: str, value: bytes, as_json: bool) -> None:
-    root = root_of_flag_key(store.prefix, key)
-    if root is None:
-        return
-    reason = ""
-    if kind == "put":
-        try:
-            reason = CancelRequest.from_json(value, root).reason
-        except ValueError:
-            reason = "unknown (malformed flag)"
-    if as_json:
-        print(json.dumps({"event": "cancelled" if kind == "put" else "expired", "root": root, "reason": reason}))
-    else:
-        print(f"{'cancelled' if kind == 'put' else 'expired  '} {root} {reason}".rstrip())
-    sys.stdout.flush()
-
-
-_STORE_COMMANDS = {"cancel": _cancel, "status": _status, "list": _list, "watch": _watch}
+_STORE_COMMANDS = {"cancel": _cancel, "status": _status, "list": _list}
 
 
 async def _run_store_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -382,6 +340,10 @@ def _main(args: argparse.Namespace) -> int:
             from .doctor import run_doctor
 
             return run_doctor(settings, as_json=args.json)
+        if args.command == "watch":
+            from ._cli_flags import watch_command
+
+            return watch_command(settings, as_json=args.json)
         return _on_io_loop(_run_store_command(settings, args))
     except ConfigurationError as error:
         return _fail(str(error), EXIT_USAGE)

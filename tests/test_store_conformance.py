@@ -74,6 +74,35 @@ async def test_list_flags_returns_every_flag_and_a_revision(store):
 
 
 @on_io_loop
+async def test_flag_pages_list_every_flag_once_in_key_order_at_one_revision(store):
+    """Pages of 2: every flag once, in key order, one revision throughout; a flag written meanwhile waits."""
+    roots = sorted(random_root() for _ in range(5))
+    for root in roots:
+        await store.create_flag(_request(root), 60)
+    pages = []
+    async for page in store.list_flag_pages(page_size=2):
+        pages.append(page)
+        if len(pages) == 1:
+            await store.create_flag(_request(random_root()), 60)  # after the listing's revision
+    assert [len(page.flags) for page in pages][:3] == [2, 2, 1]
+    assert len({page.revision for page in pages}) == 1
+    listed = [flag.key.rsplit("/", 1)[1] for page in pages for flag in page.flags]
+    assert listed == roots
+    assert all(CancelRequest.from_json(flag.value, flag.key.rsplit("/", 1)[1]) for page in pages for flag in page.flags)
+
+
+@on_io_loop
+async def test_flag_pages_carry_values_for_the_first_flags_only_when_asked(store):
+    """``values_for_first=3``: the first three flags come with values, the rest as keys only; ``keys_only``: none."""
+    for _ in range(5):
+        await store.create_flag(_request(random_root()), 60)
+    flags = [flag async for page in store.list_flag_pages(page_size=2, values_for_first=3) for flag in page.flags]
+    assert [bool(flag.value) for flag in flags] == [True, True, True, False, False]
+    keys = [flag async for page in store.list_flag_pages(keys_only=True) for flag in page.flags]
+    assert len(keys) == 5 and not any(flag.value for flag in keys)
+
+
+@on_io_loop
 async def test_watch_from_a_revision_replays_later_flags_in_order(store):
     """A watch started at listing revision + 1 sees flags written after the listing, in order."""
     listing = await store.list_flags()

@@ -49,6 +49,22 @@ class FlagListing:
     revision: int
 
 
+@dataclasses.dataclass(frozen=True)
+class FlagPage:
+    """One page of a listing: some of the flags present at ``revision``.
+
+    Every page of one listing carries the same revision, so together they are one
+    consistent snapshot. Pages of a keys-only listing have empty values.
+    """
+
+    flags: tuple[FlagEvent, ...]
+    revision: int
+
+
+LIST_PAGE_SIZE = 2000
+"""Flags per page of a listing: keys only, a page is about 150 KB, far below gRPC's 4 MiB."""
+
+
 @runtime_checkable
 class CancelStore(Protocol):
     """Stores cancel flags and receipts, and streams flag changes.
@@ -75,7 +91,27 @@ class CancelStore(Protocol):
         ...
 
     async def list_flags(self) -> FlagListing:
-        """Every flag, with the revision the listing was taken at."""
+        """Every flag, with the revision the listing was taken at (all in memory: small sets only)."""
+        ...
+
+    def list_flag_pages(
+        self, *, keys_only: bool = False, page_size: int = LIST_PAGE_SIZE, values_for_first: int | None = None
+    ) -> AsyncIterator[FlagPage]:
+        """Every flag, page by page in key order, all pages at the revision of the first.
+
+        Memory stays bounded by one page whatever the number of flags: the watcher
+        lists keys only past its first flags (a root is all enforcement needs), the
+        CLI prints page by page.
+
+        Args:
+            keys_only: no values at all.
+            page_size: flags per page.
+            values_for_first: values for this many flags (in key order), keys only after.
+
+        Raises:
+            RevisionCompactedError: the listing's revision was compacted between two
+                pages; list again.
+        """
         ...
 
     def watch_flags(self, start_revision: int) -> AsyncIterator[FlagEvent]:
@@ -124,4 +160,12 @@ class CancelStore(Protocol):
         ...
 
 
-__all__ = ("DEFAULT_PREFIX", "DEFAULT_TTL_SECONDS", "CancelStore", "FlagEvent", "FlagListing")
+__all__ = (
+    "DEFAULT_PREFIX",
+    "DEFAULT_TTL_SECONDS",
+    "LIST_PAGE_SIZE",
+    "CancelStore",
+    "FlagEvent",
+    "FlagListing",
+    "FlagPage",
+)

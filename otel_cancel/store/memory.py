@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from .._request import CancelRequest, Receipt, TaskRecord
 from ..exceptions import RevisionCompactedError
-from . import DEFAULT_PREFIX, FlagEvent, FlagListing
+from . import DEFAULT_PREFIX, LIST_PAGE_SIZE, FlagEvent, FlagListing, FlagPage
 from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, task_key, validate_prefix
 
 _log = logging.getLogger("otel_cancel.store")
@@ -99,6 +99,17 @@ class MemoryCancelStore:
                 if key.startswith(head)
             )
             return FlagListing(flags, self._revision)
+
+    async def list_flag_pages(
+        self, *, keys_only: bool = False, page_size: int = LIST_PAGE_SIZE, values_for_first: int | None = None
+    ) -> AsyncIterator[FlagPage]:
+        # One snapshot taken under the lock (this store holds few flags), handed out in pages.
+        listing = await self.list_flags()
+        flags = listing.flags
+        with_values = 0 if keys_only else len(flags) if values_for_first is None else values_for_first
+        flags = tuple(f if i < with_values else dataclasses.replace(f, value=b"") for i, f in enumerate(flags))
+        for start in range(0, max(len(flags), 1), page_size):
+            yield FlagPage(flags[start : start + page_size], listing.revision)
 
     async def watch_flags(self, start_revision: int) -> AsyncIterator[FlagEvent]:
         queue: asyncio.Queue[FlagEvent] = asyncio.Queue()
