@@ -7,14 +7,18 @@ otherwise the first scope or cancel configures it from the environment.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
 from typing import Any
 
 from . import telemetry
-from ._registry import CancelRegistry, StopReport
-from ._request import Receipt
+from ._io_loop import io_loop
+from ._live import LivePublisher
+from ._registry import CancelRegistry, Holder, StopReport
+from ._request import CancelRequest, Receipt
 from ._settings import Settings
 from ._watcher import CancelWatcher
 from .exceptions import StoreError, StoreUnavailableError
@@ -28,14 +32,26 @@ class Runtime:
 
     def __init__(self, settings: Settings, store: CancelStore | None = None) -> None:
         self.settings = settings
-        self.registry = CancelRegistry(on_stopped=self._on_stopped)
+        self.registry = CancelRegistry(on_stopped=self._on_stopped, service=settings.service)
         self._given_store = store
         self.watcher = CancelWatcher(self._create_store, self.registry, watchdog_seconds=settings.watchdog_seconds)
+        self.registry.on_bulk_refusal = self._on_bulk_refusal
+        self.watcher.on_bulk_selected = self._write_selected_flags
+        self.publisher = LivePublisher(
+            self.registry,
+            self.watcher.store,
+            service=settings.service,
+            instance=settings.instance,
+            interval_ms=settings.live_interval_ms,
+            ttl_seconds=settings.live_ttl_seconds,
+        )
+        self._publisher_future: concurrent.futures.Future[None] | None = None
         self.receipts_written = 0
         self._receipt_written: dict[str, threading.Event] = {}
         self._receipt_lock = threading.Lock()
         self._startup_wait_logged = False
         telemetry.observe_watch_connected(lambda: self.watcher.connected)
+        telemetry.observe_live_roots(self.registry.live_roots)
 
     def _create_store(self) -> CancelStore:
         return self._given_store if self._given_store is not None else self.settings.create_store()
@@ -50,6 +66,8 @@ class Runtime:
         if not self.watcher.started:
             telemetry.initialise_counters()
         self.watcher.start()
+        if self._publisher_future is None:
+            self._publisher_future = io_loop().submit(self.publisher.run())
 
     async def ensure_listed(self) -> None:
         """Start the watcher and wait, briefly, for its first listing.
@@ -66,6 +84,27 @@ class Runtime:
                 "otel-cancel: the cancel store was not listed within %.1fs; running work without it (fail open)",
                 self.settings.startup_wait_seconds,
             )
+
+    def _on_bulk_refusal(self, request: CancelRequest, others: list[Holder]) -> None:
+        # A late hop of a run a bulk cancel selected: stop any other work of it here,
+        # and write the root's own flag so every process refuses it from now on.
+        self.watcher.deliver(others)
+        self._write_selected_flags([request])
+
+    def _write_selected_flags(self, requests: list[CancelRequest]) -> None:
+        """Write the ordinary flag of each root a bulk cancel stopped here (create-if-absent)."""
+        self.watcher.submit(self._write_flags(requests))
+
+    async def _write_flags(self, requests: list[CancelRequest]) -> None:
+        store = await self.watcher.store()
+        for request in requests:
+            try:
+                await store.create_flag(request, self.settings.ttl_seconds)
+            except StoreError as error:
+                # The bulk flag still stops the run in every process that holds it.
+                _log.warning(
+                    "otel-cancel: could not write the flag of %s selected by a bulk cancel: %s", request.root, error
+                )
 
     def _on_stopped(self, report: StopReport) -> None:
         receipt = Receipt(
@@ -119,6 +158,13 @@ class Runtime:
         return await loop.run_in_executor(None, event.wait, timeout)
 
     def shutdown(self) -> None:
+        future, self._publisher_future = self._publisher_future, None
+        if future is not None:
+            # First, while the store is open: the publisher revokes its lease, so this
+            # process leaves `otel-cancel ps` at once.
+            future.cancel()
+            with contextlib.suppress(concurrent.futures.CancelledError, concurrent.futures.TimeoutError):
+                future.result(2.0)
         self.watcher.stop()
 
 

@@ -32,12 +32,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from . import telemetry
+from ._bulk import BulkCancel
 from ._io_loop import io_loop
-from ._registry import CancelRegistry, deliver
+from ._registry import CancelRegistry, Holder, deliver
 from ._request import CancelRequest
 from .exceptions import RevisionCompactedError, StoreError, StoreUnavailableError
 from .store import CancelStore, FlagEvent
-from .store._keys import root_of_flag_key
+from .store._keys import bulk_id_of_flag_key, root_of_flag_key
 
 _log = logging.getLogger("otel_cancel.watcher")
 
@@ -80,6 +81,8 @@ class CancelWatcher:
         self.reconnects = 0
         self.listings = 0
         self.flags_applied = 0
+        self.on_bulk_selected: Callable[[list[CancelRequest]], None] | None = None
+        """Called with the roots a bulk cancel stopped here, so their ordinary flags get written."""
         self._listed_future: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._state = threading.Condition()
 
@@ -149,13 +152,43 @@ class CancelWatcher:
         if not is_new:
             return
         self.flags_applied += 1
+        self.deliver(holders)
+
+    def deliver(self, holders: list[Holder]) -> None:
+        """Cancel each holder's task on its own loop (holders whose root was just cancelled)."""
         for holder in holders:
             if holder.loop is not None and not holder.loop.is_closed():
                 # RuntimeError: the loop closed between the check and the call.
                 with contextlib.suppress(RuntimeError):
                     holder.loop.call_soon_threadsafe(deliver, holder)
 
+    def apply_bulk(self, bulk: BulkCancel) -> list[CancelRequest]:
+        """Keep ``bulk`` in force here and stop every live root it selects; return their requests."""
+        selected = self._registry.apply_bulk(bulk)
+        for _, holders in selected:
+            self.flags_applied += 1
+            self.deliver(holders)
+        requests = [request for request, _ in selected]
+        if requests and self.on_bulk_selected is not None:
+            self.on_bulk_selected(requests)
+        return requests
+
+    def _apply_bulk_event(self, event: FlagEvent, bulk_id: str) -> None:
+        if event.kind == "delete":
+            self._registry.forget_bulk(bulk_id)
+            return
+        try:
+            bulk = BulkCancel.from_json(event.value, bulk_id)
+        except ValueError as error:
+            _log.warning("otel-cancel: ignoring malformed bulk cancel %s: %s", bulk_id, error)
+            return
+        self.apply_bulk(bulk)
+
     def _apply_event(self, event: FlagEvent, prefix: str) -> None:
+        bulk_id = bulk_id_of_flag_key(prefix, event.key)
+        if bulk_id is not None:
+            self._apply_bulk_event(event, bulk_id)
+            return
         root = root_of_flag_key(prefix, event.key)
         if root is None:
             _log.warning("otel-cancel: ignoring key %r under the flags prefix: not a valid root", event.key[:200])
@@ -184,12 +217,17 @@ class CancelWatcher:
                     listing = await store.list_flags()
                     self.listings += 1
                     roots: set[str] = set()
+                    bulk_ids: set[str] = set()
                     for event in listing.flags:
                         self._apply_event(event, store.prefix)
                         root = root_of_flag_key(store.prefix, event.key)
                         if root is not None:
                             roots.add(root)
+                        bulk_id = bulk_id_of_flag_key(store.prefix, event.key)
+                        if bulk_id is not None:
+                            bulk_ids.add(bulk_id)
                     self._registry.retain_only(roots)
+                    self._registry.retain_only_bulk(bulk_ids)
                     self.last_revision = listing.revision
                     must_list = False
                     if not self.listed.is_set():

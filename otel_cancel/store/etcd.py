@@ -29,7 +29,9 @@ import aetcd.rpc
 import aetcd.watcher
 import grpc
 
+from .._bulk import BulkCancel
 from .._io_loop import io_loop
+from .._live import LiveRecord
 from .._request import CancelRequest, Receipt, TaskRecord
 from ..exceptions import (
     ConfigurationError,
@@ -40,7 +42,17 @@ from ..exceptions import (
 )
 from . import DEFAULT_PREFIX, FlagEvent, FlagListing
 from ._endpoints import parse_endpoint as parse_endpoint
-from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, task_key, validate_prefix
+from ._keys import (
+    acks_prefix,
+    bulk_flag_key,
+    flag_key,
+    flags_prefix,
+    live_key,
+    live_prefix,
+    receipt_key,
+    task_key,
+    validate_prefix,
+)
 
 _log = logging.getLogger("otel_cancel.store")
 
@@ -518,6 +530,66 @@ class EtcdCancelStore:
 
         result: bool = await self._call("deleting a task record", delete)
         return result
+
+    async def create_bulk(self, bulk: BulkCancel, ttl_seconds: int) -> BulkCancel:
+        key = bulk_flag_key(self.prefix, bulk.id).encode()
+
+        async def put(client: _EtcdClient) -> BulkCancel:
+            lease = await client.lease(ttl_seconds)
+            # The cut-off is the moment of the write: work begun before it is selected.
+            stamped = dataclasses.replace(bulk, requested_at=time.time_ns())
+            try:
+                await client.put(key, stamped.to_json(), lease=lease.id)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.revoke_lease(lease.id)
+                raise
+            return stamped
+
+        result: BulkCancel = await self._call("writing a bulk cancel", put)
+        return result
+
+    async def grant_lease(self, ttl_seconds: int) -> int:
+        async def grant(client: _EtcdClient) -> int:
+            return int((await client.lease(ttl_seconds)).id)
+
+        lease_id: int = await self._call("granting a lease", grant)
+        return lease_id
+
+    async def keep_lease_alive(self, lease_id: int) -> bool:
+        async def refresh(client: _EtcdClient) -> bool:
+            reply = await client.refresh_lease(lease_id)
+            return reply is not None and int(reply.TTL) > 0
+
+        alive: bool = await self._call("keeping a lease alive", refresh)
+        return alive
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        async def revoke(client: _EtcdClient) -> None:
+            with contextlib.suppress(aetcd.exceptions.ClientError):  # already gone
+                await client.revoke_lease(lease_id)
+
+        await self._call("revoking a lease", revoke)
+
+    async def put_live(self, record: LiveRecord, lease_id: int) -> None:
+        key = live_key(self.prefix, record.service, record.instance).encode()
+
+        async def put(client: _EtcdClient) -> None:
+            await client.put(key, record.to_json(), lease=lease_id)
+
+        await self._call("publishing live work", put)
+
+    async def list_live(self) -> list[LiveRecord]:
+        async def list_prefix(client: _EtcdClient) -> Any:
+            return await client.get_prefix(live_prefix(self.prefix).encode())
+
+        records = []
+        for kv in await self._call("reading live work", list_prefix):
+            try:
+                records.append(LiveRecord.from_json(kv.value))
+            except ValueError as error:
+                _log.warning("otel-cancel: ignoring malformed live record %r: %s", kv.key, error)
+        return records
 
     async def ping(self) -> None:
         async def status(client: _EtcdClient) -> Any:
