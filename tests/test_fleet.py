@@ -150,6 +150,7 @@ def test_cancel_all_by_service_then_by_label_stops_exactly_the_selected_runs_eve
     result = run("cancel", "--all", "--label", "tenant=t2", env=etcd_env)
     assert result.returncode == 0, result.stderr
     assert "(tenant=t2)" in result.stdout.splitlines()[0]
+    assert f"cancelled {alpha_t2} (reason: cancelled by operator)" in result.stdout.splitlines()
     assert outcome(alpha, "alpha-t2") == "STOPPED"
     rows = await_live(etcd_env, lambda rows: held(rows) == {(alpha_t3, "alpha")}, "only t3 left")
     assert rows[0]["labels"] == {"tenant": "t3"}
@@ -188,7 +189,7 @@ def test_cancel_all_yes_stops_unpublished_work_refuses_late_hops_and_spares_runs
 
 
 def test_cancel_wait_returns_once_expected_receipts_are_in_and_names_a_process_that_died(fleet, etcd_env):
-    """--wait returns when every holder answered (well before its timer), then names a holder killed before the cancel."""
+    """--wait returns when every holder answered (well before its timer); it names a holder killed before the cancel."""
     alpha = fleet("alpha")
     beta = fleet("beta", OTEL_CANCEL_LIVE_TTL_SECONDS="3")
     root = enter(alpha, "start edge new")
