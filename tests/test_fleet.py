@@ -235,3 +235,41 @@ def test_langgraph_runs_carry_their_thread_id_and_graph_name_as_labels(fleet, et
     assert "wait_node" in row["scopes"]
     assert run("cancel", "--all", "--label", "thread_id=thread-42", env=etcd_env).returncode == 0
     assert outcome(worker, "run-1") == "STOPPED"
+
+
+@pytest.mark.anyio
+async def test_an_edge_labels_runs_from_request_headers_and_the_label_travels_to_the_next_service(chain, etcd_env):
+    """OTEL_CANCEL_LABEL_HEADERS at the edge: the tenant header labels the run in both services; --label stops it."""
+    import asyncio
+
+    import httpx
+
+    chain.start(
+        {**etcd_env, "OTEL_CANCEL_LIVE_INTERVAL_MS": "50"},
+        levels=("A", "B"),
+        replicas=1,
+        level_env={"A": {"OTEL_CANCEL_LABEL_HEADERS": "x-tenant-id=tenant,x-user-id=user_id"}},
+    )
+    async with httpx.AsyncClient(timeout=EVENT_TIMEOUT) as client:
+        request = client.build_request(
+            "GET",
+            f"{chain.urls(0)[0]}/stream",
+            params={"tokens": 2000, "interval": 0.05},
+            # A value that is not a valid label is left out; the run itself is served.
+            headers={"x-tenant-id": "acme", "x-user-id": "not a label!"},
+        )
+        response = await client.send(request, stream=True)
+        root = response.headers["otel-cancel-root"]
+
+        def labelled_everywhere(rows: list[dict]) -> bool:
+            return {(row["service"], tuple(row["labels"].items())) for row in rows if row["root"] == root} == {
+                ("service-A", (("tenant", "acme"),)),
+                ("service-B", (("tenant", "acme"),)),
+            }
+
+        await asyncio.to_thread(await_live, etcd_env, labelled_everywhere, "the run labelled in A and B")
+        result = await asyncio.to_thread(run, "cancel", "--all", "--label", "tenant=acme", "--wait", "20", env=etcd_env)
+        assert result.returncode == 0, result.stderr
+        assert "2 process(es) reported stopped work (2 expected)" in result.stdout.splitlines()
+        await response.aclose()
+    assert len(chain.lines("STOPPED", root)) == 2
