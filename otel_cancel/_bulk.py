@@ -69,8 +69,13 @@ class BulkCancel:
         return all(labels.get(key) == value for key, value in self.labels.items())
 
     def request_for(self, root: str) -> CancelRequest:
-        """The ordinary cancel request this bulk cancel makes for ``root``."""
-        return CancelRequest(root, self.reason, self.requested_at, self.requested_by)
+        """The ordinary cancel request this bulk cancel makes for ``root``.
+
+        Its requester names the bulk cancel (``cli:me@host (bulk 0123...)``): whichever
+        process writes the root's flag first, ``status ROOT`` says where it came from.
+        """
+        by = f"{self.requested_by[: MAX_TEXT - 24]} (bulk {self.id})"
+        return CancelRequest(root, self.reason, self.requested_at, by)
 
     def describe(self) -> str:
         """The selector in words (``service=S label tenant=T``, or ``everything``)."""

@@ -117,7 +117,10 @@ async def cancel_many_in_store(
     async def flag(root: str) -> tuple[CancelRequest, bool]:
         async with limit:
             request = bulk.request_for(root) if bulk is not None else CancelRequest.new(root, reason, requested_by)
-            return await store.create_flag(request, ttl_seconds)
+            stored, created = await store.create_flag(request, ttl_seconds)
+            # A process the bulk flag reached may have written this root's flag first, for
+            # this same bulk cancel: that is this call's flag too, not an earlier cancel.
+            return stored, created or (bulk is not None and stored.requested_by == request.requested_by)
 
     flags = tuple(await asyncio.gather(*(flag(root) for root in picked)))
     holders = {

@@ -15,7 +15,7 @@ import functools
 import logging
 import re
 from collections.abc import Mapping
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
@@ -23,6 +23,7 @@ from opentelemetry.context import Context, get_current
 
 from . import attributes
 from ._logging import RateLimitedLogger
+from ._root import parse_started
 from .exceptions import InvalidLabelError
 
 MAX_LABELS = 16
@@ -119,6 +120,28 @@ def decode_labels(raw: str) -> tuple[tuple[str, str], ...]:
     if dropped:
         _log.warning("labels", "otel-cancel: dropped %d malformed or excess run label(s) from baggage", dropped)
     return tuple(pairs.items())
+
+
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
+
+
+@functools.lru_cache(maxsize=512)
+def _shared_labels(raw: str) -> Mapping[str, str]:
+    return MappingProxyType(dict(decode_labels(raw)))
+
+
+def run_facts(context: Context | None = None) -> tuple[int | None, Mapping[str, str]]:
+    """The run's start (epoch ms, ``None`` when unknown) and labels, read from baggage in one pass.
+
+    What every scope entry records for live work; kept cheap (one baggage read, the
+    labels decoded once per distinct value and shared, read-only).
+    """
+    entries = baggage.get_all(context)
+    started = parse_started(entries.get(attributes.BAGGAGE_STARTED))
+    raw = entries.get(attributes.BAGGAGE_LABELS)
+    if not isinstance(raw, str) or not raw:
+        return started, _NO_LABELS
+    return started, _shared_labels(raw[:4096])
 
 
 def current_labels(context: Context | None = None) -> dict[str, str]:

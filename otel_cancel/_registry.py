@@ -193,8 +193,9 @@ class CancelRegistry:
                 holder = holders[key] = Holder(root, depth, task, loop, thread_id, [])
                 holder.entered_at = time.time_ns()
                 holder.run_started_ms = run_started_ms or holder.entered_at // 1_000_000
-            if labels:
-                holder.labels = {**holder.labels, **labels}
+            if labels and labels is not holder.labels:
+                # Shared read-only mappings: a holder's labels are replaced, never mutated.
+                holder.labels = {**holder.labels, **labels} if holder.labels else labels
             holder.count += 1
             holder.names.append(name or "")
             state = self._cancelled.get(root)

@@ -25,10 +25,10 @@ from opentelemetry import trace
 
 from . import attributes, telemetry
 from ._deadline import DEADLINE_REASON, current_deadline, now_ms
-from ._labels import current_labels, validate_labels, with_labels
+from ._labels import run_facts, validate_labels, with_labels
 from ._registry import Holder
 from ._request import CancelRequest
-from ._root import current_depth, current_root, new_root, root_started_ms, validate_root, with_root
+from ._root import current_depth, current_root, new_root, validate_root, with_root
 from ._runtime import Runtime, get_runtime
 from ._signing import sign_root
 from .exceptions import Cancelled, StoreError
@@ -114,13 +114,9 @@ class CancelScope:
             self._token = otel_context.attach(context)
         self.root = root
         self.depth = current_depth(context)
+        run_started_ms, labels = run_facts(context)
         holder, request = runtime.registry.enter(
-            root,
-            self.depth,
-            self.name,
-            task_mode=task_mode,
-            run_started_ms=root_started_ms(context),
-            labels=current_labels(context),
+            root, self.depth, self.name, task_mode=task_mode, run_started_ms=run_started_ms, labels=labels
         )
         self._holder = holder
         telemetry.scope_entered()
