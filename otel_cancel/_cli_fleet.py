@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import telemetry
+from ._bulk import BulkCancel
 from ._cancel_many import BulkCancelResult, cancel_many_in_store
 from ._labels import validate_label
 from ._live import LiveRecord
@@ -30,7 +32,8 @@ from ._root import validate_root
 from ._scope import parent_in_root_trace
 from ._settings import Settings
 from .exceptions import InvalidLabelError, InvalidRootError
-from .store import CancelStore
+from .store import CancelStore, FlagEvent
+from .store._keys import bulk_id_of_flag_key
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -265,25 +268,51 @@ async def cancel_command(store: CancelStore, settings: Settings, args: argparse.
     return EXIT_OK
 
 
+def bulk_dict(bulk: BulkCancel) -> dict[str, Any]:
+    """A bulk cancel as JSON output shows it (``cutoff``: epoch ns)."""
+    return {
+        "id": bulk.id,
+        "service": bulk.service,
+        "labels": dict(bulk.labels),
+        "reason": bulk.reason,
+        "cutoff": bulk.requested_at,
+        "requested_by": bulk.requested_by,
+    }
+
+
+def bulk_flags(prefix: str, events: Sequence[FlagEvent]) -> list[BulkCancel]:
+    """The well-formed bulk cancels among listed flags (``otel-cancel list``)."""
+    found = []
+    for event in events:
+        bulk_id = bulk_id_of_flag_key(prefix, event.key)
+        if bulk_id is not None:
+            with contextlib.suppress(ValueError):
+                found.append(BulkCancel.from_json(event.value, bulk_id))
+    return found
+
+
+def bulk_lines(bulks: Sequence[BulkCancel]) -> str:
+    """Bulk cancels in force, as a table with a title line."""
+    rows = [
+        {
+            "bulk": b.id,
+            "selects": b.describe(),
+            "cutoff": _iso(b.requested_at),
+            "by": b.requested_by,
+            "reason": b.reason,
+        }
+        for b in bulks
+    ]
+    return f"{len(rows)} bulk cancel(s) in force (runs begun before the cut-off are refused):\n" + _table(
+        rows, ("bulk", "selects", "cutoff", "by", "reason")
+    )
+
+
 def _print_result(result: BulkCancelResult, as_json: bool) -> None:
     bulk = result.bulk
     if bulk is not None:
         if as_json:
-            print(
-                json.dumps(
-                    {
-                        "bulk": {
-                            "id": bulk.id,
-                            "service": bulk.service,
-                            "labels": dict(bulk.labels),
-                            "reason": bulk.reason,
-                            "cutoff": bulk.requested_at,
-                            "requested_by": bulk.requested_by,
-                        }
-                    }
-                ),
-                flush=True,
-            )
+            print(json.dumps({"bulk": bulk_dict(bulk)}), flush=True)
         else:
             print(
                 f"bulk cancel {bulk.id} ({bulk.describe()}): every such run begun before "
@@ -399,6 +428,17 @@ async def _wait_for_receipts(store: CancelStore, result: BulkCancelResult, args:
     for item in missing:
         who = f"{item['service']}/{item['instance']}"
         print(f"no receipt from {who} for {item['root']} within {args.wait:g}s: {item['state']}", flush=True)
+
+
+def receipts_summary(receipts: Sequence[Receipt]) -> str:
+    """One line under a receipts table: how many processes stopped, how many tasks, the slowest."""
+    slowest = max(receipts, key=lambda r: r.latency_ms)
+    tasks = sum(r.tasks for r in receipts)
+    services = len({r.service for r in receipts})
+    return (
+        f"{len(receipts)} process(es) of {services} service(s) stopped {tasks} task(s); "
+        f"slowest {slowest.latency_ms:.1f} ms after the flag ({slowest.service}/{slowest.instance})"
+    )
 
 
 def _receipt_row(receipt: Receipt) -> dict[str, Any]:

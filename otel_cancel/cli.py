@@ -106,9 +106,12 @@ async def _status(store: CancelStore, settings: Settings, args: argparse.Namespa
     if flag is None:
         print(f"{args.root} is not cancelled")
         return EXIT_OK
-    print(f"{flag.root} cancelled at {_iso(flag.requested_at)} by {flag.requested_by} (reason: {flag.reason})")
+    age = _cli_fleet.format_age(time.time_ns() - flag.requested_at)
+    when = f"{_iso(flag.requested_at)} ({age} ago)"
+    print(f"{flag.root} cancelled at {when} by {flag.requested_by} (reason: {flag.reason})")
     if receipts:
         print(format_table([_receipt_row(r) for r in receipts], _RECEIPT_COLUMNS))
+        print(_cli_fleet.receipts_summary(receipts))
         from .timeline import render_timeline
 
         print()
@@ -129,9 +132,21 @@ async def _list(store: CancelStore, settings: Settings, args: argparse.Namespace
             flags.append(CancelRequest.from_json(event.value, root))
         except ValueError:
             flags.append(CancelRequest(root, "unknown (malformed flag)", 0, ""))
+    bulk = _cli_fleet.bulk_flags(store.prefix, listing.flags)
     if args.json:
-        print(json.dumps({"revision": listing.revision, "flags": [_request_dict(f) for f in flags]}))
-    elif not flags:
+        print(
+            json.dumps(
+                {
+                    "revision": listing.revision,
+                    "flags": [_request_dict(f) for f in flags],
+                    "bulk": [_cli_fleet.bulk_dict(b) for b in bulk],
+                }
+            )
+        )
+        return EXIT_OK
+    if bulk:
+        print(_cli_fleet.bulk_lines(bulk))
+    if not flags:
         print("no cancelled roots")
     else:
         rows = [

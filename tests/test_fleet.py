@@ -172,6 +172,9 @@ def test_cancel_all_yes_stops_unpublished_work_refuses_late_hops_and_spares_runs
     assert result.returncode == 0, result.stderr
     cutoff_ms = json.loads(result.stdout.splitlines()[0])["bulk"]["cutoff"] // 1_000_000
     assert outcome(quiet, "just-before") == "STOPPED"
+    listing = json.loads(run("list", "--json", env=etcd_env).stdout)
+    assert [(b["reason"], b["service"], b["labels"]) for b in listing["bulk"]] == [("kill switch", None, {})]
+    assert "1 bulk cancel(s) in force" in run("list", env=etcd_env).stdout
 
     # A late hop of the stopped run, and of another run begun before the call that no
     # process held at the time: both refused where they land.
@@ -207,6 +210,9 @@ def test_cancel_wait_returns_once_expected_receipts_are_in_and_names_a_process_t
     assert waited["expected"] == 2 and waited["missing"] == []
     print(f"cancel --wait {timer:g}: returned after {elapsed:.2f}s ({elapsed / timer:.1%} of the timer)")
     assert elapsed < timer / 2
+    status = run("status", root, env=etcd_env).stdout.splitlines()
+    assert " ago) by cli:" in status[0]
+    assert status[4].startswith("2 process(es) of 2 service(s) stopped 2 task(s); slowest "), status
 
     second = enter(alpha, "start edge-2 new")
     enter(beta, f"hop sub-2 {second} {now_ms()}")
