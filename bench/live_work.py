@@ -12,6 +12,10 @@
    with`` in the same run; and the bookkeeping live work adds to each scope entry
    (reading the run's start time and labels from baggage, one timestamp), timed on
    its own, against the 20 µs per-hop budget.
+3. ``otel-cancel cancel ROOT --wait 5`` against two worker processes
+   (``bench/services/scope_holder.py``, two services) that hold the root: how long
+   the command runs, against its 5 s timer and against ``otel-cancel cancel ROOT``
+   without ``--wait`` in the same round (the process's own start-up and flag write).
 
 Writes ``bench/results/live_work.json``.
 """
@@ -19,6 +23,7 @@ Writes ``bench/results/live_work.json``.
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -26,16 +31,21 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "services"))
 
-from _common import base_parser, loadavg, say, table, write_results
+import subprocess
+
+from _common import PYTHON, SERVICES, base_parser, loadavg, say, service_env, table, write_results
 from opentelemetry import context
+from scope_holder import roots
 
 import otel_cancel
 from otel_cancel._io_loop import io_loop
 from otel_cancel._labels import run_facts, with_labels
 from otel_cancel._root import random_root, with_root
+from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.store.memory import MemoryCancelStore
-from otel_cancel.testing import EtcdServer, configured, unique_prefix
+from otel_cancel.testing import EtcdServer, ManagedProcess, configured, unique_prefix
 
 HOP_BUDGET_US = 20.0
 REQUEST_SECONDS = 0.02
@@ -165,11 +175,78 @@ async def request_path(iterations: int, repeats: int) -> dict[str, Any]:
     }
 
 
+WAIT_TIMER_SECONDS = 5.0
+
+
+def _cli_seconds(env: dict[str, str], *args: str) -> float:
+    began = time.monotonic()
+    result = subprocess.run([PYTHON, "-m", "otel_cancel", *args], env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - began
+    if result.returncode != 0 or "no receipt from" in result.stdout:
+        raise RuntimeError(f"otel-cancel {' '.join(args)} failed: {result.stdout} {result.stderr}")
+    return elapsed
+
+
+async def _await_published(store: EtcdCancelStore, root: str, holders: int) -> None:
+    deadline = time.monotonic() + 20
+    while sum(entry.root == root for record in await store.list_live() for entry in record.roots) < holders:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{root} was not published by {holders} processes")
+        await asyncio.sleep(0.02)
+
+
+async def wait_knows_whom_to_expect(etcd: EtcdServer, rounds: int) -> dict[str, Any]:
+    prefix = unique_prefix()
+    env = {"OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint, "OTEL_CANCEL_PREFIX": prefix}
+    workers = [
+        ManagedProcess(
+            [PYTHON, str(SERVICES / "scope_holder.py")],
+            env=service_env({**env, "OTEL_SERVICE_NAME": service, "OTEL_CANCEL_INSTANCE": service}),
+            name=service,
+        )
+        for service in ("holder-a", "holder-b")
+    ]
+    cli_env = {**os.environ, **service_env(env)}
+    store = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    waited, plain = [], []
+    try:
+        for worker in workers:
+            worker.wait_for_line("READY", 30)
+        for index in range(rounds):
+            seed = f"wait-{index}"
+            for worker in workers:
+                worker.send(f"hold {seed} 2")
+                worker.wait_for_line(f"HELD {seed}", 30)
+            waited_root, plain_root = roots(seed, 2)
+            for root in (waited_root, plain_root):
+                await io_loop().call(_await_published(store, root, len(workers)))
+            waited.append(_cli_seconds(cli_env, "cancel", waited_root, "--wait", f"{WAIT_TIMER_SECONDS:g}"))
+            plain.append(_cli_seconds(cli_env, "cancel", plain_root))
+    finally:
+        await io_loop().call(store.close())
+        for worker in workers:
+            worker.stop()
+    return {
+        "timer_seconds": WAIT_TIMER_SECONDS,
+        "rounds": rounds,
+        "holders": len(workers),
+        "wait_seconds": [round(x, 3) for x in waited],
+        "plain_cancel_seconds": [round(x, 3) for x in plain],
+        "wait_median_seconds": round(statistics.median(waited), 3),
+        "plain_median_seconds": round(statistics.median(plain), 3),
+        "wait_over_plain_median_seconds": round(
+            statistics.median(w - p for w, p in zip(waited, plain, strict=True)), 3
+        ),
+        "wait_share_of_timer_pct": round(100 * statistics.median(waited) / WAIT_TIMER_SECONDS, 1),
+    }
+
+
 async def run(quick: bool) -> dict[str, Any]:
     with EtcdServer() as etcd:
         writes = await writes_per_second(etcd, 3.0 if quick else 10.0)
+        wait = await wait_knows_whom_to_expect(etcd, 3 if quick else 10)
     costs = await request_path(5_000 if quick else 40_000, 3 if quick else 7)
-    return {"quick": quick, "writes": writes, "request_path": costs}
+    return {"quick": quick, "writes": writes, "request_path": costs, "wait": wait}
 
 
 def main() -> int:
@@ -196,6 +273,13 @@ def main() -> int:
     say(
         f"live-work bookkeeping: {data['request_path']['bookkeeping_us']} µs per scope entry, "
         f"{data['request_path']['bookkeeping_share_of_budget_pct']}% of the {HOP_BUDGET_US:g} µs per-hop budget"
+    )
+    wait = data["wait"]
+    say(
+        f"\ncancel --wait {wait['timer_seconds']:g} with {wait['holders']} holders: "
+        f"median {wait['wait_median_seconds']} s "
+        f"({wait['wait_share_of_timer_pct']}% of the timer); cancel without --wait: {wait['plain_median_seconds']} s; "
+        f"waiting added {wait['wait_over_plain_median_seconds']} s (median of {wait['rounds']} rounds)"
     )
     return 0
 

@@ -26,6 +26,7 @@ BENCHMARKS = {
     "overhead": "overhead.py",
     "scale": "scale.py",
     "a2a": "a2a_cancel.py",
+    "live_work": "live_work.py",
 }
 
 

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -196,9 +197,12 @@ class LivePublisher:
         """Records written (benchmarks compare it with the request count)."""
         self.keepalives = 0
         self._lease: int | None = None
+        self._running = False
+        self._state = threading.Condition()
 
     async def run(self) -> None:
         """Publish until cancelled; then revoke the lease, so the record goes at once."""
+        self._set_running(True)
         published_changes = 0  # an idle process (no scope ever) writes nothing
         renewed_at = 0.0
         warned = False
@@ -244,7 +248,20 @@ class LivePublisher:
                         warned = True
         finally:
             lease, self._lease = self._lease, None
-            if lease is not None:
-                with contextlib.suppress(Exception):
-                    store = await self._store()
-                    await asyncio.wait_for(store.revoke_lease(lease), 1.0)
+            try:
+                if lease is not None:
+                    with contextlib.suppress(Exception):
+                        store = await self._store()
+                        await asyncio.wait_for(store.revoke_lease(lease), 1.0)
+            finally:
+                self._set_running(False)
+
+    def _set_running(self, running: bool) -> None:
+        with self._state:
+            self._running = running
+            self._state.notify_all()
+
+    def wait_finished(self, timeout: float) -> None:
+        """After cancelling :meth:`run` from another thread: wait until it has revoked its lease."""
+        with self._state:
+            self._state.wait_for(lambda: not self._running, timeout)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import threading
 import time
@@ -46,6 +45,7 @@ class Runtime:
             ttl_seconds=settings.live_ttl_seconds,
         )
         self._publisher_future: concurrent.futures.Future[None] | None = None
+        self._publisher_lock = threading.Lock()
         self.receipts_written = 0
         self._receipt_written: dict[str, threading.Event] = {}
         self._receipt_lock = threading.Lock()
@@ -67,7 +67,9 @@ class Runtime:
             telemetry.initialise_counters()
         self.watcher.start()
         if self._publisher_future is None:
-            self._publisher_future = io_loop().submit(self.publisher.run())
+            with self._publisher_lock:
+                if self._publisher_future is None:
+                    self._publisher_future = io_loop().submit(self.publisher.run())
 
     async def ensure_listed(self) -> None:
         """Start the watcher and wait, briefly, for its first listing.
@@ -163,8 +165,7 @@ class Runtime:
             # First, while the store is open: the publisher revokes its lease, so this
             # process leaves `otel-cancel ps` at once.
             future.cancel()
-            with contextlib.suppress(concurrent.futures.CancelledError, concurrent.futures.TimeoutError):
-                future.result(2.0)
+            self.publisher.wait_finished(2.0)
         self.watcher.stop()
 
 

@@ -160,10 +160,21 @@ def test_cancel_all_by_service_then_by_label_stops_exactly_the_selected_runs_eve
 
 def test_cancel_all_yes_stops_unpublished_work_refuses_late_hops_and_spares_runs_begun_after(fleet, etcd_env):
     """--all --yes: work begun just before (never published) stops, late hops of old runs are refused, new runs run."""
-    # This worker publishes only once a minute: its work is never in ps during the test.
+    # These workers publish only once a minute: their work is never in ps during the test.
     quiet = fleet("quiet", OTEL_CANCEL_LIVE_INTERVAL_MS="60000")
-    other = fleet("other")
+    other = fleet("other", OTEL_CANCEL_LIVE_INTERVAL_MS="60000")
     assert run("cancel", "--all", env=etcd_env).returncode == 2  # no selector and no --yes
+
+    # --service selects unpublished work too: quiet stops its run and writes the root's flag,
+    # which stops the run's hop in the other service.
+    by_service = enter(quiet, "start by-service new")
+    enter(other, f"hop by-service-hop {by_service} {now_ms()}")
+    result = run("cancel", "--all", "--service", "quiet", "--reason", "quiet only", env=etcd_env)
+    assert result.returncode == 0, result.stderr
+    assert outcome(quiet, "by-service") == "STOPPED"
+    assert outcome(other, "by-service-hop") == "STOPPED"
+    flag = json.loads(run("status", by_service, "--json", env=etcd_env).stdout)["flag"]
+    assert flag["reason"] == "quiet only" and "(bulk " in flag["requested_by"]
 
     just_before = enter(quiet, "start just-before new")
     begun_before_ms = now_ms()
@@ -173,8 +184,11 @@ def test_cancel_all_yes_stops_unpublished_work_refuses_late_hops_and_spares_runs
     cutoff_ms = json.loads(result.stdout.splitlines()[0])["bulk"]["cutoff"] // 1_000_000
     assert outcome(quiet, "just-before") == "STOPPED"
     listing = json.loads(run("list", "--json", env=etcd_env).stdout)
-    assert [(b["reason"], b["service"], b["labels"]) for b in listing["bulk"]] == [("kill switch", None, {})]
-    assert "1 bulk cancel(s) in force" in run("list", env=etcd_env).stdout
+    assert sorted((b["reason"], b["service"] or "") for b in listing["bulk"]) == [
+        ("kill switch", ""),
+        ("quiet only", "quiet"),
+    ]
+    assert "2 bulk cancel(s) in force" in run("list", env=etcd_env).stdout
 
     # A late hop of the stopped run, and of another run begun before the call that no
     # process held at the time: both refused where they land.
