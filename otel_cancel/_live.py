@@ -28,7 +28,7 @@ from ._labels import validate_label
 from ._registry import CancelRegistry, LiveRoot
 from ._request import _int, _load_object, _text
 from ._root import validate_root
-from .exceptions import StoreError, StorePermissionError
+from .exceptions import StoreError, StorePermissionError, StoreUnavailableError
 from .store import CancelStore
 
 _log = logging.getLogger("otel_cancel.live")
@@ -243,8 +243,17 @@ class LivePublisher:
                         warned = True
                     await asyncio.sleep(PERMISSION_RETRY_SECONDS)
                 except StoreError as error:
+                    # Start again from a new lease on the next tick (the old one may be gone with an
+                    # etcd that restarted); the record is rewritten on it. An outage is the
+                    # watcher's to warn about, once: here it is only an echo.
+                    self._lease = None
                     if not warned:
-                        _log.warning("otel-cancel: could not publish live work (will retry): %s", error)
+                        echo = isinstance(error, StoreUnavailableError) or "lease not found" in str(error)
+                        _log.log(
+                            logging.INFO if echo else logging.WARNING,
+                            "otel-cancel: could not publish live work (will retry): %s",
+                            error,
+                        )
                         warned = True
         finally:
             lease, self._lease = self._lease, None

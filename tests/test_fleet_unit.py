@@ -196,3 +196,34 @@ async def test_cancel_many_everything_stops_this_process_runs_and_spares_a_run_b
         await asyncio.sleep(0.002)  # the next run begins in a later millisecond than the cut-off
         async with otel_cancel.scope(name="after"):
             pass
+
+
+async def test_a_lost_lease_is_granted_again_and_the_live_record_rewritten():
+    """When the process's lease disappears (etcd restarted), the next change is published on a new lease."""
+    store = MemoryCancelStore()
+    registry = CancelRegistry(service="svc")
+    publisher = LivePublisher(
+        registry, lambda: _ready(store), service="svc", instance="i", interval_ms=20, ttl_seconds=60
+    )
+    task = asyncio.ensure_future(publisher.run())
+
+    async def published(root: str) -> None:
+        while not any(entry.root == root for record in await store.list_live() for entry in record.roots):
+            await asyncio.sleep(0.01)
+
+    try:
+        first, second = random_root(), random_root()
+        holder, _ = registry.enter(first, 0, "a")
+        await asyncio.wait_for(published(first), 10)
+        lease = publisher._lease
+        assert lease is not None
+        await store.revoke_lease(lease)
+        assert await store.list_live() == []
+        registry.exit(holder, interrupted=False)
+        holder, _ = registry.enter(second, 0, "b")
+        await asyncio.wait_for(published(second), 10)
+        assert publisher._lease not in (None, lease)
+        registry.exit(holder, interrupted=False)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
