@@ -288,8 +288,22 @@ async def test_an_edge_labels_runs_from_request_headers_and_the_label_travels_to
             }
 
         await asyncio.to_thread(await_live, etcd_env, labelled_everywhere, "the run labelled in A and B")
+        began_before = now_ms()
         result = await asyncio.to_thread(run, "cancel", "--all", "--label", "tenant=acme", "--wait", "20", env=etcd_env)
         assert result.returncode == 0, result.stderr
         assert "2 process(es) reported stopped work (2 expected)" in result.stdout.splitlines()
         await response.aclose()
+
+        # A late hop of another tenant=acme run begun before the call: refused (409) by the bulk
+        # flag alone, in a process that never held it; one begun after the call is served.
+        for started, status in ((began_before, 409), (now_ms() + 1000, 200)):
+            hop = random_root()
+            baggage = (
+                f"otel_cancel.root={hop},otel_cancel.depth=1,otel_cancel.started={started},"
+                "otel_cancel.labels=tenant%3Dacme"
+            )
+            answer = await client.get(f"{chain.urls(1)[0]}/work", params={"seconds": 0}, headers={"baggage": baggage})
+            assert answer.status_code == status, answer.text
+            if status == 409:
+                assert answer.json() == {"error": "cancelled", "root": hop, "reason": "cancelled by operator"}
     assert len(chain.lines("STOPPED", root)) == 2
