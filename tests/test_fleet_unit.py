@@ -227,3 +227,41 @@ async def test_a_lost_lease_is_granted_again_and_the_live_record_rewritten():
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_ages_read_at_a_glance():
+    """Ages are short and grow units: ms, s with a decimal, m+s, h+m, d+h."""
+    from otel_cancel._cli_fleet import format_age
+
+    second = 10**9
+    assert [
+        format_age(n) for n in (-5, 850 * 10**6, 12_340 * 10**6, 245 * second, 7380 * second, 273_600 * second)
+    ] == [
+        "0ms",
+        "850ms",
+        "12.3s",
+        "4m05s",
+        "2h03m",
+        "3d04h",
+    ]
+
+
+def test_ps_rows_filter_by_service_and_every_label_and_sort_oldest_first():
+    """ps_rows keeps a root's row per process, filters by service and all labels, oldest work first."""
+    from otel_cancel._cli_fleet import ps_rows
+    from otel_cancel._live import LiveEntry
+
+    shared, other = random_root(), random_root()
+    records = [
+        LiveRecord("a", "a0", 0, (LiveEntry(shared, 0, 20, 0, ("edge",), {"tenant": "t1", "user_id": "u"}),)),
+        LiveRecord(
+            "b", "b0", 0, (LiveEntry(shared, 1, 30, 0, (), {"tenant": "t1"}), LiveEntry(other, 0, 10, 0, (), {}))
+        ),
+    ]
+    assert [(r["root"], r["service"]) for r in ps_rows(records, None, [])] == [
+        (other, "b"),
+        (shared, "a"),
+        (shared, "b"),
+    ]
+    assert [r["service"] for r in ps_rows(records, None, [("tenant", "t1"), ("user_id", "u")])] == ["a"]
+    assert [r["root"] for r in ps_rows(records, "b", [("tenant", "t1")])] == [shared]
