@@ -16,14 +16,16 @@ from typing import Any
 from . import telemetry
 from ._io_loop import io_loop
 from ._live import LivePublisher
+from ._logging import RateLimitedLogger
 from ._registry import CancelRegistry, Holder, StopReport
 from ._request import CancelRequest, Receipt
 from ._settings import Settings
 from ._watcher import CancelWatcher
-from .exceptions import StoreError, StoreUnavailableError
+from .exceptions import StoreError, StorePermissionError, StoreUnavailableError
 from .store import CancelStore
 
 _log = logging.getLogger("otel_cancel")
+_bulk_log = RateLimitedLogger(_log)
 
 
 class Runtime:
@@ -93,9 +95,9 @@ class Runtime:
         self.watcher.deliver(others)
         self._write_selected_flags([request])
 
-    def _write_selected_flags(self, requests: list[CancelRequest]) -> None:
+    def _write_selected_flags(self, requests: list[CancelRequest]) -> concurrent.futures.Future[None]:
         """Write the ordinary flag of each root a bulk cancel stopped here (create-if-absent)."""
-        self.watcher.submit(self._write_flags(requests))
+        return self.watcher.submit(self._write_flags(requests))
 
     async def _write_flags(self, requests: list[CancelRequest]) -> None:
         store = await self.watcher.store()
@@ -103,10 +105,17 @@ class Runtime:
             try:
                 await store.create_flag(request, self.settings.ttl_seconds)
             except StoreError as error:
-                # The bulk flag still stops the run in every process that holds it.
-                _log.warning(
-                    "otel-cancel: could not write the flag of %s selected by a bulk cancel: %s", request.root, error
+                # The bulk flag still stops the run in every process where it is selected.
+                # One line a minute at most, however many roots a kill switch selects here.
+                _bulk_log.warning(
+                    "bulk-flag",
+                    "otel-cancel: could not write the flag of %s selected by a bulk cancel "
+                    "(its hops elsewhere stop when their caller stops): %s",
+                    request.root,
+                    error,
                 )
+                if isinstance(error, StorePermissionError):
+                    return  # the role may not write flags: the other roots would be refused too
 
     def _on_stopped(self, report: StopReport) -> None:
         receipt = Receipt(

@@ -81,7 +81,7 @@ class CancelWatcher:
         self.reconnects = 0
         self.listings = 0
         self.flags_applied = 0
-        self.on_bulk_selected: Callable[[list[CancelRequest]], None] | None = None
+        self.on_bulk_selected: Callable[[list[CancelRequest]], object] | None = None
         """Called with the roots a bulk cancel stopped here, so their ordinary flags get written."""
         self._listed_future: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._state = threading.Condition()

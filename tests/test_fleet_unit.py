@@ -15,9 +15,10 @@ from otel_cancel._bulk import BulkCancel
 from otel_cancel._labels import current_labels, decode_labels, usable_labels, validate_labels, with_labels
 from otel_cancel._live import MAX_PUBLISHED_BYTES, LivePublisher, LiveRecord, build_record
 from otel_cancel._registry import CancelRegistry, LiveRoot
+from otel_cancel._request import CancelRequest
 from otel_cancel._root import random_root, root_started_ms, with_root
 from otel_cancel._settings import Settings
-from otel_cancel.exceptions import ConfigurationError, InvalidLabelError
+from otel_cancel.exceptions import ConfigurationError, InvalidLabelError, StorePermissionError
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
 
@@ -265,3 +266,28 @@ def test_ps_rows_filter_by_service_and_every_label_and_sort_oldest_first():
     ]
     assert [r["service"] for r in ps_rows(records, None, [("tenant", "t1"), ("user_id", "u")])] == ["a"]
     assert [r["root"] for r in ps_rows(records, "b", [("tenant", "t1")])] == [shared]
+
+
+class _FlagRefusingStore(MemoryCancelStore):
+    """A store whose role may not write flags (the README's service role)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flag_writes = 0
+
+    async def create_flag(self, request, ttl_seconds):  # type: ignore[no-untyped-def]
+        self.flag_writes += 1
+        raise StorePermissionError("etcd denied writing a cancel flag: permission denied")
+
+
+def test_a_role_that_may_not_write_flags_costs_one_log_line_for_a_whole_bulk_selection(caplog):
+    """Flags of 50 roots a bulk cancel selected here, refused by etcd: one attempt, one warning."""
+    store = _FlagRefusingStore()
+    with configured(store=store) as runtime:
+        requests = [CancelRequest.new(random_root(), "kill switch", "tests") for _ in range(50)]
+        with caplog.at_level("WARNING", logger="otel_cancel"):
+            runtime._write_selected_flags(requests).result(10)
+            runtime._write_selected_flags(requests).result(10)
+    assert store.flag_writes == 2
+    lines = [r for r in caplog.records if "selected by a bulk cancel" in r.getMessage()]
+    assert len(lines) == 1
