@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -291,3 +292,28 @@ def test_a_role_that_may_not_write_flags_costs_one_log_line_for_a_whole_bulk_sel
     assert store.flag_writes == 2
     lines = [r for r in caplog.records if "selected by a bulk cancel" in r.getMessage()]
     assert len(lines) == 1
+
+
+async def test_garbage_under_the_live_prefix_is_skipped_and_a_bad_entry_costs_only_itself(caplog):
+    """ps reads on past foreign values under live/: a malformed record is skipped, a bad entry dropped alone."""
+    store = MemoryCancelStore()
+    good = random_root()
+    store.put_raw(f"{store.prefix}live/x/garbage", b"\xff not json")
+    store.put_raw(
+        f"{store.prefix}live/svc/mixed",
+        json.dumps(
+            {
+                "service": "svc",
+                "instance": "mixed",
+                "roots": [
+                    {"root": "../../etc", "labels": {}},
+                    {"root": good, "depth": 0, "started_at": 1, "scopes": ["a"], "labels": {"bad key": "x"}},
+                    {"root": good, "depth": 2, "started_at": 5, "scopes": ["b"], "labels": {"tenant": "t"}},
+                ],
+            }
+        ).encode(),
+    )
+    with caplog.at_level("WARNING", logger="otel_cancel.store"):
+        (record,) = await store.list_live()
+    assert [(e.root, e.depth, dict(e.labels)) for e in record.roots] == [(good, 2, {"tenant": "t"})]
+    assert len([r for r in caplog.records if "malformed live record" in r.getMessage()]) == 1
