@@ -27,6 +27,7 @@ BENCHMARKS = {
     "scale": "scale.py",
     "a2a": "a2a_cancel.py",
     "listing": "listing.py",
+    "live_work": "live_work.py",
 }
 
 

@@ -35,11 +35,15 @@ def _parse_flag(root: str, value: bytes) -> CancelRequest:
 
 async def list_command(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
     """``otel-cancel list``: print every flag, one page at a time."""
+    from ._cli_fleet import bulk_dict, bulk_flags, bulk_lines
+
     as_json: bool = args.json
     printed = 0
     header_printed = False
+    bulks = []  # bulk cancels in force: few (a process keeps at most a few hundred)
     async for page in store.list_flag_pages():
         flags = []
+        bulks.extend(bulk_flags(store.prefix, page.flags))
         for event in page.flags:
             root = root_of_flag_key(store.prefix, event.key)
             if root is not None:
@@ -69,9 +73,13 @@ async def list_command(store: CancelStore, settings: Settings, args: argparse.Na
         header_printed = True
         printed += len(flags)
     if as_json:
-        print("]}" if header_printed else '{"revision": 0, "flags": []}')
-    elif not printed:
+        bulk_json = json.dumps([bulk_dict(bulk) for bulk in bulks])
+        print(f'], "bulk": {bulk_json}}}' if header_printed else f'{{"revision": 0, "flags": [], "bulk": {bulk_json}}}')
+        return 0
+    if not printed:
         print("no cancelled roots")
+    if bulks:
+        print(bulk_lines(bulks))
     return 0
 
 

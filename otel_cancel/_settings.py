@@ -73,6 +73,30 @@ def startup_wait_for(timeout_seconds: float) -> float:
     return 2 * timeout_seconds + 1.0
 
 
+def parse_label_headers(raw: str) -> tuple[tuple[str, str], ...]:
+    """Parse ``header=label`` pairs (``OTEL_CANCEL_LABEL_HEADERS``).
+
+    Raises:
+        ConfigurationError: a pair is not ``header=label`` or the label key is not allowed.
+    """
+    from ._labels import validate_label
+    from .exceptions import InvalidLabelError
+
+    pairs = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        header, sep, label = (text.strip() for text in item.partition("="))
+        try:
+            if not sep or not header or not header.isascii():
+                raise InvalidLabelError(f"{item!r} is not header=label")
+            validate_label(label, "x")
+        except InvalidLabelError as error:
+            raise ConfigurationError(f"{env.OTEL_CANCEL_LABEL_HEADERS}: {error}") from None
+        pairs.append((header.lower(), label))
+    return tuple(pairs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """How this process talks to the cancel store and treats incoming requests.
@@ -100,6 +124,9 @@ class Settings:
     service: str = "unknown_service"
     instance: str = ""
     store: str = "etcd"
+    live_interval_ms: float = 250.0
+    live_ttl_seconds: int = 10
+    label_headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -140,6 +167,9 @@ class Settings:
             "service": environ.get("OTEL_SERVICE_NAME") or "unknown_service",
             "instance": environ.get(env.OTEL_CANCEL_INSTANCE) or f"{socket.gethostname()}-{os.getpid()}",
             "store": _choice(environ, env.OTEL_CANCEL_STORE, "etcd", ("etcd", "memory")),
+            "live_interval_ms": _number(environ, env.OTEL_CANCEL_LIVE_INTERVAL_MS, 250.0, 10, 60_000),
+            "live_ttl_seconds": int(_number(environ, env.OTEL_CANCEL_LIVE_TTL_SECONDS, 10, 2, 3600)),
+            "label_headers": parse_label_headers(environ.get(env.OTEL_CANCEL_LABEL_HEADERS, "")),
         }
         values.update(overrides)
         if values["startup_wait_seconds"] == -1.0:  # not set: follows the etcd deadline

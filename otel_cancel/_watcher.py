@@ -37,13 +37,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from . import telemetry
+from ._bulk import BulkCancel
 from ._io_loop import io_loop
 from ._logging import RateLimitedLogger
-from ._registry import LISTED_REASON, CancelRegistry, deliver
+from ._registry import LISTED_REASON, CancelRegistry, Holder, deliver
 from ._request import CancelRequest
 from .exceptions import RevisionCompactedError, StoreError, StoreUnavailableError
 from .store import CancelStore, FlagEvent
-from .store._keys import root_of_flag_key
+from .store._keys import bulk_id_of_flag_key, root_of_flag_key
 
 _log = logging.getLogger("otel_cancel.watcher")
 
@@ -112,6 +113,8 @@ class CancelWatcher:
         self.reconnects = 0
         self.listings = 0
         self.flags_applied = 0
+        self.on_bulk_selected: Callable[[list[CancelRequest]], object] | None = None
+        """Called with the roots a bulk cancel stopped here, so their ordinary flags get written."""
         self._listed_future: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._state = threading.Condition()
 
@@ -193,11 +196,37 @@ class CancelWatcher:
         if not is_new:
             return
         self.flags_applied += 1
+        self.deliver(holders)
+
+    def deliver(self, holders: list[Holder]) -> None:
+        """Cancel each holder's task on its own loop (holders whose root was just cancelled)."""
         for holder in holders:
             if holder.loop is not None and not holder.loop.is_closed():
                 # RuntimeError: the loop closed between the check and the call.
                 with contextlib.suppress(RuntimeError):
                     holder.loop.call_soon_threadsafe(deliver, holder)
+
+    def apply_bulk(self, bulk: BulkCancel) -> list[CancelRequest]:
+        """Keep ``bulk`` in force here and stop every live root it selects; return their requests."""
+        selected = self._registry.apply_bulk(bulk)
+        for _, holders in selected:
+            self.flags_applied += 1
+            self.deliver(holders)
+        requests = [request for request, _ in selected]
+        if requests and self.on_bulk_selected is not None:
+            self.on_bulk_selected(requests)
+        return requests
+
+    def _apply_bulk_event(self, event: FlagEvent, bulk_id: str) -> None:
+        if event.kind == "delete":
+            self._registry.forget_bulk(bulk_id)
+            return
+        try:
+            bulk = BulkCancel.from_json(event.value, bulk_id)
+        except ValueError as error:
+            _log.warning("otel-cancel: ignoring malformed bulk cancel %s: %s", bulk_id, error)
+            return
+        self.apply_bulk(bulk)
 
     # A listing logs bad keys and values rate-limited (it may meet thousands at once); the
     # watch logs each one, as it arrives.
@@ -225,6 +254,10 @@ class CancelWatcher:
             return CancelRequest(root, "unknown (malformed flag)", 0, "")
 
     def _apply_event(self, event: FlagEvent, prefix: str) -> None:
+        bulk_id = bulk_id_of_flag_key(prefix, event.key)
+        if bulk_id is not None:
+            self._apply_bulk_event(event, bulk_id)
+            return
         root = self._root_of(event, prefix)
         if root is None:
             return
@@ -275,12 +308,19 @@ class CancelWatcher:
         # completed, then forgets only the roots whose flags are gone. The first listing
         # has nothing to forget, and keeps no second copy of the roots.
         seen: set[str] | None = set() if self.listings else None
+        bulk_ids: set[str] = set()
         self.listings += 1
         revision = 0
         values_for_first = LISTED_WITH_VALUES if self._keys_only else None
         async for page in store.list_flag_pages(values_for_first=values_for_first):
             revision = page.revision
             for event in page.flags:
+                bulk_id = bulk_id_of_flag_key(store.prefix, event.key)
+                if bulk_id is not None:
+                    # Bulk flags are few (bounded in force): fetch one listed keys-only.
+                    bulk_ids.add(bulk_id)
+                    await self._apply_listed_bulk(store, event, bulk_id)
+                    continue
                 root = self._root_of(event, store.prefix, limited=True)
                 if root is None:
                     continue
@@ -291,7 +331,20 @@ class CancelWatcher:
                 await self._apply_listed(store, root, event.value)
         if seen is not None:
             self._registry.retain_only(seen)
+        self._registry.retain_only_bulk(bulk_ids)
         self.last_revision = revision
+
+    async def _apply_listed_bulk(self, store: CancelStore, event: FlagEvent, bulk_id: str) -> None:
+        if not event.value:
+            try:
+                bulk = await store.get_bulk(bulk_id)
+            except ValueError as error:
+                self._bad_input.warning("bulk", "otel-cancel: ignoring malformed bulk cancel %s: %s", bulk_id, error)
+                return
+            if bulk is not None:
+                self.apply_bulk(bulk)
+            return
+        self._apply_bulk_event(event, bulk_id)
 
     # -- the loop ----------------------------------------------------------------------
 

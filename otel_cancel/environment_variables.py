@@ -85,3 +85,22 @@ OTEL_CANCEL_INSTANCE = "OTEL_CANCEL_INSTANCE"
 
 OTEL_CANCEL_STORE = "OTEL_CANCEL_STORE"
 """``etcd`` (default) or ``memory`` (single process only, for tests and demos)."""
+
+OTEL_CANCEL_LIVE_INTERVAL_MS = "OTEL_CANCEL_LIVE_INTERVAL_MS"
+"""Least time between two publications of this process's live work, in ms. Default: ``250``.
+
+A process writes its live work (``otel-cancel ps``) at most once per interval, and
+only when it changed, whatever its request rate.
+"""
+
+OTEL_CANCEL_LIVE_TTL_SECONDS = "OTEL_CANCEL_LIVE_TTL_SECONDS"
+"""Lease of this process's live-work key, in seconds. Default: ``10``.
+
+A process that dies leaves ``otel-cancel ps`` within this time.
+"""
+
+OTEL_CANCEL_LABEL_HEADERS = "OTEL_CANCEL_LABEL_HEADERS"
+"""Request headers the ASGI middleware turns into run labels at the edge. Default: unset.
+
+``header=label`` pairs, comma-separated: ``x-tenant-id=tenant,x-user-id=user_id``.
+"""

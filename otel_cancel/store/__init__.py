@@ -10,15 +10,21 @@ Layout (etcd keys, ``prefix`` defaults to ``/otel-cancel/``)::
     {prefix}flags/{root}                       one CancelRequest (JSON), on a TTL lease
     {prefix}acks/{root}/{service}/{instance}   one Receipt (JSON) per stopped process
     {prefix}tasks/{task_id}                    one TaskRecord (JSON) per running A2A task, on a TTL lease
+    {prefix}flags/bulk/{id}                    one BulkCancel (JSON) per ``cancel --all``, on a TTL lease
+    {prefix}live/{service}/{instance}          one LiveRecord (JSON) per process, on the process's own lease
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from .._request import CancelRequest, Receipt, TaskRecord
+
+if TYPE_CHECKING:
+    from .._bulk import BulkCancel
+    from .._live import LiveRecord
 
 DEFAULT_PREFIX = "/otel-cancel/"
 DEFAULT_TTL_SECONDS = 3600
@@ -149,6 +155,38 @@ class CancelStore(Protocol):
         Returns:
             Whether it was deleted (``False`` when a later write replaced it, or it is gone).
         """
+        ...
+
+    async def create_bulk(self, bulk: BulkCancel, ttl_seconds: int) -> BulkCancel:
+        """Write the bulk flag ``{prefix}flags/bulk/{bulk.id}`` on a TTL lease.
+
+        Returns:
+            The flag as stored: its ``requested_at`` (the cut-off) is the time of the write.
+        """
+        ...
+
+    async def get_bulk(self, bulk_id: str) -> BulkCancel | None:
+        """The bulk cancel ``bulk_id`` if it is in force, else ``None`` (a listing read its key only)."""
+        ...
+
+    async def grant_lease(self, ttl_seconds: int) -> int:
+        """A new lease of ``ttl_seconds``; returns its id."""
+        ...
+
+    async def keep_lease_alive(self, lease_id: int) -> bool:
+        """Renew a lease; ``False`` when it has expired (its keys are gone)."""
+        ...
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        """Revoke a lease (its keys go); a lease already gone is not an error."""
+        ...
+
+    async def put_live(self, record: LiveRecord, lease_id: int) -> None:
+        """Write ``record`` under ``{prefix}live/{service}/{instance}`` on ``lease_id``."""
+        ...
+
+    async def list_live(self) -> list[LiveRecord]:
+        """Every well-formed live record (malformed ones are logged and skipped)."""
         ...
 
     async def ping(self) -> None:

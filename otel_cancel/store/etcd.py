@@ -28,7 +28,9 @@ import aetcd.rpc
 import aetcd.watcher
 import grpc
 
+from .._bulk import BulkCancel
 from .._io_loop import io_loop
+from .._live import LiveRecord
 from .._request import CancelRequest, Receipt, TaskRecord
 from ..exceptions import (
     ConfigurationError,
@@ -40,7 +42,17 @@ from ..exceptions import (
 from . import DEFAULT_PREFIX, LIST_PAGE_SIZE, FlagEvent, FlagListing, FlagPage
 from ._endpoints import grpc_target
 from ._endpoints import parse_endpoint as parse_endpoint
-from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, task_key, validate_prefix
+from ._keys import (
+    acks_prefix,
+    bulk_flag_key,
+    flag_key,
+    flags_prefix,
+    live_key,
+    live_prefix,
+    receipt_key,
+    task_key,
+    validate_prefix,
+)
 from ._tls import read_credentials
 
 _log = logging.getLogger("otel_cancel.store")
@@ -296,7 +308,10 @@ class EtcdCancelStore:
         self._endpoint_index = 0
         self._receipts_on_own_lease = False
         self.calls = 0
-        """How many etcd calls this store has made (benchmarks check the request path makes none)."""
+        """How many etcd calls this store has made (benchmarks check the request path makes none),
+        live-work publishing aside (see :attr:`live_calls`)."""
+        self.live_calls = 0
+        """Calls made to publish this process's live work: bounded by time, not by requests."""
 
     @property
     def endpoint(self) -> str:
@@ -321,7 +336,6 @@ class EtcdCancelStore:
                 connect_wait_timeout=self.timeout,
                 options=_CHANNEL_OPTIONS,
             )
-        self.calls += 1
         return self._client
 
     async def _drop_connection(self, rotate: bool) -> None:
@@ -332,13 +346,13 @@ class EtcdCancelStore:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), self.timeout)
 
-    async def _call(self, action: str, operation: Any) -> Any:
+    async def _call(self, action: str, operation: Any, *, live: bool = False) -> Any:
         """Run ``operation(client)`` with fail-over: each endpoint is tried once."""
         last_error: StoreError | None = None
         for _ in range(len(self.endpoints)):
             try:
                 with _translated(action):
-                    return await asyncio.wait_for(self._renewing_token(operation), self.timeout * 2)
+                    return await asyncio.wait_for(self._renewing_token(operation, live), self.timeout * 2)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
@@ -358,12 +372,16 @@ class EtcdCancelStore:
         assert last_error is not None
         raise last_error
 
-    async def _renewing_token(self, operation: Any) -> Any:
+    async def _renewing_token(self, operation: Any, live: bool = False) -> Any:
         # etcd forgets auth tokens (their TTL runs out while the process is idle, or
         # etcd restarted) and aetcd authenticates only when it connects. When etcd
         # rejects the token, authenticate again on the same channel and retry once,
         # rather than reconnect: the watch stream on that channel keeps running.
         client = self._connection()
+        if live:
+            self.live_calls += 1
+        else:
+            self.calls += 1
         await client.connect()
         token = client.metadata
         try:
@@ -582,6 +600,75 @@ class EtcdCancelStore:
 
         result: bool = await self._call("deleting a task record", delete)
         return result
+
+    async def create_bulk(self, bulk: BulkCancel, ttl_seconds: int) -> BulkCancel:
+        key = bulk_flag_key(self.prefix, bulk.id).encode()
+
+        async def put(client: _EtcdClient) -> BulkCancel:
+            lease = await client.lease(ttl_seconds)
+            # The cut-off is the moment of the write: work begun before it is selected.
+            stamped = dataclasses.replace(bulk, requested_at=time.time_ns())
+            try:
+                await client.put(key, stamped.to_json(), lease=lease.id)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.revoke_lease(lease.id)
+                raise
+            return stamped
+
+        result: BulkCancel = await self._call("writing a bulk cancel", put)
+        return result
+
+    async def get_bulk(self, bulk_id: str) -> BulkCancel | None:
+        key = bulk_flag_key(self.prefix, bulk_id).encode()
+
+        async def get(client: _EtcdClient) -> Any:
+            return await client.get(key)
+
+        found = await self._call("reading a bulk cancel", get)
+        return None if found is None else BulkCancel.from_json(found.value, bulk_id)
+
+    async def grant_lease(self, ttl_seconds: int) -> int:
+        async def grant(client: _EtcdClient) -> int:
+            return int((await client.lease(ttl_seconds)).id)
+
+        lease_id: int = await self._call("granting a lease", grant, live=True)
+        return lease_id
+
+    async def keep_lease_alive(self, lease_id: int) -> bool:
+        async def refresh(client: _EtcdClient) -> bool:
+            reply = await client.refresh_lease(lease_id)
+            return reply is not None and int(reply.TTL) > 0
+
+        alive: bool = await self._call("keeping a lease alive", refresh, live=True)
+        return alive
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        async def revoke(client: _EtcdClient) -> None:
+            with contextlib.suppress(aetcd.exceptions.ClientError):  # already gone
+                await client.revoke_lease(lease_id)
+
+        await self._call("revoking a lease", revoke, live=True)
+
+    async def put_live(self, record: LiveRecord, lease_id: int) -> None:
+        key = live_key(self.prefix, record.service, record.instance).encode()
+
+        async def put(client: _EtcdClient) -> None:
+            await client.put(key, record.to_json(), lease=lease_id)
+
+        await self._call("publishing live work", put, live=True)
+
+    async def list_live(self) -> list[LiveRecord]:
+        async def list_prefix(client: _EtcdClient) -> Any:
+            return await client.get_prefix(live_prefix(self.prefix).encode())
+
+        records = []
+        for kv in await self._call("reading live work", list_prefix):
+            try:
+                records.append(LiveRecord.from_json(kv.value))
+            except ValueError as error:
+                _log.warning("otel-cancel: ignoring malformed live record %r: %s", kv.key, error)
+        return records
 
     async def ping(self) -> None:
         async def status(client: _EtcdClient) -> None:
