@@ -317,3 +317,24 @@ async def test_garbage_under_the_live_prefix_is_skipped_and_a_bad_entry_costs_on
         (record,) = await store.list_live()
     assert [(e.root, e.depth, dict(e.labels)) for e in record.roots] == [(good, 2, {"tenant": "t"})]
     assert len([r for r in caplog.records if "malformed live record" in r.getMessage()]) == 1
+
+
+async def test_a_bulk_cancel_listed_keys_only_is_fetched_and_refuses_runs_begun_before_it(monkeypatch):
+    """A listing past its values (keys only) still applies a bulk flag: the watcher fetches it by id."""
+    import otel_cancel._watcher as watcher_module
+
+    monkeypatch.setattr(watcher_module, "LISTED_WITH_VALUES", 0)  # every flag listed keys-only
+    store = MemoryCancelStore()
+    root = random_root()
+    begun_before = otel_context.attach(with_root(root, 1))  # the run begins before the bulk cancel
+    try:
+        bulk = BulkCancel.new(service=None, labels={}, reason="kill switch", requested_by="tests")
+        await store.create_bulk(bulk, 60)
+        with configured(store=store) as runtime:
+            await runtime.ensure_listed()
+            with pytest.raises(otel_cancel.Cancelled) as refused:
+                async with otel_cancel.scope(name="late hop"):
+                    pytest.fail("a hop of a run begun before the bulk cancel ran")
+            assert refused.value.reason == "kill switch"
+    finally:
+        otel_context.detach(begun_before)
