@@ -49,7 +49,9 @@ def _roots_given(args: argparse.Namespace) -> int:
 def check_one_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """ROOT, or ``--thread``, or ``--run``, not two of them (a usage error, exit 2, otherwise)."""
     by_id = [name for name in ("thread", "run") if getattr(args, name, None)]
-    if len(by_id) + bool(_roots_given(args)) != 1:
+    if getattr(args, "all_runs", False) and not by_id:
+        return  # `cancel --all` selects its runs itself
+    if len(by_id) + bool(_roots_given(args)) + bool(getattr(args, "all_runs", False)) != 1:
         parser.error(f"{args.command}: give ROOT, --thread THREAD_ID or --run RUN_ID (one of them)")
 
 
