@@ -35,7 +35,7 @@ from _common import (
 from listing import listing_block
 
 DOCUMENT = REPO / "BENCHMARKS.md"
-NAMES = ("propagation", "cascade", "langgraph", "overhead", "scale", "a2a", "listing", "live_work")
+NAMES = ("propagation", "cascade", "langgraph", "overhead", "scale", "a2a", "listing", "live_work", "langgraph_server")
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -653,6 +653,52 @@ def _wait_line(wait: dict[str, Any] | None) -> str:
     )
 
 
+def langgraph_server_block(result: dict[str, Any] | None) -> str:
+    if not result:
+        return "_Not run yet: `bench/langgraph_server_cancel.py`._"
+    anchor = next(
+        (s["levels"][0]["ms"]["p50"] for s in result["scenarios"] if s["otel_cancel"] and s["how"] == "runs.cancel"),
+        None,
+    )
+    rows = []
+    for s in result["scenarios"]:
+        for level in s["levels"]:
+            p50 = level["ms"]["p50"]
+            rows.append(
+                {
+                    "how": f"{s['how']} ({'with' if s['otel_cancel'] else 'without'} otel-cancel)",
+                    "depth": level["depth"],
+                    "stopped": f"{level['stopped']}/{s['rounds']}",
+                    "p50": p50,
+                    "p99": level["ms"]["p99"],
+                    "max": level["ms"]["max"],
+                    "ratio": round(p50 / anchor, 2) if p50 is not None and anchor else None,
+                    "ran_on": level["ran_on_ms"]["p50"],
+                    "status": ", ".join(s["top_run_status"]),
+                }
+            )
+    return table(
+        rows,
+        ["how", "depth", "stopped", "p50", "p99", "max", "ratio", "ran_on", "status"],
+        [
+            "cancel sent",
+            "depth",
+            "node stopped",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "p50 / anchor",
+            "not stopped: ran on (p50 ms)",
+            "top run status",
+        ],
+    ) + (
+        f"\n\n{result['scenarios'][0]['rounds']} rounds per scenario with otel-cancel"
+        f"{' (quick)' if result.get('quick') else ''}. Latency = the level's node ended - cancel sent, one clock. "
+        f"Anchor: the supervisor's node stopping under `runs.cancel` with otel-cancel in the same run "
+        f"({anchor} ms p50)."
+    )
+
+
 def render(results: dict[str, dict[str, Any] | None]) -> dict[str, str]:
     return {
         "machine": machine_block(results),
@@ -665,6 +711,7 @@ def render(results: dict[str, dict[str, Any] | None]) -> dict[str, str]:
         "a2a": a2a_block(results["a2a"]),
         "listing": listing_block(results["listing"]),
         "live_work": live_work_block(results["live_work"]),
+        "langgraph_server": langgraph_server_block(results["langgraph_server"]),
     }
 
 

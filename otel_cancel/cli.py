@@ -6,10 +6,11 @@ Commands::
     otel-cancel cancel --all [--service NAME] [--label KEY=VALUE]... [--yes] [--reason TEXT] [--wait SECONDS]
     otel-cancel ps [--service NAME] [--label KEY=VALUE]... [--json]
     otel-cancel status ROOT [--json]
+    (``--thread THREAD_ID`` or ``--run RUN_ID`` instead of ROOT: a LangGraph Server run's root)
     otel-cancel list [--json]
     otel-cancel watch [--json]
     otel-cancel doctor [--json]
-    otel-cancel demo [--a2a] [--json]
+    otel-cancel demo [--a2a | --langgraph-server] [--json]
 
 Configuration comes from the ``OTEL_CANCEL_*`` environment. Exit codes: 0 on
 success (cancelling an already cancelled root included), 2 on bad input (a root
@@ -30,6 +31,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from . import _cli_fleet
+from ._cli_langgraph import UnknownLangGraphIdError, add_langgraph_id_options, check_one_target, resolve_root
 from ._io_loop import io_loop
 from ._request import CancelRequest, Receipt
 from ._root import validate_root
@@ -141,6 +143,11 @@ _STORE_COMMANDS = {
 async def _run_store_command(settings: Settings, args: argparse.Namespace) -> int:
     store = settings.create_store()
     try:
+        if args.command in ("cancel", "status"):
+            try:
+                await resolve_root(store, args)  # --thread / --run: a LangGraph Server run's root
+            except UnknownLangGraphIdError as error:
+                return _fail(str(error), EXIT_STORE)
         return await _STORE_COMMANDS[args.command](store, settings, args)
     finally:
         await store.close()
@@ -179,12 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = commands.add_parser("cancel", help="cancel every piece of work of ROOT(s), or of every run --all selects")
     _cli_fleet.add_cancel_arguments(cancel)
+    add_langgraph_id_options(cancel)
 
     ps = commands.add_parser("ps", help="show every root with live work, where it runs")
     _cli_fleet.add_ps_arguments(ps)
 
     status = commands.add_parser("status", help="show whether ROOT is cancelled and who stopped")
-    status.add_argument("root", type=_root_argument, metavar="ROOT")
+    status.add_argument("root", type=_root_argument, metavar="ROOT", nargs="?")
+    add_langgraph_id_options(status)
     status.add_argument("--json", action="store_true")
 
     listing = commands.add_parser("list", help="list cancelled roots")
@@ -200,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
     demo.add_argument(
         "--a2a", action="store_true", help="run the chain speaking A2A and cancel with cancel-task on another replica"
+    )
+    demo.add_argument(
+        "--langgraph-server",
+        action="store_true",
+        help="run the agents as LangGraph Server deployments and cancel three ways (root, runs.cancel, disconnect)",
     )
     return parser
 
@@ -245,7 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # gRPC's core logs failed connections (a TLS handshake refused, say) to stderr
     # at info level, before our one-line reason; keep its errors only, unless asked.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("cancel", "status"):
+        check_one_target(parser, args)
     provider = _export_spans_if_configured() if args.command == "cancel" else None
     try:
         return _main(args)
@@ -273,6 +290,10 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     try:
+        if args.command == "demo" and args.langgraph_server:
+            from ._demo_langgraph_server import run_langgraph_server_demo
+
+            return run_langgraph_server_demo(as_json=args.json)
         if args.command == "demo":
             from .demo import run_demo
 

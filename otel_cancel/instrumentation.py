@@ -13,7 +13,8 @@ on an app that never imports otel_cancel gets:
   it is installed and not yet on);
 - the watcher started when the app starts serving (ASGI lifespan) or at the
   first request;
-- LangGraph runs in scopes (when LangGraph is installed);
+- LangGraph runs in scopes (when LangGraph is installed), and on LangGraph Server
+  the root carried into its worker's runs (:mod:`otel_cancel.langgraph_server`);
 - on apps that serve a2a-sdk routes, the middleware in the mode A2A needs
   (``run_in_scope=False``: the executor, wrapped in
   :class:`otel_cancel.a2a.CancellableAgentExecutor`, stops the work and reports
@@ -39,7 +40,8 @@ _log = logging.getLogger("otel_cancel.instrumentation")
 def _is_cancel_middleware(entry: Any) -> bool:
     from .asgi import CancelMiddleware
 
-    return getattr(entry, "cls", None) is CancelMiddleware
+    cls = getattr(entry, "cls", None)
+    return cls is CancelMiddleware or getattr(cls, "__name__", "") == "LangGraphServerCancelMiddleware"
 
 
 def _is_otel_asgi_middleware(entry: Any) -> bool:
@@ -56,6 +58,14 @@ def _serves_a2a(app: Any) -> bool:
         return False
     warn_if_not_cancellable(app)
     return True
+
+
+def _is_langgraph_server(app: Any) -> bool:
+    try:
+        from .langgraph_server import is_langgraph_server_app
+    except ImportError:  # LangGraph is not installed
+        return False
+    return is_langgraph_server_app(app)
 
 
 def _instrument_httpx() -> None:
@@ -119,7 +129,9 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             OtelCancelInstrumentor._original_build_middleware_stack = None
         try:
             from .langgraph import uninstrument_langgraph
+            from .langgraph_server import uninstrument_langgraph_server
 
+            uninstrument_langgraph_server()
             uninstrument_langgraph()
         except ImportError:
             pass
@@ -147,7 +159,13 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                     (i + 1 for i, m in enumerate(self.user_middleware) if _is_otel_asgi_middleware(m)),
                     0,
                 )
-                middleware = Middleware(CancelMiddleware, run_in_scope=not _serves_a2a(self))
+                if _is_langgraph_server(self):
+                    from .langgraph_server import LangGraphServerCancelMiddleware
+
+                    # Its worker stops runs itself; see LangGraphServerCancelMiddleware.
+                    middleware = Middleware(LangGraphServerCancelMiddleware)
+                else:
+                    middleware = Middleware(CancelMiddleware, run_in_scope=not _serves_a2a(self))
                 self.user_middleware.insert(position, middleware)
             return original(self)
 
@@ -157,6 +175,9 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _instrument_langgraph() -> None:
         try:
             from .langgraph import instrument_langgraph
+            from .langgraph_server import instrument_langgraph_server
         except ImportError:
             return
         instrument_langgraph()
+        # Hooks LangGraph Server's internals when langgraph_api is imported (if its release is known).
+        instrument_langgraph_server()

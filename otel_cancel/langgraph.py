@@ -23,6 +23,7 @@ A node that wants to stop the whole run everywhere (a guardrail) calls
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -35,6 +36,12 @@ from ._labels import current_labels, usable_labels
 from ._scope import CancelScope, check
 
 _originals: dict[str, Any] = {}
+
+run_scope_bound: contextvars.ContextVar[bool] = contextvars.ContextVar("otel_cancel_run_scope_bound", default=False)
+"""True where a host already runs the graph in a scope bound to the task that owns the
+run for its whole life (LangGraph Server's worker, :mod:`otel_cancel.langgraph_server`).
+The host may iterate ``astream`` one item per short-lived task, so a run-level scope
+here would bind to the wrong task; node scopes still apply."""
 
 
 class CancelCheckCallback(BaseCallbackHandler):
@@ -98,6 +105,10 @@ def _run_labels(graph: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
 def _wrap_astream(original: Any) -> Any:
     @functools.wraps(original)
     async def astream(self: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        if run_scope_bound.get():
+            async for chunk in original(self, *args, **kwargs):
+                yield chunk
+            return
         async with CancelScope(name=None, labels=_run_labels(self, args, kwargs)):
             async for chunk in original(self, *args, **kwargs):
                 yield chunk

@@ -200,7 +200,9 @@ def work_cancelled(
     }
     _cancellations.add(1, labels)
     if latency_ms is not None:
-        _latency.record(latency_ms, {attributes.KIND: kind, attributes.DEPTH: _depth_label(depth)})
+        # A process that stopped its own work first and then wrote the flag (LangGraph's
+        # runs.cancel on LangGraph Server) stopped before the flag: 0, never negative.
+        _latency.record(max(latency_ms, 0.0), {attributes.KIND: kind, attributes.DEPTH: _depth_label(depth)})
     span_attributes: dict[str, str | int | float] = {
         attributes.ROOT: root,
         attributes.REASON: reason,
