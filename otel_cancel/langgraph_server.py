@@ -55,6 +55,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
 from . import _cli_langgraph, attributes
 from ._deadline import validate_deadline
+from ._labels import usable_labels
 from ._logging import RateLimitedLogger
 from ._request import CancelRequest, TaskRecord
 from ._root import current_root, is_valid_root, parse_depth, with_root, without_root
@@ -315,6 +316,18 @@ async def _cancelled_meanwhile(root: str) -> CancelRequest | None:
         return None
 
 
+def _run_labels(run: Any, configurable: dict[str, Any]) -> dict[str, str]:
+    """The run's LangGraph ids as labels (``otel-cancel ps --label thread_id=...``)."""
+    return usable_labels(
+        {
+            "thread_id": run.get("thread_id"),
+            "run_id": run.get("run_id"),
+            "assistant_id": run.get("assistant_id"),
+            "graph": configurable.get("graph_id"),
+        }
+    )
+
+
 def _stream_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> AsyncIterator[Any]:
     return _run_in_scope(wrapped, args, kwargs)
 
@@ -336,7 +349,7 @@ async def _run_in_scope(
     root: str | None = None
     try:
         try:
-            async with CancelScope(name=None) as run_scope:
+            async with CancelScope(name=None, labels=_run_labels(run, configurable)) as run_scope:
                 root = run_scope.root
                 assert root is not None
                 _record_run(root, run)

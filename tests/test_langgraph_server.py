@@ -200,6 +200,13 @@ async def test_cancel_by_thread_id_and_resume(lg_chain: ServerChain, lg_env: dic
     before = _interrupted_runs(lg_chain)
     thread_id, run_id, root = await _start(top, tag)
     await _leaf_token(lg_chain, tag)
+
+    def labelled_in_ps() -> bool:
+        rows = json.loads(_cli(lg_env, "ps", "--label", f"thread_id={thread_id}", "--json").stdout)
+        return any(row["root"] == root and row["labels"].get("run_id") == run_id for row in rows)
+
+    # The run's LangGraph ids are labels of its live work (published within a second).
+    await _until(labelled_in_ps, 20, "the run listed by `ps --label thread_id=...`")
     sent, output = _cancel_cli(lg_env, "--thread", thread_id, "--reason", "user pressed stop")
     assert root in output
     await _every_level_stopped(lg_chain, tag, sent)
