@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 
 from opentelemetry import baggage, trace
 from opentelemetry.context import Context, get_current
@@ -120,7 +121,18 @@ def with_root(
     if not 0 <= depth <= MAX_DEPTH:
         raise ValueError(f"depth must be between 0 and {MAX_DEPTH}, got {depth}")
     context = context if context is not None else get_current()
-    entries = dict(baggage.get_all(context))
+    entries = baggage.get_all(context)
+    if _updatable_in_place(entries, root, extra):
+        # A hop that adopts its caller's root: the root already leads the baggage, and
+        # setting an existing entry keeps its place, so only what changed is set (a
+        # new context per entry is what makes the general path below cost).
+        depth_value = str(depth)
+        if entries[attributes.BAGGAGE_DEPTH] != depth_value:
+            context = baggage.set_baggage(attributes.BAGGAGE_DEPTH, depth_value, context)
+        for extra_key, extra_value in (extra or {}).items():
+            if entries.get(extra_key) != extra_value:
+                context = baggage.set_baggage(extra_key, extra_value, context)
+        return context
     ours = {
         key: entries[key]
         for key in attributes.BAGGAGE_KEYS
@@ -133,6 +145,27 @@ def with_root(
     for key, value in ordered.items():
         context = baggage.set_baggage(key, value, context)
     return context
+
+
+def _updatable_in_place(entries: Mapping[str, object], root: str, extra: dict[str, str] | None) -> bool:
+    """Whether ``entries`` already start with ``root`` and its depth, every ``otel_cancel.*`` entry before the rest.
+
+    Then updating values in place keeps the order :func:`with_root` promises.
+    """
+    keys = iter(entries)
+    if next(keys, None) != attributes.BAGGAGE_ROOT or entries[attributes.BAGGAGE_ROOT] != root:
+        return False
+    if next(keys, None) != attributes.BAGGAGE_DEPTH:
+        return False
+    others_seen = False
+    for key in keys:
+        if key in attributes.BAGGAGE_KEYS:
+            if others_seen:
+                return False
+        else:
+            others_seen = True
+    # A new entry would go after the others: only in place when there are none or it exists.
+    return not (others_seen and extra and any(key not in entries for key in extra))
 
 
 def without_root(context: Context | None = None) -> Context:
