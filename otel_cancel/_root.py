@@ -88,6 +88,15 @@ def current_depth(context: Context | None = None) -> int:
     return parse_depth(value) or 0
 
 
+def root_and_depth(context: Context | None = None) -> tuple[str | None, int]:
+    """:func:`current_root` and :func:`current_depth` of ``context``, from one read of its baggage."""
+    entries = baggage.get_all(context)
+    root = entries.get(attributes.BAGGAGE_ROOT)
+    return (root if isinstance(root, str) and is_valid_root(root) else None), parse_depth(
+        entries.get(attributes.BAGGAGE_DEPTH)
+    ) or 0
+
+
 def parse_depth(value: object) -> int | None:
     """Parse a depth from baggage; ``None`` when it is not a small non-negative integer."""
     if not isinstance(value, str) or not value.isascii() or not value.isdigit():

@@ -27,7 +27,7 @@ from . import attributes, telemetry
 from ._deadline import DEADLINE_REASON, current_deadline, now_ms
 from ._registry import Holder
 from ._request import CancelRequest
-from ._root import current_depth, current_root, new_root, validate_root, with_root
+from ._root import current_root, new_root, root_and_depth, validate_root, with_root
 from ._runtime import Runtime, get_runtime
 from ._signing import sign_root
 from .exceptions import Cancelled, StoreError
@@ -91,15 +91,16 @@ class CancelScope:
         self._entered = True
         self._runtime = runtime
         current = otel_context.get_current()
-        context_root = current_root(current)
+        # One read of the baggage for the root and the depth (entering a scope is the hot path).
+        context_root, depth = root_and_depth(current)
         # A scope with no root starts the run here: this process is the run's root.
         root = self._explicit_root or context_root or new_root(current)
         if root != context_root:
             key = runtime.settings.signing_key
             extra = {attributes.BAGGAGE_SIGNATURE: sign_root(key, root)} if key else None
-            self._token = otel_context.attach(with_root(root, current_depth(current), current, extra=extra))
+            self._token = otel_context.attach(with_root(root, depth, current, extra=extra))
         self.root = root
-        self.depth = current_depth()
+        self.depth = depth
         holder, request = runtime.registry.enter(root, self.depth, self.name, task_mode=task_mode)
         self._holder = holder
         telemetry.scope_entered()
