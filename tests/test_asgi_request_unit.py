@@ -81,7 +81,8 @@ async def test_an_internal_hop_stops_an_app_that_swallows_the_send_error(runtime
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"1", "more_body": True})
-        await first_sent.wait()
+        streaming.set()
+        await client.left.wait()
         with contextlib.suppress(OSError):  # an app that carries on regardless
             await send({"type": "http.response.body", "body": b"2", "more_body": True})
         try:
@@ -89,13 +90,12 @@ async def test_an_internal_hop_stops_an_app_that_swallows_the_send_error(runtime
         finally:
             stopped.set()
 
-    first_sent = asyncio.Event()
+    streaming = asyncio.Event()
     client = _Client()
     client.receive = _never_disconnects(client)  # type: ignore[method-assign]  # only send reports it
     request = asyncio.create_task(CancelMiddleware(app, trust_incoming=True)(_scope(), client.receive, client.send))
-    await asyncio.sleep(0)
+    await asyncio.wait_for(streaming.wait(), 5)
     client.left.set()
-    first_sent.set()
     await asyncio.wait_for(request, 5)  # returns: no CancelledError reaches the server
     assert stopped.is_set() and not request.cancelled()
     assert request.cancelling() == 0
