@@ -8,49 +8,16 @@ stored, so keys built from a root cannot leave the store's prefix.
 
 from __future__ import annotations
 
-import re
-import secrets
 from collections.abc import Mapping
 
 from opentelemetry import baggage, trace
 from opentelemetry.context import Context, get_current
 
 from . import attributes
-from .exceptions import InvalidRootError
-
-_ROOT_PATTERN = re.compile(r"[0-9a-f]{32}")
-_ALL_ZEROS = "0" * 32
-MAX_DEPTH = 1_000
-"""Depths above this are treated as malformed input."""
-
-
-def validate_root(value: object) -> str:
-    """Return ``value`` if it is a valid root id, else raise.
-
-    Args:
-        value: the candidate root.
-
-    Returns:
-        The root, unchanged.
-
-    Raises:
-        InvalidRootError: ``value`` is not 32 lowercase hex digits, or is all zeros.
-    """
-    if not isinstance(value, str) or not _ROOT_PATTERN.fullmatch(value):
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise InvalidRootError(f"a root is 32 lowercase hex digits, got {shown}")
-    if value == _ALL_ZEROS:
-        raise InvalidRootError("a root cannot be all zeros (that is the invalid trace id)")
-    return value
-
-
-def is_valid_root(value: object) -> bool:
-    """Whether ``value`` is a valid root id."""
-    try:
-        validate_root(value)
-    except InvalidRootError:
-        return False
-    return True
+from ._root_id import MAX_DEPTH as MAX_DEPTH
+from ._root_id import is_valid_root as is_valid_root
+from ._root_id import random_root as random_root
+from ._root_id import validate_root as validate_root
 
 
 def new_root(context: Context | None = None) -> str:
@@ -63,14 +30,6 @@ def new_root(context: Context | None = None) -> str:
     if span_context.is_valid:
         return trace.format_trace_id(span_context.trace_id)
     return random_root()
-
-
-def random_root() -> str:
-    """A fresh random root id."""
-    while True:
-        root = secrets.token_hex(16)
-        if root != _ALL_ZEROS:
-            return root
 
 
 def current_root(context: Context | None = None) -> str | None:

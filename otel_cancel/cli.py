@@ -17,25 +17,26 @@ when etcd cannot be reached or refuses the call.
 
 from __future__ import annotations
 
+# Imports here are the ones every command needs. The rest is imported by the command
+# that uses it: ``cancel`` talks to etcd through the standard library and imports
+# neither asyncio, OpenTelemetry (unless spans are exported) nor the gRPC client.
 import argparse
-import asyncio
 import json
 import os
 import socket
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import telemetry
-from ._io_loop import io_loop
 from ._request import CancelRequest, Receipt
-from ._root import validate_root
-from ._scope import parent_in_root_trace
+from ._root_id import validate_root
 from ._settings import Settings
 from .exceptions import ConfigurationError, InvalidRootError, StoreError
-from .store import CancelStore
 from .store._keys import root_of_flag_key
+
+if TYPE_CHECKING:
+    from .store import CancelStore
 
 EXIT_OK = 0
 EXIT_STORE = 1
@@ -89,39 +90,98 @@ def _request_dict(request: CancelRequest) -> dict[str, Any]:
 # -- commands -------------------------------------------------------------------------------
 
 
-async def _cancel(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
+class _FlagClient(Protocol):
+    """What ``cancel`` needs from etcd, synchronously."""
+
+    def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]: ...
+
+    def list_receipts(self, root: str) -> list[Receipt]: ...
+
+    def close(self) -> None: ...
+
+
+class _StoreOnIoLoop:
+    """The gRPC store, driven from this thread: for set-ups etcd's JSON gateway cannot serve."""
+
+    def __init__(self, settings: Settings) -> None:
+        from ._io_loop import io_loop
+
+        self._io_loop = io_loop()
+        self._store = settings.create_store()
+
+    def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]:
+        return self._io_loop.run(self._store.create_flag(request, ttl_seconds))
+
+    def list_receipts(self, root: str) -> list[Receipt]:
+        return self._io_loop.run(self._store.list_receipts(root))
+
+    def close(self) -> None:
+        self._io_loop.run(self._store.close())
+
+
+def _cancel(settings: Settings, args: argparse.Namespace, spans_exported: bool) -> int:
+    from .store.etcd_gateway import EtcdGatewayClient, EtcdGatewayUnusableError
+
     requester = f"cli:{os.environ.get('USER', 'unknown')}@{socket.gethostname()}"
     request = CancelRequest.new(args.root, args.reason, requester)
-    # The request span lands in the root's trace, next to the stops it causes.
-    span = telemetry.start_request_span(args.root, args.reason, parent_in_root_trace(args.root))
+    # Spans only cost when they go somewhere: exported from here, or this run is
+    # instrumented (OpenTelemetry already loaded). Otherwise they would be no-ops.
+    traced = spans_exported or "opentelemetry" in sys.modules
+    span: Any = None
+    if traced:
+        from . import telemetry
+        from ._scope import parent_in_root_trace
+
+        # The request span lands in the root's trace, next to the stops it causes.
+        span = telemetry.start_request_span(args.root, args.reason, parent_in_root_trace(args.root))
+    client: _FlagClient = EtcdGatewayClient(
+        settings.endpoints,
+        prefix=settings.prefix,
+        timeout=settings.timeout_seconds,
+        username=settings.username,
+        password=settings.password,
+        ca_cert=settings.ca_cert,
+        cert=settings.cert,
+        key=settings.key,
+    )
     try:
-        stored, created = await store.create_flag(request, settings.ttl_seconds)
+        try:
+            stored, created = client.create_flag(request, settings.ttl_seconds)
+        except EtcdGatewayUnusableError:
+            # Nothing was written: write it through the gRPC client instead (slower to start).
+            client.close()
+            client = _StoreOnIoLoop(settings)
+            stored, created = client.create_flag(request, settings.ttl_seconds)
+        finally:
+            if span is not None:
+                span.end()
+        if traced:
+            telemetry.cancel_requested(args.root, args.reason, created)
+        if args.json:
+            print(json.dumps({"created": created, "flag": _request_dict(stored)}), flush=True)
+        elif created:
+            print(f"cancelled {stored.root} (reason: {stored.reason})", flush=True)
+        else:
+            print(
+                f"{stored.root} was already cancelled at {_iso(stored.requested_at)} "
+                f"by {stored.requested_by} (reason: {stored.reason})",
+                flush=True,
+            )
+        if args.wait:
+            _wait_for_receipts(client, args)
     finally:
-        span.end()
-    telemetry.cancel_requested(args.root, args.reason, created)
-    if args.json:
-        print(json.dumps({"created": created, "flag": _request_dict(stored)}), flush=True)
-    elif created:
-        print(f"cancelled {stored.root} (reason: {stored.reason})", flush=True)
-    else:
-        print(
-            f"{stored.root} was already cancelled at {_iso(stored.requested_at)} "
-            f"by {stored.requested_by} (reason: {stored.reason})",
-            flush=True,
-        )
-    if args.wait:
-        await _wait_for_receipts(store, args)
+        client.close()
     return EXIT_OK
 
 
-async def _wait_for_receipts(store: CancelStore, args: argparse.Namespace) -> None:
+def _wait_for_receipts(client: _FlagClient, args: argparse.Namespace) -> None:
     # Receipts arrive from other processes; poll the acks prefix until --wait
     # runs out or --expect receipts have arrived, printing each one once.
     deadline = time.monotonic() + args.wait
     seen: set[tuple[str, str]] = set()
     header_printed = False
     while True:
-        for receipt in await store.list_receipts(args.root):
+        for receipt in client.list_receipts(args.root):
             key = (receipt.service, receipt.instance)
             if key in seen:
                 continue
@@ -137,7 +197,7 @@ async def _wait_for_receipts(store: CancelStore, args: argparse.Namespace) -> No
                 print(table[1], flush=True)
         if (args.expect and len(seen) >= args.expect) or time.monotonic() >= deadline:
             break
-        await asyncio.sleep(0.05)
+        time.sleep(0.05)
     if not args.json:
         print(f"{len(seen)} process(es) reported stopped work", flush=True)
 
@@ -228,7 +288,7 @@ def _print_event(store: CancelStore, kind: str, key: str, value: bytes, as_json:
     sys.stdout.flush()
 
 
-_STORE_COMMANDS = {"cancel": _cancel, "status": _status, "list": _list, "watch": _watch}
+_STORE_COMMANDS = {"status": _status, "list": _list, "watch": _watch}
 
 
 async def _run_store_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -348,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     provider = _export_spans_if_configured() if args.command == "cancel" else None
     try:
-        return _main(args)
+        return _main(args, spans_exported=provider is not None)
     finally:
         if provider is not None:
             provider.shutdown()  # flush the request span before exiting
@@ -363,6 +423,8 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
     "Event loop is closed". It matters when ``main()`` runs inside a program (or a
     test); every other etcd call otel-cancel makes runs on the IO loop already.
     """
+    from ._io_loop import io_loop
+
     future = io_loop().submit(command)
     try:
         return future.result()
@@ -371,7 +433,7 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
         raise
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, spans_exported: bool = False) -> int:
     try:
         if args.command == "demo":
             from .demo import run_demo
@@ -382,6 +444,8 @@ def _main(args: argparse.Namespace) -> int:
             from .doctor import run_doctor
 
             return run_doctor(settings, as_json=args.json)
+        if args.command == "cancel":
+            return _cancel(settings, args, spans_exported)
         return _on_io_loop(_run_store_command(settings, args))
     except ConfigurationError as error:
         return _fail(str(error), EXIT_USAGE)

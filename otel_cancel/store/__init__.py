@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
-from .._request import CancelRequest, Receipt, TaskRecord
+if TYPE_CHECKING:  # at run time only annotations name them: importing the store stays light
+    from .._request import CancelRequest, Receipt, TaskRecord
 
 DEFAULT_PREFIX = "/otel-cancel/"
 DEFAULT_TTL_SECONDS = 3600
