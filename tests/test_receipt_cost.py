@@ -123,3 +123,42 @@ async def test_a_process_that_stops_work_writes_its_receipt_with_one_etcd_call(e
         await on_io_loop(canceller.close)()
         # The canceller's own calls: a lease grant and the create-if-absent transaction.
         assert after - before == Counter({"LeaseGrant": 1, "Txn": 1, "Put": 1})
+
+
+@on_io_loop
+async def test_receipts_due_together_share_one_etcd_call(etcd, prefix):
+    """Five receipts for watched flags, written together: one Txn, each receipt on its own flag's lease."""
+    canceller = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    watcher = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    roots = [random_root() for _ in range(5)]
+    for root in roots:
+        await canceller.create_flag(CancelRequest.new(root, "t", "tests"), 120)
+    await watcher.list_flags()
+    receipts = [Receipt(root, "svc", "i", 1, 1, 2, 0) for root in roots]
+    assert await _calls_during(etcd, watcher.put_receipts(receipts, 120)) == Counter({"Txn": 1})
+    client = watcher._connection()
+    for root in roots:
+        flag = await client.get(f"{prefix}flags/{root}".encode())
+        stored = await client.get(f"{prefix}acks/{root}/svc/i".encode())
+        assert stored.lease == flag.lease != 0
+    await canceller.close()
+    await watcher.close()
+
+
+@on_io_loop
+async def test_a_batch_with_an_expired_flag_still_writes_every_receipt(etcd, prefix):
+    """One flag's lease is gone: the batch falls back to one put per receipt, and all of them land."""
+    canceller = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    watcher = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    roots = [random_root() for _ in range(3)]
+    for root in roots:
+        await canceller.create_flag(CancelRequest.new(root, "t", "tests"), 120)
+    await watcher.list_flags()
+    client = canceller._connection()
+    expired = await client.get(f"{prefix}flags/{roots[0]}".encode())
+    await client.revoke_lease(expired.lease)
+    await watcher.put_receipts([Receipt(root, "svc", "i", 1, 1, 2, 0) for root in roots], 120)
+    for root in roots:
+        assert await client.get(f"{prefix}acks/{root}/svc/i".encode()) is not None
+    await canceller.close()
+    await watcher.close()

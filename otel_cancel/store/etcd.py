@@ -46,6 +46,8 @@ from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, root_of_fla
 _log = logging.getLogger("otel_cancel.store")
 
 DEFAULT_TIMEOUT_SECONDS = 2.0
+_MAX_TXN_OPS = 128
+"""etcd's default ``--max-txn-ops``: receipts written together go in transactions of at most this many puts."""
 _FLAG_LEASES_REMEMBERED = 4096
 """How many flags' lease ids a store remembers, newest first, to put receipts on them."""
 
@@ -496,6 +498,41 @@ class EtcdCancelStore:
             await client.put(key, value, lease=lease_id)
 
         await self._call("writing a receipt", put)
+
+    async def put_receipts(self, receipts: Sequence[Receipt], ttl_seconds: int) -> None:
+        # Receipts whose flags' leases are known go in one transaction, each put on its
+        # own flag's lease (etcd caps the operations of a transaction). Anything else,
+        # or a transaction that fails (a lease expired meanwhile, a role that may not
+        # join leases), goes one by one, where each case is handled.
+        batch = [(r, self._flag_leases.get(r.root)) for r in receipts]
+        alone = [r for r, lease in batch if lease is None or self._receipts_on_own_lease]
+        together: list[tuple[Receipt, int]] = [
+            (r, lease) for r, lease in batch if lease is not None and not self._receipts_on_own_lease
+        ]
+        if len(together) == 1:
+            alone.append(together.pop()[0])
+        for start in range(0, len(together), _MAX_TXN_OPS):
+            chunk = together[start : start + _MAX_TXN_OPS]
+
+            async def put_all(client: _EtcdClient, chunk: list[tuple[Receipt, int]] = chunk) -> None:
+                puts = [
+                    client.transactions.put(
+                        receipt_key(self.prefix, r.root, r.service, r.instance).encode(), r.to_json(), lease=lease
+                    )
+                    for r, lease in chunk
+                ]
+                await client.transaction(compare=[], success=puts, failure=[])
+
+            try:
+                await self._call("writing receipts", put_all)
+            except StorePermissionError:
+                alone.extend(r for r, _ in chunk)
+            except StoreError as error:
+                if "lease not found" not in str(error):
+                    raise
+                alone.extend(r for r, _ in chunk)
+        for receipt in alone:
+            await self.put_receipt(receipt, ttl_seconds)
 
     async def list_receipts(self, root: str) -> list[Receipt]:
         async def list_prefix(client: _EtcdClient) -> Any:
