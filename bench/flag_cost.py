@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "services"))
 
 from _common import PYTHON, SERVICES, base_parser, loadavg, say, service_env, summary, table, write_results
 from scale import Holder, process_cpu_seconds
-from scope_holder import roots
 
 from otel_cancel._io_loop import io_loop
 from otel_cancel._request import CancelRequest
@@ -220,17 +219,15 @@ async def run(args: Any) -> dict[str, Any]:
         for index in range(rounds):
             say(f"storm {index + 1}/{rounds}: {count:,} flags at 1,000/s ...")
             result = await storm_round(etcd, prefix, count, 1000.0)
-            say(
-                f"  CPU µs per flag {result['cpu_us_per_flag']}, etcd calls per receipt {result['etcd_calls_per_receipt']}"
-            )
+            calls = result["etcd_calls_per_receipt"]
+            say(f"  CPU µs per flag {result['cpu_us_per_flag']}, etcd calls per receipt {calls}")
             storms.append(result)
         latencies = []
         for bystanders in (1, 9):
             say(f"one flag at a time, {2 + bystanders} watching processes ...")
             result = await latency(etcd, prefix, bystanders, flags)
-            say(
-                f"  stop p50 {result['flag_to_stop_ms']['p50']} ms vs bare delivery p50 {result['flag_to_bare_delivery_ms']['p50']} ms"
-            )
+            stop, bare = result["flag_to_stop_ms"]["p50"], result["flag_to_bare_delivery_ms"]["p50"]
+            say(f"  stop p50 {stop} ms vs bare delivery p50 {bare} ms")
             latencies.append(result)
     medians = {
         name: round(statistics.median(s["cpu_us_per_flag"][name] for s in storms), 1)
