@@ -26,6 +26,8 @@ BENCHMARKS = {
     "overhead": "overhead.py",
     "scale": "scale.py",
     "a2a": "a2a_cancel.py",
+    "flag_cost": "flag_cost.py",
+    "cli_cost": "cli_cost.py",
 }
 
 
