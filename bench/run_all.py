@@ -28,6 +28,7 @@ BENCHMARKS = {
     "a2a": "a2a_cancel.py",
     "flag_cost": "flag_cost.py",
     "cli_cost": "cli_cost.py",
+    "request_instructions": "request_instructions.py",
 }
 
 

@@ -102,7 +102,10 @@ class Runtime:
                         self._writing_receipts = False
                         finished = True
                         return
-                await self._write_receipts(batch)
+                try:
+                    await self._write_receipts(batch)
+                except Exception:  # a bug, not the store: say so, and keep writing the next ones
+                    _log.exception("otel-cancel: failed to write %d receipt(s)", len(batch))
         finally:
             if not finished:  # stopped (the watcher shut down): the next receipt starts a writer
                 with self._receipt_lock:

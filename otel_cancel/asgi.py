@@ -17,13 +17,15 @@ Per request it:
 2. establishes the root (see :mod:`otel_cancel._incoming`: a new root at an edge,
    the caller's on a trusted internal service), rewrites the ``baggage`` header
    the inner app sees, and adds ``otel-cancel-root`` to the response;
-3. runs the app in a child task inside a scope. When the root is cancelled:
-   before the response starts the client gets ``409`` with
+3. runs the app in the server's own task (no task of its own: that would cost
+   every request), inside a scope. When the root is cancelled: before the
+   response starts the client gets ``409`` with
    ``{"error": "cancelled", "root", "reason"}``; mid-stream, a
    ``text/event-stream`` ends with a final ``otel-cancel`` event carrying that
-   body and any other stream ends (truncated). The child task absorbs the
-   cancellation, so the server never sees a bare ``CancelledError`` and logs no
-   traceback; the app's outgoing httpx calls are cancelled with it;
+   body and any other stream ends (truncated). The scope turns the cancellation
+   into :class:`~otel_cancel.Cancelled`, which ends the response here, so the
+   server never sees a bare ``CancelledError`` and logs no traceback; the app's
+   outgoing httpx calls are cancelled with it;
 4. enforces the run's deadline (``otel_cancel.deadline`` in baggage, narrowed by
    the ``otel-cancel-timeout`` request header and ``deadline_seconds``): a hop that
    arrives after it gets ``504`` and runs no handler; one that runs past it is
@@ -32,7 +34,10 @@ Per request it:
 5. at an edge, when the client goes away from an unfinished response
    (``http.disconnect`` from ``receive`` or an ``OSError`` from ``send``), cancels
    the root, so the whole chain stops (``on_disconnect="continue"`` lets work
-   outlive its caller). An internal service just stops its own work.
+   outlive its caller). An internal service just stops its own work. Once a
+   stream is under way, someone must wait in ``receive()`` to hear a client leave
+   while nothing is sent: the app itself if it does (Starlette's streaming
+   responses do), else a listener task of the middleware.
 """
 
 from __future__ import annotations
