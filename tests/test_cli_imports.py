@@ -1,4 +1,4 @@
-"""`otel-cancel cancel` starts light: it imports only what writing one flag needs."""
+"""`otel-cancel cancel` starts light (only what writing a flag needs) and its gateway client writes flags right."""
 
 from __future__ import annotations
 
@@ -67,3 +67,29 @@ def test_the_light_client_fails_over_past_a_dead_endpoint_and_keeps_the_first_fl
     client.close()
     assert created and not created_again
     assert again.reason == stored.reason == "first" and again.requested_at == stored.requested_at
+
+
+def test_a_create_whose_answer_was_lost_and_retried_still_reports_created(etcd, prefix):
+    """The first attempt commits but its answer is lost; the retry finds our own flag: created, and it stays."""
+    from otel_cancel._request import CancelRequest
+    from otel_cancel.exceptions import StoreUnavailableError
+    from otel_cancel.store.etcd_gateway import EtcdGatewayClient
+
+    client = EtcdGatewayClient([etcd.endpoint, etcd.endpoint], prefix=prefix, timeout=2)
+    real_call = client._authenticated_call
+    lost = []
+
+    def answer_lost_once(action, path, body):
+        answer = real_call(action, path, body)
+        if path == "/v3/kv/txn" and not lost:
+            lost.append(answer)
+            raise StoreUnavailableError("etcd did not answer in time while writing a cancel flag")
+        return answer
+
+    client._authenticated_call = answer_lost_once
+    root = random_root()
+    stored, created = client.create_flag(CancelRequest.new(root, "mine", "tests"), 60)
+    assert lost and lost[0]["succeeded"] and created and stored.reason == "mine"
+    again, created_again = client.create_flag(CancelRequest.new(root, "later", "tests"), 60)
+    client.close()
+    assert not created_again and again == stored  # the flag survived: its lease was not revoked

@@ -138,31 +138,37 @@ class EtcdGatewayClient:
         lease = self._call(action, "/v3/lease/grant", {"TTL": ttl_seconds})["ID"]
         # Stamped when it is written, so latencies measure flag written -> work stopped.
         stamped = CancelRequest(request.root, request.reason, time.time_ns(), request.requested_by)
-        try:
-            answer = self._call(
-                action,
-                "/v3/kv/txn",
-                {
-                    "compare": [{"key": _b64(key), "result": "EQUAL", "target": "VERSION", "version": "0"}],
-                    "success": [{"request_put": {"key": _b64(key), "value": _b64(stamped.to_json()), "lease": lease}}],
-                    "failure": [{"request_range": {"key": _b64(key)}}],
-                },
-            )
-        except BaseException:
-            self._revoke_quietly(lease)  # the lease would otherwise hold nothing until its TTL ran out
-            raise
+        # A failed call is not revoked after: the transaction may have committed before its
+        # answer was lost, and revoking the lease would delete the flag just written. An
+        # unused lease holds nothing and expires with its TTL.
+        answer = self._call(
+            action,
+            "/v3/kv/txn",
+            {
+                "compare": [{"key": _b64(key), "result": "EQUAL", "target": "VERSION", "version": "0"}],
+                "success": [{"request_put": {"key": _b64(key), "value": _b64(stamped.to_json()), "lease": lease}}],
+                "failure": [{"request_range": {"key": _b64(key)}}],
+            },
+        )
         if answer.get("succeeded"):
             return stamped, True
-        self._revoke_quietly(lease)
         responses = answer.get("responses") or [{}]
         kvs = responses[0].get("response_range", {}).get("kvs") or []
         if not kvs:
+            self._revoke_quietly(lease)
             return request, False
         try:
-            return CancelRequest.from_json(base64.b64decode(kvs[0].get("value", "")), request.root), False
+            existing = CancelRequest.from_json(base64.b64decode(kvs[0].get("value", "")), request.root)
         except ValueError:
             _warn("otel-cancel: flag for %s holds a malformed value; keeping it", request.root)
+            self._revoke_quietly(lease)
             return request, False
+        if existing == stamped:
+            # Our own write, committed by an attempt whose answer was lost (then retried,
+            # perhaps on another endpoint): this call did create it, on this lease.
+            return existing, True
+        self._revoke_quietly(lease)
+        return existing, False
 
     def list_receipts(self, root: str) -> list[Receipt]:
         """Every well-formed receipt for ``root`` (malformed ones are logged and skipped)."""
