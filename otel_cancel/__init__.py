@@ -24,8 +24,12 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._cancel_many import BulkCancelResult as BulkCancelResult
+    from ._cancel_many import cancel_many as cancel_many
     from ._deadline import deadline as deadline
     from ._deadline import time_left as time_left
+    from ._labels import current_labels as current_labels
+    from ._labels import labelled as labelled
     from ._root import current_depth as current_depth
     from ._root import current_root as current_root
     from ._root_id import validate_root as validate_root
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
 # the package, such as the ``otel-cancel cancel`` command, does not pay for the rest
 # (the runtime, asyncio, OpenTelemetry, the gRPC etcd client).
 _PUBLIC = {
+    "BulkCancelResult": "._cancel_many",
     "CancelResult": "._scope",
     "CancelScope": "._scope",
     "Cancelled": ".exceptions",
@@ -52,12 +57,15 @@ _PUBLIC = {
     "Settings": "._settings",
     "cancel": "._scope",
     "cancel_current": "._scope",
+    "cancel_many": "._cancel_many",
     "check": "._scope",
     "configure": "._runtime",
     "current_depth": "._root",
+    "current_labels": "._labels",
     "current_root": "._root",
     "deadline": "._deadline",
     "is_cancelled": "._scope",
+    "labelled": "._labels",
     "scope": "._scope",
     "time_left": "._deadline",
     "validate_root": "._root_id",
@@ -80,6 +88,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = (
+    "BulkCancelResult",
     "CancelResult",
     "CancelScope",
     "Cancelled",
@@ -87,12 +96,15 @@ __all__ = (
     "Settings",
     "cancel",
     "cancel_current",
+    "cancel_many",
     "check",
     "configure",
     "current_depth",
+    "current_labels",
     "current_root",
     "deadline",
     "is_cancelled",
+    "labelled",
     "scope",
     "time_left",
     "validate_root",

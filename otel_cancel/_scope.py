@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
 from opentelemetry import context as otel_context
@@ -25,9 +25,10 @@ from opentelemetry import trace
 
 from . import attributes, telemetry
 from ._deadline import DEADLINE_REASON, current_deadline, now_ms
+from ._labels import run_facts, scope_facts, validate_labels, with_labels
 from ._registry import Holder
 from ._request import CancelRequest
-from ._root import current_root, new_root, root_and_depth, validate_root, with_root
+from ._root import current_root, new_root, validate_root, with_root
 from ._runtime import Runtime, get_runtime
 from ._signing import sign_root
 from .exceptions import Cancelled, StoreError
@@ -66,10 +67,18 @@ class CancelScope:
     ``with`` (threads and sync code: stop cooperatively at :func:`check`).
     """
 
-    def __init__(self, *, name: str | None = None, root: str | None = None, convert: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        root: str | None = None,
+        convert: bool = True,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self._convert = convert
         self._explicit_root = validate_root(root) if root is not None else None
+        self._labels = validate_labels(labels) if labels else None
         self.root: str | None = None
         """The root this scope is bound to (set on entry)."""
         self.depth = 0
@@ -91,17 +100,29 @@ class CancelScope:
         self._entered = True
         self._runtime = runtime
         current = otel_context.get_current()
-        # One read of the baggage for the root and the depth (entering a scope is the hot path).
-        context_root, depth = root_and_depth(current)
+        # One read of the baggage for the root, the depth, the run's start and its labels
+        # (entering a scope is the hot path).
+        context_root, depth, run_started_ms, labels = scope_facts(current)
         # A scope with no root starts the run here: this process is the run's root.
         root = self._explicit_root or context_root or new_root(current)
+        context = current
         if root != context_root:
             key = runtime.settings.signing_key
             extra = {attributes.BAGGAGE_SIGNATURE: sign_root(key, root)} if key else None
-            self._token = otel_context.attach(with_root(root, depth, current, extra=extra))
+            context = with_root(root, depth, current, extra=extra)
+        if self._labels:
+            context = with_labels(self._labels, context)
+        if context is not current:
+            self._token = otel_context.attach(context)
+            # Only a run started here or a labelled scope changes the baggage: read it again then.
+            run_started_ms, labels = run_facts(context)
         self.root = root
         self.depth = depth
-        holder, request = runtime.registry.enter(root, self.depth, self.name, task_mode=task_mode)
+        holder, request = runtime.registry.enter(
+            root, self.depth, self.name, task_mode=task_mode, run_started_ms=run_started_ms, labels=labels
+        )
+        if request is None:
+            request = runtime.unlisted_refusal(root)
         self._holder = holder
         telemetry.scope_entered()
         if request is not None:
@@ -263,7 +284,7 @@ class CancelScope:
         self._finish(exc)
 
 
-def scope(*, name: str | None = None, root: str | None = None) -> CancelScope:
+def scope(*, name: str | None = None, root: str | None = None, labels: Mapping[str, str] | None = None) -> CancelScope:
     """A scope binding the current task to the current root.
 
     ``async with otel_cancel.scope():`` in coroutines; ``with otel_cancel.scope():``
@@ -275,12 +296,15 @@ def scope(*, name: str | None = None, root: str | None = None) -> CancelScope:
         name: what is running (a LangGraph node, a handler); receipts and spans
             report it when it is interrupted.
         root: bind to this root instead of the context's.
+        labels: labels to add to the run (see :func:`otel_cancel.labelled`); they travel
+            with every outgoing call made inside.
 
     Raises:
+        InvalidLabelError: a label is not allowed.
         Cancelled: on entry when the root is already cancelled (the body does not
             run), and on exit when the root was cancelled while the body ran.
     """
-    return CancelScope(name=name, root=root)
+    return CancelScope(name=name, root=root, labels=labels)
 
 
 # -- cooperative checks ------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Commands::
 
-    otel-cancel cancel ROOT [--reason TEXT] [--wait SECONDS] [--expect N] [--json]
+    otel-cancel cancel ROOT [ROOT...] [--reason TEXT] [--wait SECONDS] [--expect N] [--json]
+    otel-cancel cancel --all [--service NAME] [--label KEY=VALUE]... [--yes] [--reason TEXT] [--wait SECONDS]
+    otel-cancel ps [--service NAME] [--label KEY=VALUE]... [--json]
     otel-cancel status ROOT [--json]
     otel-cancel list [--json]
     otel-cancel watch [--json]
@@ -12,35 +14,38 @@ Commands::
 Configuration comes from the ``OTEL_CANCEL_*`` environment. Exit codes: 0 on
 success (cancelling an already cancelled root included), 2 on bad input (a root
 that is not 32 lowercase hex digits, an invalid setting), 1 with a one-line reason
-when etcd cannot be reached or refuses the call.
+when etcd cannot be reached or refuses the call, 3 when ``cancel --wait`` wrote
+the flag but could not read the receipts (the cancel stands; only its
+confirmation is missing).
 """
 
 from __future__ import annotations
 
-# Imports here are the ones every command needs. The rest is imported by the command
-# that uses it: ``cancel`` talks to etcd through the standard library and imports
-# neither asyncio, OpenTelemetry (unless spans are exported) nor the gRPC client.
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from ._request import CancelRequest, Receipt
+# Imports here are the ones every command needs. The rest is imported by the command
+# that uses it (the IO loop, the store and OpenTelemetry by the commands that talk to
+# etcd; the demo and doctor by themselves).
+from . import _cli_fleet
 from ._root_id import validate_root
 from ._settings import Settings
 from .exceptions import ConfigurationError, InvalidRootError, StoreError
-from .store._keys import root_of_flag_key
 
 if TYPE_CHECKING:
+    from ._request import CancelRequest, Receipt
     from .store import CancelStore
 
 EXIT_OK = 0
 EXIT_STORE = 1
 EXIT_USAGE = 2
+EXIT_UNCONFIRMED = _cli_fleet.EXIT_UNCONFIRMED
+"""``cancel --wait``: the flag is written, reading the receipts failed."""
 
 _RECEIPT_COLUMNS = ("service", "instance", "depth", "interrupted", "latency_ms")
 
@@ -90,118 +95,6 @@ def _request_dict(request: CancelRequest) -> dict[str, Any]:
 # -- commands -------------------------------------------------------------------------------
 
 
-class _FlagClient(Protocol):
-    """What ``cancel`` needs from etcd, synchronously."""
-
-    def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]: ...
-
-    def list_receipts(self, root: str) -> list[Receipt]: ...
-
-    def close(self) -> None: ...
-
-
-class _StoreOnIoLoop:
-    """The gRPC store, driven from this thread: for set-ups etcd's JSON gateway cannot serve."""
-
-    def __init__(self, settings: Settings) -> None:
-        from ._io_loop import io_loop
-
-        self._io_loop = io_loop()
-        self._store = settings.create_store()
-
-    def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]:
-        return self._io_loop.run(self._store.create_flag(request, ttl_seconds))
-
-    def list_receipts(self, root: str) -> list[Receipt]:
-        return self._io_loop.run(self._store.list_receipts(root))
-
-    def close(self) -> None:
-        self._io_loop.run(self._store.close())
-
-
-def _cancel(settings: Settings, args: argparse.Namespace, spans_exported: bool) -> int:
-    from .store.etcd_gateway import EtcdGatewayClient, EtcdGatewayUnusableError
-
-    requester = f"cli:{os.environ.get('USER', 'unknown')}@{socket.gethostname()}"
-    request = CancelRequest.new(args.root, args.reason, requester)
-    # Spans only cost when they go somewhere: exported from here, or this run is
-    # instrumented (OpenTelemetry already loaded). Otherwise they would be no-ops.
-    traced = spans_exported or "opentelemetry" in sys.modules
-    span: Any = None
-    if traced:
-        from . import telemetry
-        from ._scope import parent_in_root_trace
-
-        # The request span lands in the root's trace, next to the stops it causes.
-        span = telemetry.start_request_span(args.root, args.reason, parent_in_root_trace(args.root))
-    client: _FlagClient = EtcdGatewayClient(
-        settings.endpoints,
-        prefix=settings.prefix,
-        timeout=settings.timeout_seconds,
-        username=settings.username,
-        password=settings.password,
-        ca_cert=settings.ca_cert,
-        cert=settings.cert,
-        key=settings.key,
-    )
-    try:
-        try:
-            stored, created = client.create_flag(request, settings.ttl_seconds)
-        except EtcdGatewayUnusableError:
-            # Nothing was written: write it through the gRPC client instead (slower to start).
-            client.close()
-            client = _StoreOnIoLoop(settings)
-            stored, created = client.create_flag(request, settings.ttl_seconds)
-        finally:
-            if span is not None:
-                span.end()
-        if traced:
-            telemetry.cancel_requested(args.root, args.reason, created)
-        if args.json:
-            print(json.dumps({"created": created, "flag": _request_dict(stored)}), flush=True)
-        elif created:
-            print(f"cancelled {stored.root} (reason: {stored.reason})", flush=True)
-        else:
-            print(
-                f"{stored.root} was already cancelled at {_iso(stored.requested_at)} "
-                f"by {stored.requested_by} (reason: {stored.reason})",
-                flush=True,
-            )
-        if args.wait:
-            _wait_for_receipts(client, args)
-    finally:
-        client.close()
-    return EXIT_OK
-
-
-def _wait_for_receipts(client: _FlagClient, args: argparse.Namespace) -> None:
-    # Receipts arrive from other processes; poll the acks prefix until --wait
-    # runs out or --expect receipts have arrived, printing each one once.
-    deadline = time.monotonic() + args.wait
-    seen: set[tuple[str, str]] = set()
-    header_printed = False
-    while True:
-        for receipt in client.list_receipts(args.root):
-            key = (receipt.service, receipt.instance)
-            if key in seen:
-                continue
-            seen.add(key)
-            row = _receipt_row(receipt)
-            if args.json:
-                print(json.dumps({"receipt": row}), flush=True)
-            else:
-                table = format_table([row], _RECEIPT_COLUMNS).splitlines()
-                if not header_printed:
-                    print(table[0], flush=True)
-                    header_printed = True
-                print(table[1], flush=True)
-        if (args.expect and len(seen) >= args.expect) or time.monotonic() >= deadline:
-            break
-        time.sleep(0.05)
-    if not args.json:
-        print(f"{len(seen)} process(es) reported stopped work", flush=True)
-
-
 async def _status(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
     flag = await store.get_flag(args.root)
     receipts = sorted(await store.list_receipts(args.root), key=lambda r: (r.depth, r.stopped_at))
@@ -220,9 +113,12 @@ async def _status(store: CancelStore, settings: Settings, args: argparse.Namespa
     if flag is None:
         print(f"{args.root} is not cancelled")
         return EXIT_OK
-    print(f"{flag.root} cancelled at {_iso(flag.requested_at)} by {flag.requested_by} (reason: {flag.reason})")
+    age = _cli_fleet.format_age(time.time_ns() - flag.requested_at)
+    when = f"{_iso(flag.requested_at)} ({age} ago)"
+    print(f"{flag.root} cancelled at {when} by {flag.requested_by} (reason: {flag.reason})")
     if receipts:
         print(format_table([_receipt_row(r) for r in receipts], _RECEIPT_COLUMNS))
+        print(_cli_fleet.receipts_summary(receipts))
         from .timeline import render_timeline
 
         print()
@@ -233,62 +129,17 @@ async def _status(store: CancelStore, settings: Settings, args: argparse.Namespa
 
 
 async def _list(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
-    listing = await store.list_flags()
-    flags = []
-    for event in listing.flags:
-        root = root_of_flag_key(store.prefix, event.key)
-        if root is None:
-            continue
-        try:
-            flags.append(CancelRequest.from_json(event.value, root))
-        except ValueError:
-            flags.append(CancelRequest(root, "unknown (malformed flag)", 0, ""))
-    if args.json:
-        print(json.dumps({"revision": listing.revision, "flags": [_request_dict(f) for f in flags]}))
-    elif not flags:
-        print("no cancelled roots")
-    else:
-        rows = [
-            {
-                "root": f.root,
-                "requested_at": _iso(f.requested_at) if f.requested_at else "-",
-                "by": f.requested_by,
-                "reason": f.reason,
-            }
-            for f in flags
-        ]
-        print(format_table(rows, ("root", "requested_at", "by", "reason")))
-    return EXIT_OK
+    from ._cli_flags import list_command
+
+    return await list_command(store, settings, args)
 
 
-async def _watch(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
-    listing = await store.list_flags()
-    revision = listing.revision
-    for event in listing.flags:
-        _print_event(store, event.kind, event.key, event.value, args.json)
-    async for event in store.watch_flags(revision + 1):
-        _print_event(store, event.kind, event.key, event.value, args.json)
-    return EXIT_OK
-
-
-def _print_event(store: CancelStore, kind: str, key: str, value: bytes, as_json: bool) -> None:
-    root = root_of_flag_key(store.prefix, key)
-    if root is None:
-        return
-    reason = ""
-    if kind == "put":
-        try:
-            reason = CancelRequest.from_json(value, root).reason
-        except ValueError:
-            reason = "unknown (malformed flag)"
-    if as_json:
-        print(json.dumps({"event": "cancelled" if kind == "put" else "expired", "root": root, "reason": reason}))
-    else:
-        print(f"{'cancelled' if kind == 'put' else 'expired  '} {root} {reason}".rstrip())
-    sys.stdout.flush()
-
-
-_STORE_COMMANDS = {"status": _status, "list": _list, "watch": _watch}
+_STORE_COMMANDS = {
+    "cancel": _cli_fleet.cancel_command,
+    "ps": _cli_fleet.ps_command,
+    "status": _status,
+    "list": _list,
+}
 
 
 async def _run_store_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -330,18 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="otel-cancel", description="Cancel a run everywhere by its root id.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    cancel = commands.add_parser("cancel", help="cancel every piece of work of ROOT")
-    cancel.add_argument("root", type=_root_argument, metavar="ROOT")
-    cancel.add_argument("--reason", default="cancelled by operator", help="why (shown in receipts and spans)")
-    cancel.add_argument(
-        "--wait",
-        type=_seconds_argument,
-        default=0,
-        metavar="SECONDS",
-        help="print receipts as processes report stopped work, for up to SECONDS",
-    )
-    cancel.add_argument("--expect", type=int, default=0, metavar="N", help="with --wait: return after N receipts")
-    cancel.add_argument("--json", action="store_true", help="JSON lines output")
+    cancel = commands.add_parser("cancel", help="cancel every piece of work of ROOT(s), or of every run --all selects")
+    _cli_fleet.add_cancel_arguments(cancel)
+
+    ps = commands.add_parser("ps", help="show every root with live work, where it runs")
+    _cli_fleet.add_ps_arguments(ps)
 
     status = commands.add_parser("status", help="show whether ROOT is cancelled and who stopped")
     status.add_argument("root", type=_root_argument, metavar="ROOT")
@@ -408,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     provider = _export_spans_if_configured() if args.command == "cancel" else None
     try:
-        return _main(args, spans_exported=provider is not None)
+        return _main(args)
     finally:
         if provider is not None:
             provider.shutdown()  # flush the request span before exiting
@@ -433,7 +277,7 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
         raise
 
 
-def _main(args: argparse.Namespace, spans_exported: bool = False) -> int:
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "demo":
             from .demo import run_demo
@@ -444,8 +288,10 @@ def _main(args: argparse.Namespace, spans_exported: bool = False) -> int:
             from .doctor import run_doctor
 
             return run_doctor(settings, as_json=args.json)
-        if args.command == "cancel":
-            return _cancel(settings, args, spans_exported)
+        if args.command == "watch":
+            from ._cli_flags import watch_command
+
+            return watch_command(settings, as_json=args.json)
         return _on_io_loop(_run_store_command(settings, args))
     except ConfigurationError as error:
         return _fail(str(error), EXIT_USAGE)

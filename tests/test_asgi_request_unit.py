@@ -166,9 +166,10 @@ async def test_an_adopted_root_keeps_the_callers_baggage_order_and_the_app_sees_
         await send({"type": "http.response.body", "body": b""})
 
     client = _Client()
-    header = f"otel_cancel.root={ROOT},otel_cancel.depth=4,tenant=acme%20corp;prop=1"
+    ours = "otel_cancel.started=1700000000000,otel_cancel.labels=tenant%3Dacme"
+    header = f"otel_cancel.root={ROOT},otel_cancel.depth=4,{ours},tenant=acme%20corp;prop=1"
     await CancelMiddleware(app, trust_incoming=True)(_scope(baggage_header=header), client.receive, client.send)
-    assert seen["headers"] == [f"otel_cancel.root={ROOT},otel_cancel.depth=5,tenant=acme%20corp;prop=1".encode()]
+    assert seen["headers"] == [f"otel_cancel.root={ROOT},otel_cancel.depth=5,{ours},tenant=acme%20corp;prop=1".encode()]
     assert seen["depth"] == "5"
 
 
@@ -176,12 +177,18 @@ def test_with_root_puts_ours_first_whatever_the_incoming_order():
     """Baggage that did not start with the root gets it moved first; baggage that did is updated in place."""
     root = random_root()
     mixed = baggage.set_baggage("otel_cancel.root", root, baggage.set_baggage("tenant", "acme"))
-    assert list(baggage.get_all(with_root(root, 2, mixed))) == ["otel_cancel.root", "otel_cancel.depth", "tenant"]
+    assert list(baggage.get_all(with_root(root, 2, mixed))) == [
+        "otel_cancel.root",
+        "otel_cancel.depth",
+        "otel_cancel.started",
+        "tenant",
+    ]
     leading = with_root(root, 1, baggage.set_baggage("tenant", "acme", with_root(root, 0)))
     deadline = with_root(root, 1, leading, extra={"otel_cancel.deadline": "1"})
     assert list(baggage.get_all(deadline)) == [
         "otel_cancel.root",
         "otel_cancel.depth",
+        "otel_cancel.started",
         "otel_cancel.deadline",
         "tenant",
     ]

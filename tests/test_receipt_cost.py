@@ -80,6 +80,23 @@ async def test_a_listed_flag_also_gives_a_one_call_receipt(etcd, prefix):
 
 
 @on_io_loop
+async def test_a_flag_listed_keys_only_in_small_pages_also_gives_a_one_call_receipt(etcd, prefix):
+    """The watcher lists past its first flags keys-only and page by page: the lease comes with the keys."""
+    canceller = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    watcher = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    roots = [random_root() for _ in range(3)]
+    for root in roots:
+        await canceller.create_flag(CancelRequest.new(root, "t", "tests"), 120)
+    pages = [page async for page in watcher.list_flag_pages(keys_only=True, page_size=2)]
+    assert len(pages) == 2 and all(flag.value == b"" for page in pages for flag in page.flags)
+    for root in roots:
+        calls = await _calls_during(etcd, watcher.put_receipt(Receipt(root, "svc", "i", 1, 1, 2, 0), 120))
+        assert calls == Counter({"Put": 1})
+    await canceller.close()
+    await watcher.close()
+
+
+@on_io_loop
 async def test_a_receipt_whose_flag_expired_after_the_watch_gets_its_own_lease(etcd, prefix):
     """The flag's lease is gone by the time of the receipt: the receipt still lands, on a fresh TTL lease."""
     canceller = EtcdCancelStore([etcd.endpoint], prefix=prefix)
