@@ -798,7 +798,8 @@ def cli_cost_block(result: dict[str, Any] | None) -> str:
             f"Ratio `otel-cancel cancel` / `etcdctl put` over {result['pairs']} pairs: median "
             f"**{_fmt(result['ratio_median'])}x** (p90 {_fmt(ratio['p90'])}x, min {_fmt(ratio['min'])}x). "
             f"One `cancel` imports {imports['modules']} modules in {_fmt(imports['import_ms'], ' ms')} "
-            f"(`-X importtime`); heavy ones among them: {', '.join(imports['heavy']) or 'none'}.",
+            f"(`-X importtime`); among them, of what it does not use (OpenTelemetry's SDK, the integrations, "
+            f"the demo): {', '.join(imports['heavy']) or 'none'}.",
         ]
     )
 
