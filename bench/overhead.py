@@ -139,6 +139,22 @@ async def json_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b'{"ok":true}'})
 
 
+def starlette_stream_app() -> Any:
+    """The same 10-event stream as a Starlette ``StreamingResponse`` (which listens for the client itself)."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def events() -> Any:
+        for index in range(10):
+            yield b"data: %d\n\n" % index
+
+    async def hop(request: Any) -> StreamingResponse:
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/hop", hop)])
+
+
 async def stream_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
     for index in range(10):
@@ -238,7 +254,20 @@ async def asgi_costs(iterations: int, repeats: int) -> tuple[list[dict[str, Any]
     exporter = InMemorySpanExporter()
     counting = TracerProvider()
     counting.add_span_processor(SimpleSpanProcessor(exporter))
-    for body, inner in (("json", json_app), ("stream x10", stream_app)):
+    starlette_stream = starlette_stream_app()
+    for body, inner in (("stream x10 (Starlette)", starlette_stream),):
+        for name, app in (
+            ("OTel ASGI", OpenTelemetryMiddleware(inner)),
+            (
+                "OTel ASGI + CancelMiddleware, internal",
+                OpenTelemetryMiddleware(CancelMiddleware(inner, trust_incoming=True)),
+            ),
+        ):
+            scope = _http_scope(True)
+            await _drive(app, scope, iterations // 20)
+            samples = [await _drive(app, scope, iterations // 2) for _ in range(repeats)]
+            otel_rows.append({"body": body, "stack": name, **_stats(samples)})
+    for body, inner in (("json", json_app), ("stream x10", stream_app), ("stream x10 (Starlette)", starlette_stream)):
         for name, app in (
             ("OTel ASGI", OpenTelemetryMiddleware(inner, tracer_provider=counting)),
             (
@@ -259,8 +288,8 @@ async def asgi_costs(iterations: int, repeats: int) -> tuple[list[dict[str, Any]
     # Diagnostic: the same with CancelMiddleware's disconnect listener stubbed out.
     from otel_cancel import asgi as cancel_asgi
 
-    original = cancel_asgi._CancellableRequest._listen_for_disconnect
-    cancel_asgi._CancellableRequest._listen_for_disconnect = lambda self: None  # type: ignore[method-assign]
+    original = cancel_asgi._CancellableRequest._listen_soon
+    cancel_asgi._CancellableRequest._listen_soon = lambda self: None  # type: ignore[method-assign]
     try:
         for body, inner in (("json", json_app), ("stream x10", stream_app)):
             app = OpenTelemetryMiddleware(CancelMiddleware(inner, trust_incoming=True))
@@ -275,36 +304,28 @@ async def asgi_costs(iterations: int, repeats: int) -> tuple[list[dict[str, Any]
                 }
             )
     finally:
-        cancel_asgi._CancellableRequest._listen_for_disconnect = original  # type: ignore[method-assign]
+        cancel_asgi._CancellableRequest._listen_soon = original  # type: ignore[method-assign]
     return rows, otel_rows
 
 
 def asgi_deltas(rows: list[dict[str, Any]], otel_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def delta(body: str, row: dict[str, Any], base: dict[str, Any], over: str) -> dict[str, Any]:
+        return {
+            "body": body,
+            "added by": row["stack"].replace("OTel ASGI + ", ""),
+            "over": over,
+            "added_us_min": round(row["min_us"] - base["min_us"], 2),
+            "added_us_median": round(row["median_us"] - base["median_us"], 2),
+        }
+
     deltas = []
-    for body in ("json", "stream x10"):
-        base = next(r for r in rows if r["body"] == body and r["stack"] == "bare app")
-        for r in rows:
-            if r["body"] == body and r is not base:
-                deltas.append(
-                    {
-                        "body": body,
-                        "added by": r["stack"],
-                        "over": "bare app",
-                        "added_us_min": round(r["min_us"] - base["min_us"], 2),
-                        "added_us_median": round(r["median_us"] - base["median_us"], 2),
-                    }
-                )
+    for body in ("json", "stream x10", "stream x10 (Starlette)"):
+        bare = [r for r in rows if r["body"] == body]
+        if bare:
+            base = next(r for r in bare if r["stack"] == "bare app")
+            deltas += [delta(body, r, base, "bare app") for r in bare if r is not base]
         otel = [r for r in otel_rows if r["body"] == body]
-        for other in otel[1:]:
-            deltas.append(
-                {
-                    "body": body,
-                    "added by": other["stack"].replace("OTel ASGI + ", ""),
-                    "over": "OTel ASGI (SDK)",
-                    "added_us_min": round(other["min_us"] - otel[0]["min_us"], 2),
-                    "added_us_median": round(other["median_us"] - otel[0]["median_us"], 2),
-                }
-            )
+        deltas += [delta(body, r, otel[0], "OTel ASGI (SDK)") for r in otel[1:]]
     return deltas
 
 

@@ -28,6 +28,9 @@ BENCHMARKS = {
     "a2a": "a2a_cancel.py",
     "listing": "listing.py",
     "live_work": "live_work.py",
+    "flag_cost": "flag_cost.py",
+    "cli_cost": "cli_cost.py",
+    "request_instructions": "request_instructions.py",
 }
 
 

@@ -20,26 +20,70 @@ httpx and LangGraph, so application code needs no change.
 
 from __future__ import annotations
 
-from ._cancel_many import BulkCancelResult as BulkCancelResult
-from ._cancel_many import cancel_many as cancel_many
-from ._deadline import deadline as deadline
-from ._deadline import time_left as time_left
-from ._labels import current_labels as current_labels
-from ._labels import labelled as labelled
-from ._root import current_depth as current_depth
-from ._root import current_root as current_root
-from ._root import validate_root as validate_root
-from ._runtime import configure as configure
-from ._scope import CancelResult as CancelResult
-from ._scope import CancelScope as CancelScope
-from ._scope import cancel as cancel
-from ._scope import cancel_current as cancel_current
-from ._scope import check as check
-from ._scope import is_cancelled as is_cancelled
-from ._scope import scope as scope
-from ._settings import Settings as Settings
-from .exceptions import Cancelled as Cancelled
-from .exceptions import OtelCancelError as OtelCancelError
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._cancel_many import BulkCancelResult as BulkCancelResult
+    from ._cancel_many import cancel_many as cancel_many
+    from ._deadline import deadline as deadline
+    from ._deadline import time_left as time_left
+    from ._labels import current_labels as current_labels
+    from ._labels import labelled as labelled
+    from ._root import current_depth as current_depth
+    from ._root import current_root as current_root
+    from ._root_id import validate_root as validate_root
+    from ._runtime import configure as configure
+    from ._scope import CancelResult as CancelResult
+    from ._scope import CancelScope as CancelScope
+    from ._scope import cancel as cancel
+    from ._scope import cancel_current as cancel_current
+    from ._scope import check as check
+    from ._scope import is_cancelled as is_cancelled
+    from ._scope import scope as scope
+    from ._settings import Settings as Settings
+    from .exceptions import Cancelled as Cancelled
+    from .exceptions import OtelCancelError as OtelCancelError
+
+# Public names are loaded on first use (PEP 562): a process that imports one corner of
+# the package, such as the ``otel-cancel cancel`` command, does not pay for the rest
+# (the runtime, asyncio, OpenTelemetry, the gRPC etcd client).
+_PUBLIC = {
+    "BulkCancelResult": "._cancel_many",
+    "CancelResult": "._scope",
+    "CancelScope": "._scope",
+    "Cancelled": ".exceptions",
+    "OtelCancelError": ".exceptions",
+    "Settings": "._settings",
+    "cancel": "._scope",
+    "cancel_current": "._scope",
+    "cancel_many": "._cancel_many",
+    "check": "._scope",
+    "configure": "._runtime",
+    "current_depth": "._root",
+    "current_labels": "._labels",
+    "current_root": "._root",
+    "deadline": "._deadline",
+    "is_cancelled": "._scope",
+    "labelled": "._labels",
+    "scope": "._scope",
+    "time_left": "._deadline",
+    "validate_root": "._root_id",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'otel_cancel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
+
 
 __version__ = "0.1.0"
 

@@ -20,20 +20,20 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import telemetry
 from ._bulk import BulkCancel
-from ._cancel_many import BulkCancelResult, cancel_many_in_store
 from ._labels import validate_label
-from ._live import LiveRecord
 from ._request import CancelRequest, Receipt
-from ._root import validate_root
-from ._scope import parent_in_root_trace
-from ._settings import Settings
+from ._root_id import validate_root
 from .exceptions import InvalidLabelError, InvalidRootError, StoreError
-from .store import CancelStore, FlagEvent
 from .store._keys import bulk_id_of_flag_key
+
+if TYPE_CHECKING:  # the CLI imports this module for every command: what only cancel runs is imported there
+    from ._cancel_many import BulkCancelResult
+    from ._live import LiveRecord
+    from ._settings import Settings
+    from .store import CancelStore, FlagEvent
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -243,6 +243,10 @@ async def cancel_command(store: CancelStore, settings: Settings, args: argparse.
         return _usage_error("give the ROOT(s) to cancel, or --all with --service/--label")
     if args.all_runs and args.service is None and not labels and not args.yes:
         return _usage_error("--all without --service or --label stops every running run; add --yes to confirm")
+    from . import telemetry
+    from ._cancel_many import cancel_many_in_store
+    from ._scope import parent_in_root_trace
+
     requested_by = f"cli:{os.environ.get('USER', 'unknown')}@{socket.gethostname()}"
     spans = [telemetry.start_request_span(root, args.reason, parent_in_root_trace(root)) for root in args.roots]
     try:

@@ -77,7 +77,8 @@ def establish_root(
 
 def _adopt(context: Context, headers: list[tuple[bytes, bytes]], signing_key: bytes | None) -> IncomingRoot | None:
     raw = b",".join(_header_values(headers, b"baggage"))
-    incoming = baggage.get_baggage(attributes.BAGGAGE_ROOT, context)
+    entries = baggage.get_all(context)  # one read of the baggage, then dict lookups
+    incoming = entries.get(attributes.BAGGAGE_ROOT)
     if len(raw) > MAX_BAGGAGE_BYTES:
         telemetry.baggage_rejected("oversized")
         _log.warning("oversized", "otel-cancel: incoming baggage of %d bytes is over the limit; new root", len(raw))
@@ -92,13 +93,11 @@ def _adopt(context: Context, headers: list[tuple[bytes, bytes]], signing_key: by
         _log.warning("invalid_root", "otel-cancel: incoming root %.40r is not valid; new root", incoming)
         return None
     assert isinstance(incoming, str)
-    if signing_key is not None and not verify_root(
-        signing_key, incoming, baggage.get_baggage(attributes.BAGGAGE_SIGNATURE, context)
-    ):
+    if signing_key is not None and not verify_root(signing_key, incoming, entries.get(attributes.BAGGAGE_SIGNATURE)):
         telemetry.baggage_rejected("bad_signature")
         _log.warning("bad_signature", "otel-cancel: incoming root %s is unsigned or badly signed", incoming)
         return None
-    depth_value = baggage.get_baggage(attributes.BAGGAGE_DEPTH, context)
+    depth_value = entries.get(attributes.BAGGAGE_DEPTH)
     incoming_depth = parse_depth(depth_value) if depth_value is not None else 0
     if incoming_depth is None:
         telemetry.baggage_rejected("invalid_depth")

@@ -23,7 +23,7 @@ from opentelemetry.context import Context, get_current
 
 from . import attributes
 from ._logging import RateLimitedLogger
-from ._root import parse_started
+from ._root import is_valid_root, parse_depth, parse_started
 from .exceptions import InvalidLabelError
 
 MAX_LABELS = 16
@@ -136,7 +136,22 @@ def run_facts(context: Context | None = None) -> tuple[int | None, Mapping[str, 
     What every scope entry records for live work; kept cheap (one baggage read, the
     labels decoded once per distinct value and shared, read-only).
     """
+    return _facts_of(baggage.get_all(context))
+
+
+def scope_facts(context: Context | None = None) -> tuple[str | None, int, int | None, Mapping[str, str]]:
+    """The root (``None`` when absent or malformed), depth, run start and labels of ``context``.
+
+    One read of the baggage for everything a scope entry needs (the hot path of every hop).
+    """
     entries = baggage.get_all(context)
+    root = entries.get(attributes.BAGGAGE_ROOT)
+    depth = parse_depth(entries.get(attributes.BAGGAGE_DEPTH)) or 0
+    started, labels = _facts_of(entries)
+    return (root if isinstance(root, str) and is_valid_root(root) else None), depth, started, labels
+
+
+def _facts_of(entries: Mapping[str, object]) -> tuple[int | None, Mapping[str, str]]:
     started = parse_started(entries.get(attributes.BAGGAGE_STARTED))
     raw = entries.get(attributes.BAGGAGE_LABELS)
     if not isinstance(raw, str) or not raw:

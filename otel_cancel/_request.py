@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any
 
-from ._root import validate_root
+from ._root_id import validate_root
 
 MAX_VALUE_BYTES = 64 * 1024
 """Values larger than this under the prefix are not ours and are ignored."""

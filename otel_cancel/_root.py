@@ -8,49 +8,17 @@ stored, so keys built from a root cannot leave the store's prefix.
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
+from collections.abc import Mapping
 
 from opentelemetry import baggage, trace
 from opentelemetry.context import Context, get_current
 
 from . import attributes
-from .exceptions import InvalidRootError
-
-_ROOT_PATTERN = re.compile(r"[0-9a-f]{32}")
-_ALL_ZEROS = "0" * 32
-MAX_DEPTH = 1_000
-"""Depths above this are treated as malformed input."""
-
-
-def validate_root(value: object) -> str:
-    """Return ``value`` if it is a valid root id, else raise.
-
-    Args:
-        value: the candidate root.
-
-    Returns:
-        The root, unchanged.
-
-    Raises:
-        InvalidRootError: ``value`` is not 32 lowercase hex digits, or is all zeros.
-    """
-    if not isinstance(value, str) or not _ROOT_PATTERN.fullmatch(value):
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        raise InvalidRootError(f"a root is 32 lowercase hex digits, got {shown}")
-    if value == _ALL_ZEROS:
-        raise InvalidRootError("a root cannot be all zeros (that is the invalid trace id)")
-    return value
-
-
-def is_valid_root(value: object) -> bool:
-    """Whether ``value`` is a valid root id."""
-    try:
-        validate_root(value)
-    except InvalidRootError:
-        return False
-    return True
+from ._root_id import MAX_DEPTH as MAX_DEPTH
+from ._root_id import is_valid_root as is_valid_root
+from ._root_id import random_root as random_root
+from ._root_id import validate_root as validate_root
 
 
 def new_root(context: Context | None = None) -> str:
@@ -63,14 +31,6 @@ def new_root(context: Context | None = None) -> str:
     if span_context.is_valid:
         return trace.format_trace_id(span_context.trace_id)
     return random_root()
-
-
-def random_root() -> str:
-    """A fresh random root id."""
-    while True:
-        root = secrets.token_hex(16)
-        if root != _ALL_ZEROS:
-            return root
 
 
 def current_root(context: Context | None = None) -> str | None:
@@ -86,6 +46,15 @@ def current_depth(context: Context | None = None) -> int:
     """Hops from the root in ``context``; 0 when absent or malformed."""
     value = baggage.get_baggage(attributes.BAGGAGE_DEPTH, context)
     return parse_depth(value) or 0
+
+
+def root_and_depth(context: Context | None = None) -> tuple[str | None, int]:
+    """:func:`current_root` and :func:`current_depth` of ``context``, from one read of its baggage."""
+    entries = baggage.get_all(context)
+    root = entries.get(attributes.BAGGAGE_ROOT)
+    return (root if isinstance(root, str) and is_valid_root(root) else None), parse_depth(
+        entries.get(attributes.BAGGAGE_DEPTH)
+    ) or 0
 
 
 def parse_depth(value: object) -> int | None:
@@ -135,7 +104,19 @@ def with_root(
     if not 0 <= depth <= MAX_DEPTH:
         raise ValueError(f"depth must be between 0 and {MAX_DEPTH}, got {depth}")
     context = context if context is not None else get_current()
-    entries = dict(baggage.get_all(context))
+    entries = baggage.get_all(context)
+    if _updatable_in_place(entries, root, extra) and parse_started(entries.get(attributes.BAGGAGE_STARTED)) is not None:
+        # A hop that adopts its caller's root: the root already leads the baggage (with
+        # the run's start, labels kept as they are), and setting an existing entry keeps
+        # its place, so only what changed is set (a new context per entry is what makes
+        # the general path below cost).
+        depth_value = str(depth)
+        if entries[attributes.BAGGAGE_DEPTH] != depth_value:
+            context = baggage.set_baggage(attributes.BAGGAGE_DEPTH, depth_value, context)
+        for extra_key, extra_value in (extra or {}).items():
+            if entries.get(extra_key) != extra_value:
+                context = baggage.set_baggage(extra_key, extra_value, context)
+        return context
     ours = {
         key: entries[key]
         for key in attributes.BAGGAGE_KEYS
@@ -153,6 +134,27 @@ def with_root(
     for key, value in ordered.items():
         context = baggage.set_baggage(key, value, context)
     return context
+
+
+def _updatable_in_place(entries: Mapping[str, object], root: str, extra: dict[str, str] | None) -> bool:
+    """Whether ``entries`` already start with ``root`` and its depth, every ``otel_cancel.*`` entry before the rest.
+
+    Then updating values in place keeps the order :func:`with_root` promises.
+    """
+    keys = iter(entries)
+    if next(keys, None) != attributes.BAGGAGE_ROOT or entries[attributes.BAGGAGE_ROOT] != root:
+        return False
+    if next(keys, None) != attributes.BAGGAGE_DEPTH:
+        return False
+    others_seen = False
+    for key in keys:
+        if key in attributes.BAGGAGE_KEYS:
+            if others_seen:
+                return False
+        else:
+            others_seen = True
+    # A new entry would go after the others: only in place when there are none or it exists.
+    return not (others_seen and extra and any(key not in entries for key in extra))
 
 
 def without_root(context: Context | None = None) -> Context:

@@ -54,6 +54,8 @@ class Runtime:
         self.receipts_written = 0
         self._receipt_written: dict[str, threading.Event] = {}
         self._receipt_lock = threading.Lock()
+        self._pending_receipts: list[Receipt] = []
+        self._writing_receipts = False
         self._startup_wait_logged = False
         telemetry.observe_watch_connected(lambda: self.watcher.connected)
         telemetry.observe_live_roots(self.registry.live_roots)
@@ -142,30 +144,59 @@ class Runtime:
             tasks=report.tasks,
             reason=report.request.reason,
         )
-        self.watcher.submit(self._write_receipt(receipt))
+        # Receipts due while others are being written wait for that write and then go
+        # together: one hand-over to the IO loop and, under a storm, one etcd call for many.
+        with self._receipt_lock:
+            self._pending_receipts.append(receipt)
+            if self._writing_receipts:
+                return
+            self._writing_receipts = True
+        self.watcher.submit(self._write_pending_receipts())
 
-    async def _write_receipt(self, receipt: Receipt) -> None:
+    async def _write_pending_receipts(self) -> None:
+        finished = False
+        try:
+            while True:
+                with self._receipt_lock:
+                    batch, self._pending_receipts = self._pending_receipts, []
+                    if not batch:
+                        # Under the lock: a receipt added after this starts a new writer.
+                        self._writing_receipts = False
+                        finished = True
+                        return
+                try:
+                    await self._write_receipts(batch)
+                except Exception:  # a bug, not the store: say so, and keep writing the next ones
+                    _log.exception("otel-cancel: failed to write %d receipt(s)", len(batch))
+        finally:
+            if not finished:  # stopped (the watcher shut down): the next receipt starts a writer
+                with self._receipt_lock:
+                    self._writing_receipts = False
+
+    async def _write_receipts(self, receipts: list[Receipt]) -> None:
         store = await self.watcher.store()
         # Retry through an outage (capped backoff) until the flag itself would have expired;
         # a refusal (permissions) will not change, so give up on it at once.
         give_up_at = time.monotonic() + self.settings.ttl_seconds
         backoff = 0.1
+        roots = ", ".join(r.root for r in receipts[:3]) + (" ..." if len(receipts) > 3 else "")
         while True:
             try:
-                await store.put_receipt(receipt, self.settings.ttl_seconds)
+                await store.put_receipts(receipts, self.settings.ttl_seconds)
                 break
             except StoreUnavailableError as error:
                 if time.monotonic() + backoff > give_up_at:
-                    _log.warning("otel-cancel: gave up writing the receipt for %s: %s", receipt.root, error)
+                    _log.warning("otel-cancel: gave up writing the receipt for %s: %s", roots, error)
                     return
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             except StoreError as error:
-                _log.warning("otel-cancel: could not write the receipt for %s: %s", receipt.root, error)
+                _log.warning("otel-cancel: could not write the receipt for %s: %s", roots, error)
                 return
-        self.receipts_written += 1
-        telemetry.receipt_written()
-        self._receipt_event(receipt.root).set()
+        for receipt in receipts:
+            self.receipts_written += 1
+            telemetry.receipt_written()
+            self._receipt_event(receipt.root).set()
 
     def _receipt_event(self, root: str) -> threading.Event:
         with self._receipt_lock:

@@ -25,10 +25,10 @@ from opentelemetry import trace
 
 from . import attributes, telemetry
 from ._deadline import DEADLINE_REASON, current_deadline, now_ms
-from ._labels import run_facts, validate_labels, with_labels
+from ._labels import run_facts, scope_facts, validate_labels, with_labels
 from ._registry import Holder
 from ._request import CancelRequest
-from ._root import current_depth, current_root, new_root, validate_root, with_root
+from ._root import current_root, new_root, validate_root, with_root
 from ._runtime import Runtime, get_runtime
 from ._signing import sign_root
 from .exceptions import Cancelled, StoreError
@@ -100,21 +100,24 @@ class CancelScope:
         self._entered = True
         self._runtime = runtime
         current = otel_context.get_current()
-        context_root = current_root(current)
+        # One read of the baggage for the root, the depth, the run's start and its labels
+        # (entering a scope is the hot path).
+        context_root, depth, run_started_ms, labels = scope_facts(current)
         # A scope with no root starts the run here: this process is the run's root.
         root = self._explicit_root or context_root or new_root(current)
         context = current
         if root != context_root:
             key = runtime.settings.signing_key
             extra = {attributes.BAGGAGE_SIGNATURE: sign_root(key, root)} if key else None
-            context = with_root(root, current_depth(current), current, extra=extra)
+            context = with_root(root, depth, current, extra=extra)
         if self._labels:
             context = with_labels(self._labels, context)
         if context is not current:
             self._token = otel_context.attach(context)
+            # Only a run started here or a labelled scope changes the baggage: read it again then.
+            run_started_ms, labels = run_facts(context)
         self.root = root
-        self.depth = current_depth(context)
-        run_started_ms, labels = run_facts(context)
+        self.depth = depth
         holder, request = runtime.registry.enter(
             root, self.depth, self.name, task_mode=task_mode, run_started_ms=run_started_ms, labels=labels
         )

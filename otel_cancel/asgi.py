@@ -17,13 +17,15 @@ Per request it:
 2. establishes the root (see :mod:`otel_cancel._incoming`: a new root at an edge,
    the caller's on a trusted internal service), rewrites the ``baggage`` header
    the inner app sees, and adds ``otel-cancel-root`` to the response;
-3. runs the app in a child task inside a scope. When the root is cancelled:
-   before the response starts the client gets ``409`` with
+3. runs the app in the server's own task (no task of its own: that would cost
+   every request), inside a scope. When the root is cancelled: before the
+   response starts the client gets ``409`` with
    ``{"error": "cancelled", "root", "reason"}``; mid-stream, a
    ``text/event-stream`` ends with a final ``otel-cancel`` event carrying that
-   body and any other stream ends (truncated). The child task absorbs the
-   cancellation, so the server never sees a bare ``CancelledError`` and logs no
-   traceback; the app's outgoing httpx calls are cancelled with it;
+   body and any other stream ends (truncated). The scope turns the cancellation
+   into :class:`~otel_cancel.Cancelled`, which ends the response here, so the
+   server never sees a bare ``CancelledError`` and logs no traceback; the app's
+   outgoing httpx calls are cancelled with it;
 4. enforces the run's deadline (``otel_cancel.deadline`` in baggage, narrowed by
    the ``otel-cancel-timeout`` request header and ``deadline_seconds``): a hop that
    arrives after it gets ``504`` and runs no handler; one that runs past it is
@@ -32,7 +34,10 @@ Per request it:
 5. at an edge, when the client goes away from an unfinished response
    (``http.disconnect`` from ``receive`` or an ``OSError`` from ``send``), cancels
    the root, so the whole chain stops (``on_disconnect="continue"`` lets work
-   outlive its caller). An internal service just stops its own work.
+   outlive its caller). An internal service just stops its own work. Once a
+   stream is under way, someone must wait in ``receive()`` to hear a client leave
+   while nothing is sent: the app itself if it does (Starlette's streaming
+   responses do), else a listener task of the middleware.
 """
 
 from __future__ import annotations
@@ -43,11 +48,10 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
+from urllib.parse import quote_plus, unquote_plus
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.propagators.textmap import Getter
 
 from . import attributes, telemetry
 from ._deadline import DEADLINE_REASON, MAX_AHEAD_SECONDS, now_ms, parse_timeout, validate_deadline
@@ -56,7 +60,7 @@ from ._labels import usable_labels, validate_label, with_labels
 from ._logging import RateLimitedLogger
 from ._root import with_root
 from ._runtime import get_runtime
-from ._scope import cancel, scope
+from ._scope import CancelScope, cancel
 from ._upstream_logs import limit_client_input_logs
 from .exceptions import Cancelled, ConfigurationError
 
@@ -71,7 +75,6 @@ _bad_input_log = RateLimitedLogger(_log)
 _APPLIED = "otel_cancel.applied"
 _DISCONNECT_REASON = "client disconnected"
 _ON_DISCONNECT = ("cancel", "continue")
-_baggage_propagator = W3CBaggagePropagator()
 _propagator_warning_given = False
 
 
@@ -104,19 +107,40 @@ def _on_start_serving() -> None:
     run_start_hooks()
 
 
-class _Getter(Getter[Scope]):
-    """Reads ASGI headers for ``propagate.extract`` when OpenTelemetry's ASGI middleware is absent."""
+class _RequestHeaders:
+    """What the middleware needs from the request headers, read in one pass."""
 
-    def get(self, carrier: Scope, key: str) -> list[str] | None:
-        name = key.lower().encode("latin-1")
-        values = [v.decode("latin-1") for k, v in carrier.get("headers", []) if k.lower() == name]
-        return values or None
+    __slots__ = ("carrier", "has_body", "timeouts")
 
-    def keys(self, carrier: Scope) -> list[str]:
-        return [k.decode("latin-1") for k, _ in carrier.get("headers", [])]
+    def __init__(self, headers: Any, propagation_fields: frozenset[bytes]) -> None:
+        self.carrier: dict[str, list[str]] = {}
+        """The headers the propagators read (name -> values), for ``propagate.extract``."""
+        self.timeouts: list[bytes] = []
+        self.has_body = False
+        for key, value in headers:
+            name = key.lower()
+            if name in propagation_fields:
+                self.carrier.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
+            elif name == _TIMEOUT_HEADER:
+                self.timeouts.append(value)
+            elif name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+                self.has_body = True
 
 
-_getter = _Getter()
+_TIMEOUT_HEADER = attributes.HEADER_TIMEOUT.encode()
+_ROOT_HEADER = attributes.HEADER_ROOT.encode()
+_propagation_fields: tuple[object, frozenset[bytes]] = (None, frozenset())
+
+
+def _fields_of(textmap: object) -> frozenset[bytes]:
+    """The header names the global propagator reads, lowercased bytes (cached per propagator)."""
+    global _propagation_fields
+    cached_for, fields = _propagation_fields
+    if cached_for is not textmap:
+        names = getattr(textmap, "fields", ())
+        fields = frozenset(name.lower().encode("latin-1") for name in names) | {b"baggage"}
+        _propagation_fields = (textmap, fields)
+    return fields
 
 
 class CancelMiddleware:
@@ -174,23 +198,28 @@ class CancelMiddleware:
             _on_start_serving()
             await self.app(scope, receive, send)
             return
-        if scope["type"] != "http" or scope.get(_APPLIED):
+        if scope["type"] != "http" or _APPLIED in scope:
             await self.app(scope, receive, send)
             return
         runtime = get_runtime()
         settings = runtime.settings
         trusted = settings.trust_incoming if self._trust_incoming is None else self._trust_incoming
-        on_disconnect = self._on_disconnect or settings.on_disconnect
-        _on_start_serving()
-        await runtime.ensure_listed()
+        if not _started_serving:
+            _on_start_serving()
+        if not runtime.watcher.listed.is_set():
+            await runtime.ensure_listed()
 
+        raw_headers = scope.get("headers", [])
+        textmap = propagate.get_global_textmap()
+        headers = _RequestHeaders(raw_headers, _fields_of(textmap))
         current = otel_context.get_current()
-        if not trace.get_current_span(current).get_span_context().is_valid:
-            # No OpenTelemetry ASGI middleware in front: extract the context ourselves.
-            current = propagate.extract(scope, getter=_getter)
-        incoming = establish_root(current, scope.get("headers", []), trusted=trusted, signing_key=settings.signing_key)
-        context, deadline_ms = self._narrow_deadline(incoming.context, incoming.root, incoming.depth, scope)
-        context = self._labelled(context, scope, settings.label_headers)
+        if headers.carrier and not trace.get_current_span(current).get_span_context().is_valid:
+            # No OpenTelemetry ASGI middleware in front (it would have extracted the
+            # context already): extract it ourselves, once.
+            current = textmap.extract(headers.carrier)
+        incoming = establish_root(current, raw_headers, trusted=trusted, signing_key=settings.signing_key)
+        context, deadline_ms = self._narrow_deadline(incoming.context, incoming.root, incoming.depth, headers)
+        context = self._labelled(context, raw_headers, settings.label_headers)
         if self._run_in_scope and deadline_ms is not None and deadline_ms <= now_ms():
             # The budget ran out before this hop: do no work.
             telemetry.late_arrival(incoming.root, DEADLINE_REASON, attributes.KIND_DEADLINE, context)
@@ -198,41 +227,42 @@ class CancelMiddleware:
             return
         inner_scope = dict(scope)
         inner_scope[_APPLIED] = True
-        inner_scope["headers"] = _rewrite_baggage(scope.get("headers", []), context)
+        inner_scope["headers"] = _rewrite_baggage(raw_headers, headers.carrier.get("baggage"), context)
+        request = _CancellableRequest(
+            inner_scope,
+            receive,
+            send,
+            incoming.root,
+            edge=not trusted,
+            on_disconnect=self._on_disconnect or settings.on_disconnect,
+            deadline_ms=deadline_ms,
+            body_received=not headers.has_body,
+        )
         token = otel_context.attach(context)
         try:
-            request = _CancellableRequest(
-                self.app,
-                inner_scope,
-                receive,
-                send,
-                incoming.root,
-                edge=not trusted,
-                on_disconnect=on_disconnect,
-                deadline_ms=deadline_ms,
-                run_in_scope=self._run_in_scope,
-            )
-            await request.run()
+            await request.run(self.app, self._run_in_scope)
         finally:
+            request.stop_listening()
             otel_context.detach(token)
 
     def _narrow_deadline(
-        self, context: otel_context.Context, root: str, depth: int, scope: Scope
+        self, context: otel_context.Context, root: str, depth: int, headers: _RequestHeaders
     ) -> tuple[otel_context.Context, int | None]:
         """The request's deadline: the incoming one, narrowed by the header and this hop's budget."""
         raw = baggage.get_baggage(attributes.BAGGAGE_DEADLINE, context)
+        if raw is None and not headers.timeouts and self._deadline_seconds is None:
+            return context, None  # the common case: no deadline anywhere
         deadline_ms = validate_deadline(raw)
         if raw is not None and deadline_ms is None:
             context = baggage.remove_baggage(attributes.BAGGAGE_DEADLINE, context)
         budgets = [self._deadline_seconds] if self._deadline_seconds else []
-        for key, value in scope.get("headers", []):
-            if key.lower() == attributes.HEADER_TIMEOUT.encode():
-                try:
-                    budgets.append(parse_timeout(value.decode("latin-1")))
-                except ValueError as error:
-                    _bad_input_log.warning(
-                        "timeout", "otel-cancel: ignoring the %s header: %s", attributes.HEADER_TIMEOUT, error
-                    )
+        for value in headers.timeouts:
+            try:
+                budgets.append(parse_timeout(value.decode("latin-1")))
+            except ValueError as error:
+                _bad_input_log.warning(
+                    "timeout", "otel-cancel: ignoring the %s header: %s", attributes.HEADER_TIMEOUT, error
+                )
         start = now_ms()
         for seconds in budgets:
             candidate = start + int(seconds * 1000)
@@ -242,7 +272,7 @@ class CancelMiddleware:
         return with_root(root, depth, context, extra={attributes.BAGGAGE_DEADLINE: str(deadline_ms)}), deadline_ms
 
     def _labelled(
-        self, context: otel_context.Context, scope: Scope, configured: tuple[tuple[str, str], ...]
+        self, context: otel_context.Context, raw_headers: Any, configured: tuple[tuple[str, str], ...]
     ) -> otel_context.Context:
         """``context`` with the labels this edge takes from request headers."""
         wanted = self._label_headers
@@ -251,7 +281,7 @@ class CancelMiddleware:
                 return context
             wanted = tuple((header.encode("latin-1"), label) for header, label in configured)
         found: dict[str, object] = {}
-        for key, value in scope.get("headers", []):
+        for key, value in raw_headers:
             name = key.lower()
             for header, label in wanted:
                 if name == header:
@@ -272,37 +302,60 @@ async def _send_json(send: Send, status: int, body: bytes, root: str) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                (attributes.HEADER_ROOT.encode(), root.encode()),
+                (_ROOT_HEADER, root.encode()),
             ],
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _rewrite_baggage(headers: Any, context: otel_context.Context) -> list[tuple[bytes, bytes]]:
-    """The headers with one ``baggage`` header that carries the established root."""
-    carrier: dict[str, str] = {}
-    _baggage_propagator.inject(carrier, context)
+def _baggage_entry(key: str, value: object) -> str:
+    text = str(value)
+    # Roots, depths, deadlines and signatures are hex or digits; anything else is quoted
+    # the way OpenTelemetry's propagator quotes it.
+    return f"{key}={text if text.isalnum() else quote_plus(text)}"
+
+
+def _rewrite_baggage(
+    headers: Any, incoming: list[str] | None, context: otel_context.Context
+) -> list[tuple[bytes, bytes]]:
+    """The headers with one ``baggage`` header that carries the established root.
+
+    The ``otel_cancel.*`` entries come from ``context`` and go first; every other entry
+    the incoming header carried and OpenTelemetry accepted into ``context`` follows as
+    it arrived (no decoding and encoding again).
+    """
+    entries = baggage.get_all(context)
+    parts = [_baggage_entry(key, entries[key]) for key in attributes.BAGGAGE_KEYS if key in entries]
+    if incoming:
+        for header in incoming:
+            for entry in header.split(","):
+                name = entry.split("=", 1)[0].split(";", 1)[0].strip()
+                if "%" in name or "+" in name:
+                    name = unquote_plus(name)
+                if name in entries and not name.startswith(_OUR_PREFIX):
+                    parts.append(entry.strip())
     rewritten = [(k, v) for k, v in headers if k.lower() != b"baggage"]
-    if "baggage" in carrier:
-        rewritten.append((b"baggage", carrier["baggage"].encode("latin-1")))
+    if parts:
+        rewritten.append((b"baggage", ",".join(parts).encode("latin-1")))
     return rewritten
 
 
-def _has_body(scope: Scope) -> bool:
-    for key, value in scope.get("headers", []):
-        name = key.lower()
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
-            return True
-    return False
+_OUR_PREFIX = "otel_cancel."
 
 
 class _CancellableRequest:
-    """The state of one request: response started or finished, stream kind, client gone."""
+    """One request: it runs in the server's own task, in a scope, and ends quietly when stopped.
+
+    There is no child task: the scope converts the cancel that stops the request into
+    :class:`~otel_cancel.Cancelled`, caught here, so the server never sees a bare
+    ``CancelledError``. A stop of our own that is not a flag (the caller left an
+    internal hop) is a tagged ``task.cancel()`` of this task, which :meth:`run`
+    recognises (``stopped_locally``) and swallows with ``Task.uncancel()``.
+    """
 
     def __init__(
         self,
-        app: ASGIApp,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -310,111 +363,136 @@ class _CancellableRequest:
         *,
         edge: bool,
         on_disconnect: str,
-        deadline_ms: int | None = None,
-        run_in_scope: bool = True,
+        deadline_ms: int | None,
+        body_received: bool,
     ) -> None:
-        self.deadline_ms = deadline_ms
-        self.run_in_scope = run_in_scope
-        self.app = app
         self.scope = scope
         self._receive = receive
         self._send = send
         self.root = root
         self.edge = edge
         self.on_disconnect = on_disconnect
+        self.deadline_ms = deadline_ms
+        self.body_received = body_received
         self.response_started = False
         self.response_complete = False
-        self.event_stream = False
         self.streaming = False
-        self.body_received = not _has_body(scope)
         self.client_gone = False
-        self._child: asyncio.Task[None] | None = None
+        self.stopped_locally = False
+        self._start_headers: list[tuple[bytes, bytes]] = []
+        self._receiving = 0
+        """How many of the app's receive() calls are waiting: while one is, the app hears the disconnect itself."""
+        self._task: asyncio.Task[Any] | None = None
+        self._listen_check: asyncio.Handle | None = None
         self._listener: asyncio.Task[None] | None = None
         self._disconnect_cancel: asyncio.Task[Any] | None = None
 
-    async def run(self) -> None:
-        self._child = asyncio.create_task(self._run_app(), name=f"otel-cancel request {self.root}")
+    async def run(self, app: ASGIApp, run_in_scope: bool) -> None:
+        self._task = asyncio.current_task()
         try:
-            await asyncio.wait({self._child})
-        except asyncio.CancelledError:
-            # The server cancelled us (shutdown): stop the app too, then propagate.
-            self._child.cancel()
-            await asyncio.gather(self._child, return_exceptions=True)
-            raise
-        finally:
-            if self._listener is not None:
-                self._listener.cancel()
-        if self._child.cancelled():
-            # Stopped locally because the caller left: nobody is listening any more.
-            await self._end_quietly(None)
-            return
-        error = self._child.exception()
-        if isinstance(error, Cancelled):
+            if run_in_scope:
+                async with CancelScope(name=f"{self.scope.get('method', 'HTTP')} {self.scope.get('path', '')}"):
+                    await app(self.scope, self.receive, self.send)
+            else:
+                await app(self.scope, self.receive, self.send)
+        except Cancelled as error:
             await self._end_quietly(error)
-            return
-        if error is not None:
-            raise error
+        except asyncio.CancelledError:
+            task = self._task
+            if not self.stopped_locally or task is None or task.uncancel() > 0:
+                raise  # the server cancelled us (shutdown), or someone besides us did too
+            # Stopped here because the caller left: nobody is listening any more.
+            await self._end_quietly(None)
 
-    async def _run_app(self) -> None:
-        if not self.run_in_scope:
-            await self.app(self.scope, self.receive, self.send)
-            return
-        name = f"{self.scope.get('method', 'HTTP')} {self.scope.get('path', '')}"
-        async with scope(name=name):
-            await self.app(self.scope, self.receive, self.send)
+    def stop_listening(self) -> None:
+        if self._listen_check is not None:
+            self._listen_check.cancel()
+        if self._listener is not None:
+            self._listener.cancel()
 
     # -- what the app sees --------------------------------------------------------------
 
     async def receive(self) -> Message:
-        message = await self._receive()
-        if message["type"] == "http.request" and not message.get("more_body", False):
-            self.body_received = True
-            self._listen_for_disconnect()
-        elif message["type"] == "http.disconnect":
+        self._receiving += 1
+        try:
+            message = await self._receive()
+        finally:
+            self._receiving -= 1
+        kind = message["type"]
+        if kind == "http.request":
+            if not message.get("more_body", False):
+                self.body_received = True
+                if self.streaming:
+                    self._listen_soon()
+        elif kind == "http.disconnect":
             self._client_left()
         return message
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
+        kind = message["type"]
+        if kind == "http.response.start":
             message = self._decorate_response_start(message)
             self.response_started = True
-        elif message["type"] == "http.response.body":
-            if message.get("more_body", False):
-                self.streaming = True
-            else:
+        elif kind == "http.response.body":
+            if not message.get("more_body", False):
                 self.response_complete = True
+            elif not self.streaming:
+                self.streaming = True
+                if self.body_received:
+                    self._listen_soon()
         try:
             await self._send(message)
         except OSError:
             self._client_left()
             raise
-        if self.streaming:
-            self._listen_for_disconnect()
 
     def _decorate_response_start(self, message: Message) -> Message:
-        headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != attributes.HEADER_ROOT.encode()]
-        headers.append((attributes.HEADER_ROOT.encode(), self.root.encode()))
-        for index, (key, value) in enumerate(headers):
+        headers: list[tuple[bytes, bytes]] = []
+        expose_index = -1
+        is_cors = False
+        for key, value in message.get("headers", ()):
             name = key.lower()
-            if name == b"content-type" and value.split(b";")[0].strip().lower() == b"text/event-stream":
-                self.event_stream = True
-            if name == b"access-control-expose-headers" and attributes.HEADER_ROOT.encode() not in value.lower():
-                headers[index] = (key, value + b", " + attributes.HEADER_ROOT.encode())
-        is_cors = any(k.lower() == b"access-control-allow-origin" for k, _ in headers)
-        if is_cors and not any(k.lower() == b"access-control-expose-headers" for k, _ in headers):
-            headers.append((b"access-control-expose-headers", attributes.HEADER_ROOT.encode()))
+            if name == _ROOT_HEADER:
+                continue
+            if name == b"access-control-expose-headers":
+                expose_index = len(headers)
+            elif name == b"access-control-allow-origin":
+                is_cors = True
+            headers.append((key, value))
+        if expose_index >= 0:
+            key, value = headers[expose_index]
+            if _ROOT_HEADER not in value.lower():
+                headers[expose_index] = (key, value + b", " + _ROOT_HEADER)
+        elif is_cors:
+            headers.append((b"access-control-expose-headers", _ROOT_HEADER))
+        headers.append((_ROOT_HEADER, self.root.encode()))
+        self._start_headers = headers
         return {**message, "headers": headers}
+
+    def _is_event_stream(self) -> bool:
+        # Asked only when a stream must end early, not for every response.
+        for key, value in self._start_headers:
+            if key.lower() == b"content-type" and value.split(b";")[0].strip().lower() == b"text/event-stream":
+                return True
+        return False
 
     # -- the client going away ------------------------------------------------------------
 
-    def _listen_for_disconnect(self) -> None:
+    def _listen_soon(self) -> None:
         # Once a streaming response is under way and the request body is consumed, the
-        # next message from the server can only be http.disconnect: wait for it, so a
-        # client that leaves is noticed even while the app is not sending. Only for
-        # streams: a one-shot response ends at once, and every receive() under
-        # OpenTelemetry's ASGI middleware costs a span.
-        if self._listener is None and self.streaming and self.body_received and not self.response_complete:
-            self._listener = asyncio.get_running_loop().create_task(self._await_disconnect())
+        # next message from the server can only be http.disconnect, and someone must
+        # wait for it so that a client who leaves is noticed even while nothing is
+        # sent. Decided one loop turn later: an app that listens itself (Starlette's
+        # StreamingResponse starts its listener next to its sender) is then waiting in
+        # receive(), and a second listener would only cost (under OpenTelemetry's ASGI
+        # middleware, two spans per stream). One-shot responses never get one.
+        if self._listen_check is None and self._listener is None:
+            self._listen_check = asyncio.get_running_loop().call_soon(self._listen_unless_the_app_does)
+
+    def _listen_unless_the_app_does(self) -> None:
+        if self._receiving or self.response_complete or self.client_gone or self._listener is not None:
+            return
+        self._listener = asyncio.get_running_loop().create_task(self._await_disconnect())
 
     async def _await_disconnect(self) -> None:
         with contextlib.suppress(OSError):
@@ -433,17 +511,22 @@ class _CancellableRequest:
         if self.edge:
             # The user left: stop the whole chain, in every service, through the flag.
             self._disconnect_cancel = asyncio.get_running_loop().create_task(self._cancel_root())
-        elif self._child is not None and not self._child.done():
+        else:
             # The calling service left; its own scope stops it anyway. Stop ours now.
-            self._child.cancel(f"otel_cancel: root={self.root}; reason={_DISCONNECT_REASON}")
+            self._stop_locally()
+
+    def _stop_locally(self) -> None:
+        task = self._task
+        if task is not None and not task.done() and not self.stopped_locally:
+            self.stopped_locally = True
+            task.cancel(f"otel_cancel: root={self.root}; reason={_DISCONNECT_REASON}")
 
     async def _cancel_root(self) -> None:
         try:
             await cancel(self.root, reason=_DISCONNECT_REASON)
         except Exception as error:  # the flag failed: at least stop the work here
             _log.warning("otel-cancel: could not cancel %s after the client left: %s", self.root, error)
-            if self._child is not None and not self._child.done():
-                self._child.cancel(f"otel_cancel: root={self.root}; reason={_DISCONNECT_REASON}")
+            self._stop_locally()
 
     # -- ending a cancelled response ------------------------------------------------------
 
@@ -461,7 +544,7 @@ class _CancellableRequest:
                 await _send_json(self._send, status, body, self.root)
             elif not self.response_complete:
                 final = b""
-                if self.event_stream:
+                if self._is_event_stream():
                     final = b"event: " + attributes.SSE_EVENT_CANCELLED.encode() + b"\ndata: " + body + b"\n\n"
                 await self._send({"type": "http.response.body", "body": final, "more_body": False})
             self.response_complete = True

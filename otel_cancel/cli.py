@@ -28,16 +28,21 @@ import os
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+# Imports here are the ones every command needs. The rest is imported by the command
+# that uses it (the IO loop, the store and OpenTelemetry by the commands that talk to
+# etcd; the demo and doctor by themselves).
 from . import _cli_fleet
 from ._cli_langgraph import UnknownLangGraphIdError, add_langgraph_id_options, check_one_target, resolve_root
-from ._io_loop import io_loop
 from ._request import CancelRequest, Receipt
-from ._root import validate_root
+from ._root_id import validate_root
 from ._settings import Settings
 from .exceptions import ConfigurationError, InvalidRootError, StoreError
-from .store import CancelStore
+
+if TYPE_CHECKING:
+    from ._request import CancelRequest, Receipt
+    from .store import CancelStore
 
 EXIT_OK = 0
 EXIT_STORE = 1
@@ -280,6 +285,8 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
     "Event loop is closed". It matters when ``main()`` runs inside a program (or a
     test); every other etcd call otel-cancel makes runs on the IO loop already.
     """
+    from ._io_loop import io_loop
+
     future = io_loop().submit(command)
     try:
         return future.result()

@@ -153,6 +153,19 @@ async def test_receipts_round_trip_per_process(store):
 
 
 @on_io_loop
+async def test_receipts_written_together_land_like_receipts_written_one_by_one(store):
+    """put_receipts writes every receipt of the batch, for flags the store has seen and for flags it has not."""
+    seen_roots = [random_root() for _ in range(3)]
+    for root in seen_roots:
+        await store.create_flag(_request(root), 60)
+    unflagged = random_root()  # no flag at all: its receipt still lands, on a lease of its own
+    batch = [Receipt(root, "svc", "i", 1, 10, 20, 5) for root in [*seen_roots, unflagged]]
+    await store.put_receipts(batch, 60)
+    for root in [*seen_roots, unflagged]:
+        assert [r.root for r in await store.list_receipts(root)] == [root]
+
+
+@on_io_loop
 async def test_keys_are_built_only_from_valid_roots(store):
     """A root that could escape the prefix is refused before any key is built."""
     for bad in ("../../etc", "A" * 32, "0" * 32, "g" * 32, ""):

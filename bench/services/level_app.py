@@ -67,7 +67,7 @@ _client: httpx.AsyncClient | None = None
 if os.environ.get("BENCH_DISCONNECT_LISTENER") == "off":
     from otel_cancel import asgi as _otel_cancel_asgi
 
-    _otel_cancel_asgi._CancellableRequest._listen_for_disconnect = lambda self: None
+    _otel_cancel_asgi._CancellableRequest._listen_soon = lambda self: None
 
 
 def client() -> httpx.AsyncClient:

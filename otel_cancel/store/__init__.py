@@ -17,14 +17,13 @@ Layout (etcd keys, ``prefix`` defaults to ``/otel-cancel/``)::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
-from .._request import CancelRequest, Receipt, TaskRecord
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # at run time only annotations name them: importing the store stays light
     from .._bulk import BulkCancel
     from .._live import LiveRecord
+    from .._request import CancelRequest, Receipt, TaskRecord
 
 DEFAULT_PREFIX = "/otel-cancel/"
 DEFAULT_TTL_SECONDS = 3600
@@ -131,6 +130,14 @@ class CancelStore(Protocol):
 
     async def put_receipt(self, receipt: Receipt, ttl_seconds: int) -> None:
         """Write ``receipt`` under the flag's lease (or a new one if the flag is gone)."""
+        ...
+
+    async def put_receipts(self, receipts: Sequence[Receipt], ttl_seconds: int) -> None:
+        """Write several receipts as :meth:`put_receipt` would, in as few calls as the store allows.
+
+        A process stopping work for many roots at once (a storm of cancels) writes the
+        receipts that are due together.
+        """
         ...
 
     async def list_receipts(self, root: str) -> list[Receipt]:

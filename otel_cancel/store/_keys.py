@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .._root import is_valid_root, validate_root
+from .._root_id import is_valid_root, validate_root
 from ..exceptions import ConfigurationError, InvalidTaskIdError
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._:@-]{1,128}")

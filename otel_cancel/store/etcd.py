@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -50,6 +51,7 @@ from ._keys import (
     live_key,
     live_prefix,
     receipt_key,
+    root_of_flag_key,
     task_key,
     validate_prefix,
 )
@@ -58,6 +60,10 @@ from ._tls import read_credentials
 _log = logging.getLogger("otel_cancel.store")
 
 DEFAULT_TIMEOUT_SECONDS = 2.0
+_MAX_TXN_OPS = 128
+"""etcd's default ``--max-txn-ops``: receipts written together go in transactions of at most this many puts."""
+_FLAG_LEASES_REMEMBERED = 4096
+"""How many flags' lease ids a store remembers, newest first, to put receipts on them."""
 
 # etcd's gRPC metadata asking a member to refuse the call (and end a watch) when it
 # has no leader (rpctypes.MetadataRequireLeaderKey / MetadataHasLeader). Without it a
@@ -180,6 +186,11 @@ class _EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         async with self._auth_lock:
             if self.metadata == rejected:
                 await self._authenticate()
+
+
+def _is_lease_not_found(error: Exception) -> bool:
+    """Whether etcd refused a put because its lease no longer exists."""
+    return "lease not found" in str(error)
 
 
 def _is_permission_denied(error: Exception) -> bool:
@@ -307,9 +318,14 @@ class EtcdCancelStore:
         self._client: _EtcdClient | None = None
         self._endpoint_index = 0
         self._receipts_on_own_lease = False
+        # The lease of every flag this store listed, saw in the watch or wrote, by root:
+        # a receipt joins its flag's lease with one put, instead of reading the flag first.
+        self._flag_leases: OrderedDict[str, int] = OrderedDict()
         self.calls = 0
-        """How many etcd calls this store has made (benchmarks check the request path makes none),
-        live-work publishing aside (see :attr:`live_calls`)."""
+        """How many store operations this store has run (benchmarks check the request path makes
+        none), live-work publishing aside (see :attr:`live_calls`). Each is one etcd call, except
+        a receipt whose flag's lease is not known here (two or three) and :meth:`create_flag`
+        (two: a lease, then the transaction)."""
         self.live_calls = 0
         """Calls made to publish this process's live work: bounded by time, not by requests."""
 
@@ -418,6 +434,7 @@ class EtcdCancelStore:
                 failure=[client.transactions.get(key)],
             )
             if created:
+                self._remember_flag_lease(request.root, lease.id)
                 return stamped, True
             await client.revoke_lease(lease.id)
             existing = responses[0][0][0] if responses and responses[0] else None
@@ -479,7 +496,12 @@ class EtcdCancelStore:
                 continue
             if revision == 0:
                 revision = int(response.header.revision)
+                # A listing is the store's whole view: forget leases of flags gone since.
+                self._flag_leases.clear()
             kvs = response.kvs
+            for kv in kvs:
+                # Keys-only ranges carry the lease too: receipts join it with one put.
+                self._note_flag_lease(kv.key, kv.lease)
             flags = tuple(
                 FlagEvent("put", kv.key.decode("utf-8", "replace"), kv.value if values else b"", kv.mod_revision)
                 for kv in kvs
@@ -498,38 +520,104 @@ class EtcdCancelStore:
         try:
             with _translated("watching cancel flags"):
                 async for event in watch:
-                    key = event.kv.key.decode("utf-8", "replace")
-                    yield FlagEvent(
-                        "put" if event.kind == "PUT" else "delete", key, event.kv.value, event.kv.mod_revision
-                    )
+                    kv = event.kv
+                    key = kv.key.decode("utf-8", "replace")
+                    is_put = event.kind == "PUT"
+                    self._note_flag_lease(kv.key, kv.lease if is_put else 0)
+                    yield FlagEvent("put" if is_put else "delete", key, kv.value, kv.mod_revision)
             raise StoreUnavailableError("the etcd watch stream ended")
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(watch.cancel(), self.timeout)
 
+    def _remember_flag_lease(self, root: str, lease_id: int) -> None:
+        leases = self._flag_leases
+        leases[root] = lease_id
+        leases.move_to_end(root)
+        if len(leases) > _FLAG_LEASES_REMEMBERED:
+            leases.popitem(last=False)
+
+    def _note_flag_lease(self, raw_key: bytes, lease_id: int) -> None:
+        """Remember (or, with ``lease_id`` 0: a delete, a flag with no lease, forget) a flag's lease."""
+        root = root_of_flag_key(self.prefix, raw_key.decode("utf-8", "replace"))
+        if root is None:
+            return
+        if lease_id:
+            self._remember_flag_lease(root, lease_id)
+        else:
+            self._flag_leases.pop(root, None)
+
     async def put_receipt(self, receipt: Receipt, ttl_seconds: int) -> None:
         flag = flag_key(self.prefix, receipt.root).encode()
         key = receipt_key(self.prefix, receipt.root, receipt.service, receipt.instance).encode()
+        value = receipt.to_json()
 
-        async def put(client: _EtcdClient) -> None:
-            found = await client.get(flag)
-            lease_id = found.lease if found is not None and found.lease else None
-            if lease_id is not None and not self._receipts_on_own_lease:
-                try:
-                    await client.put(key, receipt.to_json(), lease=lease_id)
-                    return
-                except aetcd.exceptions.ClientError as error:
-                    if not _is_permission_denied(error):
-                        raise
+        async def put_on_flag_lease(client: _EtcdClient, lease_id: int) -> bool:
+            """Put the receipt on the flag's lease: whether it worked (else the caller grants one)."""
+            try:
+                await client.put(key, value, lease=lease_id)
+                return True
+            except aetcd.exceptions.ClientError as error:
+                if _is_permission_denied(error):
                     # etcd lets a key join a lease only when the user may write every
                     # key already on it: a service whose role may not write flags (the
                     # README's least-privilege roles) cannot share the flag's lease.
                     # Its receipts get leases of their own, with the configured TTL.
                     self._receipts_on_own_lease = True
+                    return False
+                if _is_lease_not_found(error):
+                    return False  # the flag expired or was removed since
+                raise
+
+        async def put(client: _EtcdClient) -> None:
+            if not self._receipts_on_own_lease:
+                # The watch event (or listing) that brought the flag carried its lease:
+                # one call. Only a flag this store never saw costs a read first.
+                lease_id = self._flag_leases.get(receipt.root)
+                if lease_id is None:
+                    found = await client.get(flag)
+                    lease_id = found.lease if found is not None and found.lease else None
+                if lease_id is not None and await put_on_flag_lease(client, lease_id):
+                    return
             lease_id = (await client.lease(ttl_seconds)).id
-            await client.put(key, receipt.to_json(), lease=lease_id)
+            await client.put(key, value, lease=lease_id)
 
         await self._call("writing a receipt", put)
+
+    async def put_receipts(self, receipts: Sequence[Receipt], ttl_seconds: int) -> None:
+        # Receipts whose flags' leases are known go in one transaction, each put on its
+        # own flag's lease (etcd caps the operations of a transaction). Anything else,
+        # or a transaction that fails (a lease expired meanwhile, a role that may not
+        # join leases), goes one by one, where each case is handled.
+        batch = [(r, self._flag_leases.get(r.root)) for r in receipts]
+        alone = [r for r, lease in batch if lease is None or self._receipts_on_own_lease]
+        together: list[tuple[Receipt, int]] = [
+            (r, lease) for r, lease in batch if lease is not None and not self._receipts_on_own_lease
+        ]
+        if len(together) == 1:
+            alone.append(together.pop()[0])
+        for start in range(0, len(together), _MAX_TXN_OPS):
+            chunk = together[start : start + _MAX_TXN_OPS]
+
+            async def put_all(client: _EtcdClient, chunk: list[tuple[Receipt, int]] = chunk) -> None:
+                puts = [
+                    client.transactions.put(
+                        receipt_key(self.prefix, r.root, r.service, r.instance).encode(), r.to_json(), lease=lease
+                    )
+                    for r, lease in chunk
+                ]
+                await client.transaction(compare=[], success=puts, failure=[])
+
+            try:
+                await self._call("writing receipts", put_all)
+            except StorePermissionError:
+                alone.extend(r for r, _ in chunk)
+            except StoreError as error:
+                if "lease not found" not in str(error):
+                    raise
+                alone.extend(r for r, _ in chunk)
+        for receipt in alone:
+            await self.put_receipt(receipt, ttl_seconds)
 
     async def list_receipts(self, root: str) -> list[Receipt]:
         async def list_prefix(client: _EtcdClient) -> Any:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from .._bulk import BulkCancel
 from .._live import LiveRecord
@@ -160,6 +160,10 @@ class MemoryCancelStore:
             expires_at = flag.expires_at if flag else time.monotonic() + ttl_seconds
             self._data[key] = _Entry(receipt.to_json(), expires_at)
             self._next_revision_locked()
+
+    async def put_receipts(self, receipts: Sequence[Receipt], ttl_seconds: int) -> None:
+        for receipt in receipts:
+            await self.put_receipt(receipt, ttl_seconds)
 
     async def list_receipts(self, root: str) -> list[Receipt]:
         head = acks_prefix(self.prefix, root)

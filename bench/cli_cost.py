@@ -1,0 +1,135 @@
+"""What ``otel-cancel cancel`` costs a user at the terminal, against ``etcdctl put`` in the same run.
+
+    .venv/bin/python bench/cli_cost.py [--quick]
+
+Paired runs against one real etcd: ``etcdctl put`` of a key, then ``otel-cancel
+cancel`` of a fresh root (the console script, as a user runs it), wall time of each
+process from start to exit; the ratio of each pair, and its median. Also ``python -c
+pass`` (the interpreter's own start) and, in one extra run, the modules the command
+imported (``-X importtime``), to show that nothing it does not use is loaded.
+
+Writes ``bench/results/cli_cost.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PYTHON, base_parser, loadavg, say, summary, table, write_results
+
+from otel_cancel._root_id import random_root
+from otel_cancel.testing import EtcdServer, find_etcdctl_binary
+
+CONSOLE_SCRIPT = str(Path(PYTHON).parent / "otel-cancel")
+# What `cancel` does not use (it does use asyncio, gRPC, aetcd and OpenTelemetry's API: it
+# writes through the same store as the services and records its request span).
+HEAVY = (
+    "opentelemetry.sdk",
+    "opentelemetry.exporter",
+    "opentelemetry.instrumentation",
+    "otel_cancel.asgi",
+    "otel_cancel.a2a",
+    "otel_cancel.langgraph",
+    "otel_cancel.demo",
+    "otel_cancel.doctor",
+    "langgraph",
+    "a2a",
+    "httpx",
+    "starlette",
+    "uvicorn",
+)
+
+
+def _timed(command: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    return (time.perf_counter() - started) * 1000
+
+
+def imported_modules(env: dict[str, str]) -> dict[str, Any]:
+    """The modules one ``cancel`` imports, and the heavy ones among them."""
+    result = subprocess.run(
+        [PYTHON, "-X", "importtime", CONSOLE_SCRIPT, "cancel", random_root()],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    lines = [line.split("|") for line in result.stderr.splitlines() if line.count("|") == 2]
+    timed = [(int(cumulative), name) for _, cumulative, name in lines if cumulative.strip().isdigit()]
+    modules = [name.strip() for _, name in timed]
+    # Top-level imports (no indentation) add up to the whole import time.
+    total_us = sum(cumulative for cumulative, name in timed if not name.startswith("  "))
+    return {
+        "modules": len(modules),
+        "heavy": sorted({m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)}),
+        "import_ms": round(total_us / 1000, 1),
+    }
+
+
+def main() -> int:
+    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    started, load_before = time.time(), loadavg()
+    pairs = 10 if args.quick else 40
+    with EtcdServer() as etcd:
+        env = {
+            **os.environ,
+            "OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint,
+            "OTEL_CANCEL_PREFIX": "/otel-cancel-bench-cli/",
+        }
+        etcdctl = [find_etcdctl_binary(), "--endpoints", etcd.endpoint, "put"]
+        for _ in range(3):  # warm the page cache for both
+            _timed([*etcdctl, "/warm", "v"], env)
+            _timed([CONSOLE_SCRIPT, "cancel", random_root()], env)
+        rows = []
+        for index in range(pairs):
+            root = random_root()
+            put_ms = _timed([*etcdctl, f"/otel-cancel-bench-put/{root}", "v"], env)
+            cancel_ms = _timed([CONSOLE_SCRIPT, "cancel", root], env)
+            pass_ms = _timed([PYTHON, "-c", "pass"], env)
+            rows.append(
+                {"pair": index, "etcdctl_put_ms": put_ms, "otel_cancel_ms": cancel_ms, "python_pass_ms": pass_ms}
+            )
+        imports = imported_modules(env)
+    ratios = [r["otel_cancel_ms"] / r["etcdctl_put_ms"] for r in rows]
+    data = {
+        "quick": args.quick,
+        "pairs": pairs,
+        "etcdctl_put_ms": summary([r["etcdctl_put_ms"] for r in rows]),
+        "otel_cancel_ms": summary([r["otel_cancel_ms"] for r in rows]),
+        "python_pass_ms": summary([r["python_pass_ms"] for r in rows]),
+        "ratio": summary(ratios),
+        "ratio_median": round(statistics.median(ratios), 2),
+        "imports": imports,
+        "samples": [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
+    }
+    path = write_results("cli_cost", data, started, load_before)
+    say(
+        table(
+            [
+                {"command": name, **{k: data[key][k] for k in ("p50", "p90", "min", "max")}}
+                for name, key in (
+                    ("etcdctl put", "etcdctl_put_ms"),
+                    ("otel-cancel cancel", "otel_cancel_ms"),
+                    ("python -c pass", "python_pass_ms"),
+                )
+            ],
+            ["command", "p50", "p90", "min", "max"],
+        )
+    )
+    say(f"ratio otel-cancel / etcdctl, median of {pairs} pairs: {data['ratio_median']}")
+    say(f"imports: {imports}")
+    say(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Instructions per request, counted by callgrind: the per-hop cost without the machine's noise.
+
+    .venv/bin/python bench/request_instructions.py [--quick]
+
+Timing a request in process on a shared 2-core machine moves with everybody else's
+load; counting the instructions it executes does not. Each case (a bare ASGI app,
+``CancelMiddleware`` at an edge and at an internal hop, OpenTelemetry's ASGI
+middleware with the SDK tracer alone and around ``CancelMiddleware``; a JSON
+response and a 10-event stream) runs in its own ``python`` under
+``valgrind --tool=callgrind`` twice, with two request counts; the difference of
+the two totals divided by the difference of the counts is the instructions of one
+request (start-up, imports and warm-up cancel out). The added instructions are
+then converted to microseconds at the rate the anchor itself runs at: the OTel
+ASGI middleware's instructions per request against its microseconds per request
+measured in ``bench/overhead.py``'s in-process run, when there is one.
+
+Writes ``bench/results/request_instructions.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PYTHON, base_parser, loadavg, read_results, say, table, write_results
+
+CASES = {
+    "json": ("bare", "edge", "internal", "otel", "otel+internal"),
+    "stream x10": ("bare", "edge", "internal", "otel", "otel+internal"),
+    "stream x10 (Starlette)": ("otel", "otel+internal"),
+}
+STACK_NAMES = {
+    "bare": "bare app",
+    "edge": "CancelMiddleware, edge (new root)",
+    "internal": "CancelMiddleware, internal (root from baggage)",
+    "otel": "OTel ASGI",
+    "otel+internal": "OTel ASGI + CancelMiddleware, internal",
+}
+
+
+async def drive(body: str, stack: str, requests: int) -> None:
+    """Serve ``requests`` requests in process (after a warm-up), for one case."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.trace import TracerProvider
+    from overhead import _drive, _http_scope, json_app, starlette_stream_app, stream_app
+
+    from otel_cancel.asgi import CancelMiddleware
+    from otel_cancel.store.memory import MemoryCancelStore
+    from otel_cancel.testing import configured
+
+    inner = {"json": json_app, "stream x10": stream_app}.get(body) or starlette_stream_app()
+    app: Any = inner
+    if stack in ("edge", "internal", "otel+internal"):
+        app = CancelMiddleware(inner, trust_incoming=stack != "edge")
+    if stack.startswith("otel"):
+        app = OpenTelemetryMiddleware(app, tracer_provider=TracerProvider())
+    with configured(store=MemoryCancelStore(), service="bench-instructions") as runtime:
+        await runtime.ensure_listed()
+        scope = _http_scope(stack != "edge")
+        await _drive(app, scope, 200)
+        await _drive(app, scope, requests)
+
+
+def _instructions(body: str, stack: str, requests: int, workdir: str) -> int:
+    out = os.path.join(workdir, f"callgrind.{abs(hash((body, stack, requests)))}")
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        PYTHON,
+        __file__,
+        "--drive",
+        body,
+        stack,
+        str(requests),
+    ]
+    subprocess.run(command, check=True, capture_output=True)
+    text = Path(out).read_text(errors="replace")
+    match = re.search(r"^summary:\s+(\d+)", text, re.M) or re.search(r"^totals:\s+(\d+)", text, re.M)
+    if match is None:
+        raise RuntimeError(f"no instruction total in {out}")
+    return int(match.group(1))
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    low, high = (100, 300) if quick else (200, 1200)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for body, stacks in CASES.items():
+            for stack in stacks:
+                started = time.monotonic()
+                per_request = (_instructions(body, stack, high, workdir) - _instructions(body, stack, low, workdir)) / (
+                    high - low
+                )
+                rows.append({"body": body, "stack": STACK_NAMES[stack], "instructions": round(per_request)})
+                say(f"  {body:24} {STACK_NAMES[stack]:48} {per_request:>10,.0f} ({time.monotonic() - started:.0f} s)")
+    # Microseconds per instruction, from the anchor's own timing where bench/overhead.py measured it.
+    overhead = read_results("overhead")
+    rate = None
+    if overhead:
+        timed = next(
+            (r for r in overhead["in_process"]["asgi_otel"] if r["body"] == "json" and r["stack"] == "OTel ASGI"), None
+        )
+        counted = next((r for r in rows if r["body"] == "json" and r["stack"] == "OTel ASGI"), None)
+        if timed and counted and counted["instructions"]:
+            rate = timed["min_us"] / counted["instructions"]
+    added = []
+    for body in CASES:
+        by_stack = {r["stack"]: r["instructions"] for r in rows if r["body"] == body}
+        for stack, base in (
+            ("CancelMiddleware, edge (new root)", "bare app"),
+            ("CancelMiddleware, internal (root from baggage)", "bare app"),
+            ("OTel ASGI + CancelMiddleware, internal", "OTel ASGI"),
+        ):
+            if stack in by_stack and base in by_stack:
+                extra = by_stack[stack] - by_stack[base]
+                added.append(
+                    {
+                        "body": body,
+                        "added by": stack.replace("OTel ASGI + ", ""),
+                        "over": base,
+                        "instructions": extra,
+                        "vs anchor %": round(100 * extra / by_stack[base], 1) if base != "bare app" else None,
+                        "us_at_anchor_rate": round(extra * rate, 2) if rate else None,
+                    }
+                )
+    return {"requests": [low, high], "rows": rows, "added": added, "us_per_instruction": rate}
+
+
+def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--drive":
+        asyncio.run(drive(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+        return 0
+    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    if shutil.which("valgrind") is None:
+        say("valgrind is not installed (Debian: apt-get install -y valgrind)")
+        return 1
+    started, load_before = time.time(), loadavg()
+    say("instructions per request under callgrind ...")
+    data = {"quick": args.quick, **measure(args.quick)}
+    path = write_results("request_instructions", data, started, load_before)
+    say(table(data["added"], ["body", "added by", "over", "instructions", "vs anchor %", "us_at_anchor_rate"]))
+    say(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
