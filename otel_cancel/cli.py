@@ -8,8 +8,11 @@ Commands::
     otel-cancel watch [--json]
     otel-cancel doctor [--json]
     otel-cancel demo [--a2a] [--json]
+    otel-cancel completion {bash,zsh}
+    otel-cancel --version
 
-Configuration comes from the ``OTEL_CANCEL_*`` environment. Exit codes: 0 on
+Configuration comes from the ``OTEL_CANCEL_*`` environment; the global flags
+(``--endpoints``, ``--prefix``, ...) win over it. Exit codes: 0 on
 success (cancelling an already cancelled root included), 2 on bad input (a root
 that is not 32 lowercase hex digits, an invalid setting), 1 with a one-line reason
 when etcd cannot be reached or refuses the call.
@@ -21,18 +24,21 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from . import telemetry
+from ._cli_options import environment_with_flags, global_options_parser, package_version, requester, settings_from
+from ._completion import SHELLS, completion_script
 from ._io_loop import io_loop
 from ._request import CancelRequest, Receipt
 from ._root import validate_root
 from ._scope import parent_in_root_trace
 from ._settings import Settings
+from ._table import StreamingTable
+from ._table import format_table as format_table
 from .exceptions import ConfigurationError, InvalidRootError, StoreError
 from .store import CancelStore
 from .store._keys import root_of_flag_key
@@ -42,6 +48,8 @@ EXIT_STORE = 1
 EXIT_USAGE = 2
 
 _RECEIPT_COLUMNS = ("service", "instance", "depth", "interrupted", "latency_ms")
+# Receipts stream in during --wait: columns wide enough for usual names, so rows line up.
+_RECEIPT_MIN_WIDTHS = {"service": 20, "instance": 28, "depth": 5, "interrupted": 16, "latency_ms": 10}
 
 
 def _one_line(text: str) -> str:
@@ -69,14 +77,6 @@ def _receipt_row(receipt: Receipt) -> dict[str, Any]:
     }
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as an aligned plain-text table with a header line."""
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def _request_dict(request: CancelRequest) -> dict[str, Any]:
     return {
         "root": request.root,
@@ -90,8 +90,7 @@ def _request_dict(request: CancelRequest) -> dict[str, Any]:
 
 
 async def _cancel(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
-    requester = f"cli:{os.environ.get('USER', 'unknown')}@{socket.gethostname()}"
-    request = CancelRequest.new(args.root, args.reason, requester)
+    request = CancelRequest.new(args.root, args.reason, requester())
     # The request span lands in the root's trace, next to the stops it causes.
     span = telemetry.start_request_span(args.root, args.reason, parent_in_root_trace(args.root))
     try:
@@ -119,6 +118,7 @@ async def _wait_for_receipts(store: CancelStore, args: argparse.Namespace) -> No
     # runs out or --expect receipts have arrived, printing each one once.
     deadline = time.monotonic() + args.wait
     seen: set[tuple[str, str]] = set()
+    table = StreamingTable(_RECEIPT_COLUMNS, _RECEIPT_MIN_WIDTHS)
     header_printed = False
     while True:
         for receipt in await store.list_receipts(args.root):
@@ -130,11 +130,10 @@ async def _wait_for_receipts(store: CancelStore, args: argparse.Namespace) -> No
             if args.json:
                 print(json.dumps({"receipt": row}), flush=True)
             else:
-                table = format_table([row], _RECEIPT_COLUMNS).splitlines()
                 if not header_printed:
-                    print(table[0], flush=True)
+                    print(table.header(), flush=True)
                     header_printed = True
-                print(table[1], flush=True)
+                print(table.row(row), flush=True)
         if (args.expect and len(seen) >= args.expect) or time.monotonic() >= deadline:
             break
         await asyncio.sleep(0.05)
@@ -266,78 +265,73 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="otel-cancel", description="Cancel a run everywhere by its root id.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _count_argument(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if not 0 <= count <= 100_000:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100000, got {value!r}")
+    return count
 
-    cancel = commands.add_parser("cancel", help="cancel every piece of work of ROOT")
-    cancel.add_argument("root", type=_root_argument, metavar="ROOT")
+
+_ROOT_HELP = "the run's root: its trace id, 32 lowercase hex digits (the otel-cancel-root response header)"
+_JSON_HELP = "print JSON (one object per line) instead of text"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``otel-cancel`` argument parser (global flags, then one sub-parser per command)."""
+    options = global_options_parser(_Parser)
+    parser = _Parser(
+        prog="otel-cancel",
+        description="Cancel a run everywhere by its root id.",
+        parents=[options],
+        epilog="Every connection flag can also be given after the command. "
+        "Shell completion: source <(otel-cancel completion bash).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, parents=[options])
+
+    cancel = command("cancel", "cancel every piece of work of ROOT")
+    cancel.add_argument("root", type=_root_argument, metavar="ROOT", help=_ROOT_HELP)
     cancel.add_argument("--reason", default="cancelled by operator", help="why (shown in receipts and spans)")
     cancel.add_argument(
         "--wait",
         type=_seconds_argument,
         default=0,
         metavar="SECONDS",
-        help="print receipts as processes report stopped work, for up to SECONDS",
+        help="print receipts as processes report stopped work, for up to SECONDS (0 to 86400)",
     )
-    cancel.add_argument("--expect", type=int, default=0, metavar="N", help="with --wait: return after N receipts")
-    cancel.add_argument("--json", action="store_true", help="JSON lines output")
+    cancel.add_argument(
+        "--expect", type=_count_argument, default=0, metavar="N", help="with --wait: return once N receipts arrived"
+    )
+    cancel.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    status = commands.add_parser("status", help="show whether ROOT is cancelled and who stopped")
-    status.add_argument("root", type=_root_argument, metavar="ROOT")
-    status.add_argument("--json", action="store_true")
+    status = command("status", "show whether ROOT is cancelled and who stopped")
+    status.add_argument("root", type=_root_argument, metavar="ROOT", help=_ROOT_HELP)
+    status.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    listing = commands.add_parser("list", help="list cancelled roots")
-    listing.add_argument("--json", action="store_true")
+    listing = command("list", "list cancelled roots")
+    listing.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    watch = commands.add_parser("watch", help="print cancels as they happen")
-    watch.add_argument("--json", action="store_true")
+    watch = command("watch", "print cancels as they happen")
+    watch.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    doctor = commands.add_parser("doctor", help="check etcd, propagators and instrumentation")
-    doctor.add_argument("--json", action="store_true")
+    doctor = command("doctor", "check etcd, propagators and instrumentation")
+    doctor.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    demo = commands.add_parser("demo", help="run the example chain on an embedded etcd and cancel it")
-    demo.add_argument("--json", action="store_true")
+    demo = command("demo", "run the example chain on an embedded etcd and cancel it")
+    demo.add_argument("--json", action="store_true", help=_JSON_HELP)
     demo.add_argument(
         "--a2a", action="store_true", help="run the chain speaking A2A and cancel with cancel-task on another replica"
     )
+
+    completion = commands.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help="bash or zsh")
     return parser
-
-
-def _export_spans_if_configured() -> Any:
-    """Set up OTLP span and metric exporters when the environment asks for them (and the SDK is installed).
-
-    Returns an object whose ``shutdown()`` flushes both, or ``None``.
-    """
-    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "otlp" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "")
-    if exporter.strip().lower() != "otlp":
-        return None
-    try:
-        from opentelemetry import metrics, trace
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    except ImportError:
-        return None
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "otel-cancel-cli"})
-    tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(tracer_provider)
-    meter_provider = MeterProvider(
-        resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]
-    )
-    metrics.set_meter_provider(meter_provider)
-
-    class _Providers:
-        def shutdown(self) -> None:
-            tracer_provider.shutdown()
-            meter_provider.shutdown()
-
-    return _Providers()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -346,7 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # at info level, before our one-line reason; keep its errors only, unless asked.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     args = build_parser().parse_args(argv)
-    provider = _export_spans_if_configured() if args.command == "cancel" else None
+    if args.command == "completion":
+        print(completion_script(build_parser(), args.shell), end="")
+        return EXIT_OK
+    provider = None
+    if args.command == "cancel":
+        from ._cli_telemetry import export_if_configured
+
+        provider = export_if_configured()
     try:
         return _main(args)
     finally:
@@ -372,12 +373,16 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    endpoints = os.environ.get("OTEL_CANCEL_ETCD_ENDPOINTS", "127.0.0.1:2379")
     try:
+        settings = settings_from(args)
+        endpoints = ",".join(settings.endpoints)
         if args.command == "demo":
             from .demo import run_demo
 
+            # The demo's processes read the environment: the flags reach them through it.
+            os.environ.update(environment_with_flags(args))
             return run_demo(as_json=args.json, a2a=args.a2a)
-        settings = Settings.from_environment()
         if args.command == "doctor":
             from .doctor import run_doctor
 
@@ -386,9 +391,7 @@ def _main(args: argparse.Namespace) -> int:
     except ConfigurationError as error:
         return _fail(str(error), EXIT_USAGE)
     except StoreError as error:
-        return _fail(
-            f"{error} (endpoints: {os.environ.get('OTEL_CANCEL_ETCD_ENDPOINTS', '127.0.0.1:2379')})", EXIT_STORE
-        )
+        return _fail(f"{error} (endpoints: {endpoints})", EXIT_STORE)
     except KeyboardInterrupt:
         return 130
 
