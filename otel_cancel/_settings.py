@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from collections.abc import Mapping
 
 from . import environment_variables as env
+from ._identity import default_instance
 from .exceptions import ConfigurationError
 from .store import DEFAULT_PREFIX, DEFAULT_TTL_SECONDS, CancelStore
 from .store._endpoints import parse_endpoint
@@ -123,7 +123,7 @@ class Settings:
             "watchdog_seconds": _number(environ, env.OTEL_CANCEL_WATCHDOG_SECONDS, 5.0, 0.1, 3600),
             "signing_key": signing_key,
             "service": environ.get("OTEL_SERVICE_NAME") or "unknown_service",
-            "instance": environ.get(env.OTEL_CANCEL_INSTANCE) or f"{socket.gethostname()}-{os.getpid()}",
+            "instance": environ.get(env.OTEL_CANCEL_INSTANCE) or default_instance(environ),
             "store": _choice(environ, env.OTEL_CANCEL_STORE, "etcd", ("etcd", "memory")),
         }
         values.update(overrides)

@@ -8,6 +8,7 @@ reasons are reduced to a short, bounded vocabulary (:func:`reason_label`).
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from opentelemetry import metrics, trace
@@ -32,7 +33,7 @@ _cancellations = _meter.create_counter(
 _latency = _meter.create_histogram(
     attributes.METRIC_PROPAGATION_LATENCY,
     unit="ms",
-    description="From the cancel flag written (or the deadline passed) to the work stopped here.",
+    description="From the cancel flag written (or the deadline passed) to the first work of the root stopped here.",
     explicit_bucket_boundaries_advisory=[0.5, 1, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000, 2500, 5000],
 )
 _scopes_active = _meter.create_up_down_counter(
@@ -58,6 +59,14 @@ _baggage_rejected = _meter.create_counter(
     description="Requests whose incoming otel_cancel baggage was malformed or untrusted.",
 )
 
+# Roots already counted in otel_cancel.cancellations and the latency histogram: nested
+# scopes (a scope inside a request's scope) each record a span, but a root counts once
+# per process. Bounded: the oldest roots are forgotten first (a root that comes back
+# after thousands of others would count again, which is the lesser error).
+_MAX_COUNTED_ROOTS = 4096
+_counted_roots: OrderedDict[str, None] = OrderedDict()
+_counted_lock = threading.Lock()
+
 _connected_sources: list[Callable[[], bool]] = []
 _reason_labels: set[str] = set()
 _reason_lock = threading.Lock()
@@ -77,9 +86,12 @@ _meter.create_observable_gauge(
 
 
 def initialise_counters() -> None:
-    """Give every counter a zero point, so dashboards show 0 rather than no data."""
-    _cancellations.add(0)
-    _late_arrivals.add(0)
+    """Give the unlabelled counters a zero point, so dashboards show 0 rather than no data.
+
+    Counters whose every point carries labels (cancellations by reason and kind, late
+    arrivals by kind) get none: a zero point without labels would be a series of its own,
+    shown as an empty entry in "by kind" and "by reason" panels.
+    """
     _reconnects.add(0)
     _receipts.add(0)
     _scopes_active.add(0)
@@ -104,6 +116,18 @@ def reason_label(reason: str) -> str:
             return "other"
         _reason_labels.add(label)
         return label
+
+
+def _first_stop_of(root: str) -> bool:
+    """Whether this is the first stop of ``root`` counted in this process (and note it)."""
+    with _counted_lock:
+        if root in _counted_roots:
+            _counted_roots.move_to_end(root)
+            return False
+        _counted_roots[root] = None
+        if len(_counted_roots) > _MAX_COUNTED_ROOTS:
+            _counted_roots.popitem(last=False)
+        return True
 
 
 def _depth_label(depth: int) -> int:
@@ -161,16 +185,18 @@ def work_cancelled(
 
     The span is a child of the current span of ``context`` (the interrupted work),
     so it lands in the cancelled trace; it starts at ``start_ns`` and ends at
-    ``end_ns`` (default: now).
+    ``end_ns`` (default: now). Every stopped scope gets its span; the metrics count
+    the root once per process (its first stop), as their help text says.
     """
-    labels: dict[str, str | int] = {
-        attributes.REASON: reason_label(reason),
-        attributes.KIND: kind,
-        attributes.DEPTH: _depth_label(depth),
-    }
-    _cancellations.add(1, labels)
-    if latency_ms is not None:
-        _latency.record(latency_ms, {attributes.KIND: kind, attributes.DEPTH: _depth_label(depth)})
+    if _first_stop_of(root):
+        labels: dict[str, str | int] = {
+            attributes.REASON: reason_label(reason),
+            attributes.KIND: kind,
+            attributes.DEPTH: _depth_label(depth),
+        }
+        _cancellations.add(1, labels)
+        if latency_ms is not None:
+            _latency.record(latency_ms, {attributes.KIND: kind, attributes.DEPTH: _depth_label(depth)})
     span_attributes: dict[str, str | int | float] = {
         attributes.ROOT: root,
         attributes.REASON: reason,
