@@ -13,8 +13,8 @@ would read it, and against the telemetry names the library really emits:
 - ``deploy/k8s/``: the kustomization, rendered here, passes
   ``kubernetes-validate --strict``.
 
-System tool: ``promtool`` (Debian package ``prometheus``), installed by
-``.ci/install-system-deps``. Python: ``jsonschema``, ``kubernetes-validate``.
+System tool: ``promtool`` (Debian package ``prometheus``), unpacked into ``.tools/``
+by ``.ci/install-system-deps``. Python: ``jsonschema``, ``kubernetes-validate``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from system_tools import system_tool
 
 from otel_cancel import attributes
 
@@ -392,13 +392,7 @@ def _uid(datasource: Any) -> str:
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool is not installed: run .ci/install-system-deps "
-            "(it installs Debian's prometheus package, which ships promtool)"
-        )
-    return path
+    return system_tool("promtool")
 
 
 # --------------------------------------------------------------------------
