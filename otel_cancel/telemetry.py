@@ -80,7 +80,9 @@ def _observe_connected(options: CallbackOptions) -> Iterable[Observation]:
 _meter.create_observable_gauge(
     attributes.METRIC_WATCH_CONNECTED,
     callbacks=[_observe_connected],
-    unit="1",
+    # An annotation, not "1": the collector would add a _ratio suffix that a direct
+    # Prometheus scrape does not, and dashboards must find one name on both paths.
+    unit="{state}",
     description="1 while the watcher's stream to the cancel store is up, else 0.",
 )
 

@@ -178,7 +178,8 @@ def spanmetrics_series() -> set[str]:
 
 def allowed_series() -> set[str]:
     """Every series name a dashboard may query."""
-    series = set(spanmetrics_series())
+    # target_info: the resource attributes, which a direct scrape of a service exposes only there.
+    series = set(spanmetrics_series()) | {"target_info"}
     instruments = emitted_instruments()
     for name in attributes.METRIC_NAMES:
         series |= prometheus_series(name, *instruments[name])
@@ -274,8 +275,8 @@ def promql_names(expr: str) -> tuple[set[str], set[str], list[tuple[str, str, st
         elif kind == "ident" and braces:
             # A label matcher: name, operator, quoted value.
             operator, value = tokens[i + 1][1], tokens[i + 2][1][1:-1]
-            if text == "__name__" and operator == "=":
-                metrics.add(value)
+            if text == "__name__" and operator in ("=", "=~"):
+                metrics.update(value.split("|") if operator == "=~" else {value})
             else:
                 labels.add(text)
                 matchers.append((text, operator, value))
