@@ -375,14 +375,15 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
 def _main(args: argparse.Namespace) -> int:
     endpoints = os.environ.get("OTEL_CANCEL_ETCD_ENDPOINTS", "127.0.0.1:2379")
     try:
-        settings = settings_from(args)
-        endpoints = ",".join(settings.endpoints)
         if args.command == "demo":
             from .demo import run_demo
 
-            # The demo's processes read the environment: the flags reach them through it.
+            # The demo's processes read the environment (the flags reach them through it); without
+            # an etcd there it starts one of its own, under a prefix of its own.
             os.environ.update(environment_with_flags(args))
             return run_demo(as_json=args.json, a2a=args.a2a)
+        settings = settings_from(args)
+        endpoints = ",".join(settings.endpoints)
         if args.command == "doctor":
             from .doctor import run_doctor
 

@@ -144,8 +144,13 @@ def _receipts(root: str, env: dict[str, str], expect: int) -> list[dict[str, Any
     return sorted(rows, key=lambda r: (r["depth"], r["instance"]))
 
 
-# The roots shown so far, for the closing "how to look again" lines.
+# The roots shown so far, for the closing "how to look again" lines, and where they live.
 _SHOWN_ROOTS: list[str] = []
+_WHERE = {"etcd": "", "prefix": ""}
+
+
+def _status_command(root: str) -> str:
+    return f"otel-cancel status {root} --endpoints {_WHERE['etcd']} --prefix {_WHERE['prefix']}"
 
 
 def _show(title: str, root: str, rows: list[dict[str, Any]], as_json: bool) -> None:
@@ -155,7 +160,9 @@ def _show(title: str, root: str, rows: list[dict[str, Any]], as_json: bool) -> N
         nodes = [n for n in row["interrupted"].split(",") if n and not n.startswith(("POST ", "GET ", "a2a:"))]
         row["interrupted"] = ",".join(nodes) or "-"
     if as_json:
-        print(json.dumps({"scenario": title, "root": root, "stopped": rows}), flush=True)
+        # How to look at it again travels with each scenario (one JSON line per scenario).
+        line = {"scenario": title, "root": root, "stopped": rows, **_WHERE, "status": _status_command(root)}
+        print(json.dumps(line), flush=True)
         return
     print(f"\n== {title}\nroot {root}: {len(rows)} process(es) stopped")
     print(format_table(rows, _COLUMNS), flush=True)
@@ -213,22 +220,20 @@ def _a2a_scenario(chain: ExampleChain, env: dict[str, str], as_json: bool) -> bo
     )
 
 
-def _afterwards(endpoint: str, prefix: str, roots: list[str], embedded: bool, as_json: bool) -> None:
+def _afterwards(roots: list[str], embedded: bool, as_json: bool) -> None:
     """Say how to look at what the demo did: the prefix it used and the status command for each root."""
-    commands = [f"otel-cancel status {root} --endpoints {endpoint} --prefix {prefix}" for root in roots]
     if as_json:
-        print(json.dumps({"etcd": endpoint, "prefix": prefix, "embedded": embedded, "status": commands}), flush=True)
-        return
-    print(f"\nThe demo wrote under the prefix {prefix}.")
+        return  # each scenario's line carried its status command
+    print(f"\nThe demo wrote under the prefix {_WHERE['prefix']}.")
     if embedded:
         print(
-            "Its embedded etcd is gone now. To look at the cancels afterwards, run the demo against an etcd of\n"
-            "your own (OTEL_CANCEL_ETCD_ENDPOINTS=127.0.0.1:2379 otel-cancel demo), then:"
+            "Its embedded etcd stopped with it. Run the demo against an etcd of your own\n"
+            "(OTEL_CANCEL_ETCD_ENDPOINTS=127.0.0.1:2379 otel-cancel demo) to look at the cancels afterwards."
         )
-    else:
-        print("To look at the cancels again:")
-    for command in commands:
-        print(f"  {command}")
+        return
+    print("To look at the cancels again:")
+    for root in roots:
+        print(f"  {_status_command(root)}")
 
 
 def _error(message: str, as_json: bool) -> None:
@@ -252,6 +257,7 @@ def run_demo(as_json: bool = False, a2a: bool = False) -> int:
             server = EtcdServer().start()
             endpoint = server.endpoint
         env = {"OTEL_CANCEL_ETCD_ENDPOINTS": endpoint, "OTEL_CANCEL_PREFIX": unique_prefix().replace("test", "demo")}
+        _WHERE.update(etcd=endpoint, prefix=env["OTEL_CANCEL_PREFIX"])
         if not as_json:
             print(
                 f"etcd {endpoint} ({'embedded' if server else 'from OTEL_CANCEL_ETCD_ENDPOINTS'}); "
@@ -260,7 +266,7 @@ def run_demo(as_json: bool = False, a2a: bool = False) -> int:
             )
         chain = ExampleChain(env, app=A2A_APP if a2a else REST_APP).start()
         ok = _a2a_scenario(chain, env, as_json) if a2a else _rest_scenarios(chain, env, as_json)
-        _afterwards(endpoint, env["OTEL_CANCEL_PREFIX"], _SHOWN_ROOTS, server is not None, as_json)
+        _afterwards(_SHOWN_ROOTS, server is not None, as_json)
         return 0 if ok else 1
     except KeyboardInterrupt:
         print("\ninterrupted; stopping every process", file=sys.stderr)

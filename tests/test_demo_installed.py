@@ -26,7 +26,7 @@ def installed_demo() -> Iterator[Path]:
 
 
 def test_the_demo_runs_from_the_installed_package_and_says_how_to_look_afterwards(installed_demo, etcd, tmp_path):
-    """The demo's JSON lines show both scenarios stopping at every depth, then the status commands, which work."""
+    """The demo's JSON lines show both scenarios stopping at every depth, each with a status command that works."""
     bin_dir = installed_demo.parent
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("OTEL_")}
     env["OTEL_CANCEL_ETCD_ENDPOINTS"] = etcd.endpoint
@@ -44,9 +44,10 @@ def test_the_demo_runs_from_the_installed_package_and_says_how_to_look_afterward
     scenarios = [line for line in lines if "scenario" in line]
     assert len(scenarios) == 2
     assert all(sorted({row["depth"] for row in s["stopped"]}) == [0, 1, 2] for s in scenarios)
-    [afterwards] = [line for line in lines if "status" in line]
-    assert afterwards["etcd"] == etcd.endpoint and afterwards["prefix"].startswith("/")
-    for command, scenario in zip(afterwards["status"], scenarios, strict=True):
+    for scenario in scenarios:
+        assert scenario["etcd"] == etcd.endpoint and scenario["prefix"].startswith("/")
+        command = scenario["status"]
+        assert command.endswith(f"--prefix {scenario['prefix']}")
         status = subprocess.run([*command.split(), "--json"], env=env, capture_output=True, text=True, timeout=60)
         body = json.loads(status.stdout)
         assert body["root"] == scenario["root"] and body["cancelled"] is True and len(body["receipts"]) == 3
