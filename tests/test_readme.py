@@ -6,7 +6,8 @@ served or imported, shell lines are run by bash (long-running servers in the
 background, stopped afterwards). A block that no runner recognises fails the test,
 so a new block cannot slip in untested. Two kinds are not executed, and say why:
 ``text`` blocks (synopses, trees) and the TLS sidecar commands, which need
-certificates a reader brings.
+certificates a reader brings. The A2A block is an excerpt: it runs with the
+example agent's executor, task store and card in place of the reader's.
 """
 
 from __future__ import annotations
@@ -156,13 +157,23 @@ async def test_the_thirty_seconds_app_served_as_the_services_block_says_stops_on
     assert f"{root} cancelled at" in outputs[1] and "answer" in outputs[1]
 
 
-def test_the_a2a_excerpt_imports_what_it_uses():
-    """The A2A block is an excerpt (the executor, task store and card are the reader's): its imports resolve."""
+def test_the_a2a_excerpt_builds_routes_with_a_real_executor():
+    """The A2A block, given the example chain's executor, task store and card for its own, builds JSON-RPC routes."""
     code = block(RECOGNISED["a2a"])
-    imports = "\n".join(line for line in code.splitlines() if line.startswith(("from ", "import ")))
-    namespace: dict[str, object] = {}
-    exec(compile(imports, "README.md", "exec"), namespace)
-    assert {"DefaultRequestHandler", "create_jsonrpc_routes", "CancellableAgentExecutor"} <= set(namespace)
+    # The excerpt's free names are the reader's: bind them to the example agent's, then run it as written.
+    program = (
+        "from a2a.server.tasks import InMemoryTaskStore\n"
+        "from examples.a2a_chain.app import CARD as card, ChainAgentExecutor as MyExecutor\n"
+        "task_store = InMemoryTaskStore()\n"
+        f"{code}\n"
+        "assert routes, 'no routes'\n"
+        "print(len(routes))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) >= 1
 
 
 def test_the_etcd_roles_block_sets_up_auth_on_a_real_etcd(private_etcd):
