@@ -32,9 +32,10 @@ from _common import (
     read_results,
     table,
 )
+from listing import listing_block
 
 DOCUMENT = REPO / "BENCHMARKS.md"
-NAMES = ("propagation", "cascade", "langgraph", "overhead", "scale", "a2a")
+NAMES = ("propagation", "cascade", "langgraph", "overhead", "scale", "a2a", "listing", "live_work")
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -573,6 +574,85 @@ def a2a_block(result: dict[str, Any] | None) -> str:
     )
 
 
+LIVE_WORK_COLUMNS = [
+    "target_rps",
+    "achieved_rps",
+    "etcd_writes",
+    "etcd_writes_per_s",
+    "writes_per_1000_requests",
+    "keepalives",
+    "bound_per_s",
+]
+LIVE_WORK_HEADERS = [
+    "requests/s (target)",
+    "requests/s (achieved)",
+    "etcd writes (counted by etcd)",
+    "writes/s",
+    "writes per 1,000 requests",
+    "lease keep-alives",
+    "bound (writes/s)",
+]
+
+
+def live_work_block(result: dict[str, Any] | None) -> str:
+    if not result:
+        return "_Not run yet: `bench/live_work.py`._"
+    writes = table(
+        [
+            {
+                **row,
+                "etcd_writes": f"{row['etcd_writes']} in {row['seconds']} s",
+                "bound_per_s": f"{row['bound_per_s']:g}",
+            }
+            for row in result["writes"]
+        ],
+        [
+            "target_rps",
+            "achieved_rps",
+            "etcd_writes",
+            "etcd_writes_per_s",
+            "writes_per_1000_requests",
+            "keepalives",
+            "bound_per_s",
+        ],
+        [
+            "requests/s (target)",
+            "requests/s (achieved)",
+            "etcd writes (counted by etcd)",
+            "writes/s",
+            "writes per 1,000 requests",
+            "lease keep-alives",
+            "bound (writes/s)",
+        ],
+    )
+    path = result["request_path"]
+    costs = table(path["rows"], ["case", "min_us", "median_us"], ["case", "min µs", "median µs"])
+    return (
+        writes
+        + "\n\nOne process, default interval (250 ms) and lease (10 s); each request a scope with two labels held "
+        + "20 ms. etcd's revision counts the writes (nothing else writes to that etcd).\n\n"
+        + costs
+        + f"\n\nThe live-work bookkeeping on each scope entry costs {path['bookkeeping_us']} µs "
+        + f"({path['bookkeeping_share_of_budget_pct']}% of the {path['hop_budget_us']:g} µs per-hop budget); "
+        + f"min and median of {path['repeats']} runs of {path['iterations']:,} scopes"
+        + (" (quick)." if result.get("quick") else ".")
+        + _wait_line(result.get("wait"))
+    )
+
+
+def _wait_line(wait: dict[str, Any] | None) -> str:
+    if not wait:
+        return ""
+    return (
+        f"\n\n`otel-cancel cancel ROOT --wait {wait['timer_seconds']:g}` with {wait['holders']} processes of two "
+        f"services holding the root returns after {wait['wait_median_seconds']} s (median of {wait['rounds']} "
+        f"rounds, {wait['wait_share_of_timer_pct']}% of its timer; it used to wait the whole timer, or for a "
+        f"guessed `--expect`). The same command without `--wait` takes {wait['plain_median_seconds']} s (process "
+        f"start-up and the flag write): waiting for the expected receipts adds "
+        f"{wait['wait_over_plain_median_seconds']} s."
+    )
+
+
 def render(results: dict[str, dict[str, Any] | None]) -> dict[str, str]:
     return {
         "machine": machine_block(results),
@@ -583,6 +663,8 @@ def render(results: dict[str, dict[str, Any] | None]) -> dict[str, str]:
         "overhead": overhead_block(results["overhead"]),
         "scale": scale_block(results["scale"]),
         "a2a": a2a_block(results["a2a"]),
+        "listing": listing_block(results["listing"]),
+        "live_work": live_work_block(results["live_work"]),
     }
 
 

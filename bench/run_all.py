@@ -26,6 +26,8 @@ BENCHMARKS = {
     "overhead": "overhead.py",
     "scale": "scale.py",
     "a2a": "a2a_cancel.py",
+    "listing": "listing.py",
+    "live_work": "live_work.py",
 }
 
 

@@ -20,8 +20,12 @@ httpx and LangGraph, so application code needs no change.
 
 from __future__ import annotations
 
+from ._cancel_many import BulkCancelResult as BulkCancelResult
+from ._cancel_many import cancel_many as cancel_many
 from ._deadline import deadline as deadline
 from ._deadline import time_left as time_left
+from ._labels import current_labels as current_labels
+from ._labels import labelled as labelled
 from ._root import current_depth as current_depth
 from ._root import current_root as current_root
 from ._root import validate_root as validate_root
@@ -40,6 +44,7 @@ from .exceptions import OtelCancelError as OtelCancelError
 __version__ = "0.1.0"
 
 __all__ = (
+    "BulkCancelResult",
     "CancelResult",
     "CancelScope",
     "Cancelled",
@@ -47,12 +52,15 @@ __all__ = (
     "Settings",
     "cancel",
     "cancel_current",
+    "cancel_many",
     "check",
     "configure",
     "current_depth",
+    "current_labels",
     "current_root",
     "deadline",
     "is_cancelled",
+    "labelled",
     "scope",
     "time_left",
     "validate_root",

@@ -19,7 +19,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -171,6 +171,13 @@ class EtcdServer:
         self.name = name
         self.log_path = log_path or os.path.join(self.data_dir, "..", f"{Path(self.data_dir).name}.log")
         self.process: subprocess.Popen[bytes] | None = None
+        self.advertised_peer_port: int | None = None
+        """The peer port the other members dial (a relay in front of :attr:`peer_port`); default the same."""
+
+    @property
+    def peer_url(self) -> str:
+        """The peer URL this member advertises to the others."""
+        return f"http://127.0.0.1:{self.advertised_peer_port or self.peer_port}"
 
     @property
     def endpoint(self) -> str:
@@ -202,12 +209,12 @@ class EtcdServer:
             "--listen-peer-urls",
             peer_url,
             "--initial-advertise-peer-urls",
-            peer_url,
+            self.peer_url,
             "--log-level",
             "error",
         ]
         if not any(arg.startswith("--initial-cluster") for arg in self.extra_args):
-            base += ["--initial-cluster", f"{self.name}={peer_url}"]
+            base += ["--initial-cluster", f"{self.name}={self.peer_url}"]
         if self.tls is not None:
             base += ["--cert-file", self.tls.cert, "--key-file", self.tls.key, "--trusted-ca-file", self.tls.ca_cert]
             if self.tls.client_cert_auth:
@@ -352,13 +359,25 @@ class EtcdCluster:
         size: the number of members.
         extra_args: more etcd flags for every member (for example a shorter
             ``--election-timeout``).
+        peer_relay: given a member, returns the port of a relay in front of its peer
+            port; the members then talk to each other only through the relays (a test
+            cuts one member off its peers while its clients still reach it).
     """
 
-    def __init__(self, size: int = 3, *, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        extra_args: Sequence[str] = (),
+        peer_relay: Callable[[EtcdServer], int] | None = None,
+    ) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least one member, got {size}")
         self.members = [EtcdServer(name=f"member{index}") for index in range(size)]
-        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+        if peer_relay is not None:
+            for member in self.members:
+                member.advertised_peer_port = peer_relay(member)
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         token = f"otel-cancel-{uuid.uuid4().hex[:12]}"
         for member in self.members:
             member.extra_args = [

@@ -8,6 +8,9 @@ interleave: whichever runs second sees the other's effect, and no flag slips
 between a scope's registration and its check.
 
 Entering a scope is a dict insert under that lock; it never touches the store.
+The registry also keeps the bulk cancels (``cancel --all``) in force, so that a
+scope entered for a selected run is refused like a late hop, and a counter of
+changes that the live-work publisher (:mod:`otel_cancel._live`) polls.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ import dataclasses
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
+from ._bulk import BulkCancel
 from ._request import CancelRequest
+
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclasses.dataclass(eq=False)
@@ -46,6 +53,25 @@ class Holder:
     holder that never stops early (nearly all) allocates nothing for it."""
     deadline_ms: int | None = None
     """The earliest deadline a scope of this holder has a timer for."""
+    entered_at: int = 0
+    """When this holder's first scope was entered, epoch nanoseconds."""
+    run_started_ms: int = 0
+    """When the run began at its root (``otel_cancel.started``), epoch milliseconds."""
+    labels: Mapping[str, str] = dataclasses.field(default_factory=lambda: _NO_LABELS)
+    """The run's labels as this holder knows them (replaced, never mutated)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveRoot:
+    """This process's live work for one root, as ``otel-cancel ps`` shows it."""
+
+    root: str
+    depth: int
+    started_at: int
+    """When the root's work began in this process, epoch nanoseconds."""
+    run_started_ms: int
+    scopes: tuple[str, ...]
+    labels: Mapping[str, str]
 
 
 @dataclasses.dataclass
@@ -86,6 +112,12 @@ class _EarlyStop:
 EARLY_STOP_MEMORY_SECONDS = 30.0
 """How long work stopped by a caller's disconnect waits for its root's flag to claim it."""
 _EARLY_STOP_LIMIT = 4096
+_BULK_LIMIT = 256
+"""Bulk cancels kept in force at once (the oldest are dropped beyond it)."""
+
+
+LISTED_REASON = "cancelled before this process listed its flags"
+"""The reason a refusal gives while only the flag's key is known here (its value is being fetched)."""
 
 
 def cancel_message(request: CancelRequest) -> str:
@@ -101,8 +133,15 @@ class CancelRegistry:
             exited) when every scope that was live for a cancelled root has exited.
     """
 
-    def __init__(self, on_stopped: Callable[[StopReport], None] | None = None) -> None:
+    def __init__(self, on_stopped: Callable[[StopReport], None] | None = None, service: str = "") -> None:
         self._lock = threading.Lock()
+        self.service = service
+        self.changes = 0
+        """Bumped on every scope entry and exit: the publisher rewrites live work when it moved."""
+        self._bulk: OrderedDict[str, BulkCancel] = OrderedDict()
+        self.on_bulk_refusal: Callable[[CancelRequest, list[Holder]], None] | None = None
+        """Called (outside the lock) when a bulk cancel selects a run on a scope's entry: with the
+        root's cancel request and its other holders here, which the caller must stop."""
         self._live: dict[str, dict[object, Holder]] = {}
         self._cancelled: dict[str, _CancelState] = {}
         # The cascade can beat the watch: a caller cancelled by the flag drops its HTTP
@@ -110,14 +149,35 @@ class CancelRegistry:
         # watcher sees the flag. Remember such stops briefly, so the flag still yields a
         # receipt for the work it stopped.
         self._early_stops: OrderedDict[str, _EarlyStop] = OrderedDict()
+        # Roots known cancelled from a keys-only listing: a set of strings, so that a
+        # process listing 100,000 flags holds 100,000 roots and nothing else. The flag's
+        # value (reason, requester) is fetched when a refusal first needs it.
+        self._listed: set[str] = set()
         self.on_stopped = on_stopped
+        self.on_details_wanted: Callable[[str], None] | None = None
+        """Called (outside the lock) when a scope is refused for a root known only by its key."""
 
     # -- request side --------------------------------------------------------------
 
     def enter(
-        self, root: str, depth: int, name: str | None, *, task_mode: bool = True
+        self,
+        root: str,
+        depth: int,
+        name: str | None,
+        *,
+        task_mode: bool = True,
+        run_started_ms: int | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> tuple[Holder, CancelRequest | None]:
         """Register the current task (or, with ``task_mode=False``, thread) under ``root``.
+
+        Args:
+            root: the root.
+            depth: hops from the root.
+            name: the scope's name.
+            task_mode: register the current task (else the current thread).
+            run_started_ms: when the run began at its root (epoch ms); now when unknown.
+            labels: the run's labels.
 
         Returns:
             The holder, and the cancel request when ``root`` is already cancelled
@@ -132,15 +192,67 @@ class CancelRegistry:
         loop = task.get_loop() if task is not None else None
         thread_id = threading.get_ident()
         key: object = task if task is not None else thread_id
+        refused: CancelRequest | None = None
+        others: list[Holder] = []
+        early_claim: tuple[StopReport, _EarlyStop] | None = None
         with self._lock:
+            self.changes += 1
             holders = self._live.setdefault(root, {})
             holder = holders.get(key)
             if holder is None:
                 holder = holders[key] = Holder(root, depth, task, loop, thread_id, [])
+                holder.entered_at = time.time_ns()
+                holder.run_started_ms = run_started_ms or holder.entered_at // 1_000_000
+            if labels and labels is not holder.labels:
+                # Shared read-only mappings: a holder's labels are replaced, never mutated.
+                holder.labels = {**holder.labels, **labels} if holder.labels else labels
             holder.count += 1
             holder.names.append(name or "")
             state = self._cancelled.get(root)
-            return holder, (state.request if state is not None else None)
+            if state is None and self._bulk:
+                bulk = self._selecting_bulk(holder)
+                if bulk is not None:
+                    # A hop of a run that a bulk cancel selected, arriving after it: the
+                    # root is cancelled here now (any other work of it here stops too) and
+                    # this scope is refused like a late hop.
+                    refused = bulk.request_for(root)
+                    holders_now, early_claim = self._apply_locked(refused)
+                    others = [h for h in holders_now if h is not holder]
+                    state = self._cancelled[root]
+            request = state.request if state is not None else None
+            listed = request is None and root in self._listed
+        if refused is not None:
+            self._claim_early_stop(refused, early_claim)
+            if self.on_bulk_refusal is not None:
+                self.on_bulk_refusal(refused, others)
+        if listed:
+            # Known cancelled from a keys-only listing: refuse now, fetch the reason once.
+            self._want_details(root)
+            return holder, CancelRequest(root, LISTED_REASON, 0, "")
+        return holder, request
+
+    def _want_details(self, root: str) -> None:
+        if self.on_details_wanted is not None:
+            self.on_details_wanted(root)
+
+    def _selecting_bulk(self, holder: Holder) -> BulkCancel | None:
+        for bulk in self._bulk.values():
+            if bulk.selects(self.service, holder.labels, holder.run_started_ms):
+                return bulk
+        return None
+
+    def add_labels(self, root: str, labels: Mapping[str, str]) -> None:
+        """Add ``labels`` to the current task's (or thread's) live work for ``root``, if any."""
+        try:
+            task: object = asyncio.current_task()
+        except RuntimeError:
+            task = None
+        key = task if task is not None else threading.get_ident()
+        with self._lock:
+            holder = self._live.get(root, {}).get(key)
+            if holder is not None:
+                holder.labels = {**holder.labels, **labels}
+                self.changes += 1
 
     def exit(
         self,
@@ -162,6 +274,7 @@ class CancelRegistry:
         """
         report: StopReport | None = None
         with self._lock:
+            self.changes += 1
             name = holder.names.pop() if holder.names else ""
             holder.count -= 1
             if interrupted and not holder.interrupted:
@@ -223,9 +336,28 @@ class CancelRegistry:
     def is_cancelled(self, root: str) -> CancelRequest | None:
         """The cancel request of ``root`` if it is cancelled here, else ``None``."""
         state = self._cancelled.get(root)
-        return state.request if state is not None else None
+        if state is not None:
+            return state.request
+        if root in self._listed:
+            self._want_details(root)
+            return CancelRequest(root, LISTED_REASON, 0, "")
+        return None
 
     # -- watcher side --------------------------------------------------------------
+
+    def apply_listed(self, root: str) -> bool:
+        """Mark ``root`` cancelled from a keys-only listing (from now on its scopes are refused).
+
+        Returns:
+            Whether work for ``root`` is live here (or stopped early, waiting for its
+            flag): the caller must then fetch the flag and :meth:`apply` it, which
+            stops that work and yields its receipt.
+        """
+        with self._lock:
+            if root in self._cancelled or root in self._listed:
+                return False
+            self._listed.add(root)
+            return bool(self._live.get(root)) or root in self._early_stops
 
     def apply(self, request: CancelRequest) -> tuple[bool, list[Holder]]:
         """Mark ``request.root`` cancelled; return whether it is new here and the holders to stop.
@@ -233,47 +365,102 @@ class CancelRegistry:
         Applying the same root again is a no-op (``(False, [])``): a flag seen twice
         (listing and watch, or a re-list after compaction) stops work once.
         """
-        early_report: StopReport | None = None
         with self._lock:
             if request.root in self._cancelled:
                 return False, []
-            state = self._cancelled[request.root] = _CancelState(request, time.time_ns())
-            holders = list(self._live.get(request.root, {}).values())
-            for holder in holders:
-                holder.cancel_requested = request
-            state.waiting = len(holders)
-            early = self._early_stops.pop(request.root, None)
-            if (
-                early is not None
-                and not holders
-                and time.monotonic() - early.stopped_monotonic < EARLY_STOP_MEMORY_SECONDS
-            ):
-                early_report = StopReport(
-                    request=request,
-                    seen_at=state.seen_at,
-                    stopped_at=early.stopped_at,
-                    depth=early.depth,
-                    interrupted=tuple(dict.fromkeys(early.names)),
-                    tasks=early.tasks,
-                )
-        if early_report is not None:
-            assert early is not None
-            for claimed in early.on_claimed:
-                claimed(request)
-            if self.on_stopped is not None:
-                self.on_stopped(early_report)
+            listed = request.root in self._listed
+            self._listed.discard(request.root)
+            if listed and not self._live.get(request.root) and request.root not in self._early_stops:
+                # Only the reason was missing: scopes were refused from the listing on.
+                self._cancelled[request.root] = _CancelState(request, time.time_ns())
+                return False, []
+            holders, early_claim = self._apply_locked(request)
+        self._claim_early_stop(request, early_claim)
         return True, holders
+
+    def _apply_locked(self, request: CancelRequest) -> tuple[list[Holder], tuple[StopReport, _EarlyStop] | None]:
+        state = self._cancelled[request.root] = _CancelState(request, time.time_ns())
+        holders = list(self._live.get(request.root, {}).values())
+        for holder in holders:
+            holder.cancel_requested = request
+        state.waiting = len(holders)
+        early = self._early_stops.pop(request.root, None)
+        if early is not None and not holders and time.monotonic() - early.stopped_monotonic < EARLY_STOP_MEMORY_SECONDS:
+            report = StopReport(
+                request=request,
+                seen_at=state.seen_at,
+                stopped_at=early.stopped_at,
+                depth=early.depth,
+                interrupted=tuple(dict.fromkeys(early.names)),
+                tasks=early.tasks,
+            )
+            return holders, (report, early)
+        return holders, None
+
+    def _claim_early_stop(self, request: CancelRequest, claim: tuple[StopReport, _EarlyStop] | None) -> None:
+        if claim is None:
+            return
+        report, early = claim
+        for claimed in early.on_claimed:
+            claimed(request)
+        if self.on_stopped is not None:
+            self.on_stopped(report)
+
+    def apply_bulk(self, bulk: BulkCancel) -> list[tuple[CancelRequest, list[Holder]]]:
+        """Keep ``bulk`` in force and cancel every live root here that it selects.
+
+        Selection and cancellation happen under one lock hold, so a scope entered
+        meanwhile either is stopped here or is refused by the bulk cancel on entry.
+
+        Returns:
+            For each root cancelled here: its request and the holders to stop.
+            Empty when ``bulk`` was already applied.
+        """
+        selected: list[tuple[CancelRequest, list[Holder], tuple[StopReport, _EarlyStop] | None]] = []
+        with self._lock:
+            if bulk.id in self._bulk:
+                return []
+            self._bulk[bulk.id] = bulk
+            if len(self._bulk) > _BULK_LIMIT:
+                self._bulk.popitem(last=False)
+            for root, holders in list(self._live.items()):
+                if root in self._cancelled or not holders:
+                    continue
+                run_started_ms = min(h.run_started_ms for h in holders.values())
+                labels: dict[str, str] = {}
+                for holder in holders.values():
+                    labels.update(holder.labels)
+                if bulk.selects(self.service, labels, run_started_ms):
+                    request = bulk.request_for(root)
+                    stopped, early_claim = self._apply_locked(request)
+                    selected.append((request, stopped, early_claim))
+        for request, _, early_claim in selected:
+            self._claim_early_stop(request, early_claim)
+        return [(request, holders) for request, holders, _ in selected]
+
+    def forget_bulk(self, bulk_id: str) -> None:
+        """Drop a bulk cancel (its flag expired): runs it selected may start hops again."""
+        with self._lock:
+            self._bulk.pop(bulk_id, None)
+
+    def retain_only_bulk(self, bulk_ids: set[str]) -> None:
+        """Forget every bulk cancel not in ``bulk_ids`` (after a fresh listing)."""
+        with self._lock:
+            for bulk_id in [b for b in self._bulk if b not in bulk_ids]:
+                del self._bulk[bulk_id]
 
     def forget(self, root: str) -> None:
         """Drop a cancelled root (its flag expired); new work for it may run again."""
         with self._lock:
             self._cancelled.pop(root, None)
+            self._listed.discard(root)
 
     def retain_only(self, roots: set[str]) -> None:
         """Forget every cancelled root not in ``roots`` (after a fresh listing)."""
         with self._lock:
             for root in [r for r in self._cancelled if r not in roots]:
                 del self._cancelled[root]
+            self._listed &= roots
 
     # -- introspection -------------------------------------------------------------
 
@@ -287,10 +474,34 @@ class CancelRegistry:
         with self._lock:
             return sum(h.count for holders in self._live.values() for h in holders.values())
 
+    def live_work(self) -> list[LiveRoot]:
+        """This process's live work, one entry per root (the live-work publisher reads it)."""
+        with self._lock:
+            entries = []
+            for root, holders in self._live.items():
+                if not holders:
+                    continue
+                labels: dict[str, str] = {}
+                names: dict[str, None] = {}
+                for holder in holders.values():
+                    labels.update(holder.labels)
+                    names.update((name, None) for name in holder.names if name)
+                entries.append(
+                    LiveRoot(
+                        root=root,
+                        depth=min(h.depth for h in holders.values()),
+                        started_at=min(h.entered_at for h in holders.values()),
+                        run_started_ms=min(h.run_started_ms for h in holders.values()),
+                        scopes=tuple(names),
+                        labels=labels,
+                    )
+                )
+            return entries
+
     def cancelled_roots(self) -> int:
         """How many cancelled roots this process remembers."""
         with self._lock:
-            return len(self._cancelled)
+            return len(self._cancelled) + len(self._listed)
 
 
 def deliver(holder: Holder) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 
 from opentelemetry import baggage, trace
 from opentelemetry.context import Context, get_current
@@ -97,6 +98,18 @@ def parse_depth(value: object) -> int | None:
     return depth if depth <= MAX_DEPTH else None
 
 
+def parse_started(value: object) -> int | None:
+    """Parse a run's start (epoch ms) from baggage; ``None`` when it is not a plausible time."""
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 15:
+        return None
+    return int(value)
+
+
+def root_started_ms(context: Context | None = None) -> int | None:
+    """When the run of ``context`` began at its root (epoch ms), or ``None`` when unknown."""
+    return parse_started(baggage.get_baggage(attributes.BAGGAGE_STARTED, context))
+
+
 def with_root(
     root: str, depth: int = 0, context: Context | None = None, *, extra: dict[str, str] | None = None
 ) -> Context:
@@ -104,7 +117,9 @@ def with_root(
 
     Other baggage entries are kept, after the ``otel_cancel.*`` ones: the W3C
     propagator drops entries from the end when the header grows too large, so
-    ours go first and survive.
+    ours go first and survive. The run's start time (``otel_cancel.started``) is
+    kept when the root stays the same, and set to now for a root new to
+    ``context``; a root that replaces another one does not inherit its labels.
 
     Args:
         root: the root id.
@@ -126,6 +141,11 @@ def with_root(
         for key in attributes.BAGGAGE_KEYS
         if key in entries and key not in (attributes.BAGGAGE_ROOT, attributes.BAGGAGE_DEPTH)
     }
+    previous = current_root(context)
+    if previous != root or parse_started(ours.get(attributes.BAGGAGE_STARTED)) is None:
+        ours[attributes.BAGGAGE_STARTED] = str(time.time_ns() // 1_000_000)
+    if previous is not None and previous != root:
+        ours.pop(attributes.BAGGAGE_LABELS, None)
     ours.update(extra or {})
     ordered: dict[str, object] = {attributes.BAGGAGE_ROOT: root, attributes.BAGGAGE_DEPTH: str(depth), **ours}
     ordered.update((key, value) for key, value in entries.items() if key not in attributes.BAGGAGE_KEYS)

@@ -7,20 +7,28 @@ otherwise the first scope or cancel configures it from the environment.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from typing import Any
 
 from . import telemetry
-from ._registry import CancelRegistry, StopReport
-from ._request import Receipt
+from ._io_loop import io_loop
+from ._live import LivePublisher
+from ._logging import RateLimitedLogger
+from ._registry import CancelRegistry, Holder, StopReport
+from ._request import CancelRequest, Receipt
 from ._settings import Settings
 from ._watcher import CancelWatcher
-from .exceptions import StoreError, StoreUnavailableError
+from .exceptions import StoreError, StorePermissionError, StoreUnavailableError
 from .store import CancelStore
 
 _log = logging.getLogger("otel_cancel")
+_bulk_log = RateLimitedLogger(_log)
+
+UNLISTED_REASON = "the cancel store could not be listed"
+"""Why work is refused when the first listing did not complete and ``OTEL_CANCEL_UNLISTED=refuse``."""
 
 
 class Runtime:
@@ -28,14 +36,27 @@ class Runtime:
 
     def __init__(self, settings: Settings, store: CancelStore | None = None) -> None:
         self.settings = settings
-        self.registry = CancelRegistry(on_stopped=self._on_stopped)
+        self.registry = CancelRegistry(on_stopped=self._on_stopped, service=settings.service)
         self._given_store = store
         self.watcher = CancelWatcher(self._create_store, self.registry, watchdog_seconds=settings.watchdog_seconds)
+        self.registry.on_bulk_refusal = self._on_bulk_refusal
+        self.watcher.on_bulk_selected = self._write_selected_flags
+        self.publisher = LivePublisher(
+            self.registry,
+            self.watcher.store,
+            service=settings.service,
+            instance=settings.instance,
+            interval_ms=settings.live_interval_ms,
+            ttl_seconds=settings.live_ttl_seconds,
+        )
+        self._publisher_future: concurrent.futures.Future[None] | None = None
+        self._publisher_lock = threading.Lock()
         self.receipts_written = 0
         self._receipt_written: dict[str, threading.Event] = {}
         self._receipt_lock = threading.Lock()
         self._startup_wait_logged = False
         telemetry.observe_watch_connected(lambda: self.watcher.connected)
+        telemetry.observe_live_roots(self.registry.live_roots)
 
     def _create_store(self) -> CancelStore:
         return self._given_store if self._given_store is not None else self.settings.create_store()
@@ -50,6 +71,10 @@ class Runtime:
         if not self.watcher.started:
             telemetry.initialise_counters()
         self.watcher.start()
+        if self._publisher_future is None:
+            with self._publisher_lock:
+                if self._publisher_future is None:
+                    self._publisher_future = io_loop().submit(self.publisher.run())
 
     async def ensure_listed(self) -> None:
         """Start the watcher and wait, briefly, for its first listing.
@@ -63,9 +88,46 @@ class Runtime:
         if not await self.watcher.wait_listed(self.settings.startup_wait_seconds) and not self._startup_wait_logged:
             self._startup_wait_logged = True
             _log.warning(
-                "otel-cancel: the cancel store was not listed within %.1fs; running work without it (fail open)",
+                "otel-cancel: the cancel store was not listed within %.1fs; %s",
                 self.settings.startup_wait_seconds,
+                "refusing work until it is (OTEL_CANCEL_UNLISTED=refuse)"
+                if self.settings.unlisted == "refuse"
+                else "running work without it (fail open)",
             )
+
+    def unlisted_refusal(self, root: str) -> CancelRequest | None:
+        """The refusal of work for ``root`` when nothing was listed yet and the settings say refuse."""
+        if self.settings.unlisted != "refuse" or self.watcher.listed.is_set():
+            return None
+        return CancelRequest(root, UNLISTED_REASON, 0, "")
+
+    def _on_bulk_refusal(self, request: CancelRequest, others: list[Holder]) -> None:
+        # A late hop of a run a bulk cancel selected: stop any other work of it here,
+        # and write the root's own flag so every process refuses it from now on.
+        self.watcher.deliver(others)
+        self._write_selected_flags([request])
+
+    def _write_selected_flags(self, requests: list[CancelRequest]) -> concurrent.futures.Future[None]:
+        """Write the ordinary flag of each root a bulk cancel stopped here (create-if-absent)."""
+        return self.watcher.submit(self._write_flags(requests))
+
+    async def _write_flags(self, requests: list[CancelRequest]) -> None:
+        store = await self.watcher.store()
+        for request in requests:
+            try:
+                await store.create_flag(request, self.settings.ttl_seconds)
+            except StoreError as error:
+                # The bulk flag still stops the run in every process where it is selected.
+                # One line a minute at most, however many roots a kill switch selects here.
+                _bulk_log.warning(
+                    "bulk-flag",
+                    "otel-cancel: could not write the flag of %s selected by a bulk cancel "
+                    "(its hops elsewhere stop when their caller stops): %s",
+                    request.root,
+                    error,
+                )
+                if isinstance(error, StorePermissionError):
+                    return  # the role may not write flags: the other roots would be refused too
 
     def _on_stopped(self, report: StopReport) -> None:
         receipt = Receipt(
@@ -119,6 +181,12 @@ class Runtime:
         return await loop.run_in_executor(None, event.wait, timeout)
 
     def shutdown(self) -> None:
+        future, self._publisher_future = self._publisher_future, None
+        if future is not None:
+            # First, while the store is open: the publisher revokes its lease, so this
+            # process leaves `otel-cancel ps` at once.
+            future.cancel()
+            self.publisher.wait_finished(2.0)
         self.watcher.stop()
 
 

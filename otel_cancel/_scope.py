@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
 from opentelemetry import context as otel_context
@@ -25,6 +25,7 @@ from opentelemetry import trace
 
 from . import attributes, telemetry
 from ._deadline import DEADLINE_REASON, current_deadline, now_ms
+from ._labels import run_facts, validate_labels, with_labels
 from ._registry import Holder
 from ._request import CancelRequest
 from ._root import current_depth, current_root, new_root, validate_root, with_root
@@ -66,10 +67,18 @@ class CancelScope:
     ``with`` (threads and sync code: stop cooperatively at :func:`check`).
     """
 
-    def __init__(self, *, name: str | None = None, root: str | None = None, convert: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        root: str | None = None,
+        convert: bool = True,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
         self.name = name
         self._convert = convert
         self._explicit_root = validate_root(root) if root is not None else None
+        self._labels = validate_labels(labels) if labels else None
         self.root: str | None = None
         """The root this scope is bound to (set on entry)."""
         self.depth = 0
@@ -94,13 +103,23 @@ class CancelScope:
         context_root = current_root(current)
         # A scope with no root starts the run here: this process is the run's root.
         root = self._explicit_root or context_root or new_root(current)
+        context = current
         if root != context_root:
             key = runtime.settings.signing_key
             extra = {attributes.BAGGAGE_SIGNATURE: sign_root(key, root)} if key else None
-            self._token = otel_context.attach(with_root(root, current_depth(current), current, extra=extra))
+            context = with_root(root, current_depth(current), current, extra=extra)
+        if self._labels:
+            context = with_labels(self._labels, context)
+        if context is not current:
+            self._token = otel_context.attach(context)
         self.root = root
-        self.depth = current_depth()
-        holder, request = runtime.registry.enter(root, self.depth, self.name, task_mode=task_mode)
+        self.depth = current_depth(context)
+        run_started_ms, labels = run_facts(context)
+        holder, request = runtime.registry.enter(
+            root, self.depth, self.name, task_mode=task_mode, run_started_ms=run_started_ms, labels=labels
+        )
+        if request is None:
+            request = runtime.unlisted_refusal(root)
         self._holder = holder
         telemetry.scope_entered()
         if request is not None:
@@ -262,7 +281,7 @@ class CancelScope:
         self._finish(exc)
 
 
-def scope(*, name: str | None = None, root: str | None = None) -> CancelScope:
+def scope(*, name: str | None = None, root: str | None = None, labels: Mapping[str, str] | None = None) -> CancelScope:
     """A scope binding the current task to the current root.
 
     ``async with otel_cancel.scope():`` in coroutines; ``with otel_cancel.scope():``
@@ -274,12 +293,15 @@ def scope(*, name: str | None = None, root: str | None = None) -> CancelScope:
         name: what is running (a LangGraph node, a handler); receipts and spans
             report it when it is interrupted.
         root: bind to this root instead of the context's.
+        labels: labels to add to the run (see :func:`otel_cancel.labelled`); they travel
+            with every outgoing call made inside.
 
     Raises:
+        InvalidLabelError: a label is not allowed.
         Cancelled: on entry when the root is already cancelled (the body does not
             run), and on exit when the root was cancelled while the body ran.
     """
-    return CancelScope(name=name, root=root)
+    return CancelScope(name=name, root=root, labels=labels)
 
 
 # -- cooperative checks ------------------------------------------------------------------

@@ -62,6 +62,41 @@ def _choice(environ: Mapping[str, str], name: str, default: str, choices: tuple[
     return value
 
 
+def startup_wait_for(timeout_seconds: float) -> float:
+    """The default start-up wait for an etcd deadline of ``timeout_seconds``.
+
+    A fresh process whose first endpoint hangs gives up on it after one deadline and
+    lists through the next endpoint within another: the first scopes wait for both
+    (and a second more) before they fail open, so a replica that never served still
+    refuses a late hop.
+    """
+    return 2 * timeout_seconds + 1.0
+
+
+def parse_label_headers(raw: str) -> tuple[tuple[str, str], ...]:
+    """Parse ``header=label`` pairs (``OTEL_CANCEL_LABEL_HEADERS``).
+
+    Raises:
+        ConfigurationError: a pair is not ``header=label`` or the label key is not allowed.
+    """
+    from ._labels import validate_label
+    from .exceptions import InvalidLabelError
+
+    pairs = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        header, sep, label = (text.strip() for text in item.partition("="))
+        try:
+            if not sep or not header or not header.isascii():
+                raise InvalidLabelError(f"{item!r} is not header=label")
+            validate_label(label, "x")
+        except InvalidLabelError as error:
+            raise ConfigurationError(f"{env.OTEL_CANCEL_LABEL_HEADERS}: {error}") from None
+        pairs.append((header.lower(), label))
+    return tuple(pairs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """How this process talks to the cancel store and treats incoming requests.
@@ -80,12 +115,18 @@ class Settings:
     timeout_seconds: float = 2.0
     trust_incoming: bool = False
     on_disconnect: str = "cancel"
-    startup_wait_seconds: float = 1.0
+    startup_wait_seconds: float = 5.0
+    """See ``OTEL_CANCEL_STARTUP_WAIT_SECONDS``: by default :func:`startup_wait_for` the etcd deadline."""
     watchdog_seconds: float = 5.0
+    unlisted: str = "run"
+    """See ``OTEL_CANCEL_UNLISTED``: ``run`` or ``refuse`` work entered before the first listing."""
     signing_key: bytes | None = dataclasses.field(default=None, repr=False)
     service: str = "unknown_service"
     instance: str = ""
     store: str = "etcd"
+    live_interval_ms: float = 250.0
+    live_ttl_seconds: int = 10
+    label_headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -119,20 +160,30 @@ class Settings:
             "timeout_seconds": _number(environ, env.OTEL_CANCEL_ETCD_TIMEOUT_SECONDS, 2.0, 0.05, 60),
             "trust_incoming": _flag(environ, env.OTEL_CANCEL_TRUST_INCOMING, False),
             "on_disconnect": _choice(environ, env.OTEL_CANCEL_ON_DISCONNECT, "cancel", ("cancel", "continue")),
-            "startup_wait_seconds": _number(environ, env.OTEL_CANCEL_STARTUP_WAIT_SECONDS, 1.0, 0, 60),
+            "startup_wait_seconds": _number(environ, env.OTEL_CANCEL_STARTUP_WAIT_SECONDS, -1.0, 0, 60),
             "watchdog_seconds": _number(environ, env.OTEL_CANCEL_WATCHDOG_SECONDS, 5.0, 0.1, 3600),
+            "unlisted": _choice(environ, env.OTEL_CANCEL_UNLISTED, "run", ("run", "refuse")),
             "signing_key": signing_key,
             "service": environ.get("OTEL_SERVICE_NAME") or "unknown_service",
             "instance": environ.get(env.OTEL_CANCEL_INSTANCE) or default_instance(environ),
             "store": _choice(environ, env.OTEL_CANCEL_STORE, "etcd", ("etcd", "memory")),
+            "live_interval_ms": _number(environ, env.OTEL_CANCEL_LIVE_INTERVAL_MS, 250.0, 10, 60_000),
+            "live_ttl_seconds": int(_number(environ, env.OTEL_CANCEL_LIVE_TTL_SECONDS, 10, 2, 3600)),
+            "label_headers": parse_label_headers(environ.get(env.OTEL_CANCEL_LABEL_HEADERS, "")),
         }
         values.update(overrides)
+        if values["startup_wait_seconds"] == -1.0:  # not set: follows the etcd deadline
+            values["startup_wait_seconds"] = startup_wait_for(float(values["timeout_seconds"]))  # type: ignore[arg-type]
         settings = cls(**values)  # type: ignore[arg-type]
         validate_prefix(settings.prefix)
         if settings.store == "etcd":
             for endpoint in settings.endpoints:
                 # Now, not when the watcher first connects on its own thread: fail fast.
                 parse_endpoint(endpoint)
+            # The TLS files too: a wrong one would otherwise surface as "etcd unavailable".
+            from .store._tls import read_credentials
+
+            read_credentials(settings.ca_cert, settings.cert, settings.key)
         return settings
 
     def create_store(self) -> CancelStore:

@@ -8,7 +8,11 @@ number of loops or requests.
 
 Loop, in order:
 
-1. list ``{prefix}flags/`` and apply every flag; remember the listing revision;
+1. list ``{prefix}flags/`` page by page, with values for the first
+   :data:`LISTED_WITH_VALUES` flags and keys only after (a root is all
+   enforcement needs; such a flag's reason is fetched when a refusal first shows
+   it), and mark every root cancelled; remember the listing revision. A re-list keeps enforcing
+   what was known until it has completed;
 2. watch from that revision + 1, applying puts and forgetting deletes, and
    remember the revision of every event;
 3. on any store error, reconnect with capped exponential backoff and jitter and
@@ -16,8 +20,9 @@ Loop, in order:
    lost: etcd replays it); when that revision was compacted, go back to 1.
 
 A watchdog pings the store every ``watchdog_seconds``; a ping that fails (a frozen
-etcd keeps the TCP stream open but answers nothing) tears the watch down so the
-loop reconnects.
+etcd keeps the TCP stream open but answers nothing; a member cut off from its
+peers answers but has no leader) tears the watch down so the loop reconnects,
+through another endpoint.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from . import telemetry
+from ._bulk import BulkCancel
 from ._io_loop import io_loop
-from ._registry import CancelRegistry, deliver
+from ._logging import RateLimitedLogger
+from ._registry import LISTED_REASON, CancelRegistry, Holder, deliver
 from ._request import CancelRequest
 from .exceptions import RevisionCompactedError, StoreError, StoreUnavailableError
 from .store import CancelStore, FlagEvent
-from .store._keys import root_of_flag_key
+from .store._keys import bulk_id_of_flag_key, root_of_flag_key
 
 _log = logging.getLogger("otel_cancel.watcher")
 
@@ -45,6 +52,16 @@ T = TypeVar("T")
 
 BACKOFF_INITIAL_SECONDS = 0.05
 BACKOFF_MAX_SECONDS = 2.0
+_DETAIL_FETCHES_MAX = 256
+"""Flag values fetched at once for refusals (each root once; more wait for the next refusal)."""
+
+LISTED_WITH_VALUES = 2000
+"""Flags a listing reads with their values (reason, requester): a small set is held whole,
+as the watch holds what it applies. Past them the listing reads keys only and holds one
+string per root, so 100,000 flags cost megabytes, not hundreds of them."""
+
+FlagListener = Callable[[FlagEvent, bool], None]
+"""Told of every flag event the watcher sees, and whether it is replayed by a listing."""
 
 
 class CancelWatcher:
@@ -55,6 +72,12 @@ class CancelWatcher:
             an etcd client belongs to the loop that created it.
         registry: the process registry.
         watchdog_seconds: interval of the liveness probe.
+        listener: told of every flag event (``otel-cancel watch`` prints them).
+        keys_only: past the first :data:`LISTED_WITH_VALUES` flags, list keys only (services); a
+            listener that shows reasons lists every value.
+        fail_before_listing: end (raising the ``StoreError``) when no endpoint can be
+            listed at the start, instead of retrying: a command fails with one line
+            where a service serves on.
     """
 
     def __init__(
@@ -63,10 +86,20 @@ class CancelWatcher:
         registry: CancelRegistry,
         *,
         watchdog_seconds: float = 5.0,
+        listener: FlagListener | None = None,
+        keys_only: bool = True,
+        fail_before_listing: bool = False,
     ) -> None:
         self._store_factory = store_factory
         self._registry = registry
         self._watchdog_seconds = watchdog_seconds
+        self._listener = listener
+        self._keys_only = keys_only
+        self._fail_before_listing = fail_before_listing
+        self._bad_input = RateLimitedLogger(_log)
+        self._fetching: set[str] = set()
+        self._fetching_lock = threading.Lock()
+        registry.on_details_wanted = self._details_wanted
         self._start_lock = threading.Lock()
         self._future: concurrent.futures.Future[None] | None = None
         self._stopped = threading.Event()
@@ -80,6 +113,8 @@ class CancelWatcher:
         self.reconnects = 0
         self.listings = 0
         self.flags_applied = 0
+        self.on_bulk_selected: Callable[[list[CancelRequest]], object] | None = None
+        """Called with the roots a bulk cancel stopped here, so their ordinary flags get written."""
         self._listed_future: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._state = threading.Condition()
 
@@ -108,6 +143,18 @@ class CancelWatcher:
             future.cancel()  # cancels the task on the IO loop
             self._stopped.wait(timeout)
             self._set_connected(False)
+
+    @property
+    def done(self) -> bool:
+        """Whether the watcher has ended (stopped or failed)."""
+        return self._future is None or self._future.done()
+
+    def join(self) -> None:
+        """Block until the watcher ends: stopped, or failed (its error is raised here)."""
+        future = self._future
+        if future is not None:
+            with contextlib.suppress(concurrent.futures.CancelledError):
+                future.result()
 
     async def _run(self) -> None:
         try:
@@ -149,27 +196,155 @@ class CancelWatcher:
         if not is_new:
             return
         self.flags_applied += 1
+        self.deliver(holders)
+
+    def deliver(self, holders: list[Holder]) -> None:
+        """Cancel each holder's task on its own loop (holders whose root was just cancelled)."""
         for holder in holders:
             if holder.loop is not None and not holder.loop.is_closed():
                 # RuntimeError: the loop closed between the check and the call.
                 with contextlib.suppress(RuntimeError):
                     holder.loop.call_soon_threadsafe(deliver, holder)
 
-    def _apply_event(self, event: FlagEvent, prefix: str) -> None:
+    def apply_bulk(self, bulk: BulkCancel) -> list[CancelRequest]:
+        """Keep ``bulk`` in force here and stop every live root it selects; return their requests."""
+        selected = self._registry.apply_bulk(bulk)
+        for _, holders in selected:
+            self.flags_applied += 1
+            self.deliver(holders)
+        requests = [request for request, _ in selected]
+        if requests and self.on_bulk_selected is not None:
+            self.on_bulk_selected(requests)
+        return requests
+
+    def _apply_bulk_event(self, event: FlagEvent, bulk_id: str) -> None:
+        if event.kind == "delete":
+            self._registry.forget_bulk(bulk_id)
+            return
+        try:
+            bulk = BulkCancel.from_json(event.value, bulk_id)
+        except ValueError as error:
+            _log.warning("otel-cancel: ignoring malformed bulk cancel %s: %s", bulk_id, error)
+            return
+        self.apply_bulk(bulk)
+
+    # A listing logs bad keys and values rate-limited (it may meet thousands at once); the
+    # watch logs each one, as it arrives.
+
+    def _root_of(self, event: FlagEvent, prefix: str, *, limited: bool = False) -> str | None:
         root = root_of_flag_key(prefix, event.key)
         if root is None:
-            _log.warning("otel-cancel: ignoring key %r under the flags prefix: not a valid root", event.key[:200])
+            message = "otel-cancel: ignoring key %r under the flags prefix: not a valid root"
+            if limited:
+                self._bad_input.warning("key", message, event.key[:200])
+            else:
+                _log.warning(message, event.key[:200])
+        return root
+
+    def _parse(self, root: str, value: bytes, *, limited: bool = False) -> CancelRequest:
+        try:
+            return CancelRequest.from_json(value, root)
+        except ValueError as error:
+            message = "otel-cancel: ignoring malformed flag for %s: %s"
+            if limited:
+                self._bad_input.warning("value", message, root, error)
+            else:
+                _log.warning(message, root, error)
+            # The key still says this root was cancelled; honour it with an unknown reason.
+            return CancelRequest(root, "unknown (malformed flag)", 0, "")
+
+    def _apply_event(self, event: FlagEvent, prefix: str) -> None:
+        bulk_id = bulk_id_of_flag_key(prefix, event.key)
+        if bulk_id is not None:
+            self._apply_bulk_event(event, bulk_id)
+            return
+        root = self._root_of(event, prefix)
+        if root is None:
             return
         if event.kind == "delete":
             self._registry.forget(root)
             return
+        self.apply(self._parse(root, event.value))
+
+    # -- fetching what only a message needs --------------------------------------------
+
+    def _details_wanted(self, root: str) -> None:
+        # Any thread (a refusal): fetch the flag once on the IO loop, so later refusals
+        # carry its reason. The refusal itself never waits for etcd.
+        with self._fetching_lock:
+            if root in self._fetching or len(self._fetching) >= _DETAIL_FETCHES_MAX or self._future is None:
+                return
+            self._fetching.add(root)
+        self.submit(self._fetch_details(root))
+
+    async def _fetch_details(self, root: str) -> None:
         try:
-            request = CancelRequest.from_json(event.value, root)
-        except ValueError as error:
-            _log.warning("otel-cancel: ignoring malformed flag for %s: %s", root, error)
-            # The key still says this root was cancelled; honour it with an unknown reason.
-            request = CancelRequest(root, "unknown (malformed flag)", 0, "")
-        self.apply(request)
+            store = await self.store()
+            request = await store.get_flag(root)
+            if request is not None:
+                self.apply(request)
+        except (StoreError, ValueError) as error:
+            _log.debug("otel-cancel: could not fetch the flag of %s: %s", root, error)
+        finally:
+            with self._fetching_lock:
+                self._fetching.discard(root)
+
+    async def _apply_listed(self, store: CancelStore, root: str, value: bytes) -> None:
+        if value or not self._keys_only:
+            self.apply(self._parse(root, value, limited=True))
+            return
+        if not self._registry.apply_listed(root):
+            return
+        # Work for this root is live here: stopping it (and its receipt) needs the flag itself.
+        try:
+            request = await store.get_flag(root)
+        except ValueError:
+            request = None
+        self.apply(request or CancelRequest(root, LISTED_REASON, 0, ""))
+
+    async def _list(self, store: CancelStore) -> None:
+        """List every flag, page by page, and mark each root cancelled; forget roots no longer listed."""
+        # A re-list (after a compaction) keeps enforcing what was known until it has
+        # completed, then forgets only the roots whose flags are gone. The first listing
+        # has nothing to forget, and keeps no second copy of the roots.
+        seen: set[str] | None = set() if self.listings else None
+        bulk_ids: set[str] = set()
+        self.listings += 1
+        revision = 0
+        values_for_first = LISTED_WITH_VALUES if self._keys_only else None
+        async for page in store.list_flag_pages(values_for_first=values_for_first):
+            revision = page.revision
+            for event in page.flags:
+                bulk_id = bulk_id_of_flag_key(store.prefix, event.key)
+                if bulk_id is not None:
+                    # Bulk flags are few (bounded in force): fetch one listed keys-only.
+                    bulk_ids.add(bulk_id)
+                    await self._apply_listed_bulk(store, event, bulk_id)
+                    continue
+                root = self._root_of(event, store.prefix, limited=True)
+                if root is None:
+                    continue
+                if seen is not None:
+                    seen.add(root)
+                if self._listener is not None:
+                    self._listener(event, True)
+                await self._apply_listed(store, root, event.value)
+        if seen is not None:
+            self._registry.retain_only(seen)
+        self._registry.retain_only_bulk(bulk_ids)
+        self.last_revision = revision
+
+    async def _apply_listed_bulk(self, store: CancelStore, event: FlagEvent, bulk_id: str) -> None:
+        if not event.value:
+            try:
+                bulk = await store.get_bulk(bulk_id)
+            except ValueError as error:
+                self._bad_input.warning("bulk", "otel-cancel: ignoring malformed bulk cancel %s: %s", bulk_id, error)
+                return
+            if bulk is not None:
+                self.apply_bulk(bulk)
+            return
+        self._apply_bulk_event(event, bulk_id)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -181,16 +356,7 @@ class CancelWatcher:
             store = await self.store()
             try:
                 if must_list:
-                    listing = await store.list_flags()
-                    self.listings += 1
-                    roots: set[str] = set()
-                    for event in listing.flags:
-                        self._apply_event(event, store.prefix)
-                        root = root_of_flag_key(store.prefix, event.key)
-                        if root is not None:
-                            roots.add(root)
-                    self._registry.retain_only(roots)
-                    self.last_revision = listing.revision
+                    await self._list(store)
                     must_list = False
                     if not self.listed.is_set():
                         self.listed.set()
@@ -212,6 +378,8 @@ class CancelWatcher:
                 continue
             except StoreError as error:
                 self._set_connected(False)
+                if self._fail_before_listing and not self.listed.is_set():
+                    raise
                 if not warned:
                     _log.warning(
                         "otel-cancel: cancel store unavailable (%s); serving on, cancels will apply on reconnect",
@@ -244,6 +412,8 @@ class CancelWatcher:
 
     async def _consume_watch(self, store: CancelStore) -> None:
         async for event in store.watch_flags(self.last_revision + 1):
+            if self._listener is not None:
+                self._listener(event, False)
             self._apply_event(event, store.prefix)
             self.last_revision = max(self.last_revision, event.revision)
 

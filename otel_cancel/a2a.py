@@ -45,6 +45,7 @@ from a2a.utils.errors import TaskNotFoundError
 from google.protobuf import json_format
 
 from . import attributes
+from ._labels import usable_labels
 from ._logging import RateLimitedLogger
 from ._request import MAX_TEXT, TaskRecord
 from ._runtime import Runtime, get_runtime
@@ -267,7 +268,8 @@ class CancellableAgentExecutor(AgentExecutor):
         observed = _ObservedQueue(event_queue)
         running: _RunningTask | None = None
         try:
-            async with scope(name=self.name) as bound:
+            labels = usable_labels({"task_id": context.task_id, "context_id": context.context_id})
+            async with scope(name=self.name, labels=labels) as bound:
                 assert bound.root is not None
                 running = observed.running = _started(context.task_id or "", bound.root, context.context_id or "")
                 await self.executor.execute(context, observed)

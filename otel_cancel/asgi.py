@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import baggage, propagate, trace
@@ -52,10 +52,12 @@ from opentelemetry.propagators.textmap import Getter
 from . import attributes, telemetry
 from ._deadline import DEADLINE_REASON, MAX_AHEAD_SECONDS, now_ms, parse_timeout, validate_deadline
 from ._incoming import establish_root
+from ._labels import usable_labels, validate_label, with_labels
 from ._logging import RateLimitedLogger
 from ._root import with_root
 from ._runtime import get_runtime
 from ._scope import cancel, scope
+from ._upstream_logs import limit_client_input_logs
 from .exceptions import Cancelled, ConfigurationError
 
 Scope = MutableMapping[str, Any]
@@ -134,6 +136,9 @@ class CancelMiddleware:
             middleware then establishes the root, depth and deadline and answers with
             ``otel-cancel-root``, but refuses no request (no 409 or 504) and stops none;
             the app's own scopes do, and a late hop is refused there.
+        label_headers: request headers to turn into run labels, ``{header: label}``
+            (``{"x-tenant-id": "tenant"}``); default from ``OTEL_CANCEL_LABEL_HEADERS``.
+            A value that is not a valid label is ignored (one rate-limited log line).
     """
 
     def __init__(
@@ -144,16 +149,24 @@ class CancelMiddleware:
         on_disconnect: str | None = None,
         deadline_seconds: float | None = None,
         run_in_scope: bool = True,
+        label_headers: Mapping[str, str] | None = None,
     ) -> None:
         if on_disconnect is not None and on_disconnect not in _ON_DISCONNECT:
             raise ConfigurationError(f"on_disconnect must be 'cancel' or 'continue', got {on_disconnect!r}")
         if deadline_seconds is not None and not 0 < deadline_seconds <= MAX_AHEAD_SECONDS:
             raise ConfigurationError(f"deadline_seconds must be in (0, {MAX_AHEAD_SECONDS}], got {deadline_seconds}")
         self.app = app
+        limit_client_input_logs()  # OpenTelemetry's warnings about hostile baggage headers
         self._deadline_seconds = deadline_seconds
         self._trust_incoming = trust_incoming
         self._on_disconnect = on_disconnect
         self._run_in_scope = run_in_scope
+        self._label_headers: tuple[tuple[bytes, str], ...] | None = None
+        if label_headers is not None:
+            self._label_headers = tuple(
+                (header.lower().encode("latin-1"), validate_label(label, "x")[0])
+                for header, label in label_headers.items()
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -177,6 +190,7 @@ class CancelMiddleware:
             current = propagate.extract(scope, getter=_getter)
         incoming = establish_root(current, scope.get("headers", []), trusted=trusted, signing_key=settings.signing_key)
         context, deadline_ms = self._narrow_deadline(incoming.context, incoming.root, incoming.depth, scope)
+        context = self._labelled(context, scope, settings.label_headers)
         if self._run_in_scope and deadline_ms is not None and deadline_ms <= now_ms():
             # The budget ran out before this hop: do no work.
             telemetry.late_arrival(incoming.root, DEADLINE_REASON, attributes.KIND_DEADLINE, context)
@@ -226,6 +240,24 @@ class CancelMiddleware:
         if deadline_ms is None:
             return context, None
         return with_root(root, depth, context, extra={attributes.BAGGAGE_DEADLINE: str(deadline_ms)}), deadline_ms
+
+    def _labelled(
+        self, context: otel_context.Context, scope: Scope, configured: tuple[tuple[str, str], ...]
+    ) -> otel_context.Context:
+        """``context`` with the labels this edge takes from request headers."""
+        wanted = self._label_headers
+        if wanted is None:
+            if not configured:
+                return context
+            wanted = tuple((header.encode("latin-1"), label) for header, label in configured)
+        found: dict[str, object] = {}
+        for key, value in scope.get("headers", []):
+            name = key.lower()
+            for header, label in wanted:
+                if name == header:
+                    found[label] = value.decode("latin-1")
+        labels = usable_labels(found)
+        return with_labels(labels, context) if labels else context
 
 
 def _deadline_body(root: str, deadline_ms: int | None) -> bytes:

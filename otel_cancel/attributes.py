@@ -17,7 +17,18 @@ BAGGAGE_DEADLINE = "otel_cancel.deadline"
 """Absolute deadline of the run, in epoch milliseconds."""
 BAGGAGE_SIGNATURE = "otel_cancel.sig"
 """HMAC of the root (and deadline) when roots are signed."""
-BAGGAGE_KEYS = (BAGGAGE_ROOT, BAGGAGE_DEPTH, BAGGAGE_DEADLINE, BAGGAGE_SIGNATURE)
+BAGGAGE_STARTED = "otel_cancel.started"
+"""When the run began at its root, in epoch milliseconds (``cancel --all`` compares it with its cut-off)."""
+BAGGAGE_LABELS = "otel_cancel.labels"
+"""The run's labels, ``key=value`` pairs joined by ``;`` (see :func:`otel_cancel.labelled`)."""
+BAGGAGE_KEYS = (
+    BAGGAGE_ROOT,
+    BAGGAGE_DEPTH,
+    BAGGAGE_DEADLINE,
+    BAGGAGE_SIGNATURE,
+    BAGGAGE_STARTED,
+    BAGGAGE_LABELS,
+)
 """The entries otel-cancel owns; an untrusted edge drops exactly these."""
 
 # HTTP.
@@ -60,6 +71,8 @@ METRIC_WATCH_CONNECTED = "otel_cancel.watch.connected"
 METRIC_RECEIPTS = "otel_cancel.receipts"
 METRIC_BAGGAGE_REJECTED = "otel_cancel.baggage.rejected"
 METRIC_REQUESTS = "otel_cancel.requests"
+METRIC_LIVE_ROOTS = "otel_cancel.live.roots"
+METRIC_BULK_CANCELS = "otel_cancel.bulk_cancels"
 
 METRIC_NAMES = (
     METRIC_CANCELLATIONS,
@@ -71,5 +84,7 @@ METRIC_NAMES = (
     METRIC_RECEIPTS,
     METRIC_BAGGAGE_REJECTED,
     METRIC_REQUESTS,
+    METRIC_LIVE_ROOTS,
+    METRIC_BULK_CANCELS,
 )
 """Every metric otel-cancel emits; dashboards may query only these."""

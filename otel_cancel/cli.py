@@ -2,7 +2,9 @@
 
 Commands::
 
-    otel-cancel cancel ROOT [--reason TEXT] [--wait SECONDS] [--expect N] [--json]
+    otel-cancel cancel ROOT [ROOT...] [--reason TEXT] [--wait SECONDS] [--expect N] [--json]
+    otel-cancel cancel --all [--service NAME] [--label KEY=VALUE]... [--yes] [--reason TEXT] [--wait SECONDS]
+    otel-cancel ps [--service NAME] [--label KEY=VALUE]... [--json]
     otel-cancel status ROOT [--json]
     otel-cancel list [--json]
     otel-cancel watch [--json]
@@ -15,13 +17,14 @@ Configuration comes from the ``OTEL_CANCEL_*`` environment; the global flags
 (``--endpoints``, ``--prefix``, ...) win over it. Exit codes: 0 on
 success (cancelling an already cancelled root included), 2 on bad input (a root
 that is not 32 lowercase hex digits, an invalid setting), 1 with a one-line reason
-when etcd cannot be reached or refuses the call.
+when etcd cannot be reached or refuses the call, 3 when ``cancel --wait`` wrote
+the flag but could not read the receipts (the cancel stands; only its
+confirmation is missing).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -29,27 +32,24 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from . import telemetry
-from ._cli_options import environment_with_flags, global_options_parser, package_version, requester, settings_from
+from . import _cli_fleet
+from ._cli_options import environment_with_flags, global_options_parser, package_version, settings_from
 from ._completion import SHELLS, completion_script
 from ._io_loop import io_loop
 from ._request import CancelRequest, Receipt
 from ._root import validate_root
-from ._scope import parent_in_root_trace
 from ._settings import Settings
-from ._table import StreamingTable
 from ._table import format_table as format_table
 from .exceptions import ConfigurationError, InvalidRootError, StoreError
 from .store import CancelStore
-from .store._keys import root_of_flag_key
 
 EXIT_OK = 0
 EXIT_STORE = 1
 EXIT_USAGE = 2
+EXIT_UNCONFIRMED = _cli_fleet.EXIT_UNCONFIRMED
+"""``cancel --wait``: the flag is written, reading the receipts failed."""
 
 _RECEIPT_COLUMNS = ("service", "instance", "depth", "interrupted", "latency_ms")
-# Receipts stream in during --wait: columns wide enough for usual names, so rows line up.
-_RECEIPT_MIN_WIDTHS = {"service": 20, "instance": 28, "depth": 5, "interrupted": 16, "latency_ms": 10}
 
 
 def _one_line(text: str) -> str:
@@ -89,58 +89,6 @@ def _request_dict(request: CancelRequest) -> dict[str, Any]:
 # -- commands -------------------------------------------------------------------------------
 
 
-async def _cancel(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
-    request = CancelRequest.new(args.root, args.reason, requester())
-    # The request span lands in the root's trace, next to the stops it causes.
-    span = telemetry.start_request_span(args.root, args.reason, parent_in_root_trace(args.root))
-    try:
-        stored, created = await store.create_flag(request, settings.ttl_seconds)
-    finally:
-        span.end()
-    telemetry.cancel_requested(args.root, args.reason, created)
-    if args.json:
-        print(json.dumps({"created": created, "flag": _request_dict(stored)}), flush=True)
-    elif created:
-        print(f"cancelled {stored.root} (reason: {stored.reason})", flush=True)
-    else:
-        print(
-            f"{stored.root} was already cancelled at {_iso(stored.requested_at)} "
-            f"by {stored.requested_by} (reason: {stored.reason})",
-            flush=True,
-        )
-    if args.wait:
-        await _wait_for_receipts(store, args)
-    return EXIT_OK
-
-
-async def _wait_for_receipts(store: CancelStore, args: argparse.Namespace) -> None:
-    # Receipts arrive from other processes; poll the acks prefix until --wait
-    # runs out or --expect receipts have arrived, printing each one once.
-    deadline = time.monotonic() + args.wait
-    seen: set[tuple[str, str]] = set()
-    table = StreamingTable(_RECEIPT_COLUMNS, _RECEIPT_MIN_WIDTHS)
-    header_printed = False
-    while True:
-        for receipt in await store.list_receipts(args.root):
-            key = (receipt.service, receipt.instance)
-            if key in seen:
-                continue
-            seen.add(key)
-            row = _receipt_row(receipt)
-            if args.json:
-                print(json.dumps({"receipt": row}), flush=True)
-            else:
-                if not header_printed:
-                    print(table.header(), flush=True)
-                    header_printed = True
-                print(table.row(row), flush=True)
-        if (args.expect and len(seen) >= args.expect) or time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(0.05)
-    if not args.json:
-        print(f"{len(seen)} process(es) reported stopped work", flush=True)
-
-
 async def _status(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
     flag = await store.get_flag(args.root)
     receipts = sorted(await store.list_receipts(args.root), key=lambda r: (r.depth, r.stopped_at))
@@ -159,9 +107,12 @@ async def _status(store: CancelStore, settings: Settings, args: argparse.Namespa
     if flag is None:
         print(f"{args.root} is not cancelled")
         return EXIT_OK
-    print(f"{flag.root} cancelled at {_iso(flag.requested_at)} by {flag.requested_by} (reason: {flag.reason})")
+    age = _cli_fleet.format_age(time.time_ns() - flag.requested_at)
+    when = f"{_iso(flag.requested_at)} ({age} ago)"
+    print(f"{flag.root} cancelled at {when} by {flag.requested_by} (reason: {flag.reason})")
     if receipts:
         print(format_table([_receipt_row(r) for r in receipts], _RECEIPT_COLUMNS))
+        print(_cli_fleet.receipts_summary(receipts))
         from .timeline import render_timeline
 
         print()
@@ -172,62 +123,17 @@ async def _status(store: CancelStore, settings: Settings, args: argparse.Namespa
 
 
 async def _list(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
-    listing = await store.list_flags()
-    flags = []
-    for event in listing.flags:
-        root = root_of_flag_key(store.prefix, event.key)
-        if root is None:
-            continue
-        try:
-            flags.append(CancelRequest.from_json(event.value, root))
-        except ValueError:
-            flags.append(CancelRequest(root, "unknown (malformed flag)", 0, ""))
-    if args.json:
-        print(json.dumps({"revision": listing.revision, "flags": [_request_dict(f) for f in flags]}))
-    elif not flags:
-        print("no cancelled roots")
-    else:
-        rows = [
-            {
-                "root": f.root,
-                "requested_at": _iso(f.requested_at) if f.requested_at else "-",
-                "by": f.requested_by,
-                "reason": f.reason,
-            }
-            for f in flags
-        ]
-        print(format_table(rows, ("root", "requested_at", "by", "reason")))
-    return EXIT_OK
+    from ._cli_flags import list_command
+
+    return await list_command(store, settings, args)
 
 
-async def _watch(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
-    listing = await store.list_flags()
-    revision = listing.revision
-    for event in listing.flags:
-        _print_event(store, event.kind, event.key, event.value, args.json)
-    async for event in store.watch_flags(revision + 1):
-        _print_event(store, event.kind, event.key, event.value, args.json)
-    return EXIT_OK
-
-
-def _print_event(store: CancelStore, kind: str, key: str, value: bytes, as_json: bool) -> None:
-    root = root_of_flag_key(store.prefix, key)
-    if root is None:
-        return
-    reason = ""
-    if kind == "put":
-        try:
-            reason = CancelRequest.from_json(value, root).reason
-        except ValueError:
-            reason = "unknown (malformed flag)"
-    if as_json:
-        print(json.dumps({"event": "cancelled" if kind == "put" else "expired", "root": root, "reason": reason}))
-    else:
-        print(f"{'cancelled' if kind == 'put' else 'expired  '} {root} {reason}".rstrip())
-    sys.stdout.flush()
-
-
-_STORE_COMMANDS = {"cancel": _cancel, "status": _status, "list": _list, "watch": _watch}
+_STORE_COMMANDS = {
+    "cancel": _cli_fleet.cancel_command,
+    "ps": _cli_fleet.ps_command,
+    "status": _status,
+    "list": _list,
+}
 
 
 async def _run_store_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -295,20 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, description=help_text, parents=[options])
 
-    cancel = command("cancel", "cancel every piece of work of ROOT")
-    cancel.add_argument("root", type=_root_argument, metavar="ROOT", help=_ROOT_HELP)
-    cancel.add_argument("--reason", default="cancelled by operator", help="why (shown in receipts and spans)")
-    cancel.add_argument(
-        "--wait",
-        type=_seconds_argument,
-        default=0,
-        metavar="SECONDS",
-        help="print receipts as processes report stopped work, for up to SECONDS (0 to 86400)",
-    )
-    cancel.add_argument(
-        "--expect", type=_count_argument, default=0, metavar="N", help="with --wait: return once N receipts arrived"
-    )
-    cancel.add_argument("--json", action="store_true", help=_JSON_HELP)
+    cancel = command("cancel", "cancel every piece of work of ROOT(s), or of every run --all selects")
+    _cli_fleet.add_cancel_arguments(cancel)
+
+    ps = command("ps", "show every root with live work, where it runs")
+    _cli_fleet.add_ps_arguments(ps)
 
     status = command("status", "show whether ROOT is cancelled and who stopped")
     status.add_argument("root", type=_root_argument, metavar="ROOT", help=_ROOT_HELP)
@@ -388,6 +285,10 @@ def _main(args: argparse.Namespace) -> int:
             from .doctor import run_doctor
 
             return run_doctor(settings, as_json=args.json)
+        if args.command == "watch":
+            from ._cli_flags import watch_command
+
+            return watch_command(settings, as_json=args.json)
         return _on_io_loop(_run_store_command(settings, args))
     except ConfigurationError as error:
         return _fail(str(error), EXIT_USAGE)

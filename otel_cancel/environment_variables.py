@@ -57,7 +57,18 @@ stops; ``continue`` lets the work outlive its caller.
 OTEL_CANCEL_STARTUP_WAIT_SECONDS = "OTEL_CANCEL_STARTUP_WAIT_SECONDS"
 """How long a scope entered before the watcher's first listing waits for it.
 
-Default: ``1``. After that the scope fails open (runs) and logs one line.
+Default: twice ``OTEL_CANCEL_ETCD_TIMEOUT_SECONDS`` plus one second (5 s with the
+default 2 s deadline): time to give up on one endpoint that does not answer (one
+deadline) and list through the next one (another). After that the scope fails
+open (runs) and logs one line, unless ``OTEL_CANCEL_UNLISTED`` says ``refuse``.
+"""
+
+OTEL_CANCEL_UNLISTED = "OTEL_CANCEL_UNLISTED"
+"""What a scope does when the start-up wait ran out before the first listing.
+
+``run`` (default): run the work, fail open. ``refuse``: raise ``Cancelled`` with the
+reason "the cancel store could not be listed" (a 409 over HTTP): work that cannot
+be checked against the flags does not run.
 """
 
 OTEL_CANCEL_WATCHDOG_SECONDS = "OTEL_CANCEL_WATCHDOG_SECONDS"
@@ -80,3 +91,22 @@ name, set ``OTEL_RESOURCE_ATTRIBUTES=service.instance.id=NAME`` rather than this
 
 OTEL_CANCEL_STORE = "OTEL_CANCEL_STORE"
 """``etcd`` (default) or ``memory`` (single process only, for tests and demos)."""
+
+OTEL_CANCEL_LIVE_INTERVAL_MS = "OTEL_CANCEL_LIVE_INTERVAL_MS"
+"""Least time between two publications of this process's live work, in ms. Default: ``250``.
+
+A process writes its live work (``otel-cancel ps``) at most once per interval, and
+only when it changed, whatever its request rate.
+"""
+
+OTEL_CANCEL_LIVE_TTL_SECONDS = "OTEL_CANCEL_LIVE_TTL_SECONDS"
+"""Lease of this process's live-work key, in seconds. Default: ``10``.
+
+A process that dies leaves ``otel-cancel ps`` within this time.
+"""
+
+OTEL_CANCEL_LABEL_HEADERS = "OTEL_CANCEL_LABEL_HEADERS"
+"""Request headers the ASGI middleware turns into run labels at the edge. Default: unset.
+
+``header=label`` pairs, comma-separated: ``x-tenant-id=tenant,x-user-id=user_id``.
+"""

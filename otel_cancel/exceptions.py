@@ -6,6 +6,7 @@
      ├── Cancelled                 the work of a root was cancelled
      ├── InvalidRootError          a root that is not 32 lowercase hex digits (or is all zeros)
      ├── InvalidTaskIdError        a protocol task id that cannot name a store key
+     ├── InvalidLabelError         a run label whose key or value is not allowed, or too many labels
      ├── ConfigurationError        bad settings; raised at start-up, never on a request
      └── StoreError                the cancel store failed
           ├── StoreUnavailableError     etcd could not be reached in time
@@ -46,6 +47,10 @@ class InvalidRootError(OtelCancelError, ValueError):
 
 class InvalidTaskIdError(OtelCancelError, ValueError):
     """A protocol task id (A2A) is empty, too long or holds characters a store key cannot."""
+
+
+class InvalidLabelError(OtelCancelError, ValueError):
+    """A run label's key or value is not allowed, or a run would carry too many labels."""
 
 
 class ConfigurationError(OtelCancelError):

@@ -119,6 +119,7 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return ()
 
     def _instrument(self, **kwargs: Any) -> None:
+        from ._upstream_logs import limit_client_input_logs
         from .asgi import warn_if_propagators_drop_baggage
 
         try:
@@ -128,6 +129,7 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 raise  # instrument() called by the application: the error is its to handle
             _stop_the_process(error)
         warn_if_propagators_drop_baggage()
+        limit_client_input_logs()
         self._instrument_starlette()
         # httpx is switched on when the app starts serving, not now: under
         # opentelemetry-instrument its own instrumentor may still be about to run.

@@ -31,6 +31,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langgraph.pregel import Pregel
 from langgraph.pregel import _runner as pregel_runner
 
+from ._labels import current_labels, usable_labels
 from ._scope import CancelScope, check
 
 _originals: dict[str, Any] = {}
@@ -74,10 +75,30 @@ def _wrap_run_with_retry(original: Any) -> Any:
     return run_with_retry
 
 
+def _run_labels(graph: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
+    """The run's LangGraph ids, from its config: ``thread_id``, ``run_id``, ``assistant_id``, ``graph``.
+
+    A subgraph run inside a node keeps the outer run's ``graph`` label.
+    """
+    config = kwargs.get("config", args[1] if len(args) > 1 else None)
+    config = config if isinstance(config, dict) else {}
+    configurable = config.get("configurable")
+    configurable = configurable if isinstance(configurable, dict) else {}
+    graph_name = None if "graph" in current_labels() else configurable.get("graph_id") or getattr(graph, "name", None)
+    return usable_labels(
+        {
+            "thread_id": configurable.get("thread_id"),
+            "run_id": config.get("run_id") or configurable.get("run_id"),
+            "assistant_id": configurable.get("assistant_id"),
+            "graph": graph_name,
+        }
+    )
+
+
 def _wrap_astream(original: Any) -> Any:
     @functools.wraps(original)
     async def astream(self: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        async with CancelScope(name=None):
+        async with CancelScope(name=None, labels=_run_labels(self, args, kwargs)):
             async for chunk in original(self, *args, **kwargs):
                 yield chunk
 
@@ -87,7 +108,7 @@ def _wrap_astream(original: Any) -> Any:
 def _wrap_stream(original: Any) -> Any:
     @functools.wraps(original)
     def stream(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        with CancelScope(name=None):
+        with CancelScope(name=None, labels=_run_labels(self, args, kwargs)):
             for chunk in original(self, *args, **kwargs):
                 yield chunk
                 check()  # a sync run stops at the next superstep boundary

@@ -59,6 +59,12 @@ _baggage_rejected = _meter.create_counter(
     description="Requests whose incoming otel_cancel baggage was malformed or untrusted.",
 )
 
+_bulk_cancels = _meter.create_counter(
+    attributes.METRIC_BULK_CANCELS,
+    unit="{cancel}",
+    description="Bulk cancels (cancel --all, cancel ROOT ROOT...) requested from this process.",
+)
+
 # Roots already counted in otel_cancel.cancellations and the latency histogram: nested
 # scopes (a scope inside a request's scope) each record a span, but a root counts once
 # per process. Bounded: the oldest roots are forgotten first (a root that comes back
@@ -68,6 +74,7 @@ _counted_roots: OrderedDict[str, None] = OrderedDict()
 _counted_lock = threading.Lock()
 
 _connected_sources: list[Callable[[], bool]] = []
+_live_sources: list[Callable[[], int]] = []
 _reason_labels: set[str] = set()
 _reason_lock = threading.Lock()
 
@@ -85,6 +92,29 @@ _meter.create_observable_gauge(
     unit="{state}",
     description="1 while the watcher's stream to the cancel store is up, else 0.",
 )
+
+
+def _observe_live_roots(options: CallbackOptions) -> Iterable[Observation]:
+    for source in list(_live_sources):
+        yield Observation(source())
+
+
+_meter.create_observable_gauge(
+    attributes.METRIC_LIVE_ROOTS,
+    callbacks=[_observe_live_roots],
+    unit="{root}",
+    description="Roots this process holds live work for (what otel-cancel ps lists).",
+)
+
+
+def observe_live_roots(source: Callable[[], int]) -> None:
+    """Report ``source()`` as ``otel_cancel.live.roots`` (one source per process)."""
+    _live_sources[:] = [source]
+
+
+def bulk_cancel_requested(kind: str) -> None:
+    """Count one bulk cancel; ``kind`` is ``roots`` (listed roots) or ``selector`` (cancel --all)."""
+    _bulk_cancels.add(1, {attributes.KIND: kind})
 
 
 def initialise_counters() -> None:

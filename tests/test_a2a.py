@@ -8,7 +8,10 @@ whose LangGraph graph streams fake-model tokens as artifact chunks.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
@@ -27,6 +30,7 @@ from a2a.types import (
 )
 from a2a.types import TaskState as State
 
+from otel_cancel._cli_fleet import ps_rows
 from otel_cancel._demo_a2a import a2a_client, task_id_of
 from otel_cancel._io_loop import io_loop
 from otel_cancel._request import CancelRequest, Receipt, TaskRecord
@@ -372,3 +376,44 @@ async def test_plain_send_message_hops_carry_the_root_and_cancel_task_stops_the_
     receipt = await _await_value_under(plain_a2a_chain, f"{prefix}acks/{root}/", _receipt_of("sub-sub-agent"))
     assert receipt.tasks >= 1 and receipt.depth == 2
     _no_tracebacks(plain_a2a_chain, since)
+
+
+async def test_a2a_task_and_context_ids_label_the_run_and_select_it_for_a_bulk_cancel(a2a_chain):
+    """The supervisor's live work carries the task's task_id and context_id; --all --label task_id=T stops it."""
+
+    async def rows_for(task_id: str) -> list[dict]:
+        async def read() -> list[dict]:
+            store = _store(a2a_chain)
+            try:
+                return ps_rows(await store.list_live(), None, [("task_id", task_id)])
+            finally:
+                await store.close()
+
+        return await io_loop().call(read())
+
+    async with a2a_client(a2a_chain.urls["supervisor"][0]) as client:
+        events = client.send_message(_message("label me"))
+        task_id, _ = await _stream_until_leaf_tokens(events, 3)
+        async with asyncio.timeout(EVENT_TIMEOUT):
+            while not (rows := await rows_for(task_id)):
+                await asyncio.sleep(0.05)  # a poll of etcd, re-read each time
+        (row,) = rows
+        assert row["service"] == "supervisor" and row["labels"]["context_id"]
+        cancel = await asyncio.to_thread(
+            _run_cli, a2a_chain, "cancel", "--all", "--label", f"task_id={task_id}", "--reason", "by label"
+        )
+        assert cancel.returncode == 0, cancel.stderr
+        rest = await _rest_of(events)
+    assert rest[-1].status_update.status.state == State.TASK_STATE_CANCELED
+    assert rest[-1].status_update.status.message.metadata["otel_cancel.reason"] == "by label"
+
+
+def _run_cli(chain: ExampleChain, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``otel-cancel ARGS`` against the chain's etcd and prefix."""
+    return subprocess.run(
+        [sys.executable, "-m", "otel_cancel", *args],
+        env={**os.environ, **chain.env},
+        capture_output=True,
+        text=True,
+        timeout=EVENT_TIMEOUT,
+    )

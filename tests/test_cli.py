@@ -71,10 +71,17 @@ def test_list_shows_cancelled_roots_as_json(etcd_env):
 def test_watch_prints_cancels_as_they_happen(spawn, etcd_env):
     """`watch` prints each cancel as a line while it runs."""
     watcher = spawn(cli("watch", "--json"), env=etcd_env, name="watch")
+    watcher.wait_for_line(lambda line: "otel-cancel: watching" in line)
     before = random_root()
     run("cancel", before, env=etcd_env)
     first = json.loads(watcher.wait_for_line(lambda line: before in line))
-    assert first == {"event": "cancelled", "root": before, "reason": "cancelled by operator"}
+    assert {k: first[k] for k in ("event", "root", "reason", "replayed")} == {
+        "event": "cancelled",
+        "root": before,
+        "reason": "cancelled by operator",
+        "replayed": False,
+    }
+    assert first["time"].endswith("Z") and first["requested_at"] > 0
     after = random_root()
     run("cancel", after, "--reason", "later", env=etcd_env)
     assert json.loads(watcher.wait_for_line(lambda line: after in line))["reason"] == "later"

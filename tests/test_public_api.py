@@ -8,6 +8,7 @@ import otel_cancel
 def test_all_is_pinned():
     """otel_cancel.__all__ lists exactly the public names."""
     assert otel_cancel.__all__ == (
+        "BulkCancelResult",
         "CancelResult",
         "CancelScope",
         "Cancelled",
@@ -15,12 +16,15 @@ def test_all_is_pinned():
         "Settings",
         "cancel",
         "cancel_current",
+        "cancel_many",
         "check",
         "configure",
         "current_depth",
+        "current_labels",
         "current_root",
         "deadline",
         "is_cancelled",
+        "labelled",
         "scope",
         "time_left",
         "validate_root",

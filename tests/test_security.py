@@ -81,16 +81,18 @@ def auth_etcd() -> Iterator[AuthEtcd]:
     )
     with server:
         etcd = AuthEtcd(server)
-        flags, acks = f"{DEFAULT_PREFIX}flags/", f"{DEFAULT_PREFIX}acks/"
+        flags, acks, live = f"{DEFAULT_PREFIX}flags/", f"{DEFAULT_PREFIX}acks/", f"{DEFAULT_PREFIX}live/"
         # The README's commands, in order (before `auth enable` no --user is needed; root works too).
         etcd.etcdctl("user", "add", "root", "--new-user-password=root-password")
         etcd.etcdctl("user", "grant-role", "root", "root")
         etcd.etcdctl("role", "add", SERVICE_ROLE)
         etcd.etcdctl("role", "grant-permission", SERVICE_ROLE, "read", flags, "--prefix=true")
         etcd.etcdctl("role", "grant-permission", SERVICE_ROLE, "write", acks, "--prefix=true")
+        etcd.etcdctl("role", "grant-permission", SERVICE_ROLE, "write", live, "--prefix=true")
         etcd.etcdctl("role", "add", CANCELLER_ROLE)
         etcd.etcdctl("role", "grant-permission", CANCELLER_ROLE, "readwrite", flags, "--prefix=true")
         etcd.etcdctl("role", "grant-permission", CANCELLER_ROLE, "read", acks, "--prefix=true")
+        etcd.etcdctl("role", "grant-permission", CANCELLER_ROLE, "read", live, "--prefix=true")
         etcd.add_user("service", SERVICE_ROLE)
         etcd.add_user("canceller", CANCELLER_ROLE)
         etcd.etcdctl("auth", "enable")

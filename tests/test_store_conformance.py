@@ -8,7 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from otel_cancel._bulk import BulkCancel
 from otel_cancel._io_loop import io_loop
+from otel_cancel._live import LiveEntry, LiveRecord
 from otel_cancel._request import CancelRequest, Receipt, TaskRecord
 from otel_cancel._root import random_root
 from otel_cancel.exceptions import InvalidRootError, InvalidTaskIdError, RevisionCompactedError
@@ -71,6 +73,35 @@ async def test_list_flags_returns_every_flag_and_a_revision(store):
     assert {event.key.rsplit("/", 1)[1] for event in listing.flags} == roots
     assert all(event.key.startswith(f"{store.prefix}flags/") for event in listing.flags)
     assert listing.revision >= max(event.revision for event in listing.flags)
+
+
+@on_io_loop
+async def test_flag_pages_list_every_flag_once_in_key_order_at_one_revision(store):
+    """Pages of 2: every flag once, in key order, one revision throughout; a flag written meanwhile waits."""
+    roots = sorted(random_root() for _ in range(5))
+    for root in roots:
+        await store.create_flag(_request(root), 60)
+    pages = []
+    async for page in store.list_flag_pages(page_size=2):
+        pages.append(page)
+        if len(pages) == 1:
+            await store.create_flag(_request(random_root()), 60)  # after the listing's revision
+    assert [len(page.flags) for page in pages][:3] == [2, 2, 1]
+    assert len({page.revision for page in pages}) == 1
+    listed = [flag.key.rsplit("/", 1)[1] for page in pages for flag in page.flags]
+    assert listed == roots
+    assert all(CancelRequest.from_json(flag.value, flag.key.rsplit("/", 1)[1]) for page in pages for flag in page.flags)
+
+
+@on_io_loop
+async def test_flag_pages_carry_values_for_the_first_flags_only_when_asked(store):
+    """``values_for_first=3``: the first three flags come with values, the rest as keys only; ``keys_only``: none."""
+    for _ in range(5):
+        await store.create_flag(_request(random_root()), 60)
+    flags = [flag async for page in store.list_flag_pages(page_size=2, values_for_first=3) for flag in page.flags]
+    assert [bool(flag.value) for flag in flags] == [True, True, True, False, False]
+    keys = [flag async for page in store.list_flag_pages(keys_only=True) for flag in page.flags]
+    assert len(keys) == 5 and not any(flag.value for flag in keys)
 
 
 @on_io_loop
@@ -185,3 +216,39 @@ async def test_task_ids_that_could_escape_the_prefix_are_refused(store):
             await store.get_task(bad)
         with pytest.raises(InvalidTaskIdError):
             await store.put_task(_record(bad, random_root()), 60)
+
+
+@on_io_loop
+async def test_a_bulk_flag_is_stamped_at_its_write_and_streams_with_the_flags(store):
+    """create_bulk writes {prefix}flags/bulk/{id} with the write's time as cut-off; the flags watch carries it."""
+    listing = await store.list_flags()
+    bulk = BulkCancel.new(service="svc", labels={"tenant": "t1"}, reason="r", requested_by="tests")
+    stored = await store.create_bulk(bulk, 60)
+    assert stored.id == bulk.id and stored.requested_at >= bulk.requested_at
+    events = store.watch_flags(listing.revision + 1)
+    try:
+        event = await asyncio.wait_for(anext(events), 10)
+    finally:
+        await events.aclose()
+    assert event.key == f"{store.prefix}flags/bulk/{bulk.id}"
+    assert BulkCancel.from_json(event.value, bulk.id) == stored
+    assert any(e.key == event.key for e in (await store.list_flags()).flags)
+    assert await store.get_bulk(bulk.id) == stored
+    assert await store.get_bulk(BulkCancel.new(service="svc", labels={}, reason="r", requested_by="tests").id) is None
+
+
+@on_io_loop
+async def test_live_records_live_on_their_lease_and_go_with_it(store):
+    """put_live writes one record per process on a lease; keep-alive renews it; revoking removes the record."""
+    lease = await store.grant_lease(30)
+    entry = LiveEntry(random_root(), 1, 123, 45, ("node",), {"tenant": "t1"})
+    for instance in ("i1", "i2"):
+        await store.put_live(LiveRecord("svc", instance, 1, (entry,)), lease)
+    await store.put_live(LiveRecord("svc", "i1", 2, ()), lease)  # rewritten in place
+    records = sorted(await store.list_live(), key=lambda r: r.instance)
+    assert [(r.instance, r.published_at, r.roots) for r in records] == [("i1", 2, ()), ("i2", 1, (entry,))]
+    assert await store.keep_lease_alive(lease)
+    await store.revoke_lease(lease)
+    assert await store.list_live() == []
+    assert not await store.keep_lease_alive(lease)
+    await store.revoke_lease(lease)  # already gone: not an error

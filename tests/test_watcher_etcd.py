@@ -174,3 +174,24 @@ async def test_a_scope_fails_open_after_the_start_up_wait_when_etcd_is_unreachab
     assert ran == [True, True, True]
     fail_open = [r for r in caplog.records if "fail open" in r.getMessage()]
     assert len(fail_open) == 1
+
+
+async def test_with_unlisted_refuse_a_scope_that_cannot_be_checked_is_refused_after_the_start_up_wait(caplog):
+    """OTEL_CANCEL_UNLISTED=refuse: with etcd unreachable, the scope raises Cancelled naming why, once waited."""
+    from otel_cancel._runtime import UNLISTED_REASON
+    from otel_cancel.testing import free_port
+
+    with (
+        caplog.at_level(logging.WARNING, logger="otel_cancel"),
+        configured(
+            endpoints=(f"127.0.0.1:{free_port()}",), startup_wait_seconds=0.3, timeout_seconds=0.2, unlisted="refuse"
+        ),
+    ):
+        ran = []
+        for _ in range(2):
+            with pytest.raises(otel_cancel.Cancelled) as refused:
+                async with otel_cancel.scope():
+                    ran.append(True)
+            assert refused.value.reason == UNLISTED_REASON
+    assert ran == []
+    assert len([r for r in caplog.records if "OTEL_CANCEL_UNLISTED=refuse" in r.getMessage()]) == 1

@@ -10,15 +10,21 @@ Layout (etcd keys, ``prefix`` defaults to ``/otel-cancel/``)::
     {prefix}flags/{root}                       one CancelRequest (JSON), on a TTL lease
     {prefix}acks/{root}/{service}/{instance}   one Receipt (JSON) per stopped process
     {prefix}tasks/{task_id}                    one TaskRecord (JSON) per running A2A task, on a TTL lease
+    {prefix}flags/bulk/{id}                    one BulkCancel (JSON) per ``cancel --all``, on a TTL lease
+    {prefix}live/{service}/{instance}          one LiveRecord (JSON) per process, on the process's own lease
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from .._request import CancelRequest, Receipt, TaskRecord
+
+if TYPE_CHECKING:
+    from .._bulk import BulkCancel
+    from .._live import LiveRecord
 
 DEFAULT_PREFIX = "/otel-cancel/"
 DEFAULT_TTL_SECONDS = 3600
@@ -49,6 +55,22 @@ class FlagListing:
     revision: int
 
 
+@dataclasses.dataclass(frozen=True)
+class FlagPage:
+    """One page of a listing: some of the flags present at ``revision``.
+
+    Every page of one listing carries the same revision, so together they are one
+    consistent snapshot. Pages of a keys-only listing have empty values.
+    """
+
+    flags: tuple[FlagEvent, ...]
+    revision: int
+
+
+LIST_PAGE_SIZE = 2000
+"""Flags per page of a listing: keys only, a page is about 150 KB, far below gRPC's 4 MiB."""
+
+
 @runtime_checkable
 class CancelStore(Protocol):
     """Stores cancel flags and receipts, and streams flag changes.
@@ -75,7 +97,27 @@ class CancelStore(Protocol):
         ...
 
     async def list_flags(self) -> FlagListing:
-        """Every flag, with the revision the listing was taken at."""
+        """Every flag, with the revision the listing was taken at (all in memory: small sets only)."""
+        ...
+
+    def list_flag_pages(
+        self, *, keys_only: bool = False, page_size: int = LIST_PAGE_SIZE, values_for_first: int | None = None
+    ) -> AsyncIterator[FlagPage]:
+        """Every flag, page by page in key order, all pages at the revision of the first.
+
+        Memory stays bounded by one page whatever the number of flags: the watcher
+        lists keys only past its first flags (a root is all enforcement needs), the
+        CLI prints page by page.
+
+        Args:
+            keys_only: no values at all.
+            page_size: flags per page.
+            values_for_first: values for this many flags (in key order), keys only after.
+
+        Raises:
+            RevisionCompactedError: the listing's revision was compacted between two
+                pages; list again.
+        """
         ...
 
     def watch_flags(self, start_revision: int) -> AsyncIterator[FlagEvent]:
@@ -115,6 +157,38 @@ class CancelStore(Protocol):
         """
         ...
 
+    async def create_bulk(self, bulk: BulkCancel, ttl_seconds: int) -> BulkCancel:
+        """Write the bulk flag ``{prefix}flags/bulk/{bulk.id}`` on a TTL lease.
+
+        Returns:
+            The flag as stored: its ``requested_at`` (the cut-off) is the time of the write.
+        """
+        ...
+
+    async def get_bulk(self, bulk_id: str) -> BulkCancel | None:
+        """The bulk cancel ``bulk_id`` if it is in force, else ``None`` (a listing read its key only)."""
+        ...
+
+    async def grant_lease(self, ttl_seconds: int) -> int:
+        """A new lease of ``ttl_seconds``; returns its id."""
+        ...
+
+    async def keep_lease_alive(self, lease_id: int) -> bool:
+        """Renew a lease; ``False`` when it has expired (its keys are gone)."""
+        ...
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        """Revoke a lease (its keys go); a lease already gone is not an error."""
+        ...
+
+    async def put_live(self, record: LiveRecord, lease_id: int) -> None:
+        """Write ``record`` under ``{prefix}live/{service}/{instance}`` on ``lease_id``."""
+        ...
+
+    async def list_live(self) -> list[LiveRecord]:
+        """Every well-formed live record (malformed ones are logged and skipped)."""
+        ...
+
     async def ping(self) -> None:
         """Prove the store answers now (the watcher's watchdog)."""
         ...
@@ -124,4 +198,12 @@ class CancelStore(Protocol):
         ...
 
 
-__all__ = ("DEFAULT_PREFIX", "DEFAULT_TTL_SECONDS", "CancelStore", "FlagEvent", "FlagListing")
+__all__ = (
+    "DEFAULT_PREFIX",
+    "DEFAULT_TTL_SECONDS",
+    "LIST_PAGE_SIZE",
+    "CancelStore",
+    "FlagEvent",
+    "FlagListing",
+    "FlagPage",
+)

@@ -35,3 +35,11 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     if not sep or not _HOST.fullmatch(host) or not port_ok:
         raise ConfigurationError(f"an etcd endpoint is host:port (like 127.0.0.1:2379), got {endpoint!r}")
     return host, int(port_text)
+
+
+def grpc_target(host: str, port: int) -> str:
+    """The gRPC target of ``host`` and ``port``: an IPv6 address goes back into brackets.
+
+    :func:`parse_endpoint` strips them; ``::1:2379`` is no address gRPC can dial.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

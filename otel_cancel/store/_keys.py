@@ -74,3 +74,30 @@ def validate_task_id(task_id: object) -> str:
 
 def task_key(prefix: str, task_id: str) -> str:
     return f"{prefix}tasks/{validate_task_id(task_id)}"
+
+
+def bulk_flag_key(prefix: str, bulk_id: str) -> str:
+    from .._bulk import is_bulk_id
+
+    if not is_bulk_id(bulk_id):
+        raise ValueError(f"not a bulk flag id: {bulk_id!r}")
+    return f"{prefix}flags/bulk/{bulk_id}"
+
+
+def bulk_id_of_flag_key(prefix: str, key: str) -> str | None:
+    """The id a bulk flag key names, or ``None`` when the key is not a bulk flag key."""
+    from .._bulk import is_bulk_id
+
+    head = f"{prefix}flags/bulk/"
+    if not key.startswith(head):
+        return None
+    bulk_id = key[len(head) :]
+    return bulk_id if is_bulk_id(bulk_id) else None
+
+
+def live_prefix(prefix: str) -> str:
+    return f"{prefix}live/"
+
+
+def live_key(prefix: str, service: str, instance: str) -> str:
+    return f"{live_prefix(prefix)}{key_segment(service)}/{key_segment(instance)}"

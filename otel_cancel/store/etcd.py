@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import aetcd
@@ -29,7 +28,9 @@ import aetcd.rpc
 import aetcd.watcher
 import grpc
 
+from .._bulk import BulkCancel
 from .._io_loop import io_loop
+from .._live import LiveRecord
 from .._request import CancelRequest, Receipt, TaskRecord
 from ..exceptions import (
     ConfigurationError,
@@ -38,13 +39,30 @@ from ..exceptions import (
     StorePermissionError,
     StoreUnavailableError,
 )
-from . import DEFAULT_PREFIX, FlagEvent, FlagListing
+from . import DEFAULT_PREFIX, LIST_PAGE_SIZE, FlagEvent, FlagListing, FlagPage
+from ._endpoints import grpc_target
 from ._endpoints import parse_endpoint as parse_endpoint
-from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, task_key, validate_prefix
+from ._keys import (
+    acks_prefix,
+    bulk_flag_key,
+    flag_key,
+    flags_prefix,
+    live_key,
+    live_prefix,
+    receipt_key,
+    task_key,
+    validate_prefix,
+)
+from ._tls import read_credentials
 
 _log = logging.getLogger("otel_cancel.store")
 
 DEFAULT_TIMEOUT_SECONDS = 2.0
+
+# etcd's gRPC metadata asking a member to refuse the call (and end a watch) when it
+# has no leader (rpctypes.MetadataRequireLeaderKey / MetadataHasLeader). Without it a
+# member cut off from its peers keeps a watch open that will never see another event.
+_REQUIRE_LEADER = ("hasleader", "true")
 
 
 class _WatchRefusedError(aetcd.exceptions.ClientError):  # type: ignore[misc]  # aetcd is untyped
@@ -114,7 +132,7 @@ class _EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         # The same steps as aetcd.Client.connect(), with our channel and watcher.
         self._is_connecting = True
         try:
-            target = f"{self._host}:{self._port}"
+            target = grpc_target(self._host, self._port)
             if self._credentials is None:
                 self.channel = grpc.aio.insecure_channel(target, options=self._options.items())
             else:
@@ -127,7 +145,7 @@ class _EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
             self.leasestub = aetcd.rpc.LeaseStub(self.channel)
             self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
             self._watcher = _RefusalAwareWatcher(
-                aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+                aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.watch_metadata
             )
             self._connected.set()
         finally:
@@ -144,7 +162,12 @@ class _EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         if self._watcher is not None:
             # A watch stream opened from now on carries the new token. The running one
             # keeps its own: etcd checks a stream's token only when a watch is created on it.
-            self._watcher._metadata = self.metadata
+            self._watcher._metadata = self.watch_metadata
+
+    @property
+    def watch_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of a watch stream: the auth token, if any, and "require a leader"."""
+        return (*(self.metadata or ()), _REQUIRE_LEADER)
 
     async def renew_token(self, rejected: Any) -> None:
         """Authenticate again on the open channel, unless a concurrent call already did.
@@ -214,15 +237,31 @@ def _translated(action: str) -> Iterator[None]:
         raise StoreUnavailableError(f"etcd unreachable while {action}: {error}") from None
 
 
-def _read(path: str | None, what: str) -> bytes | None:
-    if not path:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise ConfigurationError(f"cannot read the {what} at {path!r}: {error.strerror}") from None
-    except ValueError:  # a path no file system can hold (a NUL byte, a lone surrogate)
-        raise ConfigurationError(f"cannot read the {what} at {path!r}: not a valid path") from None
+class _MessageTooLargeError(Exception):
+    """A response was larger than gRPC's receive limit (a page of oversized values)."""
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The ``range_end`` that covers every key starting with ``prefix`` (etcd's rule)."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def _range_call(request: Any) -> Any:
+    """An operation for :meth:`EtcdCancelStore._call` running one raw ``Range`` (aetcd has no paging)."""
+
+    async def run(client: _EtcdClient) -> Any:
+        try:
+            return await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
+        except grpc.aio.AioRpcError as error:
+            details = error.details() or ""
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+                raise _MessageTooLargeError(details) from None
+            if "required revision has been compacted" in details:
+                raise aetcd.exceptions.RevisionCompactedError(0) from None
+            aetcd.exceptions._handle_exception(error)  # aetcd's own mapping, then ours
+            raise
+
+    return run
 
 
 class EtcdCancelStore:
@@ -264,18 +303,15 @@ class EtcdCancelStore:
         self._password = password or None
         if (cert is None) != (key is None):
             raise ConfigurationError("set both OTEL_CANCEL_ETCD_CERT and OTEL_CANCEL_ETCD_KEY, or neither")
-        self._credentials: grpc.ChannelCredentials | None = None
-        if ca_cert or cert:
-            self._credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(ca_cert, "CA certificate"),
-                private_key=_read(key, "client key"),
-                certificate_chain=_read(cert, "client certificate"),
-            )
+        self._credentials = read_credentials(ca_cert, cert, key)
         self._client: _EtcdClient | None = None
         self._endpoint_index = 0
         self._receipts_on_own_lease = False
         self.calls = 0
-        """How many etcd calls this store has made (benchmarks check the request path makes none)."""
+        """How many etcd calls this store has made (benchmarks check the request path makes none),
+        live-work publishing aside (see :attr:`live_calls`)."""
+        self.live_calls = 0
+        """Calls made to publish this process's live work: bounded by time, not by requests."""
 
     @property
     def endpoint(self) -> str:
@@ -300,7 +336,6 @@ class EtcdCancelStore:
                 connect_wait_timeout=self.timeout,
                 options=_CHANNEL_OPTIONS,
             )
-        self.calls += 1
         return self._client
 
     async def _drop_connection(self, rotate: bool) -> None:
@@ -311,13 +346,13 @@ class EtcdCancelStore:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), self.timeout)
 
-    async def _call(self, action: str, operation: Any) -> Any:
+    async def _call(self, action: str, operation: Any, *, live: bool = False) -> Any:
         """Run ``operation(client)`` with fail-over: each endpoint is tried once."""
         last_error: StoreError | None = None
         for _ in range(len(self.endpoints)):
             try:
                 with _translated(action):
-                    return await asyncio.wait_for(self._renewing_token(operation), self.timeout * 2)
+                    return await asyncio.wait_for(self._renewing_token(operation, live), self.timeout * 2)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
@@ -337,12 +372,16 @@ class EtcdCancelStore:
         assert last_error is not None
         raise last_error
 
-    async def _renewing_token(self, operation: Any) -> Any:
+    async def _renewing_token(self, operation: Any, live: bool = False) -> Any:
         # etcd forgets auth tokens (their TTL runs out while the process is idle, or
         # etcd restarted) and aetcd authenticates only when it connects. When etcd
         # rejects the token, authenticate again on the same channel and retry once,
         # rather than reconnect: the watch stream on that channel keeps running.
         client = self._connection()
+        if live:
+            self.live_calls += 1
+        else:
+            self.calls += 1
         await client.connect()
         token = client.metadata
         try:
@@ -359,28 +398,33 @@ class EtcdCancelStore:
     async def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]:
         key = flag_key(self.prefix, request.root).encode()
 
+        # What each attempt wrote. An attempt can time out after etcd committed it (the
+        # leader froze before answering); the next attempt, on another endpoint, then
+        # finds a flag. When that flag is one of ours, this call created it.
+        attempted: dict[bytes, CancelRequest] = {}
+
         async def create(client: _EtcdClient) -> tuple[CancelRequest, bool]:
             lease = await client.lease(ttl_seconds)
             # Stamp the flag when it is written (after connecting and granting the
             # lease), so latencies measure flag written -> work stopped.
             stamped = dataclasses.replace(request, requested_at=time.time_ns())
-            try:
-                created, responses = await client.transaction(
-                    compare=[client.transactions.version(key) == 0],
-                    success=[client.transactions.put(key, stamped.to_json(), lease=lease.id)],
-                    failure=[client.transactions.get(key)],
-                )
-            except BaseException:
-                # The lease would otherwise hold nothing until its TTL ran out.
-                with contextlib.suppress(Exception):
-                    await client.revoke_lease(lease.id)
-                raise
+            attempted[stamped.to_json()] = stamped
+            # No revocation when the transaction fails: it may have committed (a deadline
+            # that ran out after the leader applied it), and revoking the lease would
+            # delete the flag. An unused lease holds nothing and expires with its TTL.
+            created, responses = await client.transaction(
+                compare=[client.transactions.version(key) == 0],
+                success=[client.transactions.put(key, stamped.to_json(), lease=lease.id)],
+                failure=[client.transactions.get(key)],
+            )
             if created:
                 return stamped, True
             await client.revoke_lease(lease.id)
             existing = responses[0][0][0] if responses and responses[0] else None
             if existing is None:
                 return request, False
+            if existing in attempted:
+                return attempted[existing], True
             try:
                 return CancelRequest.from_json(existing, request.root), False
             except ValueError:
@@ -400,13 +444,51 @@ class EtcdCancelStore:
         return None if found is None else CancelRequest.from_json(found.value, root)
 
     async def list_flags(self) -> FlagListing:
-        async def list_prefix(client: _EtcdClient) -> Any:
-            return await client.get_prefix(flags_prefix(self.prefix).encode())
+        flags: list[FlagEvent] = []
+        revision = 0
+        async for page in self.list_flag_pages():
+            flags.extend(page.flags)
+            revision = page.revision
+        return FlagListing(tuple(flags), revision)
 
-        listing = await self._call("listing cancel flags", list_prefix)
-        revision = listing.header.revision if listing.header is not None else 0
-        flags = tuple(FlagEvent("put", kv.key.decode("utf-8", "replace"), kv.value, kv.mod_revision) for kv in listing)
-        return FlagListing(flags, revision)
+    async def list_flag_pages(
+        self, *, keys_only: bool = False, page_size: int = LIST_PAGE_SIZE, values_for_first: int | None = None
+    ) -> AsyncIterator[FlagPage]:
+        # One range per page, each bounded by ``limit`` (an unpaginated range over many
+        # flags passes gRPC's 4 MiB message limit and fails for good). Every page after
+        # the first reads at the first page's revision: one consistent snapshot.
+        head = flags_prefix(self.prefix).encode()
+        end = _prefix_end(head)
+        start = head
+        revision = 0
+        listed = 0
+        with_values = 0 if keys_only else values_for_first
+        while True:
+            values = with_values is None or listed < with_values
+            limit = page_size if with_values is None or not values else min(page_size, with_values - listed)
+            request = aetcd.rpc.RangeRequest(
+                key=start, range_end=end, limit=limit, revision=revision, keys_only=not values
+            )
+            try:
+                response = await self._call("listing cancel flags", _range_call(request))
+            except _MessageTooLargeError:
+                if page_size == 1:
+                    raise StoreError("a single value under the flags prefix is larger than gRPC accepts") from None
+                # Values of foreign size (etcd takes up to 1.5 MiB each): smaller pages.
+                page_size = max(1, page_size // 4)
+                continue
+            if revision == 0:
+                revision = int(response.header.revision)
+            kvs = response.kvs
+            flags = tuple(
+                FlagEvent("put", kv.key.decode("utf-8", "replace"), kv.value if values else b"", kv.mod_revision)
+                for kv in kvs
+            )
+            listed += len(flags)
+            yield FlagPage(flags, revision)
+            if not response.more or not kvs:
+                return
+            start = kvs[-1].key + b"\0"  # the next key after the last one listed
 
     async def watch_flags(self, start_revision: int) -> AsyncIterator[FlagEvent]:
         async def open_watch(client: _EtcdClient) -> Any:
@@ -519,9 +601,84 @@ class EtcdCancelStore:
         result: bool = await self._call("deleting a task record", delete)
         return result
 
+    async def create_bulk(self, bulk: BulkCancel, ttl_seconds: int) -> BulkCancel:
+        key = bulk_flag_key(self.prefix, bulk.id).encode()
+
+        async def put(client: _EtcdClient) -> BulkCancel:
+            lease = await client.lease(ttl_seconds)
+            # The cut-off is the moment of the write: work begun before it is selected.
+            stamped = dataclasses.replace(bulk, requested_at=time.time_ns())
+            try:
+                await client.put(key, stamped.to_json(), lease=lease.id)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.revoke_lease(lease.id)
+                raise
+            return stamped
+
+        result: BulkCancel = await self._call("writing a bulk cancel", put)
+        return result
+
+    async def get_bulk(self, bulk_id: str) -> BulkCancel | None:
+        key = bulk_flag_key(self.prefix, bulk_id).encode()
+
+        async def get(client: _EtcdClient) -> Any:
+            return await client.get(key)
+
+        found = await self._call("reading a bulk cancel", get)
+        return None if found is None else BulkCancel.from_json(found.value, bulk_id)
+
+    async def grant_lease(self, ttl_seconds: int) -> int:
+        async def grant(client: _EtcdClient) -> int:
+            return int((await client.lease(ttl_seconds)).id)
+
+        lease_id: int = await self._call("granting a lease", grant, live=True)
+        return lease_id
+
+    async def keep_lease_alive(self, lease_id: int) -> bool:
+        async def refresh(client: _EtcdClient) -> bool:
+            reply = await client.refresh_lease(lease_id)
+            return reply is not None and int(reply.TTL) > 0
+
+        alive: bool = await self._call("keeping a lease alive", refresh, live=True)
+        return alive
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        async def revoke(client: _EtcdClient) -> None:
+            with contextlib.suppress(aetcd.exceptions.ClientError):  # already gone
+                await client.revoke_lease(lease_id)
+
+        await self._call("revoking a lease", revoke, live=True)
+
+    async def put_live(self, record: LiveRecord, lease_id: int) -> None:
+        key = live_key(self.prefix, record.service, record.instance).encode()
+
+        async def put(client: _EtcdClient) -> None:
+            await client.put(key, record.to_json(), lease=lease_id)
+
+        await self._call("publishing live work", put, live=True)
+
+    async def list_live(self) -> list[LiveRecord]:
+        async def list_prefix(client: _EtcdClient) -> Any:
+            return await client.get_prefix(live_prefix(self.prefix).encode())
+
+        records = []
+        for kv in await self._call("reading live work", list_prefix):
+            try:
+                records.append(LiveRecord.from_json(kv.value))
+            except ValueError as error:
+                _log.warning("otel-cancel: ignoring malformed live record %r: %s", kv.key, error)
+        return records
+
     async def ping(self) -> None:
-        async def status(client: _EtcdClient) -> Any:
-            return await client.status()
+        async def status(client: _EtcdClient) -> None:
+            response = await client.maintenancestub.Status(
+                aetcd.rpc.StatusRequest(), timeout=self.timeout, metadata=client.metadata
+            )
+            if not response.leader:
+                # A member cut off from its peers still answers, and would serve a watch
+                # that never sees another flag: move on to a member that has a leader.
+                raise StoreUnavailableError(f"the etcd member at {self.endpoint} has no leader")
 
         await self._call("checking etcd", status)
 

@@ -15,10 +15,22 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
+from .._bulk import BulkCancel
+from .._live import LiveRecord
 from .._request import CancelRequest, Receipt, TaskRecord
-from ..exceptions import RevisionCompactedError
-from . import DEFAULT_PREFIX, FlagEvent, FlagListing
-from ._keys import acks_prefix, flag_key, flags_prefix, receipt_key, task_key, validate_prefix
+from ..exceptions import RevisionCompactedError, StoreError
+from . import DEFAULT_PREFIX, LIST_PAGE_SIZE, FlagEvent, FlagListing, FlagPage
+from ._keys import (
+    acks_prefix,
+    bulk_flag_key,
+    flag_key,
+    flags_prefix,
+    live_key,
+    live_prefix,
+    receipt_key,
+    task_key,
+    validate_prefix,
+)
 
 _log = logging.getLogger("otel_cancel.store")
 
@@ -28,6 +40,8 @@ class _Entry:
     value: bytes
     expires_at: float
     revision: int = 0
+    lease: int = 0
+    """A lease of :meth:`MemoryCancelStore.grant_lease` the entry expires with (0: none)."""
 
 
 class MemoryCancelStore:
@@ -43,13 +57,20 @@ class MemoryCancelStore:
         self._log: list[FlagEvent] = []
         self._revision = 1
         self._compacted = 0
+        self._leases: dict[int, tuple[float, int]] = {}
+        """Lease id -> (expires at, TTL seconds)."""
+        self._next_lease = 1
         self._subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[FlagEvent]]] = []
 
     # -- helpers (called with the lock held) -------------------------------------
 
     def _expire_locked(self) -> None:
         now = time.monotonic()
-        for key in [k for k, e in self._data.items() if e.expires_at <= now]:
+        for lease_id in [i for i, (expires_at, _) in self._leases.items() if expires_at <= now]:
+            del self._leases[lease_id]
+        for key in [
+            k for k, e in self._data.items() if e.expires_at <= now or (e.lease and e.lease not in self._leases)
+        ]:
             del self._data[key]
             if key.startswith(flags_prefix(self.prefix)):
                 self._append_locked(FlagEvent("delete", key, b"", self._next_revision_locked()))
@@ -99,6 +120,17 @@ class MemoryCancelStore:
                 if key.startswith(head)
             )
             return FlagListing(flags, self._revision)
+
+    async def list_flag_pages(
+        self, *, keys_only: bool = False, page_size: int = LIST_PAGE_SIZE, values_for_first: int | None = None
+    ) -> AsyncIterator[FlagPage]:
+        # One snapshot taken under the lock (this store holds few flags), handed out in pages.
+        listing = await self.list_flags()
+        flags = listing.flags
+        with_values = 0 if keys_only else len(flags) if values_for_first is None else values_for_first
+        flags = tuple(f if i < with_values else dataclasses.replace(f, value=b"") for i, f in enumerate(flags))
+        for start in range(0, max(len(flags), 1), page_size):
+            yield FlagPage(flags[start : start + page_size], listing.revision)
 
     async def watch_flags(self, start_revision: int) -> AsyncIterator[FlagEvent]:
         queue: asyncio.Queue[FlagEvent] = asyncio.Queue()
@@ -171,6 +203,64 @@ class MemoryCancelStore:
             del self._data[key]
             self._next_revision_locked()
             return True
+
+    async def create_bulk(self, bulk: BulkCancel, ttl_seconds: int) -> BulkCancel:
+        key = bulk_flag_key(self.prefix, bulk.id)
+        with self._lock:
+            stamped = dataclasses.replace(bulk, requested_at=time.time_ns())
+            value = stamped.to_json()
+            self._data[key] = _Entry(value, time.monotonic() + ttl_seconds)
+            self._append_locked(FlagEvent("put", key, value, self._next_revision_locked()))
+            return stamped
+
+    async def get_bulk(self, bulk_id: str) -> BulkCancel | None:
+        key = bulk_flag_key(self.prefix, bulk_id)
+        with self._lock:
+            self._expire_locked()
+            entry = self._data.get(key)
+        return None if entry is None else BulkCancel.from_json(entry.value, bulk_id)
+
+    async def grant_lease(self, ttl_seconds: int) -> int:
+        with self._lock:
+            lease_id = self._next_lease
+            self._next_lease += 1
+            self._leases[lease_id] = (time.monotonic() + ttl_seconds, ttl_seconds)
+            return lease_id
+
+    async def keep_lease_alive(self, lease_id: int) -> bool:
+        with self._lock:
+            self._expire_locked()
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                return False
+            self._leases[lease_id] = (time.monotonic() + lease[1], lease[1])
+            return True
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        with self._lock:
+            self._leases.pop(lease_id, None)
+            self._expire_locked()
+
+    async def put_live(self, record: LiveRecord, lease_id: int) -> None:
+        key = live_key(self.prefix, record.service, record.instance)
+        with self._lock:
+            self._expire_locked()
+            if lease_id not in self._leases:
+                raise StoreError(f"lease {lease_id} not found")
+            self._data[key] = _Entry(record.to_json(), float("inf"), self._next_revision_locked(), lease_id)
+
+    async def list_live(self) -> list[LiveRecord]:
+        head = live_prefix(self.prefix)
+        with self._lock:
+            self._expire_locked()
+            values = [(k, e.value) for k, e in sorted(self._data.items()) if k.startswith(head)]
+        records = []
+        for key, value in values:
+            try:
+                records.append(LiveRecord.from_json(value))
+            except ValueError as error:
+                _log.warning("otel-cancel: ignoring malformed live record %s: %s", key, error)
+        return records
 
     async def ping(self) -> None:
         return None

@@ -1,0 +1,83 @@
+"""Read and check the TLS files of the etcd connection, at configuration time.
+
+gRPC accepts any bytes as a CA bundle or certificate and fails only when it
+connects, with a vague "unavailable" and lines of its own C-core output. Each
+file is checked here instead, so a wrong one is a configuration error naming its
+variable.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from pathlib import Path
+
+import grpc
+
+from .. import environment_variables as env
+from ..exceptions import ConfigurationError
+
+
+def _read(path: str, variable: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigurationError(f"{variable}: cannot read {path!r}: {error.strerror}") from None
+    except ValueError:  # a path no file system can hold (a NUL byte, a lone surrogate)
+        raise ConfigurationError(f"{variable}: cannot read {path!r}: not a valid path") from None
+
+
+def _check_ca(pem: bytes, path: str) -> None:
+    try:
+        ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError):
+        raise ConfigurationError(f"{env.OTEL_CANCEL_ETCD_CA_CERT}: {path!r} holds no PEM CA certificate") from None
+
+
+def _check_pair(cert: bytes, key: bytes, cert_path: str, key_path: str) -> None:
+    # ssl loads a certificate chain only from files: hand it copies (the key's copy is
+    # private to this user and removed at once).
+    with tempfile.TemporaryDirectory(prefix="otel-cancel-tls-") as directory:
+        cert_copy = os.path.join(directory, "cert.pem")
+        key_copy = os.path.join(directory, "key.pem")
+        Path(cert_copy).write_bytes(cert)
+        Path(key_copy).write_bytes(key)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            context.load_cert_chain(cert_copy, key_copy)
+        except ssl.SSLError as error:
+            if "PEM" in str(error) or "NO_START_LINE" in str(error):
+                try:
+                    context.load_verify_locations(cadata=cert.decode("ascii"))
+                except (ssl.SSLError, UnicodeDecodeError, ValueError):
+                    raise ConfigurationError(
+                        f"{env.OTEL_CANCEL_ETCD_CERT}: {cert_path!r} holds no PEM certificate"
+                    ) from None
+                raise ConfigurationError(f"{env.OTEL_CANCEL_ETCD_KEY}: {key_path!r} holds no PEM private key") from None
+            raise ConfigurationError(
+                f"{env.OTEL_CANCEL_ETCD_KEY}: {key_path!r} is not the key of the certificate in "
+                f"{env.OTEL_CANCEL_ETCD_CERT} ({cert_path!r})"
+            ) from None
+
+
+def read_credentials(ca_cert: str | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:
+    """The channel credentials the TLS settings describe, or ``None`` for a plain channel.
+
+    Raises:
+        ConfigurationError: a file cannot be read or does not hold what its variable
+            says; the message names the variable.
+    """
+    if (cert is None) != (key is None):
+        raise ConfigurationError(f"set both {env.OTEL_CANCEL_ETCD_CERT} and {env.OTEL_CANCEL_ETCD_KEY}, or neither")
+    if not (ca_cert or cert):
+        return None
+    ca_pem = _read(ca_cert, env.OTEL_CANCEL_ETCD_CA_CERT) if ca_cert else None
+    if ca_pem is not None and ca_cert is not None:
+        _check_ca(ca_pem, ca_cert)
+    cert_pem = key_pem = None
+    if cert and key:
+        cert_pem = _read(cert, env.OTEL_CANCEL_ETCD_CERT)
+        key_pem = _read(key, env.OTEL_CANCEL_ETCD_KEY)
+        _check_pair(cert_pem, key_pem, cert, key)
+    return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
