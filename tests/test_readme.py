@@ -68,6 +68,9 @@ RECOGNISED = {
     "a2a": "CancellableRequestHandler(handler)",
     "roles": "etcdctl role add otel-cancel-service",
     "sidecar": "etcd grpc-proxy start",
+    "fleet": "otel-cancel ps --service billing",
+    "labels": "otel_cancel.labelled(",
+    "cancel_many": "otel_cancel.cancel_many(",
 }
 
 
@@ -206,3 +209,34 @@ def test_the_etcd_roles_block_sets_up_auth_on_a_real_etcd(private_etcd):
         timeout=60,
     )
     assert read.returncode == 0 and write.returncode != 0 and "permission denied" in write.stderr
+
+
+def test_the_fleet_commands_run_against_a_real_etcd(etcd_env):
+    """The ps and cancel-many lines run as written (ROOT_A and ROOT_B stand for two real roots)."""
+    from otel_cancel._root import random_root
+
+    env = {**os.environ, **etcd_env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for command in shell_commands(block(RECOGNISED["fleet"])):
+        command = command.replace("ROOT_A", random_root()).replace("ROOT_B", random_root())
+        result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (command, result.stderr)
+
+
+def test_the_labels_and_cancel_many_fragments_run_in_a_coroutine():
+    """The two Python fragments (statements of a coroutine) run as written on a configured runtime."""
+    body = "\n".join(block(RECOGNISED[name]) for name in ("labels", "cancel_many"))
+    program = (
+        "import asyncio\n"
+        "import otel_cancel\n"
+        "from otel_cancel._root import random_root\n"
+        "from otel_cancel.store.memory import MemoryCancelStore\n"
+        "from otel_cancel.testing import configured\n\n"
+        "async def fragment():\n"
+        "    root_a, root_b = random_root(), random_root()\n"
+        + "".join(f"    {line}\n" for line in body.splitlines())
+        + "\nwith configured(store=MemoryCancelStore(), service='svc', instance='one'):\n"
+        "    asyncio.run(fragment())\n"
+        "print('ran')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ran"), result.stderr[-2000:]
