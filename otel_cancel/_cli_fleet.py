@@ -15,17 +15,17 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import socket
 import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._bulk import BulkCancel
+from ._cli_options import requester
 from ._labels import validate_label
 from ._request import CancelRequest, Receipt
 from ._root_id import validate_root
+from ._table import StreamingTable
 from .exceptions import InvalidLabelError, InvalidRootError, StoreError
 from .store._keys import bulk_id_of_flag_key
 
@@ -46,6 +46,8 @@ after this long (its receipt, if its work was stopped, is written before then)."
 
 _PS_COLUMNS = ("root", "service", "instance", "depth", "age", "scopes", "labels")
 _RECEIPT_COLUMNS = ("service", "instance", "depth", "interrupted", "latency_ms")
+# Receipts stream in during --wait: columns wide enough for usual names (and roots), so rows line up.
+_RECEIPT_MIN_WIDTHS = {"root": 32, "service": 20, "instance": 28, "depth": 5, "interrupted": 16, "latency_ms": 10}
 
 
 def _root_argument(value: str) -> str:
@@ -75,9 +77,25 @@ def _seconds_argument(value: str) -> float:
     return seconds
 
 
+def _count_argument(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if not 0 <= count <= 100_000:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100000, got {value!r}")
+    return count
+
+
 def add_cancel_arguments(cancel: argparse.ArgumentParser) -> None:
     """The arguments of ``otel-cancel cancel``."""
-    cancel.add_argument("roots", type=_root_argument, nargs="*", metavar="ROOT", help="roots to cancel")
+    cancel.add_argument(
+        "roots",
+        type=_root_argument,
+        nargs="*",
+        metavar="ROOT",
+        help="roots to cancel: trace ids, 32 lowercase hex digits (the otel-cancel-root response header)",
+    )
     cancel.add_argument(
         "--all",
         action="store_true",
@@ -102,14 +120,23 @@ def add_cancel_arguments(cancel: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="wait up to SECONDS for a receipt from every process that held work for the cancelled roots",
     )
-    cancel.add_argument("--expect", type=int, default=0, metavar="N", help="with --wait: return after N receipts")
-    cancel.add_argument("--json", action="store_true", help="JSON lines output")
+    cancel.add_argument(
+        "--expect", type=_count_argument, default=0, metavar="N", help="with --wait: return after N receipts"
+    )
+    cancel.add_argument("--json", action="store_true", help="print JSON (one object per line) instead of text")
 
 
 def add_ps_arguments(ps: argparse.ArgumentParser) -> None:
     """The arguments of ``otel-cancel ps``."""
     ps.add_argument("--service", metavar="NAME", help="only work in this service")
-    ps.add_argument("--label", type=_label_argument, action="append", default=[], metavar="KEY=VALUE")
+    ps.add_argument(
+        "--label",
+        type=_label_argument,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only runs with this label (repeatable)",
+    )
     ps.add_argument("--json", action="store_true", help="a JSON list of objects")
 
 
@@ -247,7 +274,7 @@ async def cancel_command(store: CancelStore, settings: Settings, args: argparse.
     from ._cancel_many import cancel_many_in_store
     from ._scope import parent_in_root_trace
 
-    requested_by = f"cli:{os.environ.get('USER', 'unknown')}@{socket.gethostname()}"
+    requested_by = requester()
     spans = [telemetry.start_request_span(root, args.reason, parent_in_root_trace(root)) for root in args.roots]
     try:
         result = await cancel_many_in_store(
@@ -388,6 +415,7 @@ async def _wait_for_receipts(store: CancelStore, result: BulkCancelResult, args:
     roots = result.roots
     seen: set[tuple[str, str, str]] = set()
     columns = (("root",) if len(roots) > 1 else ()) + _RECEIPT_COLUMNS
+    table = StreamingTable(columns, _RECEIPT_MIN_WIDTHS)
     header_printed = False
     records: list[LiveRecord] = []
     started = time.monotonic()
@@ -403,11 +431,10 @@ async def _wait_for_receipts(store: CancelStore, result: BulkCancelResult, args:
                 if args.json:
                     print(json.dumps({"receipt": row}), flush=True)
                 else:
-                    table = _table([row], columns).splitlines()
                     if not header_printed:
-                        print(table[0], flush=True)
+                        print(table.header(), flush=True)
                         header_printed = True
-                    print(table[1], flush=True)
+                    print(table.row(row), flush=True)
         if args.expect:
             if len(seen) >= args.expect:
                 break

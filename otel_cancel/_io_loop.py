@@ -6,6 +6,11 @@ closes while another still has calls in flight leaves those calls stranded. So
 otel-cancel runs all its etcd traffic on one loop, on a daemon thread that lives
 as long as the process, and pins gRPC's poller to it at start. The application's
 own loops never await etcd; they hand work over with :meth:`IoLoop.submit`.
+
+Everything submitted runs with OpenTelemetry instrumentation suppressed: our etcd
+calls (the watch, its watchdog's pings, flags and receipts) are plumbing, and
+with ``opentelemetry-instrumentation-grpc`` installed they would otherwise show
+up as traces of the user's service. Our own spans are recorded all the same.
 """
 
 from __future__ import annotations
@@ -66,8 +71,8 @@ class IoLoop:
         return self._thread is not None and threading.current_thread() is self._thread
 
     def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Schedule ``coroutine`` on the loop; safe from any thread."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        """Schedule ``coroutine`` on the loop, untraced by instrumentations; safe from any thread."""
+        return asyncio.run_coroutine_threadsafe(_untraced(coroutine), self.loop)
 
     async def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the loop and await its result from the caller's loop."""
@@ -87,6 +92,17 @@ class IoLoop:
         self._lock = threading.Lock()
         self._loop = None
         self._thread = None
+
+
+async def _untraced(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Await ``coroutine`` in a context where instrumentations (gRPC's client interceptor) record nothing.
+
+    The context is the task's own copy, so tasks the coroutine starts inherit it.
+    """
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    with suppress_instrumentation():
+        return await coroutine
 
 
 _io_loop = IoLoop()

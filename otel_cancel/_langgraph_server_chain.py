@@ -25,13 +25,16 @@ ROLES = ("supervisor", "sub_agent", "sub_sub_agent")
 
 
 def langgraph_server_examples() -> Path:
-    """The repository's ``examples/langgraph_server`` (the agents run from a source checkout)."""
-    candidate = Path(__file__).resolve().parent.parent / "examples" / "langgraph_server"
-    if not (candidate / "agent.py").is_file():
-        raise FileNotFoundError(
-            "the LangGraph Server agents need the examples/ directory of a source checkout (git clone the project)"
-        )
-    return candidate
+    """``examples/langgraph_server``: a source checkout's, else the copy inside the wheel."""
+    here = Path(__file__).resolve().parent
+    for base in (here.parent, here / "_examples"):
+        candidate = base / "examples" / "langgraph_server"
+        if (candidate / "agent.py").is_file():
+            return candidate
+    raise FileNotFoundError(
+        "the LangGraph Server agents are missing from this installation; "
+        "reinstall with pip install 'otel-cancel[demo,langgraph-server]'"
+    )
 
 
 def _bin(name: str) -> str:

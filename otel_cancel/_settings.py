@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 from collections.abc import Mapping
 
 from . import environment_variables as env
+from ._identity import default_instance
 from .exceptions import ConfigurationError
 from .store import DEFAULT_PREFIX, DEFAULT_TTL_SECONDS, CancelStore
 from .store._endpoints import parse_endpoint
@@ -165,7 +165,7 @@ class Settings:
             "unlisted": _choice(environ, env.OTEL_CANCEL_UNLISTED, "run", ("run", "refuse")),
             "signing_key": signing_key,
             "service": environ.get("OTEL_SERVICE_NAME") or "unknown_service",
-            "instance": environ.get(env.OTEL_CANCEL_INSTANCE) or f"{socket.gethostname()}-{os.getpid()}",
+            "instance": environ.get(env.OTEL_CANCEL_INSTANCE) or default_instance(environ),
             "store": _choice(environ, env.OTEL_CANCEL_STORE, "etcd", ("etcd", "memory")),
             "live_interval_ms": _number(environ, env.OTEL_CANCEL_LIVE_INTERVAL_MS, 250.0, 10, 60_000),
             "live_ttl_seconds": int(_number(environ, env.OTEL_CANCEL_LIVE_TTL_SECONDS, 10, 2, 3600)),

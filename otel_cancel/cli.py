@@ -11,8 +11,11 @@ Commands::
     otel-cancel watch [--json]
     otel-cancel doctor [--json]
     otel-cancel demo [--a2a | --langgraph-server] [--json]
+    otel-cancel completion {bash,zsh}
+    otel-cancel --version
 
-Configuration comes from the ``OTEL_CANCEL_*`` environment. Exit codes: 0 on
+Configuration comes from the ``OTEL_CANCEL_*`` environment; the global flags
+(``--endpoints``, ``--prefix``, ...) win over it. Exit codes: 0 on
 success (cancelling an already cancelled root included), 2 on bad input (a root
 that is not 32 lowercase hex digits, an invalid setting), 1 with a one-line reason
 when etcd cannot be reached or refuses the call, 3 when ``cancel --wait`` wrote
@@ -35,9 +38,12 @@ from typing import TYPE_CHECKING, Any
 # etcd; the demo and doctor by themselves).
 from . import _cli_fleet
 from ._cli_langgraph import UnknownLangGraphIdError, add_langgraph_id_options, check_one_target, resolve_root
+from ._cli_options import environment_with_flags, global_options_parser, package_version, settings_from
+from ._completion import SHELLS, completion_script
 from ._request import CancelRequest, Receipt
 from ._root_id import validate_root
 from ._settings import Settings
+from ._table import format_table as format_table
 from .exceptions import ConfigurationError, InvalidRootError, StoreError
 
 if TYPE_CHECKING:
@@ -76,14 +82,6 @@ def _receipt_row(receipt: Receipt) -> dict[str, Any]:
         "latency_ms": round(receipt.latency_ms, 2),
         "tasks": receipt.tasks,
     }
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as an aligned plain-text table with a header line."""
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def _request_dict(request: CancelRequest) -> dict[str, Any]:
@@ -185,33 +183,59 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="otel-cancel", description="Cancel a run everywhere by its root id.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _count_argument(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if not 0 <= count <= 100_000:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100000, got {value!r}")
+    return count
 
-    cancel = commands.add_parser("cancel", help="cancel every piece of work of ROOT(s), or of every run --all selects")
+
+_ROOT_HELP = "the run's root: its trace id, 32 lowercase hex digits (the otel-cancel-root response header)"
+_JSON_HELP = "print JSON (one object per line) instead of text"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``otel-cancel`` argument parser (global flags, then one sub-parser per command)."""
+    options = global_options_parser(_Parser)
+    parser = _Parser(
+        prog="otel-cancel",
+        description="Cancel a run everywhere by its root id.",
+        parents=[options],
+        epilog="Every connection flag can also be given after the command. "
+        "Shell completion: source <(otel-cancel completion bash).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, parents=[options])
+
+    cancel = command("cancel", "cancel every piece of work of ROOT(s), or of every run --all selects")
     _cli_fleet.add_cancel_arguments(cancel)
     add_langgraph_id_options(cancel)
 
-    ps = commands.add_parser("ps", help="show every root with live work, where it runs")
+    ps = command("ps", "show every root with live work, where it runs")
     _cli_fleet.add_ps_arguments(ps)
 
-    status = commands.add_parser("status", help="show whether ROOT is cancelled and who stopped")
-    status.add_argument("root", type=_root_argument, metavar="ROOT", nargs="?")
+    status = command("status", "show whether ROOT is cancelled and who stopped")
+    status.add_argument("root", type=_root_argument, metavar="ROOT", nargs="?", help=_ROOT_HELP)
     add_langgraph_id_options(status)
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    listing = commands.add_parser("list", help="list cancelled roots")
-    listing.add_argument("--json", action="store_true")
+    listing = command("list", "list cancelled roots")
+    listing.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    watch = commands.add_parser("watch", help="print cancels as they happen")
-    watch.add_argument("--json", action="store_true")
+    watch = command("watch", "print cancels as they happen")
+    watch.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    doctor = commands.add_parser("doctor", help="check etcd, propagators and instrumentation")
-    doctor.add_argument("--json", action="store_true")
+    doctor = command("doctor", "check etcd, propagators and instrumentation")
+    doctor.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    demo = commands.add_parser("demo", help="run the example chain on an embedded etcd and cancel it")
-    demo.add_argument("--json", action="store_true")
+    demo = command("demo", "run the example chain on an embedded etcd and cancel it")
+    demo.add_argument("--json", action="store_true", help=_JSON_HELP)
     demo.add_argument(
         "--a2a", action="store_true", help="run the chain speaking A2A and cancel with cancel-task on another replica"
     )
@@ -220,43 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the agents as LangGraph Server deployments and cancel three ways (root, runs.cancel, disconnect)",
     )
+
+    completion = commands.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=SHELLS, metavar="SHELL", help="bash or zsh")
     return parser
-
-
-def _export_spans_if_configured() -> Any:
-    """Set up OTLP span and metric exporters when the environment asks for them (and the SDK is installed).
-
-    Returns an object whose ``shutdown()`` flushes both, or ``None``.
-    """
-    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "otlp" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "")
-    if exporter.strip().lower() != "otlp":
-        return None
-    try:
-        from opentelemetry import metrics, trace
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    except ImportError:
-        return None
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "otel-cancel-cli"})
-    tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(tracer_provider)
-    meter_provider = MeterProvider(
-        resource=resource, metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())]
-    )
-    metrics.set_meter_provider(meter_provider)
-
-    class _Providers:
-        def shutdown(self) -> None:
-            tracer_provider.shutdown()
-            meter_provider.shutdown()
-
-    return _Providers()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,9 +257,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "completion":
+        print(completion_script(build_parser(), args.shell), end="")
+        return EXIT_OK
     if args.command in ("cancel", "status"):
         check_one_target(parser, args)
-    provider = _export_spans_if_configured() if args.command == "cancel" else None
+    provider = None
+    if args.command == "cancel":
+        from ._cli_telemetry import export_if_configured
+
+        provider = export_if_configured()
     try:
         return _main(args)
     finally:
@@ -296,6 +294,7 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    endpoints = os.environ.get("OTEL_CANCEL_ETCD_ENDPOINTS", "127.0.0.1:2379")
     try:
         if args.command == "demo" and args.langgraph_server:
             from ._demo_langgraph_server import run_langgraph_server_demo
@@ -304,8 +303,12 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
+            # The demo's processes read the environment (the flags reach them through it); without
+            # an etcd there it starts one of its own, under a prefix of its own.
+            os.environ.update(environment_with_flags(args))
             return run_demo(as_json=args.json, a2a=args.a2a)
-        settings = Settings.from_environment()
+        settings = settings_from(args)
+        endpoints = ",".join(settings.endpoints)
         if args.command == "doctor":
             from .doctor import run_doctor
 
@@ -318,9 +321,7 @@ def _main(args: argparse.Namespace) -> int:
     except ConfigurationError as error:
         return _fail(str(error), EXIT_USAGE)
     except StoreError as error:
-        return _fail(
-            f"{error} (endpoints: {os.environ.get('OTEL_CANCEL_ETCD_ENDPOINTS', '127.0.0.1:2379')})", EXIT_STORE
-        )
+        return _fail(f"{error} (endpoints: {endpoints})", EXIT_STORE)
     except KeyboardInterrupt:
         return 130
 

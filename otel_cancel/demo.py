@@ -42,13 +42,18 @@ _COLUMNS = ("service", "instance", "depth", "interrupted", "latency_ms")
 
 
 def examples_dir() -> Path:
-    """The repository's ``examples/`` (the demo runs from a source checkout)."""
-    candidate = Path(__file__).resolve().parent.parent / "examples" / "chain" / "app.py"
-    if not candidate.exists():
-        raise FileNotFoundError(
-            "the demo needs the examples/ directory of a source checkout (git clone the project and run `make demo`)"
-        )
-    return candidate.parent.parent.parent
+    """The directory holding the ``examples`` package: a source checkout's, else the copy inside the wheel.
+
+    The wheel carries ``examples/`` as ``otel_cancel/_examples/examples`` (see
+    pyproject.toml), so ``pip install 'otel-cancel[demo]'`` is enough to run the demo.
+    """
+    here = Path(__file__).resolve().parent
+    for base in (here.parent, here / "_examples"):
+        if (base / "examples" / "chain" / "app.py").exists():
+            return base
+    raise FileNotFoundError(
+        "the example chain is missing from this installation; reinstall with pip install 'otel-cancel[demo]'"
+    )
 
 
 class ExampleChain:
@@ -139,13 +144,25 @@ def _receipts(root: str, env: dict[str, str], expect: int) -> list[dict[str, Any
     return sorted(rows, key=lambda r: (r["depth"], r["instance"]))
 
 
+# The roots shown so far, for the closing "how to look again" lines, and where they live.
+_SHOWN_ROOTS: list[str] = []
+_WHERE = {"etcd": "", "prefix": ""}
+
+
+def _status_command(root: str) -> str:
+    return f"otel-cancel status {root} --endpoints {_WHERE['etcd']} --prefix {_WHERE['prefix']}"
+
+
 def _show(title: str, root: str, rows: list[dict[str, Any]], as_json: bool) -> None:
+    _SHOWN_ROOTS.append(root)
     for row in rows:
         # Show the graph nodes that were interrupted (the HTTP handler and A2A executor scopes are implied).
         nodes = [n for n in row["interrupted"].split(",") if n and not n.startswith(("POST ", "GET ", "a2a:"))]
         row["interrupted"] = ",".join(nodes) or "-"
     if as_json:
-        print(json.dumps({"scenario": title, "root": root, "stopped": rows}), flush=True)
+        # How to look at it again travels with each scenario (one JSON line per scenario).
+        line = {"scenario": title, "root": root, "stopped": rows, **_WHERE, "status": _status_command(root)}
+        print(json.dumps(line), flush=True)
         return
     print(f"\n== {title}\nroot {root}: {len(rows)} process(es) stopped")
     print(format_table(rows, _COLUMNS), flush=True)
@@ -203,17 +220,44 @@ def _a2a_scenario(chain: ExampleChain, env: dict[str, str], as_json: bool) -> bo
     )
 
 
+def _afterwards(roots: list[str], embedded: bool, as_json: bool) -> None:
+    """Say how to look at what the demo did: the prefix it used and the status command for each root."""
+    if as_json:
+        return  # each scenario's line carried its status command
+    print(f"\nThe demo wrote under the prefix {_WHERE['prefix']}.")
+    if embedded:
+        print(
+            "Its embedded etcd stopped with it. Run the demo against an etcd of your own\n"
+            "(OTEL_CANCEL_ETCD_ENDPOINTS=127.0.0.1:2379 otel-cancel demo) to look at the cancels afterwards."
+        )
+        return
+    print("To look at the cancels again:")
+    for root in roots:
+        print(f"  {_status_command(root)}")
+
+
+def _error(message: str, as_json: bool) -> None:
+    print(f"otel-cancel demo: {message}", file=sys.stderr, flush=True)
+    if as_json:
+        print(json.dumps({"error": message}), flush=True)
+
+
 def run_demo(as_json: bool = False, a2a: bool = False) -> int:
-    """Run the scenarios (the REST chain's two, or with ``a2a`` the A2A chain's one); return the exit code."""
+    """Run the scenarios (the REST chain's two, or with ``a2a`` the A2A chain's one); return the exit code.
+
+    With ``as_json`` everything on stdout is JSON lines, errors included (``{"error": ...}``).
+    """
     endpoint = os.environ.get("OTEL_CANCEL_ETCD_ENDPOINTS")
     server: EtcdServer | None = None
     chain: ExampleChain | None = None
+    _SHOWN_ROOTS.clear()
     try:
         examples_dir()
         if not endpoint:
             server = EtcdServer().start()
             endpoint = server.endpoint
         env = {"OTEL_CANCEL_ETCD_ENDPOINTS": endpoint, "OTEL_CANCEL_PREFIX": unique_prefix().replace("test", "demo")}
+        _WHERE.update(etcd=endpoint, prefix=env["OTEL_CANCEL_PREFIX"])
         if not as_json:
             print(
                 f"etcd {endpoint} ({'embedded' if server else 'from OTEL_CANCEL_ETCD_ENDPOINTS'}); "
@@ -222,12 +266,13 @@ def run_demo(as_json: bool = False, a2a: bool = False) -> int:
             )
         chain = ExampleChain(env, app=A2A_APP if a2a else REST_APP).start()
         ok = _a2a_scenario(chain, env, as_json) if a2a else _rest_scenarios(chain, env, as_json)
+        _afterwards(_SHOWN_ROOTS, server is not None, as_json)
         return 0 if ok else 1
     except KeyboardInterrupt:
         print("\ninterrupted; stopping every process", file=sys.stderr)
         return 130
     except (FileNotFoundError, TimeoutError, RuntimeError, httpx.HTTPError) as error:
-        print(f"otel-cancel demo: {error}", file=sys.stderr)
+        _error(str(error), as_json)
         return 1
     finally:
         if chain is not None:

@@ -5,6 +5,9 @@ Checks, each reported as ``ok``, ``warn`` or ``fail`` with one line of advice:
 - etcd reachable (a status call, then a read of the flags prefix);
 - the configured propagators carry baggage (``OTEL_PROPAGATORS``);
 - the otel-cancel instrumentor is installed and not disabled;
+- for each kind of service this environment can run (Starlette/FastAPI, LangGraph,
+  A2A), the packages it needs, with the ``pip install`` line that adds the missing
+  ones; and the SDK that makes spans and metrics more than no-ops;
 - the trust setting fits the service (an internal-looking service that trusts
   nothing breaks propagation).
 """
@@ -12,9 +15,10 @@ Checks, each reported as ``ok``, ``warn`` or ``fail`` with one line of advice:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from ._io_loop import io_loop
 from ._settings import Settings
@@ -74,6 +78,70 @@ def _check_instrumentation() -> Check:
     return Check("instrumentation", "ok", f"otel_cancel and httpx instrumentors installed ({', '.join(frameworks)})")
 
 
+# Kind of service -> (module that reveals it, distributions it needs, the extra that brings them).
+_SERVICE_KINDS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "Starlette/FastAPI": (
+        "starlette",
+        (
+            "opentelemetry-instrumentation-asgi",
+            "opentelemetry-instrumentation-starlette",
+            "opentelemetry-instrumentation-httpx",
+        ),
+        "http",
+    ),
+    "LangGraph": ("langgraph", (), "langgraph"),
+    "A2A": ("a2a", ("a2a-sdk", "opentelemetry-instrumentation-httpx"), "a2a"),
+}
+_SDK = ("opentelemetry-sdk", "opentelemetry-distro", "opentelemetry-exporter-otlp-proto-grpc")
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        version(distribution)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def _module_present(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_service_kinds() -> list[Check]:
+    """One check per kind of service found in this environment, naming what it lacks."""
+    checks = []
+    for kind, (module, needed, extra) in _SERVICE_KINDS.items():
+        if not _module_present(module):
+            continue
+        missing = [d for d in needed if not _installed(d)]
+        if missing:
+            checks.append(
+                Check(
+                    kind,
+                    "warn",
+                    f"missing {', '.join(missing)}: roots or their spans will not follow requests; "
+                    f"pip install 'otel-cancel[{extra}]'",
+                )
+            )
+        else:
+            checks.append(Check(kind, "ok", f"everything {kind} services need is installed"))
+    missing_sdk = [d for d in _SDK if not _installed(d)]
+    if missing_sdk:
+        checks.append(
+            Check(
+                "sdk",
+                "warn",
+                f"missing {', '.join(missing_sdk)}: spans and metrics are no-ops; pip install 'otel-cancel[sdk]'",
+            )
+        )
+    else:
+        checks.append(Check("sdk", "ok", f"opentelemetry-sdk {version('opentelemetry-sdk')} and the OTLP exporter"))
+    return checks
+
+
 def _check_trust(settings: Settings) -> Check:
     if settings.trust_incoming:
         return Check("trust", "ok", "internal service: adopts incoming roots (OTEL_CANCEL_TRUST_INCOMING=true)")
@@ -95,11 +163,12 @@ def run_doctor(settings: Settings, as_json: bool = False) -> int:
         io_loop().run(_check_etcd(settings)),
         _check_propagators(),
         _check_instrumentation(),
+        *_check_service_kinds(),
         _check_trust(settings),
     ]
     if as_json:
         print(json.dumps({"checks": [dataclasses.asdict(c) for c in checks]}))
     else:
         for check in checks:
-            print(f"{check.status.upper():4}  {check.name:15} {check.detail}")
+            print(f"{check.status.upper():4}  {check.name:17} {check.detail}")
     return 1 if any(c.status == "fail" for c in checks) else 0

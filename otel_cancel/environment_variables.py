@@ -81,7 +81,13 @@ OTEL_CANCEL_SIGNING_KEY = "OTEL_CANCEL_SIGNING_KEY"
 """Shared secret to sign roots in baggage. Default: unset (roots are not signed)."""
 
 OTEL_CANCEL_INSTANCE = "OTEL_CANCEL_INSTANCE"
-"""Name of this process in receipts. Default: ``{hostname}-{pid}``."""
+"""Name of this process in receipts.
+
+Default: the ``service.instance.id`` of the process's OpenTelemetry resource (the
+SDK's, or the one ``OTEL_RESOURCE_ATTRIBUTES`` gives), so receipts, spans and
+metrics name the process alike; ``{hostname}-{pid}`` without one. To choose the
+name, set ``OTEL_RESOURCE_ATTRIBUTES=service.instance.id=NAME`` rather than this.
+"""
 
 OTEL_CANCEL_STORE = "OTEL_CANCEL_STORE"
 """``etcd`` (default) or ``memory`` (single process only, for tests and demos)."""

@@ -21,18 +21,24 @@ on an app that never imports otel_cancel gets:
   it in the protocol).
 
 ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_cancel`` turns it off. A propagator
-configuration that drops baggage is reported loudly at start-up.
+configuration that drops baggage is reported loudly at start-up. An invalid
+``OTEL_CANCEL_*`` setting stops the process at start-up with one line naming the
+variable (exit status 2): OpenTelemetry's loader would otherwise log the error and
+let the service serve requests that can only fail.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable, Collection
 from typing import Any
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
 from ._runtime import get_runtime
+from .exceptions import ConfigurationError
 
 _log = logging.getLogger("otel_cancel.instrumentation")
 
@@ -93,10 +99,30 @@ def run_start_hooks() -> None:
         _pending_start_hooks.pop(0)()
 
 
+def _stop_the_process(error: ConfigurationError) -> None:
+    """End a process that ``opentelemetry-instrument`` is starting, with one line on stderr.
+
+    The loader (``sitecustomize``) catches exceptions and carries on, and raising
+    ``SystemExit`` there makes Python abort with a traceback; ``os._exit`` is the
+    one clean way out before the application has started.
+    """
+    print(f"otel-cancel: {error}; the service does not start", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
+
+
 class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """The otel-cancel instrumentor (see the module docstring)."""
 
     _original_build_middleware_stack: Any = None
+    _loaded_by_opentelemetry = False
+
+    def instrument(self, **kwargs: Any) -> Any:
+        """Switch otel-cancel on (see :meth:`BaseInstrumentor.instrument`)."""
+        # OpenTelemetry's loader (opentelemetry-instrument) passes skip_dep_check, which the
+        # base class consumes before _instrument: note here whose call this is.
+        self._loaded_by_opentelemetry = bool(kwargs.get("skip_dep_check"))
+        return super().instrument(**kwargs)
 
     def instrumentation_dependencies(self) -> Collection[str]:
         # Every integration is optional; each is switched on only where its library is installed.
@@ -106,7 +132,12 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         from ._upstream_logs import limit_client_input_logs
         from .asgi import warn_if_propagators_drop_baggage
 
-        get_runtime()  # fail fast on invalid OTEL_CANCEL_* settings
+        try:
+            get_runtime()  # fail fast on invalid OTEL_CANCEL_* settings
+        except ConfigurationError as error:
+            if not self._loaded_by_opentelemetry:
+                raise  # instrument() called by the application: the error is its to handle
+            _stop_the_process(error)
         warn_if_propagators_drop_baggage()
         limit_client_input_logs()
         self._instrument_starlette()

@@ -8,6 +8,7 @@ reasons are reduced to a short, bounded vocabulary (:func:`reason_label`).
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from opentelemetry import metrics, trace
@@ -32,7 +33,7 @@ _cancellations = _meter.create_counter(
 _latency = _meter.create_histogram(
     attributes.METRIC_PROPAGATION_LATENCY,
     unit="ms",
-    description="From the cancel flag written (or the deadline passed) to the work stopped here.",
+    description="From the cancel flag written (or the deadline passed) to the first work of the root stopped here.",
     explicit_bucket_boundaries_advisory=[0.5, 1, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000, 2500, 5000],
 )
 _scopes_active = _meter.create_up_down_counter(
@@ -64,6 +65,14 @@ _bulk_cancels = _meter.create_counter(
     description="Bulk cancels (cancel --all, cancel ROOT ROOT...) requested from this process.",
 )
 
+# Roots already counted in otel_cancel.cancellations and the latency histogram: nested
+# scopes (a scope inside a request's scope) each record a span, but a root counts once
+# per process. Bounded: the oldest roots are forgotten first (a root that comes back
+# after thousands of others would count again, which is the lesser error).
+_MAX_COUNTED_ROOTS = 4096
+_counted_roots: OrderedDict[str, None] = OrderedDict()
+_counted_lock = threading.Lock()
+
 _connected_sources: list[Callable[[], bool]] = []
 _live_sources: list[Callable[[], int]] = []
 _reason_labels: set[str] = set()
@@ -78,7 +87,9 @@ def _observe_connected(options: CallbackOptions) -> Iterable[Observation]:
 _meter.create_observable_gauge(
     attributes.METRIC_WATCH_CONNECTED,
     callbacks=[_observe_connected],
-    unit="1",
+    # An annotation, not "1": the collector would add a _ratio suffix that a direct
+    # Prometheus scrape does not, and dashboards must find one name on both paths.
+    unit="{state}",
     description="1 while the watcher's stream to the cancel store is up, else 0.",
 )
 
@@ -107,9 +118,12 @@ def bulk_cancel_requested(kind: str) -> None:
 
 
 def initialise_counters() -> None:
-    """Give every counter a zero point, so dashboards show 0 rather than no data."""
-    _cancellations.add(0)
-    _late_arrivals.add(0)
+    """Give the unlabelled counters a zero point, so dashboards show 0 rather than no data.
+
+    Counters whose every point carries labels (cancellations by reason and kind, late
+    arrivals by kind) get none: a zero point without labels would be a series of its own,
+    shown as an empty entry in "by kind" and "by reason" panels.
+    """
     _reconnects.add(0)
     _receipts.add(0)
     _scopes_active.add(0)
@@ -134,6 +148,18 @@ def reason_label(reason: str) -> str:
             return "other"
         _reason_labels.add(label)
         return label
+
+
+def _first_stop_of(root: str) -> bool:
+    """Whether this is the first stop of ``root`` counted in this process (and note it)."""
+    with _counted_lock:
+        if root in _counted_roots:
+            _counted_roots.move_to_end(root)
+            return False
+        _counted_roots[root] = None
+        if len(_counted_roots) > _MAX_COUNTED_ROOTS:
+            _counted_roots.popitem(last=False)
+        return True
 
 
 def _depth_label(depth: int) -> int:
@@ -191,18 +217,20 @@ def work_cancelled(
 
     The span is a child of the current span of ``context`` (the interrupted work),
     so it lands in the cancelled trace; it starts at ``start_ns`` and ends at
-    ``end_ns`` (default: now).
+    ``end_ns`` (default: now). Every stopped scope gets its span; the metrics count
+    the root once per process (its first stop), as their help text says.
     """
-    labels: dict[str, str | int] = {
-        attributes.REASON: reason_label(reason),
-        attributes.KIND: kind,
-        attributes.DEPTH: _depth_label(depth),
-    }
-    _cancellations.add(1, labels)
-    if latency_ms is not None:
-        # A process that stopped its own work first and then wrote the flag (LangGraph's
-        # runs.cancel on LangGraph Server) stopped before the flag: 0, never negative.
-        _latency.record(max(latency_ms, 0.0), {attributes.KIND: kind, attributes.DEPTH: _depth_label(depth)})
+    if _first_stop_of(root):
+        labels: dict[str, str | int] = {
+            attributes.REASON: reason_label(reason),
+            attributes.KIND: kind,
+            attributes.DEPTH: _depth_label(depth),
+        }
+        _cancellations.add(1, labels)
+        if latency_ms is not None:
+            # A process that stopped its own work first and then wrote the flag (LangGraph's
+            # runs.cancel on LangGraph Server) stopped before the flag: 0, never negative.
+            _latency.record(max(latency_ms, 0.0), {attributes.KIND: kind, attributes.DEPTH: _depth_label(depth)})
     span_attributes: dict[str, str | int | float] = {
         attributes.ROOT: root,
         attributes.REASON: reason,

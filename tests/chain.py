@@ -26,6 +26,7 @@ class Chain:
         module: str = "explicit_app",
         auto_instrument: bool = False,
         level_env: dict[str, dict[str, str]] | None = None,
+        python: str = sys.executable,
     ) -> Chain:
         ports = [[free_port() for _ in range(replicas)] for _ in levels]
         for index, level in enumerate(levels):
@@ -33,7 +34,7 @@ class Chain:
             replicas_here = []
             for replica, port in enumerate(ports[index]):
                 command = [
-                    sys.executable,
+                    python,
                     "-m",
                     "uvicorn",
                     f"{module}:app",
@@ -46,7 +47,7 @@ class Chain:
                     "--no-access-log",
                 ]
                 if auto_instrument:
-                    command = [os.path.join(os.path.dirname(sys.executable), "opentelemetry-instrument"), *command]
+                    command = [os.path.join(os.path.dirname(python), "opentelemetry-instrument"), *command]
                 process_env = {
                     **env,
                     "LEVEL": level,

@@ -37,6 +37,7 @@ class ReceivedSpan:
 class Received:
     spans: list[ReceivedSpan] = field(default_factory=list)
     metrics: dict[str, set[str]] = field(default_factory=dict)  # service -> metric names
+    instances: dict[str, set[str]] = field(default_factory=dict)  # service -> service.instance.id values
 
 
 def _value(any_value) -> object:
@@ -80,10 +81,17 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_
                 return str(_value(attribute.value))
         return "?"
 
+    def _note_instance(self, service: str, resource) -> None:
+        for attribute in resource.attributes:
+            if attribute.key == "service.instance.id":
+                self.received.instances.setdefault(service, set()).add(str(_value(attribute.value)))
+
     def _take_spans(self, request) -> None:
         spans = []
         for resource_spans in request.resource_spans:
             service = self._service(resource_spans.resource)
+            with self._changed:
+                self._note_instance(service, resource_spans.resource)
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     spans.append(
@@ -107,6 +115,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_
     def _take_metrics(self, request) -> None:
         with self._changed:
             for resource_metrics in request.resource_metrics:
+                self._note_instance(self._service(resource_metrics.resource), resource_metrics.resource)
                 names = self.received.metrics.setdefault(self._service(resource_metrics.resource), set())
                 for scope_metrics in resource_metrics.scope_metrics:
                     names.update(metric.name for metric in scope_metrics.metrics)

@@ -13,8 +13,8 @@ would read it, and against the telemetry names the library really emits:
 - ``deploy/k8s/``: the kustomization, rendered here, passes
   ``kubernetes-validate --strict``.
 
-System tool: ``promtool`` (Debian package ``prometheus``), installed by
-``.ci/install-system-deps``. Python: ``jsonschema``, ``kubernetes-validate``.
+System tool: ``promtool`` (Debian package ``prometheus``), unpacked into ``.tools/``
+by ``.ci/install-system-deps``. Python: ``jsonschema``, ``kubernetes-validate``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from system_tools import system_tool
 
 from otel_cancel import attributes
 
@@ -178,7 +178,8 @@ def spanmetrics_series() -> set[str]:
 
 def allowed_series() -> set[str]:
     """Every series name a dashboard may query."""
-    series = set(spanmetrics_series())
+    # target_info: the resource attributes, which a direct scrape of a service exposes only there.
+    series = set(spanmetrics_series()) | {"target_info"}
     instruments = emitted_instruments()
     for name in attributes.METRIC_NAMES:
         series |= prometheus_series(name, *instruments[name])
@@ -274,8 +275,8 @@ def promql_names(expr: str) -> tuple[set[str], set[str], list[tuple[str, str, st
         elif kind == "ident" and braces:
             # A label matcher: name, operator, quoted value.
             operator, value = tokens[i + 1][1], tokens[i + 2][1][1:-1]
-            if text == "__name__" and operator == "=":
-                metrics.add(value)
+            if text == "__name__" and operator in ("=", "=~"):
+                metrics.update(value.split("|") if operator == "=~" else {value})
             else:
                 labels.add(text)
                 matchers.append((text, operator, value))
@@ -392,13 +393,7 @@ def _uid(datasource: Any) -> str:
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool is not installed: run .ci/install-system-deps "
-            "(it installs Debian's prometheus package, which ships promtool)"
-        )
-    return path
+    return system_tool("promtool")
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""The CLI's own telemetry: the ``otel_cancel.request`` span and counter, exported over OTLP.
+
+Set up only when the environment asks for OTLP export and the SDK is installed.
+A CLI must not hang on a collector that is down: each export gets a short
+deadline (``OTEL_EXPORTER_OTLP_TIMEOUT`` when set, else one second), traces and
+metrics are flushed side by side, and export failures become one line on stderr
+instead of the exporter's log of every retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Any
+
+# Above this, the cancel (already written) would wait on a collector that does not answer.
+_DEFAULT_EXPORT_TIMEOUT_SECONDS = 1.0
+_EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp", "opentelemetry.sdk.trace.export", "opentelemetry.sdk.metrics")
+
+
+class _OneLineReport(logging.Handler):
+    """Collapses the exporters' failure logs into one line on stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.reported = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "the default OTLP endpoint")
+        print(
+            f"otel-cancel: could not export telemetry to {endpoint} (the cancel itself is done)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+class CliTelemetry:
+    """The tracer and meter providers of one CLI run; :meth:`shutdown` flushes both."""
+
+    def __init__(self, tracer_provider: Any, meter_provider: Any, timeout_seconds: float) -> None:
+        self._providers = (tracer_provider, meter_provider)
+        self._timeout_ms = timeout_seconds * 1000
+
+    def shutdown(self) -> None:
+        """Flush and close both providers side by side, each within the export deadline."""
+        tracer_provider, meter_provider = self._providers
+        threads = [
+            # Its exporter already holds the deadline (TracerProvider.shutdown takes none).
+            threading.Thread(target=tracer_provider.shutdown, daemon=True),
+            threading.Thread(target=meter_provider.shutdown, kwargs={"timeout_millis": self._timeout_ms}, daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            # A little over the deadline: an exporter that overruns it is left behind (daemon thread).
+            thread.join(self._timeout_ms / 1000 + 0.5)
+
+
+def _export_timeout() -> float:
+    raw = os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    try:
+        # The OpenTelemetry variable is in seconds in the Python exporters.
+        return float(raw) if raw else _DEFAULT_EXPORT_TIMEOUT_SECONDS
+    except ValueError:
+        return _DEFAULT_EXPORT_TIMEOUT_SECONDS
+
+
+def export_if_configured() -> CliTelemetry | None:
+    """Set up OTLP span and metric export when the environment asks for it and the SDK is installed."""
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "otlp" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "")
+    if exporter.strip().lower() != "otlp":
+        return None
+    try:
+        from opentelemetry import metrics, trace
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        return None
+    report = _OneLineReport()
+    for name in _EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(report)
+        logger.propagate = False
+    timeout = _export_timeout()
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "otel-cancel-cli"})
+    tracer_provider = TracerProvider(resource=resource)
+    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(timeout=timeout)))
+    trace.set_tracer_provider(tracer_provider)
+    reader = PeriodicExportingMetricReader(OTLPMetricExporter(timeout=timeout), export_timeout_millis=timeout * 1000)
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+    metrics.set_meter_provider(meter_provider)
+    return CliTelemetry(tracer_provider, meter_provider, timeout)
