@@ -21,12 +21,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._bulk import BulkCancel
+from ._cli_arguments import count_argument, label_argument, root_argument, seconds_argument
 from ._cli_options import requester
-from ._labels import validate_label
 from ._request import CancelRequest, Receipt
-from ._root_id import validate_root
 from ._table import StreamingTable
-from .exceptions import InvalidLabelError, InvalidRootError, StoreError
+from .exceptions import StoreError
 from .store._keys import bulk_id_of_flag_key
 
 if TYPE_CHECKING:  # the CLI imports this module for every command: what only cancel runs is imported there
@@ -50,48 +49,11 @@ _RECEIPT_COLUMNS = ("service", "instance", "depth", "interrupted", "latency_ms")
 _RECEIPT_MIN_WIDTHS = {"root": 32, "service": 20, "instance": 28, "depth": 5, "interrupted": 16, "latency_ms": 10}
 
 
-def _root_argument(value: str) -> str:
-    try:
-        return validate_root(value)
-    except InvalidRootError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _label_argument(value: str) -> tuple[str, str]:
-    key, sep, label = value.partition("=")
-    try:
-        if not sep:
-            raise InvalidLabelError(f"a label selector is KEY=VALUE, got {value!r}")
-        return validate_label(key, label)
-    except InvalidLabelError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _seconds_argument(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
-    if not 0 <= seconds <= 86400:
-        raise argparse.ArgumentTypeError(f"seconds must be between 0 and 86400, got {value!r}")
-    return seconds
-
-
-def _count_argument(value: str) -> int:
-    try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if not 0 <= count <= 100_000:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 100000, got {value!r}")
-    return count
-
-
 def add_cancel_arguments(cancel: argparse.ArgumentParser) -> None:
     """The arguments of ``otel-cancel cancel``."""
     cancel.add_argument(
         "roots",
-        type=_root_argument,
+        type=root_argument,
         nargs="*",
         metavar="ROOT",
         help="roots to cancel: trace ids, 32 lowercase hex digits (the otel-cancel-root response header)",
@@ -105,7 +67,7 @@ def add_cancel_arguments(cancel: argparse.ArgumentParser) -> None:
     cancel.add_argument("--service", metavar="NAME", help="with --all: runs with work in this service")
     cancel.add_argument(
         "--label",
-        type=_label_argument,
+        type=label_argument,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -115,13 +77,13 @@ def add_cancel_arguments(cancel: argparse.ArgumentParser) -> None:
     cancel.add_argument("--reason", default="cancelled by operator", help="why (shown in receipts and spans)")
     cancel.add_argument(
         "--wait",
-        type=_seconds_argument,
+        type=seconds_argument,
         default=0,
         metavar="SECONDS",
         help="wait up to SECONDS for a receipt from every process that held work for the cancelled roots",
     )
     cancel.add_argument(
-        "--expect", type=_count_argument, default=0, metavar="N", help="with --wait: return after N receipts"
+        "--expect", type=count_argument, default=0, metavar="N", help="with --wait: return after N receipts"
     )
     cancel.add_argument("--json", action="store_true", help="print JSON (one object per line) instead of text")
 
@@ -131,7 +93,7 @@ def add_ps_arguments(ps: argparse.ArgumentParser) -> None:
     ps.add_argument("--service", metavar="NAME", help="only work in this service")
     ps.add_argument(
         "--label",
-        type=_label_argument,
+        type=label_argument,
         action="append",
         default=[],
         metavar="KEY=VALUE",

@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING, Any
 # that uses it (the IO loop, the store and OpenTelemetry by the commands that talk to
 # etcd; the demo and doctor by themselves).
 from . import _cli_fleet
+from ._cli_arguments import root_argument
 from ._cli_langgraph import UnknownLangGraphIdError, add_langgraph_id_options, check_one_target, resolve_root
 from ._cli_options import environment_with_flags, global_options_parser, package_version, settings_from
 from ._completion import SHELLS, completion_script
 from ._request import CancelRequest, Receipt
-from ._root_id import validate_root
 from ._settings import Settings
 from ._table import format_table as format_table
-from .exceptions import ConfigurationError, InvalidRootError, StoreError
+from .exceptions import ConfigurationError, StoreError
 
 if TYPE_CHECKING:
     from ._request import CancelRequest, Receipt
@@ -159,38 +159,11 @@ async def _run_store_command(settings: Settings, args: argparse.Namespace) -> in
 # -- argument parsing ------------------------------------------------------------------------
 
 
-def _root_argument(value: str) -> str:
-    try:
-        return validate_root(value)
-    except InvalidRootError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _seconds_argument(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
-    if not 0 <= seconds <= 86400:
-        raise argparse.ArgumentTypeError(f"seconds must be between 0 and 86400, got {value!r}")
-    return seconds
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         # One line, exit 2 (argparse would print the whole usage first).
         print(f"otel-cancel: {_one_line(message)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
-
-
-def _count_argument(value: str) -> int:
-    try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if not 0 <= count <= 100_000:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 100000, got {value!r}")
-    return count
 
 
 _ROOT_HELP = "the run's root: its trace id, 32 lowercase hex digits (the otel-cancel-root response header)"
@@ -221,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_fleet.add_ps_arguments(ps)
 
     status = command("status", "show whether ROOT is cancelled and who stopped")
-    status.add_argument("root", type=_root_argument, metavar="ROOT", nargs="?", help=_ROOT_HELP)
+    status.add_argument("root", type=root_argument, metavar="ROOT", nargs="?", help=_ROOT_HELP)
     add_langgraph_id_options(status)
     status.add_argument("--json", action="store_true", help=_JSON_HELP)
 
