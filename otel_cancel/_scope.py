@@ -356,9 +356,14 @@ class CancelResult:
     created: bool
 
 
-def parent_in_root_trace(root: str) -> otel_context.Context:
-    """A context whose current span lies in the root's trace, so the request span joins it."""
-    current = otel_context.get_current()
+def parent_in_root_trace(root: str, context: otel_context.Context | None = None) -> otel_context.Context:
+    """``context`` (the current one by default) with a parent span in the root's trace.
+
+    Unless its current span already lies in that trace, a remote parent with the root as
+    trace id is set, so a span started under it (the request span, the cancelled span of a
+    run whose worker started from an empty context) joins the cancelled trace.
+    """
+    current = context if context is not None else otel_context.get_current()
     span_context = trace.get_current_span(current).get_span_context()
     if span_context.is_valid and trace.format_trace_id(span_context.trace_id) == root:
         return current

@@ -41,7 +41,6 @@ import contextlib
 import hmac
 import importlib.metadata
 import logging
-import os
 import secrets
 import sys
 import time
@@ -49,7 +48,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 import wrapt
-from opentelemetry import baggage, trace
+from opentelemetry import baggage
 from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
@@ -60,7 +59,7 @@ from ._logging import RateLimitedLogger
 from ._request import CancelRequest, TaskRecord
 from ._root import current_root, is_valid_root, parse_depth, with_root, without_root
 from ._runtime import Runtime, get_runtime
-from ._scope import CancelScope, cancel
+from ._scope import CancelScope, cancel, parent_in_root_trace
 from ._signing import verify_root
 from .exceptions import Cancelled, InvalidTaskIdError, StoreError
 from .langgraph import run_scope_bound
@@ -215,26 +214,9 @@ def run_context(configurable: Mapping[str, Any], context: otel_context.Context |
     if validate_deadline(deadline) is not None:
         assert isinstance(deadline, str)
         extra[attributes.BAGGAGE_DEADLINE] = deadline
-    return _in_root_trace(root, with_root(root, depth, context, extra=extra))
-
-
-def _in_root_trace(root: str, context: otel_context.Context) -> otel_context.Context:
-    """``context`` with a parent span in the root's trace, unless its current span is already in it.
-
-    The worker starts from an empty context: without this, what the run records (its
-    ``otel_cancel.cancelled`` span, say) would start traces of its own instead of landing
-    in the cancelled one.
-    """
-    span_context = trace.get_current_span(context).get_span_context()
-    if span_context.is_valid and trace.format_trace_id(span_context.trace_id) == root:
-        return context
-    parent = trace.SpanContext(
-        trace_id=int(root, 16),
-        span_id=int.from_bytes(os.urandom(8), "big") or 1,
-        is_remote=True,
-        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
-    )
-    return trace.set_span_in_context(trace.NonRecordingSpan(parent), context)
+    # The worker starts from an empty context: without a parent in the root's trace, what
+    # the run records (its otel_cancel.cancelled span) would start traces of its own.
+    return parent_in_root_trace(root, with_root(root, depth, context, extra=extra))
 
 
 def _langgraph_stop(done: Any, interrupt_type: type[Exception]) -> Exception | None:
