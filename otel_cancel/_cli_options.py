@@ -13,7 +13,6 @@ import getpass
 import os
 import socket
 from collections.abc import Mapping
-from importlib.metadata import PackageNotFoundError, version
 from typing import TypeVar
 
 from . import environment_variables as env
@@ -38,10 +37,25 @@ GLOBAL_FLAGS: dict[str, tuple[str, str, str]] = {
 
 def package_version() -> str:
     """The installed otel-cancel version (``unknown`` when run from a tree that is not installed)."""
+    # Imported here: importlib.metadata costs every command start-up time, and only
+    # --version needs it.
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("otel-cancel")
     except PackageNotFoundError:
         return "unknown"
+
+
+class VersionAction(argparse.Action):
+    """``--version``: print the installed version and exit (looked up only when asked for)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
 
 
 def global_options_parser(parser_class: type[_P]) -> _P:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from . import _cli_fleet
 from ._cli_arguments import root_argument
 from ._cli_langgraph import UnknownLangGraphIdError, add_langgraph_id_options, check_one_target, resolve_root
-from ._cli_options import environment_with_flags, global_options_parser, package_version, settings_from
+from ._cli_options import VersionAction, environment_with_flags, global_options_parser, settings_from
 from ._completion import SHELLS, completion_script
 from ._request import CancelRequest, Receipt
 from ._settings import Settings
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every connection flag can also be given after the command. "
         "Shell completion: source <(otel-cancel completion bash).",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:

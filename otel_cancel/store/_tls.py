@@ -9,8 +9,6 @@ variable.
 from __future__ import annotations
 
 import os
-import ssl
-import tempfile
 from pathlib import Path
 
 import grpc
@@ -29,6 +27,8 @@ def _read(path: str, variable: str) -> bytes:
 
 
 def _check_ca(pem: bytes, path: str) -> None:
+    import ssl  # only where TLS is configured: ssl costs every CLI command start-up time
+
     try:
         ssl.create_default_context(cadata=pem.decode("ascii"))
     except (ssl.SSLError, UnicodeDecodeError, ValueError):
@@ -36,6 +36,9 @@ def _check_ca(pem: bytes, path: str) -> None:
 
 
 def _check_pair(cert: bytes, key: bytes, cert_path: str, key_path: str) -> None:
+    import ssl
+    import tempfile
+
     # ssl loads a certificate chain only from files: hand it copies (the key's copy is
     # private to this user and removed at once).
     with tempfile.TemporaryDirectory(prefix="otel-cancel-tls-") as directory:
