@@ -17,11 +17,12 @@ import threading
 import time
 from typing import Any
 
+from ._cli_render import iso, request_dict
 from ._registry import CancelRegistry, Holder
 from ._request import CancelRequest
 from ._settings import Settings
+from ._table import format_table
 from ._watcher import CancelWatcher
-from .cli import _iso, _request_dict, format_table
 from .store import CancelStore, FlagEvent
 from .store._keys import root_of_flag_key
 
@@ -54,7 +55,7 @@ async def list_command(store: CancelStore, settings: Settings, args: argparse.Na
                 sys.stdout.write(f'{{"revision": {page.revision}, "flags": [')
                 header_printed = True
             for flag in flags:
-                sys.stdout.write((", " if printed else "") + json.dumps(_request_dict(flag)))
+                sys.stdout.write((", " if printed else "") + json.dumps(request_dict(flag)))
                 printed += 1
             continue
         if not flags:
@@ -62,7 +63,7 @@ async def list_command(store: CancelStore, settings: Settings, args: argparse.Na
         rows = [
             {
                 "root": f.root,
-                "requested_at": _iso(f.requested_at) if f.requested_at else "-",
+                "requested_at": iso(f.requested_at) if f.requested_at else "-",
                 "by": f.requested_by,
                 "reason": f.reason,
             }
@@ -100,7 +101,7 @@ class _PrintOnlyRegistry(CancelRegistry):
 
 
 def _now() -> str:
-    return _iso(time.time_ns())
+    return iso(time.time_ns())
 
 
 class _EventPrinter:
@@ -120,7 +121,7 @@ class _EventPrinter:
         if event.kind == "put":
             flag = _parse_flag(root, event.value)
             record = {"event": "cancelled", "root": root, "reason": flag.reason}
-            written = _iso(flag.requested_at) if flag.requested_at else "-"
+            written = iso(flag.requested_at) if flag.requested_at else "-"
             record.update(time=seen_at, replayed=replayed, requested_at=flag.requested_at)
             text = f"{seen_at} {'replayed ' if replayed else 'cancelled'} {root} {flag.reason}"
             if replayed:
@@ -134,7 +135,7 @@ class _EventPrinter:
 
 class _TimedFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{_iso(int(record.created * 1e9))} {record.getMessage()}"
+        return f"{iso(int(record.created * 1e9))} {record.getMessage()}"
 
 
 def watch_command(settings: Settings, *, as_json: bool) -> int:

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from ._bulk import BulkCancel
 from ._cli_arguments import count_argument, label_argument, root_argument, seconds_argument
 from ._cli_options import requester
+from ._cli_render import format_age, iso, receipt_row, request_dict
 from ._request import CancelRequest, Receipt
-from ._table import StreamingTable
+from ._table import StreamingTable, format_table
 from .exceptions import StoreError
 from .store._keys import bulk_id_of_flag_key
 
@@ -110,35 +111,6 @@ def _usage_error(message: str) -> int:
 # -- rendering --------------------------------------------------------------------------
 
 
-def format_age(nanoseconds: int) -> str:
-    """A short age: ``850ms``, ``12.3s``, ``4m05s``, ``2h03m``, ``3d04h``."""
-    seconds = max(0, nanoseconds) / 1e9
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
-
-
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    from .cli import format_table
-
-    return format_table(rows, columns)
-
-
-def _iso(epoch_ns: int) -> str:
-    from .cli import _iso as iso
-
-    return iso(epoch_ns)
-
-
 # -- ps -----------------------------------------------------------------------------------
 
 
@@ -184,7 +156,7 @@ async def ps_command(store: CancelStore, settings: Settings, args: argparse.Name
         }
         for row in rows
     ]
-    print(_table(shown, _PS_COLUMNS))
+    print(format_table(shown, _PS_COLUMNS))
     roots = len({row["root"] for row in rows})
     processes = len({(row["service"], row["instance"]) for row in rows})
     services = len({row["service"] for row in rows})
@@ -199,23 +171,14 @@ async def ps_command(store: CancelStore, settings: Settings, args: argparse.Name
 # -- cancel -------------------------------------------------------------------------------
 
 
-def _request_dict(request: CancelRequest) -> dict[str, Any]:
-    return {
-        "root": request.root,
-        "reason": request.reason,
-        "requested_at": request.requested_at,
-        "requested_by": request.requested_by,
-    }
-
-
 def _print_flag(request: CancelRequest, created: bool, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"created": created, "flag": _request_dict(request)}), flush=True)
+        print(json.dumps({"created": created, "flag": request_dict(request)}), flush=True)
     elif created:
         print(f"cancelled {request.root} (reason: {request.reason})", flush=True)
     else:
         print(
-            f"{request.root} was already cancelled at {_iso(request.requested_at)} "
+            f"{request.root} was already cancelled at {iso(request.requested_at)} "
             f"by {request.requested_by} (reason: {request.reason})",
             flush=True,
         )
@@ -304,13 +267,13 @@ def bulk_lines(bulks: Sequence[BulkCancel]) -> str:
         {
             "bulk": b.id,
             "selects": b.describe(),
-            "cutoff": _iso(b.requested_at),
+            "cutoff": iso(b.requested_at),
             "by": b.requested_by,
             "reason": b.reason,
         }
         for b in bulks
     ]
-    return f"{len(rows)} bulk cancel(s) in force (runs begun before the cut-off are refused):\n" + _table(
+    return f"{len(rows)} bulk cancel(s) in force (runs begun before the cut-off are refused):\n" + format_table(
         rows, ("bulk", "selects", "cutoff", "by", "reason")
     )
 
@@ -323,7 +286,7 @@ def _print_result(result: BulkCancelResult, as_json: bool) -> None:
         else:
             print(
                 f"bulk cancel {bulk.id} ({bulk.describe()}): every such run begun before "
-                f"{_iso(bulk.requested_at)} stops, in every process; {len(result.flags)} live root(s) found",
+                f"{iso(bulk.requested_at)} stops, in every process; {len(result.flags)} live root(s) found",
                 flush=True,
             )
     for request, created in result.flags:
@@ -389,7 +352,7 @@ async def _wait_for_receipts(store: CancelStore, result: BulkCancelResult, args:
                     continue
                 seen.add(key)
                 expected.receipt(*key)
-                row = _receipt_row(receipt)
+                row = receipt_row(receipt, with_root=True)
                 if args.json:
                     print(json.dumps({"receipt": row}), flush=True)
                 else:
@@ -446,15 +409,3 @@ def receipts_summary(receipts: Sequence[Receipt]) -> str:
         f"{len(receipts)} process(es) of {services} service(s) stopped {tasks} task(s); "
         f"slowest {slowest.latency_ms:.1f} ms after the flag ({slowest.service}/{slowest.instance})"
     )
-
-
-def _receipt_row(receipt: Receipt) -> dict[str, Any]:
-    return {
-        "root": receipt.root,
-        "service": receipt.service,
-        "instance": receipt.instance,
-        "depth": receipt.depth,
-        "interrupted": ",".join(receipt.interrupted) or "-",
-        "latency_ms": round(receipt.latency_ms, 2),
-        "tasks": receipt.tasks,
-    }

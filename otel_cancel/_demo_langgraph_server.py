@@ -22,7 +22,7 @@ import uuid
 from typing import Any
 
 from ._langgraph_server_chain import ROLES, ServerChain
-from .cli import format_table
+from ._table import format_table
 from .testing import EtcdServer, unique_prefix
 
 TOKENS = 400

@@ -40,14 +40,13 @@ from . import _cli_fleet
 from ._cli_arguments import root_argument
 from ._cli_langgraph import UnknownLangGraphIdError, add_langgraph_id_options, check_one_target, resolve_root
 from ._cli_options import VersionAction, environment_with_flags, global_options_parser, settings_from
+from ._cli_render import format_age, iso, receipt_row, request_dict
 from ._completion import SHELLS, completion_script
-from ._request import CancelRequest, Receipt
 from ._settings import Settings
 from ._table import format_table as format_table
 from .exceptions import ConfigurationError, StoreError
 
 if TYPE_CHECKING:
-    from ._request import CancelRequest, Receipt
     from .store import CancelStore
 
 EXIT_OK = 0
@@ -69,30 +68,6 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _iso(epoch_ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_ns / 1e9)) + f".{epoch_ns % 10**9 // 10**6:03d}Z"
-
-
-def _receipt_row(receipt: Receipt) -> dict[str, Any]:
-    return {
-        "service": receipt.service,
-        "instance": receipt.instance,
-        "depth": receipt.depth,
-        "interrupted": ",".join(receipt.interrupted) or "-",
-        "latency_ms": round(receipt.latency_ms, 2),
-        "tasks": receipt.tasks,
-    }
-
-
-def _request_dict(request: CancelRequest) -> dict[str, Any]:
-    return {
-        "root": request.root,
-        "reason": request.reason,
-        "requested_at": request.requested_at,
-        "requested_by": request.requested_by,
-    }
-
-
 # -- commands -------------------------------------------------------------------------------
 
 
@@ -105,8 +80,8 @@ async def _status(store: CancelStore, settings: Settings, args: argparse.Namespa
                 {
                     "root": args.root,
                     "cancelled": flag is not None,
-                    "flag": _request_dict(flag) if flag else None,
-                    "receipts": [_receipt_row(r) for r in receipts],
+                    "flag": request_dict(flag) if flag else None,
+                    "receipts": [receipt_row(r) for r in receipts],
                 }
             )
         )
@@ -114,11 +89,11 @@ async def _status(store: CancelStore, settings: Settings, args: argparse.Namespa
     if flag is None:
         print(f"{args.root} is not cancelled")
         return EXIT_OK
-    age = _cli_fleet.format_age(time.time_ns() - flag.requested_at)
-    when = f"{_iso(flag.requested_at)} ({age} ago)"
+    age = format_age(time.time_ns() - flag.requested_at)
+    when = f"{iso(flag.requested_at)} ({age} ago)"
     print(f"{flag.root} cancelled at {when} by {flag.requested_by} (reason: {flag.reason})")
     if receipts:
-        print(format_table([_receipt_row(r) for r in receipts], _RECEIPT_COLUMNS))
+        print(format_table([receipt_row(r) for r in receipts], _RECEIPT_COLUMNS))
         print(_cli_fleet.receipts_summary(receipts))
         from .timeline import render_timeline
 

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from ._etcd_server import EtcdServer, free_port
-from .cli import format_table
+from ._table import format_table
 from .testing import ManagedProcess, unique_prefix
 
 REST_APP = "examples.chain.app:app"
