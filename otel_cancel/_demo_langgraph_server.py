@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -23,6 +22,7 @@ from typing import Any
 
 from ._langgraph_server_chain import ROLES, ServerChain
 from ._table import format_table
+from .demo import run_cli
 from .testing import EtcdServer, unique_prefix
 
 TOKENS = 400
@@ -31,16 +31,6 @@ _COLUMNS = ("depth", "service", "interrupted", "node_stopped_ms", "latency_ms")
 """``node_stopped_ms``: from sending the cancel to the node's own stop (the CLI's start-up
 included for ``otel-cancel cancel``); ``latency_ms``: the receipt's, flag written to work
 stopped (0 where the process stopped its work first and then wrote the flag)."""
-
-
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "otel_cancel", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def _until(predicate: Any, timeout: float) -> bool:
@@ -60,7 +50,7 @@ async def _leaf_started(chain: ServerChain, tag: str) -> None:
 async def _rows(chain: ServerChain, tag: str, root: str, sent_ns: int, env: dict[str, str]) -> list[dict[str, Any]]:
     """Every depth's stop: the receipt, and when its node's own marker stopped."""
     await _until(lambda: len(chain.lines("END", tag)) >= len(ROLES), 30)
-    result = _cli(["status", root, "--json"], env)
+    result = run_cli(["status", root, "--json"], env)
     receipts = json.loads(result.stdout)["receipts"] if result.returncode == 0 else []
     ends = {role: fields for role, fields in chain.lines("END", tag)}
     rows = []
@@ -115,7 +105,7 @@ async def _scenarios(chain: ServerChain, env: dict[str, str], as_json: bool) -> 
             root = run["metadata"]["otel_cancel_root"]
             sent = time.time_ns()
             if how.startswith("otel-cancel"):
-                _cli(["cancel", root, "--reason", "user clicked stop"], env)
+                run_cli(["cancel", root, "--reason", "user clicked stop"], env)
             elif streaming is None:
                 await client.runs.cancel(thread["thread_id"], run["run_id"])
             else:

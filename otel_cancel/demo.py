@@ -128,7 +128,8 @@ class ExampleChain:
             process.stop()
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``otel-cancel ARGS`` as a user would (this interpreter), with ``env`` added; capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "otel_cancel", *args],
         env={**os.environ, **env},
@@ -139,7 +140,7 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 
 def _receipts(root: str, env: dict[str, str], expect: int) -> list[dict[str, Any]]:
-    result = _cli(["cancel", root, "--wait", "20", "--expect", str(expect), "--json"], env)
+    result = run_cli(["cancel", root, "--wait", "20", "--expect", str(expect), "--json"], env)
     rows = [json.loads(line)["receipt"] for line in result.stdout.splitlines() if '"receipt"' in line]
     return sorted(rows, key=lambda r: (r["depth"], r["instance"]))
 
@@ -181,7 +182,7 @@ def _stream_until(
             lines.append(line)
             seen += line.startswith("data: ") and '"token"' in line
             if tokens_before_cancel is not None and seen == tokens_before_cancel:
-                _cli(["cancel", root, "--reason", "user clicked stop"], env)
+                run_cli(["cancel", root, "--reason", "user clicked stop"], env)
                 tokens_before_cancel = None
     return root, lines
 

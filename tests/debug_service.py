@@ -9,6 +9,7 @@ import subprocess
 import httpx
 from conftest import cli
 
+import otel_cancel
 from otel_cancel._io_loop import io_loop
 from otel_cancel._request import CancelRequest
 from otel_cancel.store.etcd import EtcdCancelStore
@@ -74,3 +75,17 @@ async def write_flags(
             await store.close()
 
     await io_loop().call(write())
+
+
+async def hold_scope(root: str) -> asyncio.Task[None]:
+    """A task that sits in a scope for ``root`` until cancelled (returned once inside)."""
+    entered = asyncio.Event()
+
+    async def work() -> None:
+        async with otel_cancel.scope(root=root):
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(work())
+    await asyncio.wait_for(entered.wait(), EVENT_TIMEOUT)
+    return task

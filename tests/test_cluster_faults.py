@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import cli, python_worker
-from debug_service import EVENT_TIMEOUT, until
+from debug_service import EVENT_TIMEOUT, hold_scope, until
 from tcp_relay import PartitionableCluster
 
 import otel_cancel
@@ -67,19 +67,6 @@ async def _write_flag(endpoints: list[str], prefix: str, root: str) -> None:
     await io_loop().call(write())
 
 
-async def _hold(root: str) -> asyncio.Task[None]:
-    entered = asyncio.Event()
-
-    async def work() -> None:
-        async with otel_cancel.scope(root=root):
-            entered.set()
-            await asyncio.Event().wait()
-
-    task = asyncio.create_task(work())
-    await asyncio.wait_for(entered.wait(), EVENT_TIMEOUT)
-    return task
-
-
 def _watched_endpoint(runtime: object) -> str:
     store = runtime.watcher._store  # type: ignore[attr-defined]
     assert isinstance(store, EtcdCancelStore)
@@ -96,7 +83,7 @@ async def test_a_member_cut_off_from_its_peers_is_left_and_a_flag_written_throug
         watchdog_seconds=WATCHDOG_SECONDS,
         timeout_seconds=TIMEOUT_SECONDS,
     ) as runtime:
-        task = await _hold(root := random_root())
+        task = await hold_scope(root := random_root())
         assert runtime.watcher.wait_connected(True, EVENT_TIMEOUT)
         watched = whole.member(_watched_endpoint(runtime))
         reconnects = runtime.watcher.reconnects

@@ -16,7 +16,7 @@ from collections import Counter
 import httpx
 import pytest
 from conftest import python_worker
-from debug_service import EVENT_TIMEOUT, open_gated_stream, run_cli, state, until
+from debug_service import EVENT_TIMEOUT, hold_scope, open_gated_stream, run_cli, state, until
 
 import otel_cancel
 from otel_cancel._io_loop import io_loop
@@ -78,20 +78,6 @@ async def _write_flags(endpoints: list[str], prefix: str, roots: list[str], dead
     return await io_loop().call(write())
 
 
-async def _hold(root: str) -> asyncio.Task[None]:
-    """A task that sits in a scope for ``root`` until cancelled (returned once inside)."""
-    entered = asyncio.Event()
-
-    async def work() -> None:
-        async with otel_cancel.scope(root=root):
-            entered.set()
-            await asyncio.Event().wait()
-
-    task = asyncio.create_task(work())
-    await asyncio.wait_for(entered.wait(), EVENT_TIMEOUT)
-    return task
-
-
 async def _assert_all_cancelled(tasks: list[asyncio.Task[None]]) -> None:
     done, pending = await asyncio.wait(tasks, timeout=EVENT_TIMEOUT)
     assert not pending, f"{len(pending)} of {len(tasks)} scopes were never cancelled"
@@ -150,7 +136,7 @@ async def test_a_frozen_etcd_is_noticed_in_bounded_time_and_flags_written_at_the
         timeout_seconds=TIMEOUT_SECONDS,
     ) as runtime:
         roots = [random_root() for _ in range(20)]
-        tasks = [await _hold(root) for root in roots]
+        tasks = [await hold_scope(root) for root in roots]
         assert await asyncio.to_thread(runtime.watcher.wait_connected, True, EVENT_TIMEOUT)
         reconnects = runtime.watcher.reconnects
 
@@ -211,7 +197,7 @@ async def test_flags_written_through_another_member_while_the_watched_member_is_
         ) as runtime,
     ):
         during, at_thaw = [random_root() for _ in range(10)], [random_root() for _ in range(10)]
-        tasks = [await _hold(root) for root in during + at_thaw]
+        tasks = [await hold_scope(root) for root in during + at_thaw]
         assert await asyncio.to_thread(runtime.watcher.wait_connected, True, EVENT_TIMEOUT)
 
         watched = cluster.members[0]
