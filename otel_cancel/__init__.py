@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._cancel_many import BulkCancelResult as BulkCancelResult
     from ._cancel_many import cancel_many as cancel_many
-    from ._deadline import deadline as deadline
+    from ._context_blocks import deadline as deadline
+    from ._context_blocks import labelled as labelled
     from ._deadline import time_left as time_left
     from ._labels import current_labels as current_labels
-    from ._labels import labelled as labelled
     from ._root import current_depth as current_depth
     from ._root import current_root as current_root
     from ._root_id import validate_root as validate_root
@@ -63,9 +63,9 @@ _PUBLIC = {
     "current_depth": "._root",
     "current_labels": "._labels",
     "current_root": "._root",
-    "deadline": "._deadline",
+    "deadline": "._context_blocks",
     "is_cancelled": "._scope",
-    "labelled": "._labels",
+    "labelled": "._context_blocks",
     "scope": "._scope",
     "time_left": "._deadline",
     "validate_root": "._root_id",

@@ -22,6 +22,7 @@ from typing import Any
 
 from ._labels import validate_label, validate_labels
 from ._request import MAX_TEXT, CancelRequest, _int, _load_object, _text
+from .attributes import KIND_BULK
 
 _BULK_ID_LENGTH = 16
 
@@ -75,7 +76,7 @@ class BulkCancel:
         process writes the root's flag first, ``status ROOT`` says where it came from.
         """
         by = f"{self.requested_by[: MAX_TEXT - 24]} (bulk {self.id})"
-        return CancelRequest(root, self.reason, self.requested_at, by)
+        return CancelRequest(root, self.reason, self.requested_at, by, KIND_BULK)
 
     def describe(self) -> str:
         """The selector in words (``service=S label tenant=T``, or ``everything``)."""

@@ -20,8 +20,7 @@ from collections.abc import Iterable, Mapping
 from . import telemetry
 from ._bulk import BulkCancel
 from ._labels import validate_labels
-from ._live import LiveRecord
-from ._request import CancelRequest
+from ._request import CancelRequest, LiveRecord
 from ._root import validate_root
 from ._runtime import get_runtime
 from .exceptions import StoreError, StorePermissionError

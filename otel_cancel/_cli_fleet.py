@@ -31,7 +31,7 @@ from .store._keys import bulk_id_of_flag_key
 
 if TYPE_CHECKING:  # the CLI imports this module for every command: what only cancel runs is imported there
     from ._cancel_many import BulkCancelResult
-    from ._live import LiveRecord
+    from ._request import LiveRecord
     from ._settings import Settings
     from .store import CancelStore, FlagEvent
 

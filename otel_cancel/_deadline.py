@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from types import TracebackType
-from typing import Any
 
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
@@ -106,62 +104,3 @@ def time_left(context: Context | None = None) -> float | None:
     if deadline_ms is None:
         return None
     return max(0.0, (deadline_ms - now_ms()) / 1000)
-
-
-class Deadline:
-    """Narrow the current deadline for a block; see :func:`deadline`."""
-
-    def __init__(self, seconds: float) -> None:
-        if not 0 < seconds <= MAX_AHEAD_SECONDS:
-            raise ValueError(f"deadline seconds must be more than 0 and at most {MAX_AHEAD_SECONDS}, got {seconds}")
-        self.seconds = seconds
-        self._token: object | None = None
-        self._scope: Any = None
-
-    def _enter(self) -> None:
-        deadline_ms = now_ms() + int(self.seconds * 1000)
-        self._token = otel_context.attach(with_deadline(deadline_ms))
-
-    def _exit(self) -> None:
-        if self._token is not None:
-            otel_context.detach(self._token)  # type: ignore[arg-type]
-            self._token = None
-
-    def __enter__(self) -> Deadline:
-        self._enter()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._exit()
-
-    async def __aenter__(self) -> Deadline:
-        from ._scope import CancelScope
-
-        self._enter()
-        self._scope = CancelScope(name="deadline")
-        try:
-            await self._scope.__aenter__()
-        except BaseException:
-            self._exit()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        try:
-            await self._scope.__aexit__(exc_type, exc, traceback)
-        finally:
-            self._exit()
-
-
-def deadline(seconds: float) -> Deadline:
-    """Narrow the run's deadline to at most ``seconds`` from now, for the block.
-
-    ``async with otel_cancel.deadline(2):`` also enforces it on the block (a scope
-    that raises :class:`~otel_cancel.Cancelled` with reason ``deadline``);
-    ``with otel_cancel.deadline(2):`` narrows the deadline carried to downstream
-    calls and seen by :func:`otel_cancel.check` and :func:`time_left`. An outer,
-    shorter deadline always wins: a deadline narrows, never widens.
-    """
-    return Deadline(seconds)

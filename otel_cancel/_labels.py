@@ -15,10 +15,9 @@ import functools
 import logging
 import re
 from collections.abc import Mapping
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 
 from opentelemetry import baggage
-from opentelemetry import context as otel_context
 from opentelemetry.context import Context, get_current
 
 from . import attributes
@@ -181,47 +180,4 @@ def with_labels(labels: Mapping[str, str], context: Context | None = None) -> Co
     return baggage.set_baggage(attributes.BAGGAGE_LABELS, encode_labels(merged), context)
 
 
-class labelled:  # used like a function: ``with otel_cancel.labelled(tenant="acme"):``
-    """Label the current run for the duration of a ``with`` block.
-
-    The labels go into the context (so outgoing calls carry them to every later
-    hop) and onto this process's live work for the run, so ``otel-cancel ps``
-    shows them and ``cancel --all --label`` selects them. Use it where a run starts,
-    before or inside its scope::
-
-        with otel_cancel.labelled(tenant="acme", user_id="u-42"):
-            async with otel_cancel.scope():
-                ...
-
-    Args:
-        labels: labels as a mapping (for keys that are not Python names).
-        **more: more labels as keywords.
-
-    Raises:
-        InvalidLabelError: a label is not allowed, or the run would carry more than 16.
-    """
-
-    def __init__(self, labels: Mapping[str, str] | None = None, /, **more: str) -> None:
-        self.labels = validate_labels({**(labels or {}), **more})
-        self._token: object | None = None
-
-    def __enter__(self) -> labelled:
-        context = with_labels(self.labels)
-        self._token = otel_context.attach(context)
-        from ._root import current_root
-        from ._runtime import get_runtime
-
-        root = current_root(context)
-        if root is not None:
-            get_runtime().registry.add_labels(root, self.labels)
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        if self._token is not None:
-            otel_context.detach(self._token)  # type: ignore[arg-type]
-            self._token = None
-
-
-__all__ = ("MAX_LABELS", "current_labels", "labelled", "validate_label", "validate_labels", "with_labels")
+__all__ = ("MAX_LABELS", "current_labels", "validate_label", "validate_labels", "with_labels")

@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-from ._labels import validate_label
 from ._registry import CancelRegistry, LiveRoot
-from ._request import _int, _load_object, _text
-from ._root import validate_root
+from ._request import MAX_LIVE_SCOPES as _MAX_SCOPES
+from ._request import LiveEntry, LiveRecord
 from .exceptions import StoreError, StorePermissionError, StoreUnavailableError
 from .store import CancelStore
 
@@ -38,110 +35,7 @@ DEFAULT_LIVE_TTL_SECONDS = 10
 MAX_PUBLISHED_BYTES = 60_000
 """A live record stays below this (the reader's bound is 64 KiB): the oldest roots are kept."""
 PERMISSION_RETRY_SECONDS = 60.0
-_MAX_SCOPES = 8
 _MAX_SCOPE_NAME = 80
-
-
-@dataclasses.dataclass(frozen=True)
-class LiveEntry:
-    """One root's live work in one process.
-
-    Attributes:
-        root: the root.
-        depth: hops from the root (the smallest, when several scopes hold it).
-        started_at: when the root's work began in this process, epoch nanoseconds.
-        run_started_ms: when the run began at its root, epoch milliseconds.
-        scopes: names of the scopes live for it (LangGraph nodes, handlers).
-        labels: the run's labels.
-    """
-
-    root: str
-    depth: int
-    started_at: int
-    run_started_ms: int
-    scopes: tuple[str, ...]
-    labels: Mapping[str, str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "root": self.root,
-            "depth": self.depth,
-            "started_at": self.started_at,
-            "run_started_ms": self.run_started_ms,
-            "scopes": list(self.scopes),
-            "labels": dict(self.labels),
-        }
-
-    @classmethod
-    def from_dict(cls, data: object) -> LiveEntry:
-        if not isinstance(data, dict):
-            raise ValueError("a live root is an object")
-        scopes = data.get("scopes", [])
-        labels = data.get("labels", {})
-        if not isinstance(scopes, list) or not isinstance(labels, dict):
-            raise ValueError("scopes must be a list and labels an object")
-        return cls(
-            root=validate_root(data.get("root")),
-            depth=_int(data.get("depth", 0), "depth"),
-            started_at=_int(data.get("started_at", 0), "started_at"),
-            run_started_ms=_int(data.get("run_started_ms", 0), "run_started_ms"),
-            scopes=tuple(_text(name, "scope") for name in scopes[:_MAX_SCOPES]),
-            labels=dict(validate_label(key, value) for key, value in list(labels.items())[:16]),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class LiveRecord:
-    """Everything one process holds work for, as published.
-
-    Attributes:
-        service: ``OTEL_SERVICE_NAME`` of the process.
-        instance: the process (as in receipts).
-        published_at: when this record was written, epoch nanoseconds.
-        roots: one entry per root.
-        truncated: roots left out to keep the record small.
-    """
-
-    service: str
-    instance: str
-    published_at: int
-    roots: tuple[LiveEntry, ...]
-    truncated: int = 0
-
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "service": self.service,
-                "instance": self.instance,
-                "published_at": self.published_at,
-                "roots": [entry.to_dict() for entry in self.roots],
-                "truncated": self.truncated,
-            },
-            separators=(",", ":"),
-        ).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> LiveRecord:
-        """Parse a live record; entries that are not well formed are skipped.
-
-        Raises:
-            ValueError: the value is not a live record.
-        """
-        data = _load_object(raw)
-        roots = data.get("roots", [])
-        if not isinstance(roots, list):
-            raise ValueError("roots must be a list")
-        entries = []
-        for item in roots:
-            with contextlib.suppress(ValueError):
-                entries.append(LiveEntry.from_dict(item))
-        return cls(
-            service=_text(data.get("service"), "service"),
-            instance=_text(data.get("instance"), "instance"),
-            published_at=_int(data.get("published_at", 0), "published_at"),
-            roots=tuple(entries),
-            truncated=_int(data.get("truncated", 0), "truncated"),
-        )
 
 
 def build_record(service: str, instance: str, live: list[LiveRoot]) -> LiveRecord:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 from ._bulk import BulkCancel
+from ._outcome import Outcome
 from ._request import CancelRequest
 
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
@@ -31,7 +32,13 @@ _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 @dataclasses.dataclass(eq=False)
 class Holder:
-    """One task (or thread) working for one root, possibly through nested scopes."""
+    """One task (or thread) working for one root, possibly through nested scopes.
+
+    Each field has one writer: the registry, under its lock (``count``, ``names``,
+    ``cancel_requested``, ``interrupted``, ``stopped_early``, ``labels``); :func:`deliver`, on
+    the task's own loop (``delivered``); the task's scopes, on that loop too (``consumed``,
+    ``deadline_ms``). The rest is set once, at entry.
+    """
 
     root: str
     depth: int
@@ -47,6 +54,7 @@ class Holder:
     consumed: bool = False
     """Set when a scope turned the delivered cancellation into ``Cancelled``."""
     interrupted: bool = False
+    """Set when a scope of this holder exited :attr:`~otel_cancel._outcome.Outcome.STOPPED`."""
     stopped_early: tuple[tuple[str, Callable[[CancelRequest], None] | None], ...] = ()
     """This holder's scopes that exited stopped before any flag for the root arrived: their
     names, and what each records once a flag claims the stop (its span). A tuple, so a
@@ -118,11 +126,6 @@ _BULK_LIMIT = 256
 
 LISTED_REASON = "cancelled before this process listed its flags"
 """The reason a refusal gives while only the flag's key is known here (its value is being fetched)."""
-
-
-def cancel_message(request: CancelRequest) -> str:
-    """The tag of every cancellation otel-cancel delivers (anyio style)."""
-    return f"otel_cancel: root={request.root}; reason={request.reason}"
 
 
 class CancelRegistry:
@@ -257,53 +260,53 @@ class CancelRegistry:
     def exit(
         self,
         holder: Holder,
-        interrupted: bool,
-        stopped_by_other: bool = False,
-        on_claimed: Callable[[CancelRequest], None] | None = None,
-    ) -> None:
-        """Unregister one scope of ``holder``; report when a cancelled root's work has stopped.
+        outcome: Outcome | Callable[[CancelRequest | None], Outcome] = Outcome.COMPLETED,
+        early_record: Callable[[], Callable[[CancelRequest], None]] | None = None,
+    ) -> tuple[Outcome, CancelRequest | None]:
+        """Unregister one scope of ``holder`` and book how it ended; report a cancelled root's stop.
+
+        The registry does not decide how the scope ended: the scope does (see
+        :class:`~otel_cancel._outcome.Outcome`). ``outcome`` may be a function of the root's
+        cancel request as applied to ``holder``; it is called under the lock, so a flag
+        applied while the scope was leaving is seen by exactly one of the two.
 
         Args:
             holder: the holder of the exiting scope.
-            interrupted: the scope was stopped by this root's cancel.
-            stopped_by_other: the scope was stopped before any flag for the root arrived,
-                by a cancellation otel-cancel did not deliver (a caller that left) or by
-                news of the cancel from downstream.
-            on_claimed: with ``stopped_by_other``, called (on the watcher's thread) with
-                the root's cancel request if its flag arrives while the stop is remembered.
+            outcome: how the scope ended, or the scope's function deciding it.
+            early_record: with :attr:`Outcome.STOPPED_EARLY`, builds what to record (on the
+                watcher's thread) if the root's flag arrives while the stop is remembered.
+
+        Returns:
+            The outcome, and the cancel request applied to ``holder`` (``None`` if none was).
         """
         report: StopReport | None = None
         with self._lock:
             self.changes += 1
+            request = holder.cancel_requested
+            ended = outcome(request) if callable(outcome) else outcome
             name = holder.names.pop() if holder.names else ""
             holder.count -= 1
-            if interrupted and not holder.interrupted:
-                holder.interrupted = True
-            elif holder.cancel_requested is not None and holder.task is not None and holder.task.cancelling() > 0:
-                # The flag was applied to this holder, but a cancellation we did not
-                # deliver got there first (its caller, stopped by the same cancel, hung
-                # up) and our own delivery has not run yet: it will find the scope gone.
-                # The work was stopped by a cancellation all the same, so it counts for
-                # this root's receipt; a scope that finished normally is not cancelling.
+            if ended is Outcome.STOPPED:
                 holder.interrupted = True
             state = self._cancelled.get(holder.root)
-            if state is not None and holder.cancel_requested is not None and holder.interrupted and name:
+            if state is not None and request is not None and holder.interrupted and name:
                 state.interrupted.append(name)
-            if state is None and stopped_by_other:
+            early = state is None and ended is Outcome.STOPPED_EARLY
+            if early:
                 # Kept per scope: nested scopes share the holder, and only the last
                 # one out decides whether the stop is remembered.
-                holder.stopped_early += ((name, on_claimed),)
+                holder.stopped_early += ((name, early_record() if early_record is not None else None),)
             if holder.count > 0:
-                return
+                return ended, request
             holders = self._live.get(holder.root)
             if holders is not None:
                 holders.pop(holder.task if holder.task is not None else holder.thread_id, None)
                 if not holders:
                     del self._live[holder.root]
-            if state is None and stopped_by_other:
+            if early:
                 self._remember_early_stop(holder)
-            if state is None or holder.cancel_requested is None:
-                return
+            if state is None or request is None:
+                return ended, request
             state.waiting -= 1
             if holder.interrupted:
                 state.tasks += 1
@@ -319,6 +322,7 @@ class CancelRegistry:
                 )
         if report is not None and self.on_stopped is not None:
             self.on_stopped(report)
+        return ended, request
 
     def _remember_early_stop(self, holder: Holder) -> None:
         early = self._early_stops.get(holder.root)
@@ -517,4 +521,4 @@ def deliver(holder: Holder) -> None:
     if request is None or task is None or holder.count <= 0 or holder.delivered or task.done():
         return
     holder.delivered = True
-    task.cancel(cancel_message(request))
+    task.cancel(request.tag())

@@ -1,4 +1,4 @@
-"""What a cancel flag, a receipt and a task record hold, (de)serialised in one place.
+"""What a cancel flag, a receipt, a task record and a live-work record hold, (de)serialised in one place.
 
 All are JSON objects in etcd. Parsing is strict: anything else under the prefix
 (garbage, wrong JSON, a root that does not match its key) raises ``ValueError``,
@@ -7,12 +7,17 @@ which the watcher logs once and ignores.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
+from ._labels import validate_label
 from ._root_id import validate_root
+from .attributes import CANCEL_KINDS, KIND_EXPLICIT
+from .exceptions import Cancelled
 
 MAX_VALUE_BYTES = 64 * 1024
 """Values larger than this under the prefix are not ours and are ignored."""
@@ -48,23 +53,37 @@ def _load_object(raw: bytes) -> dict[str, Any]:
 class CancelRequest:
     """The content of a cancel flag.
 
+    Also what a local stop (a deadline passing, a caller leaving) is described by, though
+    no flag is written for those.
+
     Attributes:
         root: the cancelled root.
-        reason: why (free text).
+        reason: why (free text, shown to people; never decided on).
         requested_at: when the flag was written, epoch nanoseconds.
         requested_by: who wrote it (``service/instance`` or ``cli@host``).
+        kind: what kind of cancel this is (:data:`otel_cancel.attributes.CANCEL_KINDS`);
+            what code decides on (a 504 for a deadline, a 409 otherwise).
     """
 
     root: str
     reason: str
     requested_at: int
     requested_by: str
+    kind: str = KIND_EXPLICIT
 
     @classmethod
-    def new(cls, root: str, reason: str, requested_by: str) -> CancelRequest:
+    def new(cls, root: str, reason: str, requested_by: str, kind: str = KIND_EXPLICIT) -> CancelRequest:
         """A request for ``root`` made now."""
         validate_root(root)
-        return cls(root, reason[:MAX_TEXT], time.time_ns(), requested_by[:MAX_TEXT])
+        return cls(root, reason[:MAX_TEXT], time.time_ns(), requested_by[:MAX_TEXT], kind)
+
+    def error(self) -> Cancelled:
+        """The :class:`~otel_cancel.Cancelled` that work stopped by this request raises."""
+        return Cancelled(self.root, self.reason, self.kind)
+
+    def tag(self) -> str:
+        """The message of the ``task.cancel()`` that delivers this request (see :func:`read_tag`)."""
+        return f"{_TAG}root={self.root}; kind={self.kind}; reason={self.reason}"
 
     def to_json(self) -> bytes:
         """The flag's value in etcd."""
@@ -82,12 +101,33 @@ class CancelRequest:
         validate_root(root)
         if expected_root is not None and root != expected_root:
             raise ValueError(f"flag for {expected_root} names root {root!r}")
+        kind = data.get("kind", KIND_EXPLICIT)
         return cls(
             root=str(root),
             reason=_text(data.get("reason", ""), "reason"),
             requested_at=_int(data.get("requested_at", 0), "requested_at"),
             requested_by=_text(data.get("requested_by", ""), "requested_by"),
+            # A kind this release does not know (a newer writer's) is an explicit cancel here.
+            kind=kind if kind in CANCEL_KINDS else KIND_EXPLICIT,
         )
+
+
+_TAG = "otel_cancel: "
+
+
+def read_tag(message: object) -> tuple[str, str] | None:
+    """The root and kind of a cancellation otel-cancel delivered, from its message; else ``None``.
+
+    ``CancelledError.args[0]`` carries the message given to ``task.cancel()`` (anyio tags its
+    cancellations the same way and recognises its own).
+    """
+    if not isinstance(message, str) or not message.startswith(_TAG):
+        return None
+    fields = dict(part.partition("=")[::2] for part in message[len(_TAG) :].split("; ", 2))
+    root, kind = fields.get("root", ""), fields.get("kind", "")
+    if kind not in CANCEL_KINDS:
+        return None
+    return root, kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,4 +239,110 @@ class TaskRecord:
             service=_text(data.get("service", ""), "service"),
             instance=_text(data.get("instance", ""), "instance"),
             started_at=_int(data.get("started_at", 0), "started_at"),
+        )
+
+
+MAX_LIVE_SCOPES = 8
+"""Scope names a live-work entry keeps per root."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveEntry:
+    """One root's live work in one process.
+
+    Attributes:
+        root: the root.
+        depth: hops from the root (the smallest, when several scopes hold it).
+        started_at: when the root's work began in this process, epoch nanoseconds.
+        run_started_ms: when the run began at its root, epoch milliseconds.
+        scopes: names of the scopes live for it (LangGraph nodes, handlers).
+        labels: the run's labels.
+    """
+
+    root: str
+    depth: int
+    started_at: int
+    run_started_ms: int
+    scopes: tuple[str, ...]
+    labels: Mapping[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "depth": self.depth,
+            "started_at": self.started_at,
+            "run_started_ms": self.run_started_ms,
+            "scopes": list(self.scopes),
+            "labels": dict(self.labels),
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> LiveEntry:
+        if not isinstance(data, dict):
+            raise ValueError("a live root is an object")
+        scopes = data.get("scopes", [])
+        labels = data.get("labels", {})
+        if not isinstance(scopes, list) or not isinstance(labels, dict):
+            raise ValueError("scopes must be a list and labels an object")
+        return cls(
+            root=validate_root(data.get("root")),
+            depth=_int(data.get("depth", 0), "depth"),
+            started_at=_int(data.get("started_at", 0), "started_at"),
+            run_started_ms=_int(data.get("run_started_ms", 0), "run_started_ms"),
+            scopes=tuple(_text(name, "scope") for name in scopes[:MAX_LIVE_SCOPES]),
+            labels=dict(validate_label(key, value) for key, value in list(labels.items())[:16]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveRecord:
+    """Everything one process holds work for, as published.
+
+    Attributes:
+        service: ``OTEL_SERVICE_NAME`` of the process.
+        instance: the process (as in receipts).
+        published_at: when this record was written, epoch nanoseconds.
+        roots: one entry per root.
+        truncated: roots left out to keep the record small.
+    """
+
+    service: str
+    instance: str
+    published_at: int
+    roots: tuple[LiveEntry, ...]
+    truncated: int = 0
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "service": self.service,
+                "instance": self.instance,
+                "published_at": self.published_at,
+                "roots": [entry.to_dict() for entry in self.roots],
+                "truncated": self.truncated,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> LiveRecord:
+        """Parse a live record; entries that are not well formed are skipped.
+
+        Raises:
+            ValueError: the value is not a live record.
+        """
+        data = _load_object(raw)
+        roots = data.get("roots", [])
+        if not isinstance(roots, list):
+            raise ValueError("roots must be a list")
+        entries = []
+        for item in roots:
+            with contextlib.suppress(ValueError):
+                entries.append(LiveEntry.from_dict(item))
+        return cls(
+            service=_text(data.get("service"), "service"),
+            instance=_text(data.get("instance"), "instance"),
+            published_at=_int(data.get("published_at", 0), "published_at"),
+            roots=tuple(entries),
+            truncated=_int(data.get("truncated", 0), "truncated"),
         )

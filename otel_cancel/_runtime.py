@@ -11,6 +11,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import telemetry
@@ -57,6 +58,12 @@ class Runtime:
         self._pending_receipts: list[Receipt] = []
         self._writing_receipts = False
         self._startup_wait_logged = False
+        self.serving = False
+        """Whether the process started serving (an ASGI lifespan or its first request) under this state."""
+        self.start_hooks: list[Callable[[], None]] = []
+        """What to run once the process starts serving (the instrumentor switches httpx on then)."""
+        self.running_tasks: dict[str, Any] = {}
+        """Protocol tasks (A2A) executing here, by task id: kept by the integration that runs them."""
         telemetry.observe_watch_connected(lambda: self.watcher.connected)
         telemetry.observe_live_roots(self.registry.live_roots)
 
@@ -77,6 +84,15 @@ class Runtime:
             with self._publisher_lock:
                 if self._publisher_future is None:
                     self._publisher_future = io_loop().submit(self.publisher.run())
+
+    def start_serving(self) -> None:
+        """The process starts serving: start the watcher and run the start hooks (once)."""
+        if self.serving:
+            return
+        self.serving = True
+        self.start()
+        while self.start_hooks:
+            self.start_hooks.pop(0)()
 
     async def ensure_listed(self) -> None:
         """Start the watcher and wait, briefly, for its first listing.
@@ -245,8 +261,18 @@ def configure(settings: Settings | None = None, *, store: CancelStore | None = N
     with _lock:
         old, _runtime = _runtime, new
     if old is not None:
+        # Hooks the instrumentor deferred to the start of serving belong to the process's
+        # instrumentation, not to a configuration: an application that configures
+        # otel-cancel after `opentelemetry-instrument` loaded it must still get them.
+        if not old.serving:
+            new.start_hooks.extend(old.start_hooks)
         old.shutdown()
     return new
+
+
+def configured_runtime() -> Runtime | None:
+    """The process runtime if one is configured, without creating one."""
+    return _runtime
 
 
 def get_runtime() -> Runtime:
@@ -270,4 +296,4 @@ def reset() -> None:
         old.shutdown()
 
 
-__all__ = ("Runtime", "configure", "get_runtime", "reset")
+__all__ = ("Runtime", "configure", "configured_runtime", "get_runtime", "reset")

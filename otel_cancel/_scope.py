@@ -26,6 +26,7 @@ from opentelemetry import trace
 from . import attributes, telemetry
 from ._deadline import DEADLINE_REASON, current_deadline, now_ms
 from ._labels import run_facts, scope_facts, validate_labels, with_labels
+from ._outcome import Outcome
 from ._registry import Holder
 from ._request import CancelRequest
 from ._root import current_root, new_root, validate_root, with_root
@@ -48,7 +49,7 @@ def _record_stop(
     telemetry.work_cancelled(
         root=request.root,
         reason=request.reason,
-        kind=attributes.KIND_EXPLICIT,
+        kind=request.kind,
         depth=depth,
         node=node,
         start_ns=stopped_at,
@@ -58,6 +59,11 @@ def _record_stop(
         end_ns=stopped_at if before_flag else None,
         before_flag=before_flag,
     )
+
+
+def _deadline_request(root: str, deadline_ms: int) -> CancelRequest:
+    """The local stop of ``root``'s work when its deadline (epoch ms) passes: no flag is written."""
+    return CancelRequest(root, DEADLINE_REASON, deadline_ms * 1_000_000, "deadline", attributes.KIND_DEADLINE)
 
 
 class CancelScope:
@@ -91,6 +97,8 @@ class CancelScope:
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._deadline_fired = False
         self._owns_deadline_timer = False
+        self._cancelling_at_enter = 0
+        """How many cancellations of its task were pending at entry: not this scope's to undo."""
 
     # -- entry ---------------------------------------------------------------------
 
@@ -124,15 +132,22 @@ class CancelScope:
         if request is None:
             request = runtime.unlisted_refusal(root)
         self._holder = holder
+        if holder.task is not None:
+            self._cancelling_at_enter = holder.task.cancelling()
         telemetry.scope_entered()
         if request is not None:
             # A late arrival: the root was cancelled before this work started.
-            runtime.registry.exit(holder, interrupted=False)
-            telemetry.scope_exited()
-            telemetry.late_arrival(root, request.reason, attributes.KIND_EXPLICIT)
-            self._detach()
-            raise Cancelled(root, request.reason)
+            self._refuse(request)
         self._arm_deadline(holder)
+
+    def _refuse(self, request: CancelRequest) -> None:
+        """Leave at once, before the body runs: ``request`` stopped this work before it started."""
+        assert self._runtime is not None and self._holder is not None
+        self._runtime.registry.exit(self._holder, Outcome.COMPLETED)
+        telemetry.scope_exited()
+        telemetry.late_arrival(request.root, request.reason, request.kind)
+        self._detach()
+        raise request.error()
 
     def _arm_deadline(self, holder: Holder) -> None:
         """Stop this scope's work locally when the run's deadline passes (no etcd involved)."""
@@ -144,11 +159,7 @@ class CancelScope:
         remaining = (deadline_ms - now_ms()) / 1000
         if remaining <= 0:
             # Arrived after its deadline: do no work.
-            self._runtime.registry.exit(holder, interrupted=False)
-            telemetry.scope_exited()
-            telemetry.late_arrival(self.root, DEADLINE_REASON, attributes.KIND_DEADLINE)
-            self._detach()
-            raise Cancelled(self.root, DEADLINE_REASON)
+            self._refuse(_deadline_request(self.root, deadline_ms))
         task = holder.task
         if task is None:
             return  # threads stop at check(), which reads the deadline too
@@ -163,7 +174,8 @@ class CancelScope:
         if holder is None or holder.task is None or holder.count <= 0 or holder.task.done() or self._exited:
             return
         self._deadline_fired = True
-        holder.task.cancel(f"otel_cancel: root={self.root}; reason={DEADLINE_REASON}")
+        assert self.root is not None and self._deadline_ms is not None
+        holder.task.cancel(_deadline_request(self.root, self._deadline_ms).tag())
 
     async def __aenter__(self) -> CancelScope:
         runtime = get_runtime()
@@ -187,6 +199,7 @@ class CancelScope:
             self._token = None
 
     def _finish(self, exc: BaseException | None) -> Cancelled | None:
+        """Leave the scope: decide how its work ended, book it, record it; what to raise instead."""
         holder, runtime = self._holder, self._runtime
         assert holder is not None and runtime is not None and self.root is not None
         self._exited = True
@@ -194,64 +207,67 @@ class CancelScope:
             self._deadline_handle.cancel()
         if self._owns_deadline_timer:
             holder.deadline_ms = None
-        request = holder.cancel_requested
-        to_raise: Cancelled | None = None
-        interrupted = False
-        if self._deadline_fired and holder.task is not None and not (holder.delivered and not holder.consumed):
-            # Our deadline stopped this task: swallow that cancellation, raise Cancelled.
-            # (A non-converting scope leaves the CancelledError to propagate, like node scopes do.)
-            if self._convert and holder.task.uncancel() == 0:
-                to_raise = Cancelled(self.root, DEADLINE_REASON)
-            runtime.registry.exit(holder, False)
-            telemetry.scope_exited()
-            self._record_deadline()
-            self._detach()
-            return to_raise
-        if holder.delivered and not holder.consumed and holder.task is not None:
-            interrupted = True
-            if self._convert:
-                # Our own tagged cancellation reached this task: swallow it, raise Cancelled.
-                holder.consumed = True
-                if holder.task.uncancel() == 0 and request is not None:
-                    to_raise = Cancelled(self.root, request.reason)
-        elif request is not None and isinstance(exc, Cancelled) and exc.root == self.root:
-            interrupted = True
-        elif (
-            request is not None
-            and isinstance(exc, asyncio.CancelledError)
-            and holder.task is not None
-            and holder.task.cancelling() > 0
-        ):
-            # The flag was applied here, but the caller (stopped by the same cancel) hung
-            # up first and its cancellation reached this task before ours: the work was
-            # still stopped by this root's cancel, so it gets its span (and receipt).
-            interrupted = True
-        # Before any flag for this root arrived, the work was stopped by its caller
-        # hanging up, or learned from the agent it called that this root was cancelled
-        # (a relay raising Cancelled): the flag, once here, still owes it a receipt.
-        stopped_by_other = request is None and (
-            isinstance(exc, asyncio.CancelledError) or (isinstance(exc, Cancelled) and exc.root == self.root)
+        task = holder.task
+        # Our own tagged cancellation (the flag's) reached this task and no scope took it yet.
+        ours = task is not None and holder.delivered and not holder.consumed
+        # Our deadline timer stopped this task (and the flag did not get there first).
+        deadline = task is not None and self._deadline_fired and not ours
+        undone = False
+        if task is not None and (ours or deadline) and self._convert:
+            # Undo exactly the cancellation this scope's side delivered (anyio style); one
+            # someone else delivered too (a caller leaving) is theirs: it propagates.
+            # (A non-converting scope leaves the CancelledError to the scope outside it.)
+            holder.consumed = holder.consumed or ours
+            undone = task.uncancel() <= self._cancelling_at_enter
+        outcome, request = runtime.registry.exit(
+            holder, functools.partial(self._outcome, exc, ours, deadline), self._early_recorder
         )
-        on_claimed = self._early_recorder() if stopped_by_other else None
-        runtime.registry.exit(holder, interrupted, stopped_by_other, on_claimed)
         telemetry.scope_exited()
-        if interrupted and request is not None:
+        to_raise: Cancelled | None = None
+        if outcome is Outcome.DEADLINE:
+            assert self._deadline_ms is not None
+            stop = _deadline_request(self.root, self._deadline_ms)
+            self._record_deadline(stop)
+            to_raise = stop.error() if undone else None
+        elif outcome is Outcome.STOPPED and request is not None:
             self._record(request)
+            to_raise = request.error() if ours and undone else None
         self._detach()
         return to_raise
 
-    def _record_deadline(self) -> None:
-        late_ms = (now_ms() - self._deadline_ms) if self._deadline_ms is not None else None
-        telemetry.mark_span_cancelled(trace.get_current_span(), DEADLINE_REASON)
-        assert self.root is not None
+    def _outcome(self, exc: BaseException | None, ours: bool, deadline: bool, request: CancelRequest | None) -> Outcome:
+        """How this scope's work ended (called by the registry under its lock, with the root's
+        cancel request as applied to this task: ``None`` when no flag reached it)."""
+        if deadline:
+            return Outcome.DEADLINE
+        if ours:
+            return Outcome.STOPPED
+        stopped_for_root = isinstance(exc, Cancelled) and exc.root == self.root
+        if request is not None:
+            task = self._holder.task if self._holder is not None else None
+            if stopped_for_root or (task is not None and task.cancelling() > self._cancelling_at_enter):
+                # Stopped by this root's cancel all the same: downstream reported it, or the
+                # caller (stopped by the same cancel) hung up and its cancellation got here
+                # before ours. It counts for the receipt; one that finished normally does not.
+                return Outcome.STOPPED
+            return Outcome.COMPLETED
+        if stopped_for_root or isinstance(exc, asyncio.CancelledError):
+            # Before any flag for this root arrived: its caller left, or the agent it called
+            # reported the cancel. The flag, once here, still owes it a receipt.
+            return Outcome.STOPPED_EARLY
+        return Outcome.COMPLETED
+
+    def _record_deadline(self, stop: CancelRequest) -> None:
+        late_ms = now_ms() - stop.requested_at // 1_000_000
+        telemetry.mark_span_cancelled(trace.get_current_span(), stop.reason)
         telemetry.work_cancelled(
-            root=self.root,
-            reason=DEADLINE_REASON,
-            kind=attributes.KIND_DEADLINE,
+            root=stop.root,
+            reason=stop.reason,
+            kind=stop.kind,
             depth=self.depth,
             node=self.name,
             start_ns=time.time_ns(),
-            latency_ms=float(late_ms) if late_ms is not None else None,
+            latency_ms=float(late_ms),
         )
 
     def _early_recorder(self) -> Callable[[CancelRequest], None]:
@@ -320,7 +336,7 @@ def _cancel_request_for_current() -> CancelRequest | None:
     if request is None:
         deadline_ms = current_deadline()
         if deadline_ms is not None and deadline_ms <= now_ms():
-            return CancelRequest(root, DEADLINE_REASON, deadline_ms * 1_000_000, "deadline")
+            return _deadline_request(root, deadline_ms)
     return request
 
 
@@ -337,7 +353,7 @@ def check() -> None:
     """
     request = _cancel_request_for_current()
     if request is not None:
-        raise Cancelled(request.root, request.reason)
+        raise request.error()
 
 
 # -- cancelling ------------------------------------------------------------------------------

@@ -96,13 +96,18 @@ class _RunningTask:
     task_id: str
     root: str
     stopped: asyncio.Event
+    runtime: Runtime
+    """The process state the task started under (its table holds the task)."""
     record_write: concurrent.futures.Future[int] | None = None
     record_removal: concurrent.futures.Future[None] | None = None
 
 
-# Task id -> the execution running it here. Task ids are unique per agent; one
-# process may serve several agents, which share this table.
-_running: dict[str, _RunningTask] = {}
+def _running() -> dict[str, _RunningTask]:
+    """Task id -> the execution running it here, in the process state (``configure()`` and
+    ``reset()`` replace it with everything else). Task ids are unique per agent; one process
+    may serve several agents, which share this table."""
+    table: dict[str, _RunningTask] = get_runtime().running_tasks
+    return table
 
 
 # -- the task records in the store ----------------------------------------------------------
@@ -136,9 +141,9 @@ def _log_store_failure(what: str, consequence: str, future: concurrent.futures.F
 
 
 def _started(task_id: str, root: str, context_id: str) -> _RunningTask:
-    running = _RunningTask(task_id, root, asyncio.Event())
-    _running[task_id] = running
     runtime = get_runtime()
+    running = _RunningTask(task_id, root, asyncio.Event(), runtime)
+    runtime.running_tasks[task_id] = running
     try:
         validate_task_id(task_id)
     except InvalidTaskIdError as error:
@@ -159,11 +164,11 @@ def _started(task_id: str, root: str, context_id: str) -> _RunningTask:
 
 
 def _finished(running: _RunningTask) -> None:
-    if _running.get(running.task_id) is running:
-        del _running[running.task_id]
+    runtime = running.runtime
+    if runtime.running_tasks.get(running.task_id) is running:
+        del runtime.running_tasks[running.task_id]
     running.stopped.set()
     if running.record_write is not None:
-        runtime = get_runtime()
         removal = runtime.watcher.submit(_delete_record(runtime, running.task_id, running.record_write))
         removal.add_done_callback(
             lambda future: _log_store_failure("removing the task record", "it expires with its lease", future)
@@ -281,7 +286,7 @@ class CancellableAgentExecutor(AgentExecutor):
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         """Cancel the task's root (every replica, every depth), then wait for the task to end here."""
-        running = _running.get(context.task_id or "")
+        running = _running().get(context.task_id or "")
         if running is None:
             await self.executor.cancel(context, event_queue)
             return
@@ -334,7 +339,7 @@ class CancellableRequestHandler(RequestHandler):
         reason = _reason_of(params)
         token = _cancel_reason.set(reason)
         try:
-            if params.id in _running:
+            if params.id in _running():
                 # It runs here: the SDK stops it through the executor's cancel(), which
                 # writes the flag and waits for the task to end as canceled.
                 return await self.handler.on_cancel_task(params, context)

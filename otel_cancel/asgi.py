@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import quote_plus, unquote_plus
@@ -58,8 +59,9 @@ from ._deadline import DEADLINE_REASON, MAX_AHEAD_SECONDS, now_ms, parse_timeout
 from ._incoming import establish_root
 from ._labels import usable_labels, validate_label, with_labels
 from ._logging import RateLimitedLogger
+from ._request import CancelRequest
 from ._root import with_root
-from ._runtime import get_runtime
+from ._runtime import Runtime, get_runtime
 from ._scope import CancelScope, cancel
 from ._upstream_logs import limit_client_input_logs
 from .exceptions import Cancelled, ConfigurationError
@@ -92,19 +94,9 @@ def warn_if_propagators_drop_baggage() -> bool:
     return carries
 
 
-_started_serving = False
-
-
-def _on_start_serving() -> None:
-    global _started_serving
-    if _started_serving:
-        return
-    _started_serving = True
-    get_runtime().start()
+def _on_start_serving(runtime: Runtime) -> None:
     warn_if_propagators_drop_baggage()
-    from .instrumentation import run_start_hooks
-
-    run_start_hooks()
+    runtime.start_serving()
 
 
 class _RequestHeaders:
@@ -195,7 +187,7 @@ class CancelMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             # The process starts serving: start the watcher now, not at the first request.
-            _on_start_serving()
+            _on_start_serving(get_runtime())
             await self.app(scope, receive, send)
             return
         if scope["type"] != "http" or _APPLIED in scope:
@@ -204,8 +196,8 @@ class CancelMiddleware:
         runtime = get_runtime()
         settings = runtime.settings
         trusted = settings.trust_incoming if self._trust_incoming is None else self._trust_incoming
-        if not _started_serving:
-            _on_start_serving()
+        if not runtime.serving:
+            _on_start_serving(runtime)
         if not runtime.watcher.listed.is_set():
             await runtime.ensure_listed()
 
@@ -519,7 +511,7 @@ class _CancellableRequest:
         task = self._task
         if task is not None and not task.done() and not self.stopped_locally:
             self.stopped_locally = True
-            task.cancel(f"otel_cancel: root={self.root}; reason={_DISCONNECT_REASON}")
+            task.cancel(self._disconnect_stop().tag())
 
     async def _cancel_root(self) -> None:
         try:
@@ -530,12 +522,18 @@ class _CancellableRequest:
 
     # -- ending a cancelled response ------------------------------------------------------
 
+    def _disconnect_stop(self) -> CancelRequest:
+        """The local stop of this hop's work when its caller left (no flag: the caller's own scope stops it)."""
+        return CancelRequest(self.root, _DISCONNECT_REASON, time.time_ns(), "", attributes.KIND_DISCONNECT)
+
     async def _end_quietly(self, error: Cancelled | None) -> None:
-        reason = error.reason if error else _DISCONNECT_REASON
-        body = json.dumps({"error": "cancelled", "root": self.root, "reason": reason}).encode()
-        status = 409
-        if reason == DEADLINE_REASON:
+        stop = error if error is not None else self._disconnect_stop().error()
+        # Chosen by the kind of the cancel, never by its free-text reason.
+        if stop.kind == attributes.KIND_DEADLINE:
             status, body = 504, _deadline_body(self.root, self.deadline_ms)
+        else:
+            status = 409
+            body = json.dumps({"error": "cancelled", "root": self.root, "reason": stop.reason}).encode()
         # The client may be gone already: nothing to tell it then.
         with contextlib.suppress(OSError):
             if self.client_gone:

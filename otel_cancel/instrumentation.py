@@ -32,12 +32,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
-from ._runtime import get_runtime
+from ._runtime import configured_runtime, get_runtime
 from .exceptions import ConfigurationError
 
 _log = logging.getLogger("otel_cancel.instrumentation")
@@ -89,14 +89,7 @@ def _instrument_httpx() -> None:
         _switched_on.append(instrumentor)
 
 
-_pending_start_hooks: list[Callable[[], None]] = []
 _switched_on: list[Any] = []
-
-
-def run_start_hooks() -> None:
-    """Run what the instrumentor deferred to the start of serving (called by CancelMiddleware)."""
-    while _pending_start_hooks:
-        _pending_start_hooks.pop(0)()
 
 
 def _stop_the_process(error: ConfigurationError) -> None:
@@ -143,11 +136,13 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._instrument_starlette()
         # httpx is switched on when the app starts serving, not now: under
         # opentelemetry-instrument its own instrumentor may still be about to run.
-        _pending_start_hooks.append(_instrument_httpx)
+        get_runtime().start_hooks.append(_instrument_httpx)
         self._instrument_langgraph()
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        _pending_start_hooks.clear()
+        runtime = configured_runtime()
+        if runtime is not None:
+            runtime.start_hooks.clear()
         while _switched_on:
             _switched_on.pop().uninstrument()
         try:

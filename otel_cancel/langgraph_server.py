@@ -347,7 +347,7 @@ async def _run_in_scope(
                             yield item
                     cancelled = await _cancelled_meanwhile(root)
                     if cancelled is not None:
-                        raise Cancelled(root, cancelled.reason)
+                        raise cancelled.error()
                 except UserInterrupt as stopped:
                     # LangGraph stopped the run here (runs.cancel): for the scope, that is
                     # this root's cancel arriving early; the relay's flag claims it.

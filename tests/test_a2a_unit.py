@@ -145,7 +145,7 @@ async def test_a_cancelled_task_ends_canceled_with_reason_and_root(runtime, stor
 
 async def _recorded(store: MemoryCancelStore, task_id: str) -> TaskRecord:
     """The task's record, once its write (on the IO loop, not awaited by the task) completed."""
-    write = a2a._running[task_id].record_write
+    write = a2a._running()[task_id].record_write
     assert write is not None
     await asyncio.wait_for(asyncio.wrap_future(write), TIMEOUT)
     record = await store.get_task(task_id)
@@ -208,10 +208,10 @@ async def test_the_task_record_is_removed_when_the_execution_ends(runtime, store
     running = await _run_until_busy(CancellableAgentExecutor(agent), agent, context, queue)
     record = await _recorded(store, context.task_id or "")
     assert (record.service, record.instance, record.task_id) == ("agent", "a1", context.task_id)
-    entry = a2a._running[record.task_id]
+    entry = a2a._running()[record.task_id]
     agent.release.set()
     await asyncio.wait_for(running, TIMEOUT)
-    assert entry.record_removal is not None and record.task_id not in a2a._running
+    assert entry.record_removal is not None and record.task_id not in a2a._running()
     await asyncio.wait_for(asyncio.wrap_future(entry.record_removal), TIMEOUT)
     assert await store.get_task(record.task_id) is None
 

@@ -15,6 +15,7 @@ from otel_cancel import attributes
 from otel_cancel._bulk import BulkCancel
 from otel_cancel._labels import current_labels, decode_labels, usable_labels, validate_labels, with_labels
 from otel_cancel._live import MAX_PUBLISHED_BYTES, LivePublisher, LiveRecord, build_record
+from otel_cancel._outcome import Outcome
 from otel_cancel._registry import CancelRegistry, LiveRoot
 from otel_cancel._request import CancelRequest
 from otel_cancel._root import random_root, root_started_ms, with_root
@@ -91,17 +92,17 @@ def test_the_registry_refuses_a_late_scope_of_a_selected_run_and_admits_a_run_be
     selected = registry.apply_bulk(bulk)
     assert [request.root for request, _ in selected] == [live_root]
     assert registry.apply_bulk(bulk) == []  # applied once
-    registry.exit(holder, interrupted=True)
+    registry.exit(holder, Outcome.STOPPED)
 
     late_root = random_root()
     late, request = registry.enter(late_root, 1, "hop", task_mode=False, run_started_ms=time.time_ns() // 10**6 - 1000)
     assert request is not None and request.reason == "kill switch" and refused == [late_root]
-    registry.exit(late, interrupted=False)
+    registry.exit(late)
     fresh, request = registry.enter(
         random_root(), 0, "new", task_mode=False, run_started_ms=time.time_ns() // 10**6 + 5
     )
     assert request is None
-    registry.exit(fresh, interrupted=False)
+    registry.exit(fresh)
 
 
 def test_a_live_record_stays_bounded_keeping_the_oldest_work():
@@ -129,7 +130,7 @@ async def test_publishing_costs_at_most_one_write_per_interval_whatever_the_requ
         began = time.monotonic()
         for _ in range(2000):
             holder, _ = registry.enter(random_root(), 0, "r")
-            registry.exit(holder, interrupted=False)
+            registry.exit(holder)
             await asyncio.sleep(0)
         keep = random_root()
         holder, _ = registry.enter(keep, 0, "long")
@@ -137,7 +138,7 @@ async def test_publishing_costs_at_most_one_write_per_interval_whatever_the_requ
             await asyncio.sleep(0.01)
         elapsed = time.monotonic() - began
         assert publisher.writes <= elapsed / 0.05 + 2
-        registry.exit(holder, interrupted=False)
+        registry.exit(holder)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -221,11 +222,11 @@ async def test_a_lost_lease_is_granted_again_and_the_live_record_rewritten():
         assert lease is not None
         await store.revoke_lease(lease)
         assert await store.list_live() == []
-        registry.exit(holder, interrupted=False)
+        registry.exit(holder)
         holder, _ = registry.enter(second, 0, "b")
         await asyncio.wait_for(published(second), 10)
         assert publisher._lease not in (None, lease)
-        registry.exit(holder, interrupted=False)
+        registry.exit(holder)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -251,7 +252,7 @@ def test_ages_read_at_a_glance():
 def test_ps_rows_filter_by_service_and_every_label_and_sort_oldest_first():
     """ps_rows keeps a root's row per process, filters by service and all labels, oldest work first."""
     from otel_cancel._cli_fleet import ps_rows
-    from otel_cancel._live import LiveEntry
+    from otel_cancel._request import LiveEntry
 
     shared, other = random_root(), random_root()
     records = [

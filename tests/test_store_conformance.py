@@ -10,8 +10,7 @@ import pytest
 
 from otel_cancel._bulk import BulkCancel
 from otel_cancel._io_loop import io_loop
-from otel_cancel._live import LiveEntry, LiveRecord
-from otel_cancel._request import CancelRequest, Receipt, TaskRecord
+from otel_cancel._request import CancelRequest, LiveEntry, LiveRecord, Receipt, TaskRecord
 from otel_cancel._root import random_root
 from otel_cancel.exceptions import InvalidRootError, InvalidTaskIdError, RevisionCompactedError
 from otel_cancel.store import CancelStore

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # at run time only annotations name them: importing the store stays light
     from .._bulk import BulkCancel
-    from .._live import LiveRecord
-    from .._request import CancelRequest, Receipt, TaskRecord
+    from .._request import CancelRequest, LiveRecord, Receipt, TaskRecord
 
 DEFAULT_PREFIX = "/otel-cancel/"
 DEFAULT_TTL_SECONDS = 3600

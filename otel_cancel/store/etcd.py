@@ -31,8 +31,7 @@ import grpc
 
 from .._bulk import BulkCancel
 from .._io_loop import io_loop
-from .._live import LiveRecord
-from .._request import CancelRequest, Receipt, TaskRecord
+from .._request import CancelRequest, LiveRecord, Receipt, TaskRecord
 from ..exceptions import (
     ConfigurationError,
     RevisionCompactedError,

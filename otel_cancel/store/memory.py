@@ -16,8 +16,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from .._bulk import BulkCancel
-from .._live import LiveRecord
-from .._request import CancelRequest, Receipt, TaskRecord
+from .._request import CancelRequest, LiveRecord, Receipt, TaskRecord
 from ..exceptions import RevisionCompactedError, StoreError
 from . import DEFAULT_PREFIX, LIST_PAGE_SIZE, FlagEvent, FlagListing, FlagPage
 from ._keys import (
