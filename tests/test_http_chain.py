@@ -92,18 +92,22 @@ async def test_cancel_three_of_ten_runs_by_root_stops_exactly_those_at_every_lev
 
 
 async def test_a_late_hop_gets_409_and_runs_no_handler(chain, etcd_env):
-    """C receives a request for an already-cancelled root: 409 with the JSON body, handler not run."""
+    """C receives a request for an already-cancelled root: 409 with the JSON body, handler not run.
+
+    The answer follows the cancel's kind, not its text: a cancel whose reason reads "deadline"
+    is still an explicit cancel (409), not an expired deadline (504).
+    """
     chain.start(etcd_env, levels=("C",), replicas=1, level_env={"C": {"OTEL_CANCEL_TRUST_INCOMING": "true"}})
-    root = "ab" * 16
-    assert _run_cli("cancel", root, "--reason", "too late", env=etcd_env).returncode == 0
-    async with httpx.AsyncClient() as client:
-        response = await client.get(
-            f"{chain.urls(0)[0]}/work", headers={"baggage": f"otel_cancel.root={root},otel_cancel.depth=1"}
-        )
-    assert response.status_code == 409
-    assert response.json() == {"error": "cancelled", "root": root, "reason": "too late"}
-    assert response.headers["otel-cancel-root"] == root
-    assert chain.lines("RAN", root) == []
+    for root, reason in (("ab" * 16, "too late"), ("cd" * 16, "deadline")):
+        assert _run_cli("cancel", root, "--reason", reason, env=etcd_env).returncode == 0
+        async with httpx.AsyncClient() as client:
+            response = await client.get(
+                f"{chain.urls(0)[0]}/work", headers={"baggage": f"otel_cancel.root={root},otel_cancel.depth=1"}
+            )
+        assert response.status_code == 409
+        assert response.json() == {"error": "cancelled", "root": root, "reason": reason}
+        assert response.headers["otel-cancel-root"] == root
+        assert chain.lines("RAN", root) == []
 
 
 async def test_closing_the_root_stream_stops_every_level_of_that_run_only(chain, etcd_env):

@@ -1,0 +1,111 @@
+"""How a scope's work ended is decided by the scope (anyio style) and only booked by the registry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import otel_cancel
+from otel_cancel._outcome import Outcome
+from otel_cancel._registry import CancelRegistry
+from otel_cancel._request import CancelRequest
+from otel_cancel._root import random_root
+from otel_cancel.store.memory import MemoryCancelStore
+from otel_cancel.testing import configured
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def runtime():
+    with configured(store=MemoryCancelStore(), service="svc", instance="one") as runtime:
+        yield runtime
+
+
+async def _receipt(runtime, root):
+    assert await runtime.wait_receipt(root, 5)
+    store = runtime.watcher.submit(runtime.watcher.store()).result(5)
+    (receipt,) = await store.list_receipts(root)
+    return receipt
+
+
+async def test_a_cancel_that_is_not_the_scopes_own_is_never_swallowed(runtime):
+    """Someone else cancels the task as the flag does: CancelledError propagates, the stop still gets its receipt."""
+    root = random_root()
+    inside = asyncio.Event()
+
+    async def work():
+        async with otel_cancel.scope(root=root, name="work"):
+            inside.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.get_running_loop().create_task(work())
+    await asyncio.wait_for(inside.wait(), 5)
+    task.cancel("the server shuts down")
+    await otel_cancel.cancel(root, reason="user")
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert task.cancelled()
+    receipt = await _receipt(runtime, root)
+    assert receipt.interrupted == ("work",) and receipt.tasks == 1
+
+
+async def test_a_scope_entered_while_its_task_is_cancelling_still_converts_its_own_cancel(runtime):
+    """A cancellation pending before the scope began is not the scope's to count: its own cancel becomes Cancelled."""
+    root = random_root()
+    waiting, inside = asyncio.Event(), asyncio.Event()
+
+    async def work():
+        try:
+            waiting.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            # Clean-up after a cancel, still stoppable by its root.
+            async with otel_cancel.scope(root=root, name="clean-up"):
+                inside.set()
+                await asyncio.Event().wait()
+
+    task = asyncio.get_running_loop().create_task(work())
+    await asyncio.wait_for(waiting.wait(), 5)
+    task.cancel("first")
+    await asyncio.wait_for(inside.wait(), 5)
+    await otel_cancel.cancel(root, reason="user")
+    with pytest.raises(otel_cancel.Cancelled) as caught:
+        await asyncio.wait_for(task, 5)
+    assert (caught.value.root, caught.value.reason, caught.value.kind) == (root, "user", "explicit")
+    assert (await _receipt(runtime, root)).interrupted == ("clean-up",)
+
+
+def test_the_registry_books_the_outcome_it_is_given():
+    """An early stop booked by the scope is claimed by the root's flag: one report, the scope's names."""
+    reports = []
+    registry = CancelRegistry(on_stopped=reports.append)
+    root = random_root()
+    holder, refused = registry.enter(root, 2, "relay", task_mode=False)
+    assert refused is None
+    claimed = []
+    outcome, request = registry.exit(holder, Outcome.STOPPED_EARLY, lambda: claimed.append)
+    assert (outcome, request) == (Outcome.STOPPED_EARLY, None)
+    flag = CancelRequest.new(root, "user", "cli@host")
+    assert registry.apply(flag) == (True, [])
+    (report,) = reports
+    assert (report.request, report.depth, report.interrupted, report.tasks) == (flag, 2, ("relay",), 1)
+    assert claimed == [flag]
+
+
+def test_the_registry_asks_the_scope_under_its_lock_with_the_request_applied_meanwhile():
+    """A flag applied while a scope is leaving reaches the scope's decision: the registry passes it in."""
+    registry = CancelRegistry()
+    root = random_root()
+    holder, _ = registry.enter(root, 0, "work", task_mode=False)
+    flag = CancelRequest.new(root, "user", "cli@host")
+    registry.apply(flag)
+    seen = []
+
+    def decide(request):
+        seen.append(request)
+        return Outcome.STOPPED
+
+    assert registry.exit(holder, decide) == (Outcome.STOPPED, flag)
+    assert seen == [flag]
