@@ -121,6 +121,15 @@ def test_a_starlette_app_built_after_uninstrument_has_no_cancel_middleware(instr
     assert _cancel_middleware_count(Starlette()) == 0
 
 
+def test_without_starlette_uninstrument_still_undoes_langgraph(instrumentor, monkeypatch):
+    """In a process where Starlette cannot be imported, uninstrument still puts LangGraph's functions back."""
+    monkeypatch.setitem(sys.modules, "starlette.applications", None)  # import raises ImportError
+    instrumentor.instrument()
+    assert _is_wrapped(Pregel, "astream")
+    instrumentor.uninstrument()
+    assert not any(_is_wrapped(owner, name) for owner, name in _PATCHED)
+
+
 def test_instrumenting_twice_wraps_once():
     """Calling instrument_langgraph twice leaves one otel-cancel wrapper on each function."""
     from otel_cancel.langgraph import instrument_langgraph, uninstrument_langgraph
