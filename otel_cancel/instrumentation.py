@@ -20,6 +20,12 @@ on an app that never imports otel_cancel gets:
   :class:`otel_cancel.a2a.CancellableAgentExecutor`, stops the work and reports
   it in the protocol).
 
+Each integration switches on only where its library is installed in a release it
+supports; :meth:`OtelCancelInstrumentor.instrumentation_dependencies` declares them all
+(any one is enough for the instrumentor to load), and a library installed outside its
+range is left alone with one warning. What it patches is wrapped with wrapt, and
+``uninstrument()`` puts back the original functions.
+
 ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_cancel`` turns it off. A propagator
 configuration that drops baggage is reported loudly at start-up. An invalid
 ``OTEL_CANCEL_*`` setting stops the process at start-up with one line naming the
@@ -230,18 +236,19 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     @staticmethod
     def _instrument_langgraph() -> None:
-        if not supported("langgraph"):
-            return
-        try:
-            from .langgraph import instrument_langgraph
-        except ImportError:
-            return
-        instrument_langgraph()
-        if not supported("langgraph-server"):
-            return
-        try:
-            from .langgraph_server import instrument_langgraph_server
-        except ImportError:
-            return
-        # Hooks LangGraph Server's internals when langgraph_api is imported.
-        instrument_langgraph_server()
+        # Two integrations, each checked against its own range: one left off does not
+        # take the other with it.
+        if supported("langgraph"):
+            try:
+                from .langgraph import instrument_langgraph
+            except ImportError:
+                pass
+            else:
+                instrument_langgraph()
+        if supported("langgraph-server"):
+            try:
+                from .langgraph_server import instrument_langgraph_server
+            except ImportError:
+                return
+            # Hooks LangGraph Server's internals when langgraph_api is imported.
+            instrument_langgraph_server()

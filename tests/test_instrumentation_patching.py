@@ -229,7 +229,7 @@ def test_the_declared_ranges_are_those_pyproject_claims():
 
 
 def test_an_integration_whose_library_is_out_of_range_is_skipped_with_one_warning(instrumentor, monkeypatch, caplog):
-    """LangGraph outside its range: one warning naming package, release and range; Starlette still switches on."""
+    """LangGraph outside its range: one warning naming package, release and range; the others still switch on."""
     monkeypatch.setitem(_instruments.INSTRUMENTS, "langgraph", "langgraph<1")
     with caplog.at_level(logging.WARNING, "otel_cancel"):
         instrumentor.instrument()
@@ -239,6 +239,7 @@ def test_an_integration_whose_library_is_out_of_range_is_skipped_with_one_warnin
     assert instrumentor.is_instrumented_by_opentelemetry
     assert not _is_wrapped(Pregel, "astream") and not _is_wrapped(pregel_runner, "arun_with_retry")
     assert _cancel_middleware_count(Starlette()) == 1
+    assert langgraph_server._state["enabled"]  # LangGraph Server's hooks are checked on their own range
 
 
 def test_with_no_instrumented_library_in_range_the_instrumentor_does_not_switch_on(instrumentor, monkeypatch, caplog):
