@@ -216,13 +216,19 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
             unwrap(Starlette, "build_middleware_stack", self._middleware_inserter)
             self._middleware_inserter = None
+        # Each undone on its own: one that cannot be imported does not keep the other wrapped.
         try:
-            from .langgraph import uninstrument_langgraph
             from .langgraph_server import uninstrument_langgraph_server
         except ImportError:  # LangGraph is not installed
-            return
-        uninstrument_langgraph_server()
-        uninstrument_langgraph()
+            pass
+        else:
+            uninstrument_langgraph_server()
+        try:
+            from .langgraph import uninstrument_langgraph
+        except ImportError:
+            pass
+        else:
+            uninstrument_langgraph()
 
     def _instrument_starlette(self, a2a_supported: bool) -> None:
         try:
