@@ -269,21 +269,37 @@ print(json.dumps({
 """
 
 
-def test_opentelemetry_instrument_loads_the_instrumentor_in_a_real_process():
-    """Under opentelemetry-instrument, the loader reads the declared extra and switches every integration on."""
+def _run_under_opentelemetry_instrument(pythonpath: str | None = None) -> tuple[dict[str, bool], str]:
     env = {
         **os.environ,
         "OTEL_TRACES_EXPORTER": "none",
         "OTEL_METRICS_EXPORTER": "none",
         "OTEL_LOGS_EXPORTER": "none",
     }
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     result = subprocess.run(
         [_INSTRUMENT, sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
-        "instrumented": True,
-        "starlette": True,
-        "langgraph": True,
-    }
-    assert "integration is off" not in result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def test_opentelemetry_instrument_loads_the_instrumentor_in_a_real_process():
+    """Under opentelemetry-instrument, the loader reads the declared extra and switches every integration on."""
+    report, stderr = _run_under_opentelemetry_instrument()
+    assert report == {"instrumented": True, "starlette": True, "langgraph": True}
+    assert "integration is off" not in stderr
+
+
+def test_opentelemetry_instrument_with_langgraph_out_of_range_switches_the_rest_on(tmp_path):
+    """A process whose metadata says LangGraph 0.5.0: one warning for it, the instrumentor and Starlette still on."""
+    # Distribution metadata found first on the path is what importlib.metadata (and so
+    # OpenTelemetry's loader and the instrumentor) reads as the installed release.
+    shadow = tmp_path / "langgraph-0.5.0.dist-info"
+    shadow.mkdir()
+    (shadow / "METADATA").write_text("Metadata-Version: 2.1\nName: langgraph\nVersion: 0.5.0\n")
+    report, stderr = _run_under_opentelemetry_instrument(pythonpath=str(tmp_path))
+    assert report == {"instrumented": True, "starlette": True, "langgraph": False}
+    lines = [line for line in stderr.splitlines() if "integration is off" in line]
+    assert len(lines) == 1 and "langgraph>=1.0,<2" in lines[0] and "langgraph 0.5.0" in lines[0], stderr
