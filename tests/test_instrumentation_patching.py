@@ -182,6 +182,12 @@ def test_the_langgraph_names_wrapped_exist_where_they_are_wrapped():
     assert params[0] == "task"
 
 
+def test_the_starlette_names_wrapped_exist():
+    """Starlette still builds its middleware stack in build_middleware_stack, from the user_middleware list."""
+    assert inspect.isfunction(vars(Starlette)["build_middleware_stack"])
+    assert Starlette().user_middleware == []
+
+
 # -- declared dependencies ---------------------------------------------------------------
 
 
