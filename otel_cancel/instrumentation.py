@@ -20,6 +20,12 @@ on an app that never imports otel_cancel gets:
   :class:`otel_cancel.a2a.CancellableAgentExecutor`, stops the work and reports
   it in the protocol).
 
+Each integration switches on only where its library is installed in a release it
+supports; :meth:`OtelCancelInstrumentor.instrumentation_dependencies` declares them all
+(any one is enough for the instrumentor to load), and a library installed outside its
+range is left alone with one warning. What it patches is wrapped with wrapt, and
+``uninstrument()`` puts back the original functions.
+
 ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_cancel`` turns it off. A propagator
 configuration that drops baggage is reported loudly at start-up. An invalid
 ``OTEL_CANCEL_*`` setting stops the process at start-up with one line naming the
@@ -35,8 +41,11 @@ import sys
 from collections.abc import Collection
 from typing import Any
 
+from opentelemetry.instrumentation.dependencies import DependencyConflictError, get_dependency_conflicts
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
+from ._instruments import INSTRUMENTS, supported
+from ._patching import unwrap, wrap
 from ._runtime import configured_runtime, get_runtime
 from .exceptions import ConfigurationError
 
@@ -104,22 +113,72 @@ def _stop_the_process(error: ConfigurationError) -> None:
     os._exit(2)
 
 
+class _MiddlewareInserter:
+    """The wrapper of ``Starlette.build_middleware_stack``: puts the cancel middleware in every app, once.
+
+    It goes right inside OpenTelemetry's ASGI middleware (so it sees the extracted
+    context and the server span), or outermost among the app's own middleware when
+    OpenTelemetry's is absent; an app that already has it (added explicitly) is left as it is.
+    """
+
+    def __init__(self, a2a_supported: bool) -> None:
+        self.a2a_supported = a2a_supported
+
+    def __call__(self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        from starlette.middleware import Middleware
+
+        from .asgi import CancelMiddleware
+
+        app = instance
+        if not any(_is_cancel_middleware(m) for m in app.user_middleware):
+            position = next(
+                (i + 1 for i, m in enumerate(app.user_middleware) if _is_otel_asgi_middleware(m)),
+                0,
+            )
+            if _is_langgraph_server(app):
+                from .langgraph_server import LangGraphServerCancelMiddleware
+
+                # Its worker stops runs itself; see LangGraphServerCancelMiddleware.
+                middleware = Middleware(LangGraphServerCancelMiddleware)
+            else:
+                serves_a2a = self.a2a_supported and _serves_a2a(app)
+                middleware = Middleware(CancelMiddleware, run_in_scope=not serves_a2a)
+            app.user_middleware.insert(position, middleware)
+        return wrapped(*args, **kwargs)
+
+
 class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """The otel-cancel instrumentor (see the module docstring)."""
 
-    _original_build_middleware_stack: Any = None
+    _middleware_inserter: _MiddlewareInserter | None = None
     _loaded_by_opentelemetry = False
 
     def instrument(self, **kwargs: Any) -> Any:
-        """Switch otel-cancel on (see :meth:`BaseInstrumentor.instrument`)."""
-        # OpenTelemetry's loader (opentelemetry-instrument) passes skip_dep_check, which the
-        # base class consumes before _instrument: note here whose call this is.
+        """Switch otel-cancel on (see :meth:`BaseInstrumentor.instrument`).
+
+        It needs any one of :meth:`instrumentation_dependencies` installed in range (the
+        base class would require them all); each integration then checks its own.
+        """
+        # OpenTelemetry's loader (opentelemetry-instrument) passes skip_dep_check: it has
+        # already checked the instruments-any extra. Note here whose call this is.
         self._loaded_by_opentelemetry = bool(kwargs.get("skip_dep_check"))
+        if not self._loaded_by_opentelemetry and not self.is_instrumented_by_opentelemetry:
+            conflict = get_dependency_conflicts((), self.instrumentation_dependencies())
+            if conflict is not None:
+                if kwargs.get("raise_exception_on_conflict"):
+                    raise DependencyConflictError(conflict)
+                _log.error("otel-cancel: %s", conflict)
+                return None
+            kwargs["skip_dep_check"] = True  # checked here, "any of" rather than "all of"
         return super().instrument(**kwargs)
 
     def instrumentation_dependencies(self) -> Collection[str]:
-        # Every integration is optional; each is switched on only where its library is installed.
-        return ()
+        """The libraries otel-cancel instruments and the releases it supports, any one of which is enough.
+
+        Each integration is switched on only where its own library is installed in its
+        range (one warning when it is installed outside it).
+        """
+        return tuple(INSTRUMENTS.values())
 
     def _instrument(self, **kwargs: Any) -> None:
         from ._upstream_logs import limit_client_input_logs
@@ -133,10 +192,12 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             _stop_the_process(error)
         warn_if_propagators_drop_baggage()
         limit_client_input_logs()
-        self._instrument_starlette()
-        # httpx is switched on when the app starts serving, not now: under
-        # opentelemetry-instrument its own instrumentor may still be about to run.
-        get_runtime().start_hooks.append(_instrument_httpx)
+        if supported("starlette"):
+            self._instrument_starlette(a2a_supported=supported("a2a"))
+        if supported("httpx"):
+            # httpx is switched on when the app starts serving, not now: under
+            # opentelemetry-instrument its own instrumentor may still be about to run.
+            get_runtime().start_hooks.append(_instrument_httpx)
         self._instrument_langgraph()
 
     def _uninstrument(self, **kwargs: Any) -> None:
@@ -145,65 +206,50 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             runtime.start_hooks.clear()
         while _switched_on:
             _switched_on.pop().uninstrument()
-        try:
+        if self._middleware_inserter is not None:
             from starlette.applications import Starlette
-        except ImportError:
-            return
-        original = OtelCancelInstrumentor._original_build_middleware_stack
-        if original is not None:
-            Starlette.build_middleware_stack = original  # type: ignore[method-assign]
-            OtelCancelInstrumentor._original_build_middleware_stack = None
+
+            unwrap(Starlette, "build_middleware_stack", self._middleware_inserter)
+            self._middleware_inserter = None
+        # Each undone on its own: one that cannot be imported does not keep the other wrapped.
+        try:
+            from .langgraph_server import uninstrument_langgraph_server
+        except ImportError:  # LangGraph is not installed
+            pass
+        else:
+            uninstrument_langgraph_server()
         try:
             from .langgraph import uninstrument_langgraph
-            from .langgraph_server import uninstrument_langgraph_server
-
-            uninstrument_langgraph_server()
-            uninstrument_langgraph()
         except ImportError:
             pass
+        else:
+            uninstrument_langgraph()
 
-    @staticmethod
-    def _instrument_starlette() -> None:
+    def _instrument_starlette(self, a2a_supported: bool) -> None:
         try:
             from starlette.applications import Starlette
-            from starlette.middleware import Middleware
         except ImportError:
             return
-        if OtelCancelInstrumentor._original_build_middleware_stack is not None:
+        if self._middleware_inserter is not None:
             return
-        from .asgi import CancelMiddleware
-
-        original = Starlette.build_middleware_stack
-        OtelCancelInstrumentor._original_build_middleware_stack = original
-
-        def build_middleware_stack(self: Any) -> Any:
-            # Insert CancelMiddleware just inside OpenTelemetry's ASGI middleware (so it
-            # sees the extracted context and the server span), or outermost among the
-            # user's middleware when OpenTelemetry's is absent. Once only.
-            if not any(_is_cancel_middleware(m) for m in self.user_middleware):
-                position = next(
-                    (i + 1 for i, m in enumerate(self.user_middleware) if _is_otel_asgi_middleware(m)),
-                    0,
-                )
-                if _is_langgraph_server(self):
-                    from .langgraph_server import LangGraphServerCancelMiddleware
-
-                    # Its worker stops runs itself; see LangGraphServerCancelMiddleware.
-                    middleware = Middleware(LangGraphServerCancelMiddleware)
-                else:
-                    middleware = Middleware(CancelMiddleware, run_in_scope=not _serves_a2a(self))
-                self.user_middleware.insert(position, middleware)
-            return original(self)
-
-        Starlette.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
+        self._middleware_inserter = _MiddlewareInserter(a2a_supported)
+        wrap(Starlette, "build_middleware_stack", self._middleware_inserter)
 
     @staticmethod
     def _instrument_langgraph() -> None:
-        try:
-            from .langgraph import instrument_langgraph
-            from .langgraph_server import instrument_langgraph_server
-        except ImportError:
-            return
-        instrument_langgraph()
-        # Hooks LangGraph Server's internals when langgraph_api is imported (if its release is known).
-        instrument_langgraph_server()
+        # Two integrations, each checked against its own range: one left off does not
+        # take the other with it.
+        if supported("langgraph"):
+            try:
+                from .langgraph import instrument_langgraph
+            except ImportError:
+                pass
+            else:
+                instrument_langgraph()
+        if supported("langgraph-server"):
+            try:
+                from .langgraph_server import instrument_langgraph_server
+            except ImportError:
+                return
+            # Hooks LangGraph Server's internals when langgraph_api is imported.
+            instrument_langgraph_server()

@@ -24,7 +24,6 @@ A node that wants to stop the whole run everywhere (a guardrail) calls
 from __future__ import annotations
 
 import contextvars
-import functools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -33,9 +32,8 @@ from langgraph.pregel import Pregel
 from langgraph.pregel import _runner as pregel_runner
 
 from ._labels import current_labels, usable_labels
+from ._patching import Wrapper, unwrap, wrap
 from ._scope import CancelScope, check
-
-_originals: dict[str, Any] = {}
 
 run_scope_bound: contextvars.ContextVar[bool] = contextvars.ContextVar("otel_cancel_run_scope_bound", default=False)
 """True where a host already runs the graph in a scope bound to the task that owns the
@@ -64,22 +62,18 @@ def _node_scope(task: Any) -> CancelScope:
     return CancelScope(name=str(getattr(task, "name", "node")), convert=False)
 
 
-def _wrap_arun_with_retry(original: Any) -> Any:
-    @functools.wraps(original)
-    async def arun_with_retry(task: Any, *args: Any, **kwargs: Any) -> Any:
-        async with _node_scope(task):
-            return await original(task, *args, **kwargs)
-
-    return arun_with_retry
+def _task_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[0] if args else kwargs.get("task")
 
 
-def _wrap_run_with_retry(original: Any) -> Any:
-    @functools.wraps(original)
-    def run_with_retry(task: Any, *args: Any, **kwargs: Any) -> Any:
-        with _node_scope(task):
-            return original(task, *args, **kwargs)
+async def _arun_with_retry(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async with _node_scope(_task_of(args, kwargs)):
+        return await wrapped(*args, **kwargs)
 
-    return run_with_retry
+
+def _run_with_retry(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    with _node_scope(_task_of(args, kwargs)):
+        return wrapped(*args, **kwargs)
 
 
 def _run_labels(graph: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
@@ -102,54 +96,44 @@ def _run_labels(graph: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
     )
 
 
-def _wrap_astream(original: Any) -> Any:
-    @functools.wraps(original)
-    async def astream(self: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        if run_scope_bound.get():
-            async for chunk in original(self, *args, **kwargs):
-                yield chunk
-            return
-        async with CancelScope(name=None, labels=_run_labels(self, args, kwargs)):
-            async for chunk in original(self, *args, **kwargs):
-                yield chunk
-
-    return astream
+async def _astream(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+    if run_scope_bound.get():
+        async for chunk in wrapped(*args, **kwargs):
+            yield chunk
+        return
+    async with CancelScope(name=None, labels=_run_labels(instance, args, kwargs)):
+        async for chunk in wrapped(*args, **kwargs):
+            yield chunk
 
 
-def _wrap_stream(original: Any) -> Any:
-    @functools.wraps(original)
-    def stream(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        with CancelScope(name=None, labels=_run_labels(self, args, kwargs)):
-            for chunk in original(self, *args, **kwargs):
-                yield chunk
-                check()  # a sync run stops at the next superstep boundary
+def _stream(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Any]:
+    with CancelScope(name=None, labels=_run_labels(instance, args, kwargs)):
+        for chunk in wrapped(*args, **kwargs):
+            yield chunk
+            check()  # a sync run stops at the next superstep boundary
 
-    return stream
+
+# What is wrapped, in order. The runner imports the two node functions by name from
+# langgraph.pregel._retry, so its own module namespace is where a wrapper takes effect.
+# tests/test_instrumentation_patching.py fails when LangGraph renames any of them.
+_PATCHED: tuple[tuple[Any, str, Wrapper], ...] = (
+    (Pregel, "astream", _astream),
+    (Pregel, "stream", _stream),
+    (pregel_runner, "arun_with_retry", _arun_with_retry),
+    (pregel_runner, "run_with_retry", _run_with_retry),
+)
 
 
 def instrument_langgraph() -> None:
     """Run every LangGraph graph run and node in scopes (idempotent)."""
-    if _originals:
-        return
-    _originals["astream"] = Pregel.astream
-    _originals["stream"] = Pregel.stream
-    # The runner imports these by name; patching its module namespace is what takes effect.
-    _originals["arun_with_retry"] = getattr(pregel_runner, "arun_with_retry")  # noqa: B009
-    _originals["run_with_retry"] = getattr(pregel_runner, "run_with_retry")  # noqa: B009
-    Pregel.astream = _wrap_astream(Pregel.astream)  # type: ignore[method-assign]
-    Pregel.stream = _wrap_stream(Pregel.stream)  # type: ignore[method-assign]
-    setattr(pregel_runner, "arun_with_retry", _wrap_arun_with_retry(_originals["arun_with_retry"]))  # noqa: B010
-    setattr(pregel_runner, "run_with_retry", _wrap_run_with_retry(_originals["run_with_retry"]))  # noqa: B010
+    for owner, name, wrapper in _PATCHED:
+        wrap(owner, name, wrapper)
 
 
 def uninstrument_langgraph() -> None:
-    """Undo :func:`instrument_langgraph`."""
-    if not _originals:
-        return
-    Pregel.astream = _originals.pop("astream")  # type: ignore[method-assign]
-    Pregel.stream = _originals.pop("stream")  # type: ignore[method-assign]
-    setattr(pregel_runner, "arun_with_retry", _originals.pop("arun_with_retry"))  # noqa: B010
-    setattr(pregel_runner, "run_with_retry", _originals.pop("run_with_retry"))  # noqa: B010
+    """Undo :func:`instrument_langgraph`: the original LangGraph functions are back."""
+    for owner, name, wrapper in reversed(_PATCHED):
+        unwrap(owner, name, wrapper)
 
 
 __all__ = ("CancelCheckCallback", "instrument_langgraph", "uninstrument_langgraph")
