@@ -33,7 +33,8 @@ The names, and why each is used (:data:`AETCD_NAMES_USED` is the list the check 
   watch stream opened later carries the new token; ``aetcd.watcher.Watcher.__init__``
   takes ``watchstub``, ``timeout`` and ``metadata``.
 - ``aetcd.exceptions.RevisionCompactedError`` is built with ``compacted_revision``
-  for a refused watch whose start revision was compacted.
+  for a refused watch whose start revision was compacted; :class:`WatchRefusedError`
+  subclasses ``aetcd.exceptions.ClientError``, so aetcd's watch machinery passes it on.
 - ``kvstub.Range`` and ``maintenancestub.Status`` are called directly (with
   ``aetcd.rpc.RangeRequest`` / ``StatusRequest``): aetcd has no paged range and no
   leader check.
