@@ -23,8 +23,10 @@
    (``BENCH_DISCONNECT_LISTENER=off`` in the bench service) to show what it costs.
 4. The request path makes no etcd call: the otel-cancel chain has an etcd of its
    own, and etcd's own counters (``grpc_server_started_total`` on ``/metrics``)
-   are read before and after every round, against the requests served and the
-   watchdog's pings. The in-process part counts its calls at its etcd the same way.
+   are read before and after every round, against the requests served, the
+   watchdog's pings and the live-work publications (``otel-cancel ps``: at most
+   one per ``OTEL_CANCEL_LIVE_INTERVAL_MS`` per process, whatever the request
+   rate). The in-process part counts its calls at its etcd the same way.
 
 Writes ``bench/results/overhead.json``.
 """
@@ -439,6 +441,7 @@ def _throughput(etcd: EtcdServer, chain_etcd: EtcdServer, quick: bool, cpu: CpuS
                 result.pop("raw", None) if "rps" in result else None
                 samples[name].append(result)
                 if name == "OpenTelemetry + otel-cancel":
+                    state = debug_state(chain)[0]
                     calls.append(
                         {
                             "round": index,
@@ -447,7 +450,8 @@ def _throughput(etcd: EtcdServer, chain_etcd: EtcdServer, quick: bool, cpu: CpuS
                             "services": chain.depth,
                             "etcd_calls": sum(calls_made.values()),
                             "etcd_calls_by_method": dict(sorted(calls_made.items())),
-                            "watchdog_seconds": debug_state(chain)[0]["watchdog_seconds"],
+                            "watchdog_seconds": state["watchdog_seconds"],
+                            "live_interval_ms": state["live_interval_ms"],
                         }
                     )
                 say(f"  round {index + 1}/{rounds} {name:>28}: {result.get('rps', 0):,.0f} req/s")

@@ -163,6 +163,7 @@ async def debug(request: Request) -> JSONResponse:
             "flags_applied": runtime.watcher.flags_applied,
             "receipts_written": runtime.receipts_written,
             "watchdog_seconds": runtime.settings.watchdog_seconds,
+            "live_interval_ms": runtime.settings.live_interval_ms,
         }
     )
 
