@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.metadata
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -170,6 +169,8 @@ def _resolve(root: Any, path: str) -> Any:
 
 
 def _missing_parameters(target: Any, parameters: tuple[str, ...]) -> list[str]:
+    if not parameters:
+        return []  # nothing to check (and a signature costs import time)
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
@@ -241,6 +242,8 @@ def check_aetcd(root: Any = aetcd) -> None:
     problems = aetcd_problems(root)
     if not problems:
         return
+    import importlib.metadata  # only on this error path: it costs the CLI's start-up time
+
     try:
         version = importlib.metadata.version("aetcd")
     except importlib.metadata.PackageNotFoundError:
