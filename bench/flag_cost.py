@@ -24,11 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import statistics
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -39,13 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "services"))
 from _common import PYTHON, SERVICES, base_parser, loadavg, say, service_env, summary, table, write_results
 from scale import Holder, process_cpu_seconds
 
+from otel_cancel._etcd_metrics import etcd_grpc_calls
 from otel_cancel._io_loop import io_loop
 from otel_cancel._request import CancelRequest
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.testing import EtcdServer, ManagedProcess, unique_prefix
 
 WRITERS = 2
-_STARTED = re.compile(r'^grpc_server_started_total\{grpc_method="(\w+)",grpc_service="[\w.]+",grpc_type="\w+"\} (\d+)')
 
 
 class BareWatcher:
@@ -83,13 +81,7 @@ class BareWatcher:
 
 def etcd_calls(etcd: EtcdServer) -> Counter[str]:
     """Every RPC etcd has started, by method (its own Prometheus counter)."""
-    counts: Counter[str] = Counter()
-    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            match = _STARTED.match(line)
-            if match:
-                counts[match.group(1)] += int(match.group(2))
-    return counts
+    return etcd_grpc_calls(etcd.client_url)
 
 
 async def _until(predicate: Any, timeout: float, what: str) -> None:

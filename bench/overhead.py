@@ -21,9 +21,12 @@
    elsewhere hits all of them alike.
    A diagnostic fourth chain stubs out ``CancelMiddleware``'s disconnect listener
    (``BENCH_DISCONNECT_LISTENER=off`` in the bench service) to show what it costs.
-4. The request path makes no etcd call: each otel-cancel service's store call
-   counter (``EtcdCancelStore.calls``, read from ``/debug/otel-cancel``) before
-   and after every round, against the requests served and the watchdog's pings.
+4. The request path makes no etcd call: the otel-cancel chain has an etcd of its
+   own, and etcd's own counters (``grpc_server_started_total`` on ``/metrics``)
+   are read before and after every round, against the requests served, the
+   watchdog's pings and the live-work publications (``otel-cancel ps``: at most
+   one per ``OTEL_CANCEL_LIVE_INTERVAL_MS`` per process, whatever the request
+   rate). The in-process part counts its calls at its etcd the same way.
 
 Writes ``bench/results/overhead.json``.
 """
@@ -52,6 +55,7 @@ from opentelemetry import baggage, context
 
 import otel_cancel
 from otel_cancel import attributes
+from otel_cancel._etcd_metrics import etcd_grpc_calls
 from otel_cancel.testing import EtcdServer, configured, unique_prefix
 
 ROOT = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -382,6 +386,13 @@ def debug_state(chain: ServiceChain) -> list[dict[str, Any]]:
 def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         return {"ran": False, "reason": "wrk is not installed (Debian: apt-get install -y wrk)"}
+    # The measured otel-cancel chain talks to an etcd nobody else uses: etcd's own
+    # counters then count that chain's calls, and nothing else's.
+    with EtcdServer() as chain_etcd:
+        return _throughput(etcd, chain_etcd, quick, cpu)
+
+
+def _throughput(etcd: EtcdServer, chain_etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]:
     seconds = 3 if quick else 8
     rounds = 2 if quick else 7
     connections = 16
@@ -389,7 +400,7 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
     variants = {
         "no OpenTelemetry": ({}, False),
         "OpenTelemetry": ({"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel"}, True),
-        "OpenTelemetry + otel-cancel": ({}, True),
+        "OpenTelemetry + otel-cancel": ({"OTEL_CANCEL_ETCD_ENDPOINTS": chain_etcd.endpoint}, True),
         "OpenTelemetry + otel-cancel, listener stubbed (diagnostic)": ({"BENCH_DISCONNECT_LISTENER": "off"}, True),
     }
     chains: dict[str, ServiceChain] = {}
@@ -414,13 +425,13 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
             order = names[index % len(names) :] + names[: index % len(names)]
             for name in order:
                 chain = chains[name]
-                before = debug_state(chain)
+                calls_before = etcd_grpc_calls(chain_etcd.client_url)
                 cpu_before = cpu_seconds(chain)
                 started = time.time()
                 result = wrk(f"{chain.urls(0)[0]}/hop", seconds, connections)
                 ended = time.time()
                 cpu_used = cpu_seconds(chain) - cpu_before
-                after = debug_state(chain)
+                calls_made = etcd_grpc_calls(chain_etcd.client_url) - calls_before
                 # CPU time per request is what the chain's own processes spent: unlike req/s, load
                 # from other processes on the machine does not change it much.
                 if result.get("requests"):
@@ -430,17 +441,17 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
                 result.pop("raw", None) if "rps" in result else None
                 samples[name].append(result)
                 if name == "OpenTelemetry + otel-cancel":
+                    state = debug_state(chain)[0]
                     calls.append(
                         {
                             "round": index,
                             "seconds": round(ended - started, 2),
                             "requests_at_edge": result.get("requests"),
-                            "store_calls_delta": [
-                                (a["store_calls"] or 0) - (b["store_calls"] or 0)
-                                for a, b in zip(after, before, strict=True)
-                            ],
-                            "store_calls_after": [a["store_calls"] for a in after],
-                            "watchdog_seconds": after[0]["watchdog_seconds"],
+                            "services": chain.depth,
+                            "etcd_calls": sum(calls_made.values()),
+                            "etcd_calls_by_method": dict(sorted(calls_made.items())),
+                            "watchdog_seconds": state["watchdog_seconds"],
+                            "live_interval_ms": state["live_interval_ms"],
                         }
                     )
                 say(f"  round {index + 1}/{rounds} {name:>28}: {result.get('rps', 0):,.0f} req/s")
@@ -518,12 +529,14 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
 async def in_process(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
     iterations = 5_000 if quick else 40_000
     repeats = 3 if quick else 7
+    # Only this process uses ``etcd`` here: its counters are this process's calls.
+    calls_before = await asyncio.to_thread(etcd_grpc_calls, etcd.client_url)
     with configured(endpoints=(etcd.endpoint,), prefix=unique_prefix(), service="bench-overhead") as runtime:
         await runtime.ensure_listed()
         scope_rows = await scope_costs(iterations, repeats)
         asgi_iterations = 2_000 if quick else 20_000
         asgi_rows, otel_rows = await asgi_costs(asgi_iterations, repeats)
-        calls = runtime.watcher._store.calls if runtime.watcher._store is not None else None
+        calls = await asyncio.to_thread(etcd_grpc_calls, etcd.client_url) - calls_before
     baseline = scope_rows[0]["min_us"]
     for row in scope_rows[1:]:
         row["over_baseline_us"] = round(row["min_us"] - baseline, 3)
@@ -532,7 +545,7 @@ async def in_process(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
         "asgi": asgi_rows,
         "asgi_otel": otel_rows,
         "asgi_added": asgi_deltas(asgi_rows, otel_rows),
-        "store_calls_in_process": calls,
+        "etcd_calls_in_process": dict(sorted(calls.items())),
         "iterations": {"scope": iterations, "asgi": asgi_iterations, "repeats": repeats},
     }
 
@@ -566,8 +579,13 @@ def main() -> int:
             f"throughput loss with otel-cancel: {net['loss_pct_of_medians']}% (medians), "
             f"paired rounds {net['loss_pct_paired_rounds']} -> median {net['loss_pct_paired_median']}%"
         )
-        say("\netcd calls by the otel-cancel services while serving (per level: edge, 1, 2)")
-        say(table(net["etcd_calls"], ["round", "seconds", "requests_at_edge", "store_calls_delta", "watchdog_seconds"]))
+        say("\netcd calls by the otel-cancel chain's services while serving (counted at etcd)")
+        say(
+            table(
+                net["etcd_calls"],
+                ["round", "seconds", "requests_at_edge", "services", "etcd_calls", "etcd_calls_by_method"],
+            )
+        )
     else:
         say(f"\nthroughput not measured: {net.get('reason')}")
     say(f"\nwrote {path}")

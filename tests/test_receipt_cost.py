@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 from collections import Counter
 from collections.abc import Awaitable
 
 import pytest
 
 import otel_cancel
+from otel_cancel._etcd_metrics import KV_AND_LEASE_CALLS, etcd_grpc_calls
 from otel_cancel._request import CancelRequest, Receipt
 from otel_cancel._root import random_root
 from otel_cancel.store.etcd import EtcdCancelStore
@@ -18,19 +17,10 @@ from otel_cancel.testing import EtcdServer, configured, on_io_loop
 
 pytestmark = pytest.mark.anyio
 
-_STARTED = re.compile(r'^grpc_server_started_total\{grpc_method="(\w+)",grpc_service="[\w.]+",grpc_type="\w+"\} (\d+)')
-_KV_AND_LEASE_CALLS = ("Range", "Put", "Txn", "LeaseGrant", "DeleteRange")
-
 
 def _etcd_calls(etcd: EtcdServer) -> Counter[str]:
     """Every KV and lease-grant RPC etcd has started, by method, from its own Prometheus metrics."""
-    counts: Counter[str] = Counter()
-    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            match = _STARTED.match(line)
-            if match and match.group(1) in _KV_AND_LEASE_CALLS:
-                counts[match.group(1)] += int(match.group(2))
-    return counts
+    return etcd_grpc_calls(etcd.client_url, KV_AND_LEASE_CALLS)
 
 
 async def _calls_during(etcd: EtcdServer, operation: Awaitable[None]) -> Counter[str]:

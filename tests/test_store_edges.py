@@ -18,7 +18,8 @@ from otel_cancel._request import CancelRequest
 from otel_cancel._root import random_root
 from otel_cancel._settings import Settings
 from otel_cancel.exceptions import ConfigurationError
-from otel_cancel.store.etcd import EtcdCancelStore, _EtcdClient
+from otel_cancel.store._aetcd_patches import PatchedEtcdClient
+from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.testing import EtcdServer
 
 pytestmark = pytest.mark.anyio
@@ -74,7 +75,7 @@ def test_a_tls_file_that_holds_no_certificate_is_a_configuration_error_naming_it
 
 async def test_a_create_that_timed_out_after_committing_reports_that_it_created_the_flag(etcd, prefix):
     """The first attempt commits, then times out; the retry finds this call's own flag: created=True."""
-    real_transaction = _EtcdClient.transaction
+    real_transaction = PatchedEtcdClient.transaction
     calls = []
 
     async def commit_then_time_out(self, *args, **kwargs):
@@ -88,7 +89,7 @@ async def test_a_create_that_timed_out_after_committing_reports_that_it_created_
         # The same etcd twice: the retry goes to "the next endpoint".
         store = EtcdCancelStore([etcd.endpoint, etcd.endpoint], prefix=prefix)
         try:
-            with mock.patch.object(_EtcdClient, "transaction", commit_then_time_out):
+            with mock.patch.object(PatchedEtcdClient, "transaction", commit_then_time_out):
                 return await store.create_flag(CancelRequest.new(root, "once", "tests"), 60)
         finally:
             await store.close()

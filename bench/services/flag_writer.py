@@ -65,7 +65,6 @@ async def main(
                 "last_ns": last,
                 "lateness_p50_ms": lateness[len(lateness) // 2] if lateness else None,
                 "lateness_max_ms": lateness[-1] if lateness else None,
-                "store_calls": store.calls,
             }
         )
         + "\n"

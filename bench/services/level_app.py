@@ -150,21 +150,20 @@ async def hop(request: Request) -> JSONResponse:
 
 
 async def debug(request: Request) -> JSONResponse:
-    """etcd calls made by otel-cancel's store in this process; never configures otel-cancel."""
+    """otel-cancel's state in this process; never configures otel-cancel (etcd calls are counted at etcd)."""
     runtime_module = sys.modules.get("otel_cancel._runtime")
     runtime = getattr(runtime_module, "_runtime", None) if runtime_module else None
     if runtime is None:
-        return JSONResponse({"otel_cancel": False, "store_calls": None, "live_scopes": None})
-    store = runtime.watcher._store
+        return JSONResponse({"otel_cancel": False, "live_scopes": None})
     return JSONResponse(
         {
             "otel_cancel": True,
-            "store_calls": getattr(store, "calls", None),
             "live_scopes": runtime.registry.live_scopes(),
             "watcher_connected": runtime.watcher.connected,
             "flags_applied": runtime.watcher.flags_applied,
             "receipts_written": runtime.receipts_written,
             "watchdog_seconds": runtime.settings.watchdog_seconds,
+            "live_interval_ms": runtime.settings.live_interval_ms,
         }
     )
 

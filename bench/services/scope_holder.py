@@ -89,7 +89,6 @@ async def main() -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
             _say(f"RELEASED {parts[1]}")
         elif parts[0] == "stats":
-            store = runtime.watcher._store
             _say(
                 "STATS "
                 + json.dumps(
@@ -99,7 +98,6 @@ async def main() -> None:
                         "cancelled_roots": runtime.registry.cancelled_roots(),
                         "flags_applied": runtime.watcher.flags_applied,
                         "receipts_written": runtime.receipts_written,
-                        "store_calls": getattr(store, "calls", None),
                         "connected": runtime.watcher.connected,
                     }
                 )
