@@ -48,6 +48,21 @@ def find_etcd_binary() -> str:
     )
 
 
+def find_etcdctl_binary() -> str:
+    """Path of the ``etcdctl`` that goes with :func:`find_etcd_binary`.
+
+    Raises:
+        ConfigurationError: none is installed.
+    """
+    beside = Path(find_etcd_binary()).parent / "etcdctl"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("etcdctl")
+    if found:
+        return found
+    raise ConfigurationError("no etcdctl binary found next to etcd or on PATH (Debian: etcd-client)")
+
+
 # Ports handed out by this process: a port is only reserved once its server binds it,
 # so never hand the same one out twice.
 _handed_out: set[int] = set()

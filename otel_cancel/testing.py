@@ -21,14 +21,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import shutil
 import signal
 import ssl
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -37,10 +35,10 @@ from opentelemetry import metrics
 from . import _etcd_server
 from ._child_processes import ChildProcess, output_changed
 from ._etcd_server import find_etcd_binary as find_etcd_binary
+from ._etcd_server import find_etcdctl_binary as find_etcdctl_binary
 from ._etcd_server import free_port as free_port
 from ._io_loop import io_loop
 from ._runtime import Runtime, configure, reset
-from .exceptions import ConfigurationError
 from .store import CancelStore
 
 if TYPE_CHECKING:
@@ -117,21 +115,6 @@ class ManagedProcess(ChildProcess):
 
     def __enter__(self) -> ManagedProcess:
         return self
-
-
-def find_etcdctl_binary() -> str:
-    """Path of the ``etcdctl`` that goes with :func:`find_etcd_binary`.
-
-    Raises:
-        ConfigurationError: none is installed.
-    """
-    beside = Path(find_etcd_binary()).parent / "etcdctl"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("etcdctl")
-    if found:
-        return found
-    raise ConfigurationError("no etcdctl binary found next to etcd or on PATH (Debian: etcd-client)")
 
 
 @dataclasses.dataclass(frozen=True)
