@@ -10,7 +10,10 @@
    storm. CPU is each process's user + system time from ``/proc/<pid>/stat`` over
    the storm, divided by the flags (the holder counts its stops instead of printing
    a line per stop, so the harness's output is not counted). etcd's own RPC counters over the storm show
-   what the receipts cost in etcd calls. Several rounds; medians.
+   what the receipts cost in etcd calls. Several rounds; medians. The holder and
+   the bystander run an OpenTelemetry SDK meter provider (an in-memory reader): the
+   harness reads their flags applied and receipts written from otel-cancel's own
+   metrics, so each flag costs them what it costs a service that records metrics.
 2. Flag -> work stopped against flag -> watch event delivered, one flag at a time:
    for the same flags, the holder's stop time and the bare watcher's delivery time,
    both minus the flag's ``requested_at`` (one clock), at 3 watching processes

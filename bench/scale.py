@@ -171,6 +171,7 @@ class Holder:
         self.process.wait_for_line(f"RELEASED {seed}", timeout=300)
 
     def stats(self) -> dict[str, Any]:
+        """The worker's ``stats``; its flags applied and receipts written come from its otel-cancel metrics."""
         self.process.send("stats")
         return json.loads(self.process.wait_for_line("STATS ", timeout=60)[6:])
 

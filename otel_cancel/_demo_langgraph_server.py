@@ -20,10 +20,10 @@ import time
 import uuid
 from typing import Any
 
+from ._etcd_server import EtcdServer
 from ._langgraph_server_chain import ROLES, ServerChain
 from ._table import format_table
-from .demo import run_cli
-from .testing import EtcdServer, unique_prefix
+from .demo import demo_prefix, run_cli
 
 TOKENS = 400
 INTERVAL = 0.05
@@ -126,7 +126,7 @@ def run_langgraph_server_demo(as_json: bool = False) -> int:
         if not endpoint:
             server = EtcdServer().start()
             endpoint = server.endpoint
-        env = {"OTEL_CANCEL_ETCD_ENDPOINTS": endpoint, "OTEL_CANCEL_PREFIX": unique_prefix().replace("test", "demo")}
+        env = {"OTEL_CANCEL_ETCD_ENDPOINTS": endpoint, "OTEL_CANCEL_PREFIX": demo_prefix()}
         if not as_json:
             print(
                 f"etcd {endpoint} ({'embedded' if server else 'from OTEL_CANCEL_ETCD_ENDPOINTS'}); starting "

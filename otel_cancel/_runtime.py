@@ -52,7 +52,6 @@ class Runtime:
         )
         self._publisher_future: concurrent.futures.Future[None] | None = None
         self._publisher_lock = threading.Lock()
-        self.receipts_written = 0
         self._receipt_written: dict[str, threading.Event] = {}
         self._receipt_lock = threading.Lock()
         self._pending_receipts: list[Receipt] = []
@@ -210,7 +209,6 @@ class Runtime:
                 _log.warning("otel-cancel: could not write the receipt for %s: %s", roots, error)
                 return
         for receipt in receipts:
-            self.receipts_written += 1
             telemetry.receipt_written()
             self._receipt_event(receipt.root).set()
 

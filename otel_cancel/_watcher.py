@@ -112,7 +112,6 @@ class CancelWatcher:
         """The last store revision this watcher has seen."""
         self.reconnects = 0
         self.listings = 0
-        self.flags_applied = 0
         self.on_bulk_selected: Callable[[list[CancelRequest]], object] | None = None
         """Called with the roots a bulk cancel stopped here, so their ordinary flags get written."""
         self._listed_future: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -195,7 +194,7 @@ class CancelWatcher:
         is_new, holders = self._registry.apply(request)
         if not is_new:
             return
-        self.flags_applied += 1
+        telemetry.flag_applied()
         self.deliver(holders)
 
     def deliver(self, holders: list[Holder]) -> None:
@@ -210,7 +209,7 @@ class CancelWatcher:
         """Keep ``bulk`` in force here and stop every live root it selects; return their requests."""
         selected = self._registry.apply_bulk(bulk)
         for _, holders in selected:
-            self.flags_applied += 1
+            telemetry.flag_applied()
             self.deliver(holders)
         requests = [request for request, _ in selected]
         if requests and self.on_bulk_selected is not None:

@@ -83,6 +83,7 @@ METRIC_BAGGAGE_REJECTED = "otel_cancel.baggage.rejected"
 METRIC_REQUESTS = "otel_cancel.requests"
 METRIC_LIVE_ROOTS = "otel_cancel.live.roots"
 METRIC_BULK_CANCELS = "otel_cancel.bulk_cancels"
+METRIC_FLAGS_APPLIED = "otel_cancel.flags.applied"
 
 METRIC_NAMES = (
     METRIC_CANCELLATIONS,
@@ -96,5 +97,6 @@ METRIC_NAMES = (
     METRIC_REQUESTS,
     METRIC_LIVE_ROOTS,
     METRIC_BULK_CANCELS,
+    METRIC_FLAGS_APPLIED,
 )
 """Every metric otel-cancel emits; dashboards may query only these."""

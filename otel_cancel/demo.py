@@ -26,14 +26,15 @@ import os
 import random
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from ._child_processes import ChildProcess
 from ._etcd_server import EtcdServer, free_port
 from ._table import format_table
-from .testing import ManagedProcess, unique_prefix
 
 REST_APP = "examples.chain.app:app"
 A2A_APP = "examples.a2a_chain.app:app"
@@ -80,7 +81,7 @@ class ExampleChain:
         self.model_interval = model_interval
         self.app = app
         self.urls: dict[str, list[str]] = {}
-        self.processes: list[ManagedProcess] = []
+        self.processes: list[ChildProcess] = []
 
     def start(self, timeout: float = 90) -> ExampleChain:
         ports = {service: [free_port() for _ in range(self.replicas[service])] for service, _ in ROLES}
@@ -118,7 +119,7 @@ class ExampleChain:
                     "OTEL_METRICS_EXPORTER": self.env.get("OTEL_METRICS_EXPORTER", "none"),
                     "OTEL_LOGS_EXPORTER": "none",
                 }
-                self.processes.append(ManagedProcess(command, env=env, name=f"{service}-{replica}"))
+                self.processes.append(ChildProcess(command, env=env, name=f"{service}-{replica}"))
         for process in self.processes:
             process.wait_for_line(lambda line: "Uvicorn running on" in line, timeout=timeout)
         return self
@@ -126,6 +127,11 @@ class ExampleChain:
     def stop(self) -> None:
         for process in self.processes:
             process.stop()
+
+
+def demo_prefix() -> str:
+    """A fresh key prefix for one run of the demo, so it never meets the flags of another."""
+    return f"/otel-cancel-demo-{uuid.uuid4().hex[:12]}/"
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -257,7 +263,7 @@ def run_demo(as_json: bool = False, a2a: bool = False) -> int:
         if not endpoint:
             server = EtcdServer().start()
             endpoint = server.endpoint
-        env = {"OTEL_CANCEL_ETCD_ENDPOINTS": endpoint, "OTEL_CANCEL_PREFIX": unique_prefix().replace("test", "demo")}
+        env = {"OTEL_CANCEL_ETCD_ENDPOINTS": endpoint, "OTEL_CANCEL_PREFIX": demo_prefix()}
         _WHERE.update(etcd=endpoint, prefix=env["OTEL_CANCEL_PREFIX"])
         if not as_json:
             print(

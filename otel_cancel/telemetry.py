@@ -50,6 +50,12 @@ _reconnects = _meter.create_counter(
 _receipts = _meter.create_counter(
     attributes.METRIC_RECEIPTS, unit="{receipt}", description="Receipts this process wrote."
 )
+_flags_applied = _meter.create_counter(
+    attributes.METRIC_FLAGS_APPLIED,
+    unit="{flag}",
+    description="Cancel flags this process applied: roots its watcher marked cancelled here, each once "
+    "(a bulk cancel counts every root it selected).",
+)
 _requests = _meter.create_counter(
     attributes.METRIC_REQUESTS, unit="{request}", description="Cancel flags requested from this process."
 )
@@ -126,6 +132,7 @@ def initialise_counters() -> None:
     """
     _reconnects.add(0)
     _receipts.add(0)
+    _flags_applied.add(0)
     _scopes_active.add(0)
 
 
@@ -180,6 +187,15 @@ def watch_reconnected() -> None:
 
 def receipt_written() -> None:
     _receipts.add(1)
+
+
+def flag_applied() -> None:
+    """Count a root this process's watcher newly marked cancelled (from its flag or a bulk cancel).
+
+    Every replica applies every flag, whether or not it holds work for the root: a
+    replica whose count falls behind the flags written has missed some.
+    """
+    _flags_applied.add(1)
 
 
 def baggage_rejected(why: str) -> None:

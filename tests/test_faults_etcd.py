@@ -22,6 +22,7 @@ import otel_cancel
 from otel_cancel._io_loop import io_loop
 from otel_cancel._request import CancelRequest
 from otel_cancel._root import random_root
+from otel_cancel.attributes import METRIC_FLAGS_APPLIED
 from otel_cancel.exceptions import StoreUnavailableError
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.testing import EtcdCluster, configured
@@ -127,7 +128,9 @@ async def test_a_killed_etcd_leaves_the_service_serving_with_one_warning_and_lat
     assert len(warnings) == 1 and warnings[0].startswith(OUTAGE_WARNING), warnings
 
 
-async def test_a_frozen_etcd_is_noticed_in_bounded_time_and_flags_written_at_the_thaw_apply(private_etcd, prefix):
+async def test_a_frozen_etcd_is_noticed_in_bounded_time_and_flags_written_at_the_thaw_apply(
+    private_etcd, prefix, cancel_metrics
+):
     """SIGSTOP etcd: the watchdog drops the watch within its bound; flags written right after SIGCONT all apply."""
     with configured(
         endpoints=(private_etcd.endpoint,),
@@ -139,6 +142,7 @@ async def test_a_frozen_etcd_is_noticed_in_bounded_time_and_flags_written_at_the
         tasks = [await hold_scope(root) for root in roots]
         assert await asyncio.to_thread(runtime.watcher.wait_connected, True, EVENT_TIMEOUT)
         reconnects = runtime.watcher.reconnects
+        applied = cancel_metrics.total(METRIC_FLAGS_APPLIED)
 
         private_etcd.freeze()
         frozen_at = time.monotonic()
@@ -151,7 +155,7 @@ async def test_a_frozen_etcd_is_noticed_in_bounded_time_and_flags_written_at_the
         await _write_flags([private_etcd.endpoint], prefix, roots, time.monotonic() + EVENT_TIMEOUT)
         await _assert_all_cancelled(tasks)
         assert runtime.watcher.reconnects > reconnects
-        assert runtime.watcher.flags_applied == len(roots)
+        assert cancel_metrics.total(METRIC_FLAGS_APPLIED) - applied == len(roots)
     print(f"frozen etcd noticed after {noticed_after:.2f}s (bound {DETECTION_BOUND_SECONDS}s)")
     assert noticed_after <= DETECTION_BOUND_SECONDS, f"noticed after {noticed_after:.2f}s"
 
@@ -185,7 +189,9 @@ async def test_a_call_whose_connection_another_call_closes_fails_as_unavailable_
     await io_loop().call(scenario())
 
 
-async def test_flags_written_through_another_member_while_the_watched_member_is_frozen_apply_after_the_thaw(prefix):
+async def test_flags_written_through_another_member_while_the_watched_member_is_frozen_apply_after_the_thaw(
+    prefix, cancel_metrics
+):
     """A watcher on one frozen member of three misses nothing written through the others, nor at the thaw."""
     with (
         EtcdCluster(extra_args=FAST_ELECTIONS) as cluster,
@@ -199,6 +205,7 @@ async def test_flags_written_through_another_member_while_the_watched_member_is_
         during, at_thaw = [random_root() for _ in range(10)], [random_root() for _ in range(10)]
         tasks = [await hold_scope(root) for root in during + at_thaw]
         assert await asyncio.to_thread(runtime.watcher.wait_connected, True, EVENT_TIMEOUT)
+        applied = cancel_metrics.total(METRIC_FLAGS_APPLIED)
 
         watched = cluster.members[0]
         watched.freeze()
@@ -211,7 +218,7 @@ async def test_flags_written_through_another_member_while_the_watched_member_is_
             watched.thaw()
         await _write_flags([watched.endpoint], prefix, at_thaw, time.monotonic() + EVENT_TIMEOUT)
         await _assert_all_cancelled(tasks)
-        assert runtime.watcher.flags_applied == len(during + at_thaw)
+        assert cancel_metrics.total(METRIC_FLAGS_APPLIED) - applied == len(during + at_thaw)
 
 
 async def test_with_the_watched_member_of_three_killed_the_watchers_fail_over_and_cancels_land(prefix, chain):
