@@ -140,6 +140,9 @@ class CancelRegistry:
         self._lock = threading.Lock()
         self.service = service
         self.changes = 0
+        self.applied = 0
+        """Roots newly marked cancelled here (by a flag or a bulk cancel), each once: the
+        running count behind the ``otel_cancel.flags.applied`` metric."""
         """Bumped on every scope entry and exit: the publisher rewrites live work when it moved."""
         self._bulk: OrderedDict[str, BulkCancel] = OrderedDict()
         self.on_bulk_refusal: Callable[[CancelRequest, list[Holder]], None] | None = None
@@ -383,6 +386,7 @@ class CancelRegistry:
         return True, holders
 
     def _apply_locked(self, request: CancelRequest) -> tuple[list[Holder], tuple[StopReport, _EarlyStop] | None]:
+        self.applied += 1
         state = self._cancelled[request.root] = _CancelState(request, time.time_ns())
         holders = list(self._live.get(request.root, {}).values())
         for holder in holders:

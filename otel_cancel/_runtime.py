@@ -65,6 +65,7 @@ class Runtime:
         """Protocol tasks (A2A) executing here, by task id: kept by the integration that runs them."""
         telemetry.observe_watch_connected(lambda: self.watcher.connected)
         telemetry.observe_live_roots(self.registry.live_roots)
+        telemetry.observe_flags_applied(lambda: self.registry.applied)
 
     def _create_store(self) -> CancelStore:
         return self._given_store if self._given_store is not None else self.settings.create_store()

@@ -194,7 +194,6 @@ class CancelWatcher:
         is_new, holders = self._registry.apply(request)
         if not is_new:
             return
-        telemetry.flag_applied()
         self.deliver(holders)
 
     def deliver(self, holders: list[Holder]) -> None:
@@ -209,7 +208,6 @@ class CancelWatcher:
         """Keep ``bulk`` in force here and stop every live root it selects; return their requests."""
         selected = self._registry.apply_bulk(bulk)
         for _, holders in selected:
-            telemetry.flag_applied()
             self.deliver(holders)
         requests = [request for request, _ in selected]
         if requests and self.on_bulk_selected is not None:

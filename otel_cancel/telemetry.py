@@ -50,12 +50,6 @@ _reconnects = _meter.create_counter(
 _receipts = _meter.create_counter(
     attributes.METRIC_RECEIPTS, unit="{receipt}", description="Receipts this process wrote."
 )
-_flags_applied = _meter.create_counter(
-    attributes.METRIC_FLAGS_APPLIED,
-    unit="{flag}",
-    description="Cancel flags this process applied: roots its watcher marked cancelled here, each once "
-    "(a bulk cancel counts every root it selected).",
-)
 _requests = _meter.create_counter(
     attributes.METRIC_REQUESTS, unit="{request}", description="Cancel flags requested from this process."
 )
@@ -81,6 +75,7 @@ _counted_lock = threading.Lock()
 
 _connected_sources: list[Callable[[], bool]] = []
 _live_sources: list[Callable[[], int]] = []
+_flags_applied_sources: list[Callable[[], int]] = []
 _reason_labels: set[str] = set()
 _reason_lock = threading.Lock()
 
@@ -132,7 +127,6 @@ def initialise_counters() -> None:
     """
     _reconnects.add(0)
     _receipts.add(0)
-    _flags_applied.add(0)
     _scopes_active.add(0)
 
 
@@ -189,13 +183,29 @@ def receipt_written() -> None:
     _receipts.add(1)
 
 
-def flag_applied() -> None:
-    """Count a root this process's watcher newly marked cancelled (from its flag or a bulk cancel).
+def _observe_flags_applied(options: CallbackOptions) -> Iterable[Observation]:
+    for source in list(_flags_applied_sources):
+        yield Observation(source())
+
+
+# Observed, not added to: every replica applies every flag, and an SDK counter's add costs
+# microseconds per flag where reading a count at collection costs nothing per flag.
+_meter.create_observable_counter(
+    attributes.METRIC_FLAGS_APPLIED,
+    callbacks=[_observe_flags_applied],
+    unit="{flag}",
+    description="Cancel flags this process applied: roots its watcher marked cancelled here, each once "
+    "(a bulk cancel counts every root it selected).",
+)
+
+
+def observe_flags_applied(source: Callable[[], int]) -> None:
+    """Report ``source()`` (a running count) as ``otel_cancel.flags.applied`` (one source per process).
 
     Every replica applies every flag, whether or not it holds work for the root: a
     replica whose count falls behind the flags written has missed some.
     """
-    _flags_applied.add(1)
+    _flags_applied_sources[:] = [source]
 
 
 def baggage_rejected(why: str) -> None:

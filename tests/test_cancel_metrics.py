@@ -50,10 +50,10 @@ def test_a_process_with_a_meter_provider_of_its_own_is_told_to_pass_its_reader()
         "    CancelMetrics()\n"
         "except RuntimeError as error:\n"
         "    print('REFUSED', error)\n"
-        "telemetry.flag_applied()\n"
+        "telemetry.observe_flags_applied(lambda: 3)\n"
         "print('APPLIED', CancelMetrics(reader).total('otel_cancel.flags.applied'))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert "REFUSED this process already has an OpenTelemetry meter provider" in result.stdout
     assert "CancelMetrics(reader)" in result.stdout
-    assert "APPLIED 1.0" in result.stdout
+    assert "APPLIED 3" in result.stdout
