@@ -6,17 +6,21 @@ The helper runs with tenacity's sleep injected, so the waits are observed and ne
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 
 import pytest
+import tenacity
 
 from otel_cancel import _retry
 from otel_cancel._request import Receipt
-from otel_cancel._retry import RECEIPT_WRITE, Backoff, retry_async, retry_sync
+from otel_cancel._retry import RECEIPT_WRITE, WATCH_RECONNECT, Backoff, retry_async, retry_sync
 from otel_cancel._root import random_root
 from otel_cancel.exceptions import StorePermissionError, StoreUnavailableError
+from otel_cancel.store import FlagEvent
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
 
@@ -272,3 +276,59 @@ async def test_receipts_of_two_replicas_retry_apart_after_the_same_outage(monkey
     for n, (wait_a, wait_b) in enumerate(zip(a, b, strict=True), start=1):
         assert 0 <= wait_a <= _window(RECEIPT_WRITE, n) and 0 <= wait_b <= _window(RECEIPT_WRITE, n)
     assert a != b
+
+
+class _StoreThatRestarts(MemoryCancelStore):
+    """A memory store whose watch drops and whose pings fail on cue, as etcd's do while it restarts."""
+
+    def __init__(self, drops: int, failed_pings: list[int]) -> None:
+        super().__init__()
+        self.drops_left = drops
+        self.failed_pings = failed_pings  # failures before each ping that answers, in order
+        self.watching = threading.Event()
+
+    async def ping(self) -> None:
+        if self.failed_pings and self.failed_pings[0] > 0:
+            self.failed_pings[0] -= 1
+            raise StoreUnavailableError("etcd is restarting")
+        if self.failed_pings:
+            self.failed_pings.pop(0)
+
+    async def watch_flags(self, start_revision: int) -> AsyncIterator[FlagEvent]:
+        if self.drops_left:
+            self.drops_left -= 1
+            raise StoreUnavailableError("the watch broke")
+        self.watching.set()
+        async for event in super().watch_flags(start_revision):
+            yield event
+
+
+class _TopOfTheWindow:
+    """Pins tenacity's jitter at the top of each window, so the schedule itself shows."""
+
+    @staticmethod
+    def uniform(low: float, high: float) -> float:
+        return high
+
+
+def test_the_watcher_backs_off_through_an_outage_and_starts_afresh_after_each_reconnect(monkeypatch, caplog):
+    """Reconnect waits double through an outage, reset after a good connection; one warning per outage, each retry counted."""
+    waits = _Waits()
+    monkeypatch.setattr(_retry, "_async_sleep", waits.sleep)
+    monkeypatch.setattr(tenacity.wait, "random", _TopOfTheWindow)
+    # Outage 1: the watch drops, then three pings fail. Outage 2: the watch drops, the next ping answers.
+    store = _StoreThatRestarts(drops=2, failed_pings=[3, 0])
+    with (
+        caplog.at_level(logging.INFO, logger="otel_cancel.watcher"),
+        configured(store=store, service="unit", watchdog_seconds=3600) as runtime,
+    ):
+        runtime.watcher.start()
+        assert store.watching.wait(10) and runtime.watcher.wait_connected(True, 10)
+        reconnects = runtime.watcher.reconnects
+    first = WATCH_RECONNECT.first_window
+    assert waits == [first, 2 * first, 4 * first, 8 * first, first]
+    assert reconnects == 5
+    lines = [(r.levelname, r.getMessage().split(" (")[0]) for r in caplog.records if r.name == "otel_cancel.watcher"]
+    unavailable = ("WARNING", "otel-cancel: cancel store unavailable")
+    reconnected = [line for line in lines if line[1].startswith("otel-cancel: reconnected")]
+    assert lines.count(unavailable) == 2 and len(reconnected) == 2 and len(lines) == 4
