@@ -120,7 +120,7 @@ print("retried")
 
 @pytest.mark.parametrize("which", ["oldest", "newest"])
 def test_retries_run_on_the_tenacity_release_of_each_set(which, wheel):
-    """The retry policy (jittered waits, give-up, the caller's own error raised) works on the oldest and newest tenacity."""
+    """Retrying (jittered waits, give-up, the last error raised) works on the oldest and the newest tenacity."""
     python = _venv(which, wheel)
     result = subprocess.run([str(python), "-c", _RETRY_PROBE], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "retried", result.stderr[-2000:]

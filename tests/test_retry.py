@@ -312,7 +312,7 @@ class _TopOfTheWindow:
 
 
 def test_the_watcher_backs_off_through_an_outage_and_starts_afresh_after_each_reconnect(monkeypatch, caplog):
-    """Reconnect waits double through an outage, reset after a good connection; one warning per outage, each retry counted."""
+    """Reconnect waits double through an outage and reset on reconnect; one warning per outage; every retry counted."""
     waits = _Waits()
     monkeypatch.setattr(_retry, "_async_sleep", waits.sleep)
     monkeypatch.setattr(tenacity.wait, "random", _TopOfTheWindow)
