@@ -137,13 +137,27 @@ def retry_sync(
     The blocking twin of :func:`retry_async` (same arguments, no ``failed_with``); ``sleep``
     defaults to :func:`time.sleep`.
     """
+    started = time.monotonic()
+    try:
+        return operation()
+    except Exception as error:
+        if not _is_retried(retry_on, error):
+            raise
+        failed_with = error
     import tenacity
+
+    pending = [failed_with]
+
+    def attempt() -> T:
+        if pending:
+            raise pending.pop()  # the first attempt, made above
+        return operation()
 
     retrying = tenacity.Retrying(
         sleep=sleep or time.sleep,
-        **_policy(backoff, retry_on, time.monotonic(), give_up_after, max_attempts, on_retry),
+        **_policy(backoff, retry_on, started, give_up_after, max_attempts, on_retry),
     )
-    return retrying(operation)
+    return retrying(attempt)
 
 
 def _is_retried(retry_on: RetryOn, error: BaseException) -> bool:

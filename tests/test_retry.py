@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import tenacity
 
-from otel_cancel import _retry
+from otel_cancel import _etcd_server, _retry
+from otel_cancel._etcd_server import EtcdServer
 from otel_cancel._request import Receipt
 from otel_cancel._retry import RECEIPT_WRITE, WATCH_RECONNECT, Backoff, retry_async, retry_sync
 from otel_cancel._root import random_root
@@ -235,9 +237,10 @@ def test_a_first_attempt_that_succeeds_loads_no_retry_machinery():
     """Success at the first call never imports tenacity: a command that meets no failure does not pay for it."""
     probe = (
         "import asyncio, sys\n"
-        "from otel_cancel._retry import RECEIPT_WRITE, retry_async\n"
+        "from otel_cancel._retry import RECEIPT_WRITE, retry_async, retry_sync\n"
         "async def ok(): return 1\n"
         "assert asyncio.run(retry_async(ok, RECEIPT_WRITE, retry_on=OSError)) == 1\n"
+        "assert retry_sync(lambda: 2, RECEIPT_WRITE, retry_on=OSError) == 2\n"
         "print('tenacity' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
@@ -332,3 +335,45 @@ def test_the_watcher_backs_off_through_an_outage_and_starts_afresh_after_each_re
     unavailable = ("WARNING", "otel-cancel: cancel store unavailable")
     reconnected = [line for line in lines if line[1].startswith("otel-cancel: reconnected")]
     assert lines.count(unavailable) == 2 and len(reconnected) == 2 and len(lines) == 4
+
+
+def _count_starts(monkeypatch) -> list[int]:
+    """Counts the etcd processes an EtcdServer launches (one command line per start)."""
+    starts: list[int] = []
+    command = EtcdServer.command
+
+    def counted(server: EtcdServer) -> list[str]:
+        starts.append(server.client_port)
+        return command(server)
+
+    monkeypatch.setattr(EtcdServer, "command", counted)
+    return starts
+
+
+def test_an_embedded_etcd_whose_ports_stay_taken_gives_up_after_three_starts(monkeypatch):
+    """Every port offered is taken: three starts on 'new' ports, then etcd's own error, not tenacity's."""
+    starts = _count_starts(monkeypatch)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        monkeypatch.setattr(_etcd_server, "free_port", lambda host="127.0.0.1": taken)
+        server = EtcdServer()
+        try:
+            with pytest.raises(RuntimeError, match="etcd exited"):
+                server.start()
+        finally:
+            server.stop()
+    assert starts == [taken, taken, taken]
+
+
+def test_an_embedded_etcd_that_fails_for_another_reason_is_not_started_again(monkeypatch):
+    """Only a lost port is retried: an etcd that rejects its arguments fails on the first start."""
+    starts = _count_starts(monkeypatch)
+    server = EtcdServer(extra_args=["--no-such-option"])
+    try:
+        with pytest.raises(RuntimeError, match="etcd exited"):
+            server.start()
+    finally:
+        server.stop()
+    assert len(starts) == 1
