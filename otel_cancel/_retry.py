@@ -10,6 +10,7 @@ use them, with the backoffs defined here.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,12 +43,21 @@ class Backoff:
     first_window: float
     max_window: float
 
-    def wait(self) -> tenacity.wait.wait_base:
+    def wait(self) -> Callable[[tenacity.RetryCallState], float]:
         """This backoff as a tenacity wait strategy."""
         import tenacity
 
-        return tenacity.wait_random_exponential(multiplier=self.first_window, max=self.max_window)
+        window = tenacity.wait_exponential(multiplier=self.first_window, max=self.max_window)
 
+        def full_jitter(state: tenacity.RetryCallState) -> float:
+            return _jitter.uniform(0, window(state))
+
+        return full_jitter
+
+
+_jitter = random.Random()
+"""The jitter's own generator (tenacity's jittered waits draw from the global one): retries neither
+consume nor disturb the numbers an application, or a test framework, drew from a seeded ``random``."""
 
 WATCH_RECONNECT = Backoff(first_window=0.05, max_window=2.0)
 """The watcher's reconnects: quick after a blip, at most 2 s apart through a long outage."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import subprocess
 import sys
@@ -14,7 +15,6 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-import tenacity
 
 from otel_cancel import _etcd_server, _retry
 from otel_cancel._etcd_server import EtcdServer
@@ -89,6 +89,14 @@ async def test_the_window_stops_growing_at_the_cap():
     assert len(capped) == 197
     assert all(0 <= wait <= 0.05 for wait in capped)
     assert max(capped) > 0.04
+
+
+async def test_jitter_leaves_the_global_random_generator_alone():
+    """Retrying draws from its own generator: a seeded global `random` (an app's, Hypothesis's) sees no draw."""
+    state = random.getstate()
+    waits = _Waits()
+    await retry_async(_async(_failing(5)), RECEIPT_WRITE, retry_on=StoreUnavailableError, sleep=waits.sleep)
+    assert len(waits) == 5 and random.getstate() == state
 
 
 async def test_an_error_not_retried_is_raised_at_once_without_a_wait():
@@ -307,7 +315,7 @@ class _StoreThatRestarts(MemoryCancelStore):
 
 
 class _TopOfTheWindow:
-    """Pins tenacity's jitter at the top of each window, so the schedule itself shows."""
+    """Pins the jitter at the top of each window, so the schedule itself shows."""
 
     @staticmethod
     def uniform(low: float, high: float) -> float:
@@ -318,7 +326,7 @@ def test_the_watcher_backs_off_through_an_outage_and_starts_afresh_after_each_re
     """Reconnect waits double through an outage and reset on reconnect; one warning per outage; every retry counted."""
     waits = _Waits()
     monkeypatch.setattr(_retry, "_async_sleep", waits.sleep)
-    monkeypatch.setattr(tenacity.wait, "random", _TopOfTheWindow)
+    monkeypatch.setattr(_retry, "_jitter", _TopOfTheWindow())
     # Outage 1: the watch drops, then three pings fail. Outage 2: the watch drops, the next ping answers.
     store = _StoreThatRestarts(drops=2, failed_pings=[3, 0])
     with (
