@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from ._retry import EMBEDDED_ETCD_START, retry_sync
 from .exceptions import ConfigurationError
 
 
@@ -198,25 +199,32 @@ class EtcdServer:
         """
         if self.process is not None and self.process.poll() is None:
             return self
-        for attempt in range(3):
+        log_start = 0
+
+        def start_once() -> EtcdServer:
+            nonlocal log_start
             log_start = self.log_size()
             log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
             log.close()
-            if not wait:
-                return self
-            try:
+            if wait:
                 self.wait_healthy(timeout)
-                return self
-            except RuntimeError:
-                if attempt == 2 or not self._ports_chosen_here or not self._lost_a_port(log_start):
-                    raise
-                self.client_port, self.peer_port = free_port(), free_port()
-                if self._own_dir:  # nothing was served yet: start clean, with the new URLs
-                    shutil.rmtree(os.path.join(self.data_dir, "data"), ignore_errors=True)
-        return self
+            return self
+
+        def lost_a_port(error: Exception) -> bool:
+            return isinstance(error, RuntimeError) and self._ports_chosen_here and self._lost_a_port(log_start)
+
+        def take_new_ports(error: Exception, delay: float) -> None:
+            self.client_port, self.peer_port = free_port(), free_port()
+            if self._own_dir:  # nothing was served yet: start clean, with the new URLs
+                shutil.rmtree(os.path.join(self.data_dir, "data"), ignore_errors=True)
+
+        # Jittered waits: two servers that collided on a port take their new ones apart.
+        return retry_sync(
+            start_once, EMBEDDED_ETCD_START, retry_on=lost_a_port, max_attempts=3, on_retry=take_new_ports
+        )
 
     def _lost_a_port(self, since: int) -> bool:
         with open(self.log_path, "rb") as log:

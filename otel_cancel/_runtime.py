@@ -10,7 +10,6 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ from ._live import LivePublisher
 from ._logging import RateLimitedLogger
 from ._registry import CancelRegistry, Holder, StopReport
 from ._request import CancelRequest, Receipt
+from ._retry import RECEIPT_WRITE, retry_async
 from ._settings import Settings
 from ._watcher import CancelWatcher
 from .exceptions import StoreError, StorePermissionError, StoreUnavailableError
@@ -191,24 +191,23 @@ class Runtime:
 
     async def _write_receipts(self, receipts: list[Receipt]) -> None:
         store = await self.watcher.store()
-        # Retry through an outage (capped backoff) until the flag itself would have expired;
-        # a refusal (permissions) will not change, so give up on it at once.
-        give_up_at = time.monotonic() + self.settings.ttl_seconds
-        backoff = 0.1
         roots = ", ".join(r.root for r in receipts[:3]) + (" ..." if len(receipts) > 3 else "")
-        while True:
-            try:
-                await store.put_receipts(receipts, self.settings.ttl_seconds)
-                break
-            except StoreUnavailableError as error:
-                if time.monotonic() + backoff > give_up_at:
-                    _log.warning("otel-cancel: gave up writing the receipt for %s: %s", roots, error)
-                    return
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except StoreError as error:
-                _log.warning("otel-cancel: could not write the receipt for %s: %s", roots, error)
-                return
+        try:
+            # Retry through an outage until the flag itself would have expired, with jitter, so
+            # replicas that lost etcd together do not retry in lockstep; a refusal (permissions)
+            # will not change, so give up on it at once.
+            await retry_async(
+                lambda: store.put_receipts(receipts, self.settings.ttl_seconds),
+                RECEIPT_WRITE,
+                retry_on=StoreUnavailableError,
+                give_up_after=self.settings.ttl_seconds,
+            )
+        except StoreUnavailableError as error:
+            _log.warning("otel-cancel: gave up writing the receipt for %s: %s", roots, error)
+            return
+        except StoreError as error:
+            _log.warning("otel-cancel: could not write the receipt for %s: %s", roots, error)
+            return
         for receipt in receipts:
             telemetry.receipt_written()
             self._receipt_event(receipt.root).set()

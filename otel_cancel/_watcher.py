@@ -31,7 +31,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import random
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -42,6 +41,7 @@ from ._io_loop import io_loop
 from ._logging import RateLimitedLogger
 from ._registry import LISTED_REASON, CancelRegistry, Holder, deliver
 from ._request import CancelRequest
+from ._retry import WATCH_RECONNECT, retry_async
 from .exceptions import RevisionCompactedError, StoreError, StoreUnavailableError
 from .store import CancelStore, FlagEvent
 from .store._keys import bulk_id_of_flag_key, root_of_flag_key
@@ -50,8 +50,6 @@ _log = logging.getLogger("otel_cancel.watcher")
 
 T = TypeVar("T")
 
-BACKOFF_INITIAL_SECONDS = 0.05
-BACKOFF_MAX_SECONDS = 2.0
 _DETAIL_FETCHES_MAX = 256
 """Flag values fetched at once for refusals (each root once; more wait for the next refusal)."""
 
@@ -346,10 +344,12 @@ class CancelWatcher:
     # -- the loop ----------------------------------------------------------------------
 
     async def _main(self) -> None:
-        backoff = BACKOFF_INITIAL_SECONDS
         must_list = True
-        warned = False
-        while True:
+        outage_logged = False
+        dropped: StoreError | None = None  # what ended the last watch: the first failure of an outage
+
+        async def connect() -> CancelStore:
+            nonlocal must_list
             store = await self.store()
             try:
                 if must_list:
@@ -361,34 +361,55 @@ class CancelWatcher:
                 else:
                     # Prove etcd answers before calling the watcher connected again.
                     await store.ping()
+            except StoreError as error:
+                if not isinstance(error, RevisionCompactedError):
+                    await store.close()
+                raise
+            return store
+
+        def is_outage(error: Exception) -> bool:
+            if not isinstance(error, StoreError) or isinstance(error, RevisionCompactedError):
+                return False
+            # A command that could never list ends with the error (one line); a service serves on.
+            return not (self._fail_before_listing and not self.listed.is_set())
+
+        def on_retry(error: Exception, delay: float) -> None:
+            nonlocal outage_logged
+            self._set_connected(False)
+            if not outage_logged:
+                _log.warning(
+                    "otel-cancel: cancel store unavailable (%s); serving on, cancels will apply on reconnect",
+                    error,
+                )
+                outage_logged = True
+            self.reconnects += 1
+            telemetry.watch_reconnected()
+
+        while True:
+            failed_with, dropped = dropped, None
+            store: CancelStore | None = None
+            try:
+                # Through an outage the shared backoff (full jitter spreads the reconnects of
+                # many replicas after an etcd restart); each connection starts it afresh.
+                store = await retry_async(
+                    connect, WATCH_RECONNECT, retry_on=is_outage, on_retry=on_retry, failed_with=failed_with
+                )
                 self._set_connected(True)
-                if warned:
+                if outage_logged:
                     # Info, not a warning: an outage logs exactly one warning (when it starts).
                     _log.info("otel-cancel: reconnected to the cancel store at revision %d", self.last_revision)
-                    warned = False
-                backoff = BACKOFF_INITIAL_SECONDS
+                    outage_logged = False
                 await self._watch_until_error(store)
             except RevisionCompactedError:
                 _log.info("otel-cancel: revision %d was compacted; listing again", self.last_revision + 1)
                 must_list = True
                 self._set_connected(False)
-                continue
             except StoreError as error:
+                if store is None:
+                    raise  # not retried: the first listing failed in a command
                 self._set_connected(False)
-                if self._fail_before_listing and not self.listed.is_set():
-                    raise
-                if not warned:
-                    _log.warning(
-                        "otel-cancel: cancel store unavailable (%s); serving on, cancels will apply on reconnect",
-                        error,
-                    )
-                    warned = True
-                self.reconnects += 1
-                telemetry.watch_reconnected()
                 await store.close()
-                # Full jitter: spread the reconnects of many replicas after an etcd restart.
-                await asyncio.sleep(random.uniform(0, backoff))
-                backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
+                dropped = error
 
     async def _watch_until_error(self, store: CancelStore) -> None:
         watch_task = asyncio.ensure_future(self._consume_watch(store))
