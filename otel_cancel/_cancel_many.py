@@ -22,7 +22,7 @@ from ._bulk import BulkCancel
 from ._labels import validate_labels
 from ._request import CancelRequest, LiveRecord
 from ._root import validate_root
-from ._runtime import get_runtime
+from ._runtime import get_process_state
 from .exceptions import StoreError, StorePermissionError
 from .store import CancelStore
 
@@ -181,7 +181,7 @@ async def cancel_many(
     """
     roots = list(roots)
     listed, checked = check_selection(roots, service=service, labels=labels, everything=everything)
-    runtime = get_runtime()
+    runtime = get_process_state()
     runtime.start()
 
     async def on_io_loop() -> BulkCancelResult:

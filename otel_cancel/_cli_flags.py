@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from ._cli_render import iso, request_dict
-from ._registry import CancelRegistry, Holder
+from ._registry import CancelRegistry, Registration
 from ._request import CancelRequest
 from ._settings import Settings
 from ._table import format_table
@@ -87,7 +87,7 @@ async def list_command(store: CancelStore, settings: Settings, args: argparse.Na
 class _PrintOnlyRegistry(CancelRegistry):
     """A registry that enforces and remembers nothing: ``watch`` only prints what it sees."""
 
-    def apply(self, request: CancelRequest) -> tuple[bool, list[Holder]]:
+    def apply(self, request: CancelRequest) -> tuple[bool, list[Registration]]:
         return False, []
 
     def apply_listed(self, root: str) -> bool:

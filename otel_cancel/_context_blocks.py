@@ -16,7 +16,7 @@ from opentelemetry import context as otel_context
 from ._deadline import MAX_AHEAD_SECONDS, now_ms, with_deadline
 from ._labels import validate_labels, with_labels
 from ._root import current_root
-from ._runtime import get_runtime
+from ._runtime import get_process_state
 from ._scope import CancelScope
 
 
@@ -49,7 +49,7 @@ class labelled:  # used like a function: ``with otel_cancel.labelled(tenant="acm
         self._token = otel_context.attach(context)
         root = current_root(context)
         if root is not None:
-            get_runtime().registry.add_labels(root, self.labels)
+            get_process_state().registry.add_labels(root, self.labels)
         return self
 
     def __exit__(

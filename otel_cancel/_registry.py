@@ -31,7 +31,7 @@ _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclasses.dataclass(eq=False)
-class Holder:
+class Registration:
     """One task (or thread) working for one root, possibly through nested scopes.
 
     Each field has one writer: the registry, under its lock (``count``, ``names``,
@@ -48,25 +48,25 @@ class Holder:
     names: list[str]
     count: int = 0
     cancel_requested: CancelRequest | None = None
-    """Set (under the lock) when a flag for the root was applied while this holder was live."""
+    """Set (under the lock) when a flag for the root was applied while this registration was live."""
     delivered: bool = False
     """Set on the task's own loop when the tagged ``task.cancel()`` was really delivered."""
     consumed: bool = False
     """Set when a scope turned the delivered cancellation into ``Cancelled``."""
     interrupted: bool = False
-    """Set when a scope of this holder exited :attr:`~otel_cancel._outcome.Outcome.STOPPED`."""
+    """Set when a scope of this registration exited :attr:`~otel_cancel._outcome.Outcome.STOPPED`."""
     stopped_early: tuple[tuple[str, Callable[[CancelRequest], None] | None], ...] = ()
-    """This holder's scopes that exited stopped before any flag for the root arrived: their
+    """This registration's scopes that exited stopped before any flag for the root arrived: their
     names, and what each records once a flag claims the stop (its span). A tuple, so a
-    holder that never stops early (nearly all) allocates nothing for it."""
+    registration that never stops early (nearly all) allocates nothing for it."""
     deadline_ms: int | None = None
-    """The earliest deadline a scope of this holder has a timer for."""
+    """The earliest deadline a scope of this registration has a timer for."""
     entered_at: int = 0
-    """When this holder's first scope was entered, epoch nanoseconds."""
+    """When this registration's first scope was entered, epoch nanoseconds."""
     run_started_ms: int = 0
     """When the run began at its root (``otel_cancel.started``), epoch milliseconds."""
     labels: Mapping[str, str] = dataclasses.field(default_factory=lambda: _NO_LABELS)
-    """The run's labels as this holder knows them (replaced, never mutated)."""
+    """The run's labels as this registration knows them (replaced, never mutated)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,7 @@ class _CancelState:
     tasks: int = 0
     depth: int | None = None
     waiting: int = 0
-    """Holders that were live when the flag arrived and have not exited yet."""
+    """Registrations that were live when the flag arrived and have not exited yet."""
 
 
 @dataclasses.dataclass
@@ -145,10 +145,10 @@ class CancelRegistry:
         running count behind the ``otel_cancel.flags.applied`` metric."""
         """Bumped on every scope entry and exit: the publisher rewrites live work when it moved."""
         self._bulk: OrderedDict[str, BulkCancel] = OrderedDict()
-        self.on_bulk_refusal: Callable[[CancelRequest, list[Holder]], None] | None = None
+        self.on_bulk_refusal: Callable[[CancelRequest, list[Registration]], None] | None = None
         """Called (outside the lock) when a bulk cancel selects a run on a scope's entry: with the
-        root's cancel request and its other holders here, which the caller must stop."""
-        self._live: dict[str, dict[object, Holder]] = {}
+        root's cancel request and its other registrations here, which the caller must stop."""
+        self._live: dict[str, dict[object, Registration]] = {}
         self._cancelled: dict[str, _CancelState] = {}
         # The cascade can beat the watch: a caller cancelled by the flag drops its HTTP
         # call, and this process stops that work (a foreign cancellation) before its own
@@ -174,7 +174,7 @@ class CancelRegistry:
         task_mode: bool = True,
         run_started_ms: int | None = None,
         labels: Mapping[str, str] | None = None,
-    ) -> tuple[Holder, CancelRequest | None]:
+    ) -> tuple[Registration, CancelRequest | None]:
         """Register the current task (or, with ``task_mode=False``, thread) under ``root``.
 
         Args:
@@ -186,7 +186,7 @@ class CancelRegistry:
             labels: the run's labels.
 
         Returns:
-            The holder, and the cancel request when ``root`` is already cancelled
+            The registration, and the cancel request when ``root`` is already cancelled
             (the caller must then :meth:`exit` and refuse to run its body).
         """
         task: asyncio.Task[object] | None = None
@@ -199,31 +199,31 @@ class CancelRegistry:
         thread_id = threading.get_ident()
         key: object = task if task is not None else thread_id
         refused: CancelRequest | None = None
-        others: list[Holder] = []
+        others: list[Registration] = []
         early_claim: tuple[StopReport, _EarlyStop] | None = None
         with self._lock:
             self.changes += 1
-            holders = self._live.setdefault(root, {})
-            holder = holders.get(key)
-            if holder is None:
-                holder = holders[key] = Holder(root, depth, task, loop, thread_id, [])
-                holder.entered_at = time.time_ns()
-                holder.run_started_ms = run_started_ms or holder.entered_at // 1_000_000
-            if labels and labels is not holder.labels:
-                # Shared read-only mappings: a holder's labels are replaced, never mutated.
-                holder.labels = {**holder.labels, **labels} if holder.labels else labels
-            holder.count += 1
-            holder.names.append(name or "")
+            registrations = self._live.setdefault(root, {})
+            registration = registrations.get(key)
+            if registration is None:
+                registration = registrations[key] = Registration(root, depth, task, loop, thread_id, [])
+                registration.entered_at = time.time_ns()
+                registration.run_started_ms = run_started_ms or registration.entered_at // 1_000_000
+            if labels and labels is not registration.labels:
+                # Shared read-only mappings: a registration's labels are replaced, never mutated.
+                registration.labels = {**registration.labels, **labels} if registration.labels else labels
+            registration.count += 1
+            registration.names.append(name or "")
             state = self._cancelled.get(root)
             if state is None and self._bulk:
-                bulk = self._selecting_bulk(holder)
+                bulk = self._selecting_bulk(registration)
                 if bulk is not None:
                     # A hop of a run that a bulk cancel selected, arriving after it: the
                     # root is cancelled here now (any other work of it here stops too) and
                     # this scope is refused like a late hop.
                     refused = bulk.request_for(root)
-                    holders_now, early_claim = self._apply_locked(refused)
-                    others = [h for h in holders_now if h is not holder]
+                    registrations_now, early_claim = self._apply_locked(refused)
+                    others = [h for h in registrations_now if h is not registration]
                     state = self._cancelled[root]
             request = state.request if state is not None else None
             listed = request is None and root in self._listed
@@ -234,16 +234,16 @@ class CancelRegistry:
         if listed:
             # Known cancelled from a keys-only listing: refuse now, fetch the reason once.
             self._want_details(root)
-            return holder, CancelRequest(root, LISTED_REASON, 0, "")
-        return holder, request
+            return registration, CancelRequest(root, LISTED_REASON, 0, "")
+        return registration, request
 
     def _want_details(self, root: str) -> None:
         if self.on_details_wanted is not None:
             self.on_details_wanted(root)
 
-    def _selecting_bulk(self, holder: Holder) -> BulkCancel | None:
+    def _selecting_bulk(self, registration: Registration) -> BulkCancel | None:
         for bulk in self._bulk.values():
-            if bulk.selects(self.service, holder.labels, holder.run_started_ms):
+            if bulk.selects(self.service, registration.labels, registration.run_started_ms):
                 return bulk
         return None
 
@@ -255,65 +255,65 @@ class CancelRegistry:
             task = None
         key = task if task is not None else threading.get_ident()
         with self._lock:
-            holder = self._live.get(root, {}).get(key)
-            if holder is not None:
-                holder.labels = {**holder.labels, **labels}
+            registration = self._live.get(root, {}).get(key)
+            if registration is not None:
+                registration.labels = {**registration.labels, **labels}
                 self.changes += 1
 
     def exit(
         self,
-        holder: Holder,
+        registration: Registration,
         outcome: Outcome | Callable[[CancelRequest | None], Outcome] = Outcome.COMPLETED,
         early_record: Callable[[], Callable[[CancelRequest], None]] | None = None,
     ) -> tuple[Outcome, CancelRequest | None]:
-        """Unregister one scope of ``holder`` and book how it ended; report a cancelled root's stop.
+        """Unregister one scope of ``registration`` and book how it ended; report a cancelled root's stop.
 
         The registry does not decide how the scope ended: the scope does (see
         :class:`~otel_cancel._outcome.Outcome`). ``outcome`` may be a function of the root's
-        cancel request as applied to ``holder``; it is called under the lock, so a flag
+        cancel request as applied to ``registration``; it is called under the lock, so a flag
         applied while the scope was leaving is seen by exactly one of the two.
 
         Args:
-            holder: the holder of the exiting scope.
+            registration: the registration of the exiting scope.
             outcome: how the scope ended, or the scope's function deciding it.
             early_record: with :attr:`Outcome.STOPPED_EARLY`, builds what to record (on the
                 watcher's thread) if the root's flag arrives while the stop is remembered.
 
         Returns:
-            The outcome, and the cancel request applied to ``holder`` (``None`` if none was).
+            The outcome, and the cancel request applied to ``registration`` (``None`` if none was).
         """
         report: StopReport | None = None
         with self._lock:
             self.changes += 1
-            request = holder.cancel_requested
+            request = registration.cancel_requested
             ended = outcome(request) if callable(outcome) else outcome
-            name = holder.names.pop() if holder.names else ""
-            holder.count -= 1
+            name = registration.names.pop() if registration.names else ""
+            registration.count -= 1
             if ended is Outcome.STOPPED:
-                holder.interrupted = True
-            state = self._cancelled.get(holder.root)
-            if state is not None and request is not None and holder.interrupted and name:
+                registration.interrupted = True
+            state = self._cancelled.get(registration.root)
+            if state is not None and request is not None and registration.interrupted and name:
                 state.interrupted.append(name)
             early = state is None and ended is Outcome.STOPPED_EARLY
             if early:
-                # Kept per scope: nested scopes share the holder, and only the last
+                # Kept per scope: nested scopes share the registration, and only the last
                 # one out decides whether the stop is remembered.
-                holder.stopped_early += ((name, early_record() if early_record is not None else None),)
-            if holder.count > 0:
+                registration.stopped_early += ((name, early_record() if early_record is not None else None),)
+            if registration.count > 0:
                 return ended, request
-            holders = self._live.get(holder.root)
-            if holders is not None:
-                holders.pop(holder.task if holder.task is not None else holder.thread_id, None)
-                if not holders:
-                    del self._live[holder.root]
+            registrations = self._live.get(registration.root)
+            if registrations is not None:
+                registrations.pop(registration.task if registration.task is not None else registration.thread_id, None)
+                if not registrations:
+                    del self._live[registration.root]
             if early:
-                self._remember_early_stop(holder)
+                self._remember_early_stop(registration)
             if state is None or request is None:
                 return ended, request
             state.waiting -= 1
-            if holder.interrupted:
+            if registration.interrupted:
                 state.tasks += 1
-                state.depth = holder.depth if state.depth is None else min(state.depth, holder.depth)
+                state.depth = registration.depth if state.depth is None else min(state.depth, registration.depth)
             if state.waiting == 0 and state.tasks > 0:
                 report = StopReport(
                     request=state.request,
@@ -327,17 +327,17 @@ class CancelRegistry:
             self.on_stopped(report)
         return ended, request
 
-    def _remember_early_stop(self, holder: Holder) -> None:
-        early = self._early_stops.get(holder.root)
+    def _remember_early_stop(self, registration: Registration) -> None:
+        early = self._early_stops.get(registration.root)
         if early is None:
-            early = self._early_stops[holder.root] = _EarlyStop(0, 0.0, holder.depth, [], 0)
+            early = self._early_stops[registration.root] = _EarlyStop(0, 0.0, registration.depth, [], 0)
             if len(self._early_stops) > _EARLY_STOP_LIMIT:
                 self._early_stops.popitem(last=False)
         early.stopped_at = time.time_ns()
         early.stopped_monotonic = time.monotonic()
-        early.depth = min(early.depth, holder.depth)
-        early.names.extend(name for name, _ in reversed(holder.stopped_early) if name)
-        early.on_claimed.extend(record for _, record in holder.stopped_early if record is not None)
+        early.depth = min(early.depth, registration.depth)
+        early.names.extend(name for name, _ in reversed(registration.stopped_early) if name)
+        early.on_claimed.extend(record for _, record in registration.stopped_early if record is not None)
         early.tasks += 1
 
     def is_cancelled(self, root: str) -> CancelRequest | None:
@@ -366,8 +366,8 @@ class CancelRegistry:
             self._listed.add(root)
             return bool(self._live.get(root)) or root in self._early_stops
 
-    def apply(self, request: CancelRequest) -> tuple[bool, list[Holder]]:
-        """Mark ``request.root`` cancelled; return whether it is new here and the holders to stop.
+    def apply(self, request: CancelRequest) -> tuple[bool, list[Registration]]:
+        """Mark ``request.root`` cancelled; return whether it is new here and the registrations to stop.
 
         Applying the same root again is a no-op (``(False, [])``): a flag seen twice
         (listing and watch, or a re-list after compaction) stops work once.
@@ -381,19 +381,23 @@ class CancelRegistry:
                 # Only the reason was missing: scopes were refused from the listing on.
                 self._cancelled[request.root] = _CancelState(request, time.time_ns())
                 return False, []
-            holders, early_claim = self._apply_locked(request)
+            registrations, early_claim = self._apply_locked(request)
         self._claim_early_stop(request, early_claim)
-        return True, holders
+        return True, registrations
 
-    def _apply_locked(self, request: CancelRequest) -> tuple[list[Holder], tuple[StopReport, _EarlyStop] | None]:
+    def _apply_locked(self, request: CancelRequest) -> tuple[list[Registration], tuple[StopReport, _EarlyStop] | None]:
         self.applied += 1
         state = self._cancelled[request.root] = _CancelState(request, time.time_ns())
-        holders = list(self._live.get(request.root, {}).values())
-        for holder in holders:
-            holder.cancel_requested = request
-        state.waiting = len(holders)
+        registrations = list(self._live.get(request.root, {}).values())
+        for registration in registrations:
+            registration.cancel_requested = request
+        state.waiting = len(registrations)
         early = self._early_stops.pop(request.root, None)
-        if early is not None and not holders and time.monotonic() - early.stopped_monotonic < EARLY_STOP_MEMORY_SECONDS:
+        if (
+            early is not None
+            and not registrations
+            and time.monotonic() - early.stopped_monotonic < EARLY_STOP_MEMORY_SECONDS
+        ):
             report = StopReport(
                 request=request,
                 seen_at=state.seen_at,
@@ -402,8 +406,8 @@ class CancelRegistry:
                 interrupted=tuple(dict.fromkeys(early.names)),
                 tasks=early.tasks,
             )
-            return holders, (report, early)
-        return holders, None
+            return registrations, (report, early)
+        return registrations, None
 
     def _claim_early_stop(self, request: CancelRequest, claim: tuple[StopReport, _EarlyStop] | None) -> None:
         if claim is None:
@@ -414,37 +418,37 @@ class CancelRegistry:
         if self.on_stopped is not None:
             self.on_stopped(report)
 
-    def apply_bulk(self, bulk: BulkCancel) -> list[tuple[CancelRequest, list[Holder]]]:
+    def apply_bulk(self, bulk: BulkCancel) -> list[tuple[CancelRequest, list[Registration]]]:
         """Keep ``bulk`` in force and cancel every live root here that it selects.
 
         Selection and cancellation happen under one lock hold, so a scope entered
         meanwhile either is stopped here or is refused by the bulk cancel on entry.
 
         Returns:
-            For each root cancelled here: its request and the holders to stop.
+            For each root cancelled here: its request and the registrations to stop.
             Empty when ``bulk`` was already applied.
         """
-        selected: list[tuple[CancelRequest, list[Holder], tuple[StopReport, _EarlyStop] | None]] = []
+        selected: list[tuple[CancelRequest, list[Registration], tuple[StopReport, _EarlyStop] | None]] = []
         with self._lock:
             if bulk.id in self._bulk:
                 return []
             self._bulk[bulk.id] = bulk
             if len(self._bulk) > _BULK_LIMIT:
                 self._bulk.popitem(last=False)
-            for root, holders in list(self._live.items()):
-                if root in self._cancelled or not holders:
+            for root, registrations in list(self._live.items()):
+                if root in self._cancelled or not registrations:
                     continue
-                run_started_ms = min(h.run_started_ms for h in holders.values())
+                run_started_ms = min(h.run_started_ms for h in registrations.values())
                 labels: dict[str, str] = {}
-                for holder in holders.values():
-                    labels.update(holder.labels)
+                for registration in registrations.values():
+                    labels.update(registration.labels)
                 if bulk.selects(self.service, labels, run_started_ms):
                     request = bulk.request_for(root)
                     stopped, early_claim = self._apply_locked(request)
                     selected.append((request, stopped, early_claim))
         for request, _, early_claim in selected:
             self._claim_early_stop(request, early_claim)
-        return [(request, holders) for request, holders, _ in selected]
+        return [(request, registrations) for request, registrations, _ in selected]
 
     def forget_bulk(self, bulk_id: str) -> None:
         """Drop a bulk cancel (its flag expired): runs it selected may start hops again."""
@@ -480,26 +484,26 @@ class CancelRegistry:
     def live_scopes(self) -> int:
         """How many scopes are live in this process."""
         with self._lock:
-            return sum(h.count for holders in self._live.values() for h in holders.values())
+            return sum(h.count for registrations in self._live.values() for h in registrations.values())
 
     def live_work(self) -> list[LiveRoot]:
         """This process's live work, one entry per root (the live-work publisher reads it)."""
         with self._lock:
             entries = []
-            for root, holders in self._live.items():
-                if not holders:
+            for root, registrations in self._live.items():
+                if not registrations:
                     continue
                 labels: dict[str, str] = {}
                 names: dict[str, None] = {}
-                for holder in holders.values():
-                    labels.update(holder.labels)
-                    names.update((name, None) for name in holder.names if name)
+                for registration in registrations.values():
+                    labels.update(registration.labels)
+                    names.update((name, None) for name in registration.names if name)
                 entries.append(
                     LiveRoot(
                         root=root,
-                        depth=min(h.depth for h in holders.values()),
-                        started_at=min(h.entered_at for h in holders.values()),
-                        run_started_ms=min(h.run_started_ms for h in holders.values()),
+                        depth=min(h.depth for h in registrations.values()),
+                        started_at=min(h.entered_at for h in registrations.values()),
+                        run_started_ms=min(h.run_started_ms for h in registrations.values()),
                         scopes=tuple(names),
                         labels=labels,
                     )
@@ -512,17 +516,17 @@ class CancelRegistry:
             return len(self._cancelled) + len(self._listed)
 
 
-def deliver(holder: Holder) -> None:
-    """Cancel ``holder``'s task, on the task's own loop, if it is still in its scope.
+def deliver(registration: Registration) -> None:
+    """Cancel ``registration``'s task, on the task's own loop, if it is still in its scope.
 
     Runs through ``loop.call_soon_threadsafe``. Checking ``count`` here, on the
     task's loop, closes the race with a scope that exits between the watcher's
     decision and this call: that scope has already left, so its task must not be
     cancelled.
     """
-    request = holder.cancel_requested
-    task = holder.task
-    if request is None or task is None or holder.count <= 0 or holder.delivered or task.done():
+    request = registration.cancel_requested
+    task = registration.task
+    if request is None or task is None or registration.count <= 0 or registration.delivered or task.done():
         return
-    holder.delivered = True
+    registration.delivered = True
     task.cancel(request.tag())

@@ -1,7 +1,10 @@
-"""The process-wide state: settings, the registry and the one watcher.
+"""The process state: one object holding everything otel-cancel keeps per process.
 
-:func:`configure` sets it up explicitly (the instrumentor and tests call it);
-otherwise the first scope or cancel configures it from the environment.
+Settings, the store, the registry, the watcher, the live-work publisher, the receipts
+being written, the A2A task table and the hooks run when serving starts all hang off one
+:class:`ProcessState`; :func:`configure` and :func:`reset` replace it whole. Integrations
+reach it from the top with :func:`get_process_state`; nothing below the scope does. The
+IO loop is the one exception: gRPC binds to the first loop for the life of the process.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from . import telemetry
 from ._io_loop import io_loop
 from ._live import LivePublisher
 from ._logging import RateLimitedLogger
-from ._registry import CancelRegistry, Holder, StopReport
+from ._registry import CancelRegistry, Registration, StopReport
 from ._request import CancelRequest, Receipt
 from ._retry import RECEIPT_WRITE, retry_async
 from ._settings import Settings
@@ -32,8 +35,8 @@ UNLISTED_REASON = "the cancel store could not be listed"
 """Why work is refused when the first listing did not complete and ``OTEL_CANCEL_UNLISTED=refuse``."""
 
 
-class Runtime:
-    """Everything otel-cancel keeps per process."""
+class ProcessState:
+    """Everything otel-cancel keeps per process (see the module docstring)."""
 
     def __init__(self, settings: Settings, store: CancelStore | None = None) -> None:
         self.settings = settings
@@ -119,7 +122,7 @@ class Runtime:
             return None
         return CancelRequest(root, UNLISTED_REASON, 0, "")
 
-    def _on_bulk_refusal(self, request: CancelRequest, others: list[Holder]) -> None:
+    def _on_bulk_refusal(self, request: CancelRequest, others: list[Registration]) -> None:
         # A late hop of a run a bulk cancel selected: stop any other work of it here,
         # and write the root's own flag so every process refuses it from now on.
         self.watcher.deliver(others)
@@ -236,10 +239,10 @@ class Runtime:
 
 
 _lock = threading.Lock()
-_runtime: Runtime | None = None
+_runtime: ProcessState | None = None
 
 
-def configure(settings: Settings | None = None, *, store: CancelStore | None = None, **overrides: Any) -> Runtime:
+def configure(settings: Settings | None = None, *, store: CancelStore | None = None, **overrides: Any) -> ProcessState:
     """Configure otel-cancel for this process, replacing any earlier configuration.
 
     Args:
@@ -255,7 +258,7 @@ def configure(settings: Settings | None = None, *, store: CancelStore | None = N
         ConfigurationError: a setting is invalid.
     """
     global _runtime
-    new = Runtime(settings or Settings.from_environment(**overrides), store)
+    new = ProcessState(settings or Settings.from_environment(**overrides), store)
     with _lock:
         old, _runtime = _runtime, new
     if old is not None:
@@ -268,19 +271,19 @@ def configure(settings: Settings | None = None, *, store: CancelStore | None = N
     return new
 
 
-def configured_runtime() -> Runtime | None:
+def configured_process_state() -> ProcessState | None:
     """The process runtime if one is configured, without creating one."""
     return _runtime
 
 
-def get_runtime() -> Runtime:
+def get_process_state() -> ProcessState:
     """The process runtime, configured from the environment on first use."""
     runtime = _runtime
     if runtime is not None:
         return runtime
     with _lock:
         if _runtime is None:
-            globals()["_runtime"] = Runtime(Settings.from_environment())
+            globals()["_runtime"] = ProcessState(Settings.from_environment())
         assert _runtime is not None
         return _runtime
 
@@ -294,4 +297,4 @@ def reset() -> None:
         old.shutdown()
 
 
-__all__ = ("Runtime", "configure", "configured_runtime", "get_runtime", "reset")
+__all__ = ("ProcessState", "configure", "configured_process_state", "get_process_state", "reset")

@@ -27,10 +27,10 @@ from . import attributes, telemetry
 from ._deadline import DEADLINE_REASON, current_deadline, now_ms
 from ._labels import run_facts, scope_facts, validate_labels, with_labels
 from ._outcome import Outcome
-from ._registry import Holder
+from ._registry import Registration
 from ._request import CancelRequest
 from ._root import current_root, new_root, validate_root, with_root
-from ._runtime import Runtime, get_runtime
+from ._runtime import ProcessState, get_process_state
 from ._signing import sign_root
 from .exceptions import Cancelled, StoreError
 
@@ -88,8 +88,8 @@ class CancelScope:
         self.root: str | None = None
         """The root this scope is bound to (set on entry)."""
         self.depth = 0
-        self._runtime: Runtime | None = None
-        self._holder: Holder | None = None
+        self._runtime: ProcessState | None = None
+        self._registration: Registration | None = None
         self._token: object | None = None
         self._entered = False
         self._exited = False
@@ -102,7 +102,7 @@ class CancelScope:
 
     # -- entry ---------------------------------------------------------------------
 
-    def _bind(self, runtime: Runtime, task_mode: bool) -> None:
+    def _bind(self, runtime: ProcessState, task_mode: bool) -> None:
         if self._entered:
             raise RuntimeError("a CancelScope can be entered only once; create a new one with otel_cancel.scope()")
         self._entered = True
@@ -126,30 +126,30 @@ class CancelScope:
             run_started_ms, labels = run_facts(context)
         self.root = root
         self.depth = depth
-        holder, request = runtime.registry.enter(
+        registration, request = runtime.registry.enter(
             root, self.depth, self.name, task_mode=task_mode, run_started_ms=run_started_ms, labels=labels
         )
         if request is None:
             request = runtime.unlisted_refusal(root)
-        self._holder = holder
-        if holder.task is not None:
-            self._cancelling_at_enter = holder.task.cancelling()
+        self._registration = registration
+        if registration.task is not None:
+            self._cancelling_at_enter = registration.task.cancelling()
         telemetry.scope_entered()
         if request is not None:
             # A late arrival: the root was cancelled before this work started.
             self._refuse(request)
-        self._arm_deadline(holder)
+        self._arm_deadline(registration)
 
     def _refuse(self, request: CancelRequest) -> None:
         """Leave at once, before the body runs: ``request`` stopped this work before it started."""
-        assert self._runtime is not None and self._holder is not None
-        self._runtime.registry.exit(self._holder, Outcome.COMPLETED)
+        assert self._runtime is not None and self._registration is not None
+        self._runtime.registry.exit(self._registration, Outcome.COMPLETED)
         telemetry.scope_exited()
         telemetry.late_arrival(request.root, request.reason, request.kind)
         self._detach()
         raise request.error()
 
-    def _arm_deadline(self, holder: Holder) -> None:
+    def _arm_deadline(self, registration: Registration) -> None:
         """Stop this scope's work locally when the run's deadline passes (no etcd involved)."""
         deadline_ms = current_deadline()
         if deadline_ms is None:
@@ -160,31 +160,37 @@ class CancelScope:
         if remaining <= 0:
             # Arrived after its deadline: do no work.
             self._refuse(_deadline_request(self.root, deadline_ms))
-        task = holder.task
+        task = registration.task
         if task is None:
             return  # threads stop at check(), which reads the deadline too
-        if holder.deadline_ms is not None and holder.deadline_ms <= deadline_ms:
+        if registration.deadline_ms is not None and registration.deadline_ms <= deadline_ms:
             return  # an enclosing scope of this task already stops it at (or before) this deadline
-        holder.deadline_ms = deadline_ms
+        registration.deadline_ms = deadline_ms
         self._owns_deadline_timer = True
         self._deadline_handle = task.get_loop().call_later(remaining, self._deadline_passed)
 
     def _deadline_passed(self) -> None:
-        holder = self._holder
-        if holder is None or holder.task is None or holder.count <= 0 or holder.task.done() or self._exited:
+        registration = self._registration
+        if (
+            registration is None
+            or registration.task is None
+            or registration.count <= 0
+            or registration.task.done()
+            or self._exited
+        ):
             return
         self._deadline_fired = True
         assert self.root is not None and self._deadline_ms is not None
-        holder.task.cancel(_deadline_request(self.root, self._deadline_ms).tag())
+        registration.task.cancel(_deadline_request(self.root, self._deadline_ms).tag())
 
     async def __aenter__(self) -> CancelScope:
-        runtime = get_runtime()
+        runtime = get_process_state()
         await runtime.ensure_listed()
         self._bind(runtime, task_mode=True)
         return self
 
     def __enter__(self) -> CancelScope:
-        runtime = get_runtime()
+        runtime = get_process_state()
         runtime.start()
         if not runtime.watcher.listed.is_set():
             runtime.watcher.listed.wait(runtime.settings.startup_wait_seconds)
@@ -200,16 +206,16 @@ class CancelScope:
 
     def _finish(self, exc: BaseException | None) -> Cancelled | None:
         """Leave the scope: decide how its work ended, book it, record it; what to raise instead."""
-        holder, runtime = self._holder, self._runtime
-        assert holder is not None and runtime is not None and self.root is not None
+        registration, runtime = self._registration, self._runtime
+        assert registration is not None and runtime is not None and self.root is not None
         self._exited = True
         if self._deadline_handle is not None:
             self._deadline_handle.cancel()
         if self._owns_deadline_timer:
-            holder.deadline_ms = None
-        task = holder.task
+            registration.deadline_ms = None
+        task = registration.task
         # Our own tagged cancellation (the flag's) reached this task and no scope took it yet.
-        ours = task is not None and holder.delivered and not holder.consumed
+        ours = task is not None and registration.delivered and not registration.consumed
         # Our deadline timer stopped this task (and the flag did not get there first).
         deadline = task is not None and self._deadline_fired and not ours
         undone = False
@@ -217,10 +223,10 @@ class CancelScope:
             # Undo exactly the cancellation this scope's side delivered (anyio style); one
             # someone else delivered too (a caller leaving) is theirs: it propagates.
             # (A non-converting scope leaves the CancelledError to the scope outside it.)
-            holder.consumed = holder.consumed or ours
+            registration.consumed = registration.consumed or ours
             undone = task.uncancel() <= self._cancelling_at_enter
         outcome, request = runtime.registry.exit(
-            holder, functools.partial(self._outcome, exc, ours, deadline), self._early_recorder
+            registration, functools.partial(self._outcome, exc, ours, deadline), self._early_recorder
         )
         telemetry.scope_exited()
         to_raise: Cancelled | None = None
@@ -244,7 +250,7 @@ class CancelScope:
             return Outcome.STOPPED
         stopped_for_root = isinstance(exc, Cancelled) and exc.root == self.root
         if request is not None:
-            task = self._holder.task if self._holder is not None else None
+            task = self._registration.task if self._registration is not None else None
             if stopped_for_root or (task is not None and task.cancelling() > self._cancelling_at_enter):
                 # Stopped by this root's cancel all the same: downstream reported it, or the
                 # caller (stopped by the same cancel) hung up and its cancellation got here
@@ -330,7 +336,7 @@ def _cancel_request_for_current() -> CancelRequest | None:
     root = current_root()
     if root is None:
         return None
-    runtime = get_runtime()
+    runtime = get_process_state()
     runtime.start()
     request = runtime.registry.is_cancelled(root)
     if request is None:
@@ -392,7 +398,7 @@ def parent_in_root_trace(root: str, context: otel_context.Context | None = None)
     return trace.set_span_in_context(trace.NonRecordingSpan(parent), current)
 
 
-async def _write_flag(runtime: Runtime, request: CancelRequest) -> CancelResult:
+async def _write_flag(runtime: ProcessState, request: CancelRequest) -> CancelResult:
     store = await runtime.watcher.store()
     try:
         stored, created = await store.create_flag(request, runtime.settings.ttl_seconds)
@@ -416,7 +422,7 @@ async def cancel(root: str, reason: str = "cancelled") -> CancelResult:
         StoreError: the flag could not be written (work in this process is still stopped).
     """
     validate_root(root)
-    runtime = get_runtime()
+    runtime = get_process_state()
     request = CancelRequest.new(root, reason, runtime.requester)
     span = telemetry.start_request_span(root, reason, parent_in_root_trace(root))
     try:

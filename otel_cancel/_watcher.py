@@ -39,7 +39,7 @@ from . import telemetry
 from ._bulk import BulkCancel
 from ._io_loop import io_loop
 from ._logging import RateLimitedLogger
-from ._registry import LISTED_REASON, CancelRegistry, Holder, deliver
+from ._registry import LISTED_REASON, CancelRegistry, Registration, deliver
 from ._request import CancelRequest
 from ._retry import WATCH_RECONNECT, retry_async
 from .exceptions import RevisionCompactedError, StoreError, StoreUnavailableError
@@ -189,24 +189,24 @@ class CancelWatcher:
 
     def apply(self, request: CancelRequest) -> None:
         """Mark ``request.root`` cancelled here and cancel its live tasks."""
-        is_new, holders = self._registry.apply(request)
+        is_new, registrations = self._registry.apply(request)
         if not is_new:
             return
-        self.deliver(holders)
+        self.deliver(registrations)
 
-    def deliver(self, holders: list[Holder]) -> None:
-        """Cancel each holder's task on its own loop (holders whose root was just cancelled)."""
-        for holder in holders:
-            if holder.loop is not None and not holder.loop.is_closed():
+    def deliver(self, registrations: list[Registration]) -> None:
+        """Cancel each registration's task on its own loop (registrations whose root was just cancelled)."""
+        for registration in registrations:
+            if registration.loop is not None and not registration.loop.is_closed():
                 # RuntimeError: the loop closed between the check and the call.
                 with contextlib.suppress(RuntimeError):
-                    holder.loop.call_soon_threadsafe(deliver, holder)
+                    registration.loop.call_soon_threadsafe(deliver, registration)
 
     def apply_bulk(self, bulk: BulkCancel) -> list[CancelRequest]:
         """Keep ``bulk`` in force here and stop every live root it selects; return their requests."""
         selected = self._registry.apply_bulk(bulk)
-        for _, holders in selected:
-            self.deliver(holders)
+        for _, registrations in selected:
+            self.deliver(registrations)
         requests = [request for request, _ in selected]
         if requests and self.on_bulk_selected is not None:
             self.on_bulk_selected(requests)

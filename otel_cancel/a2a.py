@@ -48,7 +48,7 @@ from . import attributes
 from ._labels import usable_labels
 from ._logging import RateLimitedLogger
 from ._request import MAX_TEXT, TaskRecord
-from ._runtime import Runtime, get_runtime
+from ._runtime import ProcessState, get_process_state
 from ._scope import cancel, scope
 from .exceptions import Cancelled, ConfigurationError, InvalidTaskIdError, StoreError
 from .store._keys import validate_task_id
@@ -96,7 +96,7 @@ class _RunningTask:
     task_id: str
     root: str
     stopped: asyncio.Event
-    runtime: Runtime
+    runtime: ProcessState
     """The process state the task started under (its table holds the task)."""
     record_write: concurrent.futures.Future[int] | None = None
     record_removal: concurrent.futures.Future[None] | None = None
@@ -106,19 +106,19 @@ def _running() -> dict[str, _RunningTask]:
     """Task id -> the execution running it here, in the process state (``configure()`` and
     ``reset()`` replace it with everything else). Task ids are unique per agent; one process
     may serve several agents, which share this table."""
-    table: dict[str, _RunningTask] = get_runtime().running_tasks
+    table: dict[str, _RunningTask] = get_process_state().running_tasks
     return table
 
 
 # -- the task records in the store ----------------------------------------------------------
 
 
-async def _put_record(runtime: Runtime, record: TaskRecord) -> int:
+async def _put_record(runtime: ProcessState, record: TaskRecord) -> int:
     store = await runtime.watcher.store()
     return await store.put_task(record, runtime.settings.ttl_seconds)
 
 
-async def _delete_record(runtime: Runtime, task_id: str, written: concurrent.futures.Future[int]) -> None:
+async def _delete_record(runtime: ProcessState, task_id: str, written: concurrent.futures.Future[int]) -> None:
     try:
         revision = await asyncio.wrap_future(written)
     except Exception:  # already logged when the write failed
@@ -127,7 +127,7 @@ async def _delete_record(runtime: Runtime, task_id: str, written: concurrent.fut
     await store.delete_task(task_id, revision)
 
 
-async def _get_record(runtime: Runtime, task_id: str) -> TaskRecord | None:
+async def _get_record(runtime: ProcessState, task_id: str) -> TaskRecord | None:
     store = await runtime.watcher.store()
     return await store.get_task(task_id)
 
@@ -141,7 +141,7 @@ def _log_store_failure(what: str, consequence: str, future: concurrent.futures.F
 
 
 def _started(task_id: str, root: str, context_id: str) -> _RunningTask:
-    runtime = get_runtime()
+    runtime = get_process_state()
     running = _RunningTask(task_id, root, asyncio.Event(), runtime)
     runtime.running_tasks[task_id] = running
     try:
@@ -207,7 +207,7 @@ class _ObservedQueue(EventQueue):
         write cannot land, and the agent's answer matters more than a record.
         """
         write = self.running.record_write if self.running is not None else None
-        if write is None or write.done() or not get_runtime().watcher.connected:
+        if write is None or write.done() or not get_process_state().watcher.connected:
             return
         # A failed or slow write is logged by its own callback.
         with contextlib.suppress(Exception):
@@ -361,7 +361,7 @@ class CancellableRequestHandler(RequestHandler):
 
     @staticmethod
     async def _find(task_id: str) -> TaskRecord | None:
-        runtime = get_runtime()
+        runtime = get_process_state()
         runtime.start()
         try:
             validate_task_id(task_id)

@@ -61,7 +61,7 @@ from ._labels import usable_labels, validate_label, with_labels
 from ._logging import RateLimitedLogger
 from ._request import CancelRequest
 from ._root import with_root
-from ._runtime import Runtime, get_runtime
+from ._runtime import ProcessState, get_process_state
 from ._scope import CancelScope, cancel
 from ._upstream_logs import limit_client_input_logs
 from .exceptions import Cancelled, ConfigurationError
@@ -94,7 +94,7 @@ def warn_if_propagators_drop_baggage() -> bool:
     return carries
 
 
-def _on_start_serving(runtime: Runtime) -> None:
+def _on_start_serving(runtime: ProcessState) -> None:
     warn_if_propagators_drop_baggage()
     runtime.start_serving()
 
@@ -187,13 +187,13 @@ class CancelMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             # The process starts serving: start the watcher now, not at the first request.
-            _on_start_serving(get_runtime())
+            _on_start_serving(get_process_state())
             await self.app(scope, receive, send)
             return
         if scope["type"] != "http" or _APPLIED in scope:
             await self.app(scope, receive, send)
             return
-        runtime = get_runtime()
+        runtime = get_process_state()
         settings = runtime.settings
         trusted = settings.trust_incoming if self._trust_incoming is None else self._trust_incoming
         if not runtime.serving:

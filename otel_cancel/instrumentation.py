@@ -46,7 +46,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 
 from ._instruments import INSTRUMENTS, supported
 from ._patching import unwrap, wrap
-from ._runtime import configured_runtime, get_runtime
+from ._runtime import configured_process_state, get_process_state
 from .exceptions import ConfigurationError
 
 _log = logging.getLogger("otel_cancel.instrumentation")
@@ -185,7 +185,7 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         from .asgi import warn_if_propagators_drop_baggage
 
         try:
-            get_runtime()  # fail fast on invalid OTEL_CANCEL_* settings
+            get_process_state()  # fail fast on invalid OTEL_CANCEL_* settings
         except ConfigurationError as error:
             if not self._loaded_by_opentelemetry:
                 raise  # instrument() called by the application: the error is its to handle
@@ -197,11 +197,11 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if supported("httpx"):
             # httpx is switched on when the app starts serving, not now: under
             # opentelemetry-instrument its own instrumentor may still be about to run.
-            get_runtime().start_hooks.append(_instrument_httpx)
+            get_process_state().start_hooks.append(_instrument_httpx)
         self._instrument_langgraph()
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        runtime = configured_runtime()
+        runtime = configured_process_state()
         if runtime is not None:
             runtime.start_hooks.clear()
         while _switched_on:

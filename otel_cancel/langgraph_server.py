@@ -58,7 +58,7 @@ from ._labels import usable_labels
 from ._logging import RateLimitedLogger
 from ._request import CancelRequest, TaskRecord
 from ._root import current_root, is_valid_root, parse_depth, with_root, without_root
-from ._runtime import Runtime, get_runtime
+from ._runtime import ProcessState, get_process_state
 from ._scope import CancelScope, cancel, parent_in_root_trace
 from ._signing import verify_root
 from .exceptions import Cancelled, InvalidTaskIdError, StoreError
@@ -201,7 +201,7 @@ def run_context(configurable: Mapping[str, Any], context: otel_context.Context |
     if not is_valid_root(root):
         return context
     assert isinstance(root, str)
-    signing_key = get_runtime().settings.signing_key
+    signing_key = get_process_state().settings.signing_key
     signature = stored.get(attributes.BAGGAGE_SIGNATURE)
     if signing_key is not None and not verify_root(signing_key, root, signature):
         _log.warning("otel-cancel: the root stored with a run is not signed with this key; the run starts its own")
@@ -232,7 +232,7 @@ async def _relay_langgraph_cancel(done: Any, root: str, interrupt_type: type[Exc
         await cancel(root, reason=str(value) or type(value).__name__)
 
 
-async def _put_records(runtime: Runtime, records: list[TaskRecord]) -> None:
+async def _put_records(runtime: ProcessState, records: list[TaskRecord]) -> None:
     store = await runtime.watcher.store()
     for record in records:
         await store.put_task(record, runtime.settings.ttl_seconds)
@@ -253,7 +253,7 @@ def _log_record_failure(future: concurrent.futures.Future[None]) -> None:
 
 def _record_run(root: str, run: Mapping[str, Any]) -> None:
     """Map the run id and its thread id to ``root`` in the store (beside the run, never blocking it)."""
-    runtime = get_runtime()
+    runtime = get_process_state()
     settings = runtime.settings
     run_id, thread_id = str(run.get("run_id") or ""), str(run.get("thread_id") or "")
     now = time.time_ns()
@@ -273,7 +273,7 @@ FINAL_CHECK_SECONDS = 1.0
 """How long a finishing run waits for the store to say whether its root was cancelled."""
 
 
-async def _get_flag(runtime: Runtime, root: str) -> CancelRequest | None:
+async def _get_flag(runtime: ProcessState, root: str) -> CancelRequest | None:
     store = await runtime.watcher.store()
     return await store.get_flag(root)
 
@@ -287,7 +287,7 @@ async def _cancelled_meanwhile(root: str) -> CancelRequest | None:
     too instead of ``success`` with a truncated result. Fails open (a store that does
     not answer in time, or is down, leaves the run's outcome alone).
     """
-    runtime = get_runtime()
+    runtime = get_process_state()
     request = runtime.registry.is_cancelled(root)
     if request is not None or not runtime.watcher.connected:
         return request

@@ -38,7 +38,7 @@ from ._etcd_server import find_etcd_binary as find_etcd_binary
 from ._etcd_server import find_etcdctl_binary as find_etcdctl_binary
 from ._etcd_server import free_port as free_port
 from ._io_loop import io_loop
-from ._runtime import Runtime, configure, reset
+from ._runtime import ProcessState, configure, reset
 from .store import CancelStore
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def unique_prefix() -> str:
 
 
 @contextlib.contextmanager
-def configured(*, store: CancelStore | None = None, **overrides: Any) -> Iterator[Runtime]:
+def configured(*, store: CancelStore | None = None, **overrides: Any) -> Iterator[ProcessState]:
     """Configure otel-cancel for the ``with`` block; stop its watcher afterwards."""
     runtime = configure(store=store, **overrides)
     try:

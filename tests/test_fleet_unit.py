@@ -87,12 +87,12 @@ def test_the_registry_refuses_a_late_scope_of_a_selected_run_and_admits_a_run_be
     refused: list[str] = []
     registry.on_bulk_refusal = lambda request, others: refused.append(request.root)
     live_root = random_root()
-    holder, _ = registry.enter(live_root, 0, "work", task_mode=False)
+    registration, _ = registry.enter(live_root, 0, "work", task_mode=False)
     bulk = BulkCancel.new(service=None, labels={}, reason="kill switch", requested_by="me")
     selected = registry.apply_bulk(bulk)
     assert [request.root for request, _ in selected] == [live_root]
     assert registry.apply_bulk(bulk) == []  # applied once
-    registry.exit(holder, Outcome.STOPPED)
+    registry.exit(registration, Outcome.STOPPED)
 
     late_root = random_root()
     late, request = registry.enter(late_root, 1, "hop", task_mode=False, run_started_ms=time.time_ns() // 10**6 - 1000)
@@ -129,16 +129,16 @@ async def test_publishing_costs_at_most_one_write_per_interval_whatever_the_requ
         assert publisher.writes == 0 and await store.list_live() == []
         began = time.monotonic()
         for _ in range(2000):
-            holder, _ = registry.enter(random_root(), 0, "r")
-            registry.exit(holder)
+            registration, _ = registry.enter(random_root(), 0, "r")
+            registry.exit(registration)
             await asyncio.sleep(0)
         keep = random_root()
-        holder, _ = registry.enter(keep, 0, "long")
+        registration, _ = registry.enter(keep, 0, "long")
         while not any(entry.root == keep for record in await store.list_live() for entry in record.roots):
             await asyncio.sleep(0.01)
         elapsed = time.monotonic() - began
         assert publisher.writes <= elapsed / 0.05 + 2
-        registry.exit(holder)
+        registry.exit(registration)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -216,17 +216,17 @@ async def test_a_lost_lease_is_granted_again_and_the_live_record_rewritten():
 
     try:
         first, second = random_root(), random_root()
-        holder, _ = registry.enter(first, 0, "a")
+        registration, _ = registry.enter(first, 0, "a")
         await asyncio.wait_for(published(first), 10)
         lease = publisher._lease
         assert lease is not None
         await store.revoke_lease(lease)
         assert await store.list_live() == []
-        registry.exit(holder)
-        holder, _ = registry.enter(second, 0, "b")
+        registry.exit(registration)
+        registration, _ = registry.enter(second, 0, "b")
         await asyncio.wait_for(published(second), 10)
         assert publisher._lease not in (None, lease)
-        registry.exit(holder)
+        registry.exit(registration)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -82,10 +82,10 @@ def test_the_registry_books_the_outcome_it_is_given():
     reports = []
     registry = CancelRegistry(on_stopped=reports.append)
     root = random_root()
-    holder, refused = registry.enter(root, 2, "relay", task_mode=False)
+    registration, refused = registry.enter(root, 2, "relay", task_mode=False)
     assert refused is None
     claimed = []
-    outcome, request = registry.exit(holder, Outcome.STOPPED_EARLY, lambda: claimed.append)
+    outcome, request = registry.exit(registration, Outcome.STOPPED_EARLY, lambda: claimed.append)
     assert (outcome, request) == (Outcome.STOPPED_EARLY, None)
     flag = CancelRequest.new(root, "user", "cli@host")
     assert registry.apply(flag) == (True, [])
@@ -98,7 +98,7 @@ def test_the_registry_asks_the_scope_under_its_lock_with_the_request_applied_mea
     """A flag applied while a scope is leaving reaches the scope's decision: the registry passes it in."""
     registry = CancelRegistry()
     root = random_root()
-    holder, _ = registry.enter(root, 0, "work", task_mode=False)
+    registration, _ = registry.enter(root, 0, "work", task_mode=False)
     flag = CancelRequest.new(root, "user", "cli@host")
     registry.apply(flag)
     seen = []
@@ -107,5 +107,5 @@ def test_the_registry_asks_the_scope_under_its_lock_with_the_request_applied_mea
         seen.append(request)
         return Outcome.STOPPED
 
-    assert registry.exit(holder, decide) == (Outcome.STOPPED, flag)
+    assert registry.exit(registration, decide) == (Outcome.STOPPED, flag)
     assert seen == [flag]

@@ -32,7 +32,7 @@ import sys
 import time
 
 import otel_cancel
-from otel_cancel._runtime import get_runtime
+from otel_cancel._runtime import get_process_state
 from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS
 from otel_cancel.testing import CancelMetrics
 
@@ -67,7 +67,7 @@ async def _hold(root: str, entered: asyncio.Event, counter: list[int], total: in
 
 async def main() -> None:
     metrics = CancelMetrics()  # the process's meter provider, before otel-cancel records anything
-    runtime = get_runtime()
+    runtime = get_process_state()
     if os.environ.get("BENCH_RECEIPTS") == "off":
         runtime.registry.on_stopped = None
     await runtime.ensure_listed()

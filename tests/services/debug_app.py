@@ -49,7 +49,7 @@ from starlette.routing import Route
 import otel_cancel
 from otel_cancel._registry import CancelRegistry
 from otel_cancel._request import CancelRequest
-from otel_cancel._runtime import get_runtime
+from otel_cancel._runtime import get_process_state
 from otel_cancel.asgi import CancelMiddleware
 from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS, METRIC_WATCH_CONNECTED
 from otel_cancel.exceptions import OtelCancelError
@@ -163,7 +163,7 @@ def _counter(name: str) -> int | None:
 
 
 async def state(request: Request) -> JSONResponse:
-    runtime = get_runtime()
+    runtime = get_process_state()
     watcher, registry = runtime.watcher, runtime.registry
     if "connected" in request.query_params:
         wanted = request.query_params["connected"] == "true"
