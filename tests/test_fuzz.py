@@ -1,4 +1,4 @@
-"""Hostile input, generated: baggage, foreign values under the prefix, receipts, CLI arguments, settings.
+"""Hostile input, generated: baggage, foreign values under the prefix, receipts, CLI arguments.
 
 Nothing crashes a service; each bad input is ignored with (at most) one log line
 or refused with a clear message. One service process and one watcher serve every
@@ -35,8 +35,6 @@ from otel_cancel import environment_variables as env
 from otel_cancel._io_loop import io_loop
 from otel_cancel._request import CancelRequest, Receipt
 from otel_cancel._root import is_valid_root, random_root
-from otel_cancel._settings import Settings
-from otel_cancel.exceptions import ConfigurationError
 from otel_cancel.store.etcd import EtcdCancelStore, parse_endpoint
 from otel_cancel.testing import configured, free_port, unique_prefix
 
@@ -370,30 +368,3 @@ def test_the_cli_exits_0_1_or_2_with_one_line_on_error_whatever_the_arguments(ar
     if code != 0:
         lines = [line for line in err.getvalue().splitlines() if line]
         assert len(lines) == 1 and lines[0].startswith("otel-cancel: "), (argv, err.getvalue())
-
-
-# -- environment values ------------------------------------------------------------------------
-
-NAMES = [getattr(env, name) for name in dir(env) if name.startswith("OTEL_CANCEL_")] + ["OTEL_SERVICE_NAME"]
-env_value = st.one_of(
-    st.text(max_size=30),
-    # What POSIX hands over for bytes that are not UTF-8 (lone surrogates), and worse.
-    st.binary(max_size=20).map(lambda raw: raw.decode("utf-8", "surrogateescape")),
-    st.sampled_from(["\udc80", "caf\udce9", "\ud800", "h\u00f6st:2379", "host :2379", "h:\u00b2", "h:\u0663"]),
-    st.sampled_from(["", " ", "0", "-1", "nan", "inf", "1e400", "true", "FALSE", "yes", "2", ",", "a:b", "[::1]:2379"]),
-    st.sampled_from(["/", "/otel/", "/../", "127.0.0.1:2379", "http://h:1", "memory", "continue", "/dev/null"]),
-)
-
-
-@examples(500)
-@given(environ=st.dictionaries(st.sampled_from(NAMES), env_value, max_size=len(NAMES)))
-def test_settings_from_any_environment_are_valid_or_refused_with_configuration_error(environ):
-    """Settings.from_environment (and building the store) succeed or raise ConfigurationError, nothing else."""
-    TRIED["environments"] += 1
-    try:
-        settings_ = Settings.from_environment(environ)
-        store = settings_.create_store()
-    except ConfigurationError as error:
-        assert str(error)
-        return
-    assert store.prefix == settings_.prefix

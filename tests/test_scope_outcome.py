@@ -7,9 +7,6 @@ import asyncio
 import pytest
 
 import otel_cancel
-from otel_cancel._outcome import Outcome
-from otel_cancel._registry import CancelRegistry
-from otel_cancel._request import CancelRequest
 from otel_cancel._root import random_root
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
@@ -75,37 +72,3 @@ async def test_a_scope_entered_while_its_task_is_cancelling_still_converts_its_o
         await asyncio.wait_for(task, 5)
     assert (caught.value.root, caught.value.reason, caught.value.kind) == (root, "user", "explicit")
     assert (await _receipt(runtime, root)).interrupted == ("clean-up",)
-
-
-def test_the_registry_books_the_outcome_it_is_given():
-    """An early stop booked by the scope is claimed by the root's flag: one report, the scope's names."""
-    reports = []
-    registry = CancelRegistry(on_stopped=reports.append)
-    root = random_root()
-    registration, refused = registry.enter(root, 2, "relay", task_mode=False)
-    assert refused is None
-    claimed = []
-    outcome, request = registry.exit(registration, Outcome.STOPPED_EARLY, lambda: claimed.append)
-    assert (outcome, request) == (Outcome.STOPPED_EARLY, None)
-    flag = CancelRequest.new(root, "user", "cli@host")
-    assert registry.apply(flag) == (True, [])
-    (report,) = reports
-    assert (report.request, report.depth, report.interrupted, report.tasks) == (flag, 2, ("relay",), 1)
-    assert claimed == [flag]
-
-
-def test_the_registry_asks_the_scope_under_its_lock_with_the_request_applied_meanwhile():
-    """A flag applied while a scope is leaving reaches the scope's decision: the registry passes it in."""
-    registry = CancelRegistry()
-    root = random_root()
-    registration, _ = registry.enter(root, 0, "work", task_mode=False)
-    flag = CancelRequest.new(root, "user", "cli@host")
-    registry.apply(flag)
-    seen = []
-
-    def decide(request):
-        seen.append(request)
-        return Outcome.STOPPED
-
-    assert registry.exit(registration, decide) == (Outcome.STOPPED, flag)
-    assert seen == [flag]
