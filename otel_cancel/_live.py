@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -39,9 +40,17 @@ _MAX_SCOPE_NAME = 80
 
 
 def build_record(service: str, instance: str, live: list[LiveRoot]) -> LiveRecord:
-    """The record to publish for ``live``, bounded to :data:`MAX_PUBLISHED_BYTES` (oldest work kept)."""
-    entries = tuple(
-        LiveEntry(
+    """The record to publish for ``live``, bounded to :data:`MAX_PUBLISHED_BYTES` (oldest work kept).
+
+    One pass: each entry's encoded size is added up until the next would not fit (the
+    publisher runs every interval while scopes change, so this is on the IO loop's budget).
+    """
+    published_at = time.time_ns()
+    # The record's own fields, with room for the digits of the truncated count.
+    size = len(LiveRecord(service, instance, published_at, (), len(live)).to_json())
+    kept: list[LiveEntry] = []
+    for item in sorted(live, key=lambda item: item.started_at):
+        entry = LiveEntry(
             root=item.root,
             depth=item.depth,
             started_at=item.started_at,
@@ -49,14 +58,11 @@ def build_record(service: str, instance: str, live: list[LiveRoot]) -> LiveRecor
             scopes=tuple(name[:_MAX_SCOPE_NAME] for name in item.scopes[:_MAX_SCOPES]),
             labels=item.labels,
         )
-        for item in sorted(live, key=lambda item: item.started_at)
-    )
-    kept = len(entries)
-    while True:
-        record = LiveRecord(service, instance, time.time_ns(), entries[:kept], len(entries) - kept)
-        if kept == 0 or len(record.to_json()) <= MAX_PUBLISHED_BYTES:
-            return record
-        kept //= 2
+        size += len(json.dumps(entry.to_dict(), separators=(",", ":"))) + 1  # and its comma
+        if size > MAX_PUBLISHED_BYTES:
+            break
+        kept.append(entry)
+    return LiveRecord(service, instance, published_at, tuple(kept), len(live) - len(kept))
 
 
 class LivePublisher:

@@ -69,6 +69,7 @@ class ProcessState:
         telemetry.observe_watch_connected(lambda: self.watcher.connected)
         telemetry.observe_live_roots(self.registry.live_roots)
         telemetry.observe_flags_applied(lambda: self.registry.applied)
+        telemetry.observe_live_scopes(self.registry.live_scopes)
 
     def _create_store(self) -> CancelStore:
         return self._given_store if self._given_store is not None else self.settings.create_store()

@@ -134,7 +134,6 @@ class CancelScope:
         self._registration = registration
         if registration.task is not None:
             self._cancelling_at_enter = registration.task.cancelling()
-        telemetry.scope_entered()
         if request is not None:
             # A late arrival: the root was cancelled before this work started.
             self._refuse(request)
@@ -144,7 +143,6 @@ class CancelScope:
         """Leave at once, before the body runs: ``request`` stopped this work before it started."""
         assert self._runtime is not None and self._registration is not None
         self._runtime.registry.exit(self._registration, Outcome.COMPLETED)
-        telemetry.scope_exited()
         telemetry.late_arrival(request.root, request.reason, request.kind)
         self._detach()
         raise request.error()
@@ -185,7 +183,8 @@ class CancelScope:
 
     async def __aenter__(self) -> CancelScope:
         runtime = get_process_state()
-        await runtime.ensure_listed()
+        if not runtime.watcher.listed.is_set():  # the hot path: no coroutine once listed
+            await runtime.ensure_listed()
         self._bind(runtime, task_mode=True)
         return self
 
@@ -228,7 +227,6 @@ class CancelScope:
         outcome, request = runtime.registry.exit(
             registration, functools.partial(self._outcome, exc, ours, deadline), self._early_recorder
         )
-        telemetry.scope_exited()
         to_raise: Cancelled | None = None
         if outcome is Outcome.DEADLINE:
             assert self._deadline_ms is not None
