@@ -55,6 +55,8 @@ from otel_cancel import attributes
 from otel_cancel.testing import EtcdServer, configured, unique_prefix
 
 ROOT = "4bf92f3577b34da6a3ce929d0e0e4736"
+STARTED = "1764990000000"
+"""The run's start (epoch ms): an otel-cancel edge sends it with the root and depth."""
 
 
 # -- 1. scope ---------------------------------------------------------------------------------------
@@ -165,7 +167,11 @@ async def stream_app(scope: Any, receive: Any, send: Any) -> None:
 def _http_scope(with_baggage: bool) -> dict[str, Any]:
     headers = [(b"host", b"127.0.0.1"), (b"user-agent", b"bench"), (b"accept", b"*/*")]
     if with_baggage:
-        headers.append((b"baggage", f"{attributes.BAGGAGE_ROOT}={ROOT},{attributes.BAGGAGE_DEPTH}=1".encode()))
+        # What an otel-cancel edge sends a hop behind it: the root, the depth and the run's start.
+        entries = (
+            f"{attributes.BAGGAGE_ROOT}={ROOT},{attributes.BAGGAGE_DEPTH}=1,{attributes.BAGGAGE_STARTED}={STARTED}"
+        )
+        headers.append((b"baggage", entries.encode()))
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
