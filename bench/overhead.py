@@ -18,9 +18,11 @@
    (``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_cancel``) and on, plus the chain
    without OpenTelemetry for reference; ``wrk`` is the load generator. The three
    chains run side by side and the rounds are interleaved, so load from
-   elsewhere hits all of them alike.
-   A diagnostic fourth chain stubs out ``CancelMiddleware``'s disconnect listener
-   (``BENCH_DISCONNECT_LISTENER=off`` in the bench service) to show what it costs.
+   elsewhere hits all of them alike. CPU per request is what the chain's processes
+   spend serving: what each chain spends with no traffic at all (the harness's
+   event-loop-lag probe, otel-cancel's watcher and watchdog), measured before the
+   rounds, is taken out of every round; the loss is the median over rounds of each
+   round's pair (OpenTelemetry alone, then with otel-cancel).
 4. The request path makes no etcd call: each otel-cancel service's store call
    counter (``EtcdCancelStore.calls``, read from ``/debug/otel-cancel``) before
    and after every round, against the requests served and the watchdog's pings.
@@ -377,6 +379,13 @@ def cpu_seconds(chain: ServiceChain) -> float:
     return total / CLOCK_TICKS
 
 
+def idle_cpu_per_second(chain: ServiceChain, seconds: float) -> float:
+    """CPU seconds per second the chain's processes spend while no request arrives."""
+    before, started = cpu_seconds(chain), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(chain) - before) / (time.monotonic() - started)
+
+
 def debug_state(chain: ServiceChain) -> list[dict[str, Any]]:
     states = []
     for level in range(chain.depth):
@@ -396,7 +405,6 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
         "no OpenTelemetry": ({}, False),
         "OpenTelemetry": ({"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel"}, True),
         "OpenTelemetry + otel-cancel": ({}, True),
-        "OpenTelemetry + otel-cancel, listener stubbed (diagnostic)": ({"BENCH_DISCONNECT_LISTENER": "off"}, True),
     }
     chains: dict[str, ServiceChain] = {}
     try:
@@ -413,6 +421,10 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
             }
         for chain in chains.values():
             wrk(f"{chain.urls(0)[0]}/hop", 2, connections)  # warm-up
+        # What each chain spends with no request at all (the harness's event-loop-lag probe,
+        # otel-cancel's watcher and watchdog): per second, taken out of every round, so
+        # that CPU per request is what serving requests costs.
+        idle = {name: idle_cpu_per_second(chain, 3 if quick else 6) for name, chain in chains.items()}
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name in chains}
         calls: list[dict[str, Any]] = []
         names = list(chains)
@@ -426,6 +438,8 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
                 result = wrk(f"{chain.urls(0)[0]}/hop", seconds, connections)
                 ended = time.time()
                 cpu_used = cpu_seconds(chain) - cpu_before
+                result["cpu_s_raw"] = round(cpu_used, 3)
+                cpu_used -= idle[name] * (ended - started)
                 after = debug_state(chain)
                 # CPU time per request is what the chain's own processes spent: unlike req/s, load
                 # from other processes on the machine does not change it much.
@@ -481,7 +495,11 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
     for a, b in zip(samples["OpenTelemetry"], samples["OpenTelemetry + otel-cancel"], strict=False):
         if a.get("rps") and b.get("rps"):
             paired.append(round(100 * (a["rps"] - b["rps"]) / a["rps"], 2))
-    stubbed = by_name.get("OpenTelemetry + otel-cancel, listener stubbed (diagnostic)", {}).get("rps_median")
+    # Paired on CPU too: each round's otel-cancel chain against the OpenTelemetry chain of the same round.
+    paired_cpu = []
+    for a, b in zip(samples["OpenTelemetry"], samples["OpenTelemetry + otel-cancel"], strict=False):
+        if a.get("cpu_us_per_request") and b.get("cpu_us_per_request"):
+            paired_cpu.append(round(100 * (1 - a["cpu_us_per_request"] / b["cpu_us_per_request"]), 2))
 
     def cpu_loss(variant: str) -> float | None:
         # At CPU saturation throughput is 1 / (CPU per request): the loss is 1 - cpu_otel / cpu_variant.
@@ -502,11 +520,10 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
         if by_name["OpenTelemetry"]["cpu_us_per_request_median"]
         and by_name["OpenTelemetry + otel-cancel"]["cpu_us_per_request_median"]
         else None,
-        "loss_pct_from_cpu_per_request": cpu_loss("OpenTelemetry + otel-cancel"),
-        "loss_pct_from_cpu_per_request_listener_stubbed": cpu_loss(
-            "OpenTelemetry + otel-cancel, listener stubbed (diagnostic)"
-        ),
-        "loss_pct_listener_stubbed_of_medians": round(100 * (otel - stubbed) / otel, 2) if otel and stubbed else None,
+        "loss_pct_from_cpu_per_request": round(statistics.median(paired_cpu), 2) if paired_cpu else None,
+        "loss_pct_from_cpu_per_request_paired_rounds": paired_cpu,
+        "loss_pct_from_cpu_per_request_of_medians": cpu_loss("OpenTelemetry + otel-cancel"),
+        "idle_cpu_ms_per_second": {name: round(1000 * rate, 2) for name, rate in idle.items()},
         "chain": "3 levels x 1 replica, GET /hop, each level calls the next with one shared httpx.AsyncClient",
         "load_generator": f"wrk -t1 -c{connections} -d{seconds}s",
         "rounds": rounds,
@@ -565,8 +582,9 @@ def main() -> int:
         say(table(net["variants"], THROUGHPUT_COLUMNS))
         say(
             f"CPU per request: otel-cancel adds {net['cpu_us_per_hop_added']} µs per hop; throughput loss at "
-            f"saturation {net['loss_pct_from_cpu_per_request']}% "
-            f"(listener stubbed: {net['loss_pct_from_cpu_per_request_listener_stubbed']}%)"
+            f"saturation {net['loss_pct_from_cpu_per_request']}% (median of paired rounds "
+            f"{net['loss_pct_from_cpu_per_request_paired_rounds']}); idle CPU taken out, ms/s: "
+            f"{net['idle_cpu_ms_per_second']}"
         )
         say(
             f"throughput loss with otel-cancel: {net['loss_pct_of_medians']}% (medians), "

@@ -716,11 +716,15 @@ def request_instructions_block(result: dict[str, Any] | None) -> str:
         }
         for row in result["added"]
     ]
-    low, high = result["requests"]
+    requests = result["requests"]
+    counted = (
+        f"total at {requests[1]:,} requests minus total at {requests[0]:,}, divided by {requests[1] - requests[0]:,}"
+        if isinstance(requests, list)
+        else f"{requests:,} requests after a warm-up, counted alone, divided by {requests:,}"
+    )
     return "\n".join(
         [
-            f"Instructions per request (callgrind; total at {high:,} requests minus total at {low:,}, divided by "
-            f"{high - low:,}):",
+            f"Instructions per request (callgrind; {counted}):",
             "",
             table(rows, ["body", "stack", "instructions"], ["response", "stack", "instructions per request"]),
             "",
