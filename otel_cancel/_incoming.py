@@ -16,16 +16,16 @@ The rules (DESIGN.md, "Who is trusted"):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 from opentelemetry import baggage, trace
 from opentelemetry.context import Context
 
 from . import attributes, telemetry
 from ._logging import RateLimitedLogger
-from ._root import is_valid_root, new_root, parse_depth, random_root, with_root, without_root
+from ._root import is_valid_root, new_root, parse_depth, random_root, set_root
 from ._signing import sign_root, verify_root
 
 _log = RateLimitedLogger(logging.getLogger("otel_cancel.incoming"))
@@ -33,8 +33,7 @@ _log = RateLimitedLogger(logging.getLogger("otel_cancel.incoming"))
 MAX_BAGGAGE_BYTES = 8192
 
 
-@dataclasses.dataclass(frozen=True)
-class IncomingRoot:
+class IncomingRoot(NamedTuple):
     """The outcome: the context to run the request in, its root and depth."""
 
     context: Context
@@ -53,6 +52,8 @@ def establish_root(
     *,
     trusted: bool,
     signing_key: bytes | None = None,
+    baggage_header: bytes | None = None,
+    continued: bool | None = None,
 ) -> IncomingRoot:
     """The root of a request whose extracted context is ``context``.
 
@@ -62,22 +63,37 @@ def establish_root(
             a continued trace from a new one).
         trusted: whether this service adopts incoming roots (internal service).
         signing_key: when set, adopted roots must carry a valid signature.
+        baggage_header: the request's ``baggage`` headers joined by ``,`` (``b""``
+            when absent), for a caller that read the headers already; else read
+            from ``headers``.
+        continued: whether the request carries a ``traceparent`` (the caller
+            continued its own trace), for a caller that read the headers already.
     """
-    headers = list(headers)
+    if baggage_header is None or continued is None:
+        headers = list(headers)
+        baggage_header = b",".join(_header_values(headers, b"baggage"))
+        continued = bool(_header_values(headers, b"traceparent"))
+    entries = baggage.get_all(context)  # one read of the baggage, then dict lookups
     if trusted:
-        adopted = _adopt(context, headers, signing_key)
+        adopted = _adopt(context, entries, baggage_header, signing_key)
         if adopted is not None:
             return adopted
-    elif baggage.get_baggage(attributes.BAGGAGE_ROOT, context) is not None:
+    elif attributes.BAGGAGE_ROOT in entries:
         telemetry.baggage_rejected("untrusted")
-    context = without_root(context)
-    root = _root_started_here(context, headers)
-    return IncomingRoot(_with_signed_root(context, root, 0, signing_key), root, 0, adopted=False)
+    # Only the otel_cancel.* entries are dropped; the rest of the caller's baggage is kept.
+    ours = [key for key in attributes.BAGGAGE_KEYS if key in entries]
+    if ours:
+        for key in ours:
+            context = baggage.remove_baggage(key, context)
+        entries = baggage.get_all(context)
+    root = _root_started_here(context, continued)
+    extra = {attributes.BAGGAGE_SIGNATURE: sign_root(signing_key, root)} if signing_key else None
+    return IncomingRoot(set_root(root, 0, context, entries, extra), root, 0, adopted=False)
 
 
-def _adopt(context: Context, headers: list[tuple[bytes, bytes]], signing_key: bytes | None) -> IncomingRoot | None:
-    raw = b",".join(_header_values(headers, b"baggage"))
-    entries = baggage.get_all(context)  # one read of the baggage, then dict lookups
+def _adopt(
+    context: Context, entries: Mapping[str, object], raw: bytes, signing_key: bytes | None
+) -> IncomingRoot | None:
     incoming = entries.get(attributes.BAGGAGE_ROOT)
     if len(raw) > MAX_BAGGAGE_BYTES:
         telemetry.baggage_rejected("oversized")
@@ -104,18 +120,12 @@ def _adopt(context: Context, headers: list[tuple[bytes, bytes]], signing_key: by
         _log.warning("invalid_depth", "otel-cancel: incoming depth %.20r is not valid; counting from 0", depth_value)
         incoming_depth = 0
     depth = min(incoming_depth + 1, 1000)
-    return IncomingRoot(with_root(incoming, depth, context), incoming, depth, adopted=True)
+    return IncomingRoot(set_root(incoming, depth, context, entries), incoming, depth, adopted=True)
 
 
-def _root_started_here(context: Context, headers: list[tuple[bytes, bytes]]) -> str:
+def _root_started_here(context: Context, continued: bool) -> str:
     span_context = trace.get_current_span(context).get_span_context()
-    continued = bool(_header_values(headers, b"traceparent"))
     if span_context.is_valid and not continued:
         return new_root(context)
     # The caller chose this trace id (or there is no trace): never let it pick the root.
     return random_root()
-
-
-def _with_signed_root(context: Context, root: str, depth: int, signing_key: bytes | None) -> Context:
-    extra = {attributes.BAGGAGE_SIGNATURE: sign_root(signing_key, root)} if signing_key else None
-    return with_root(root, depth, context, extra=extra)

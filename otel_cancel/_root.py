@@ -104,7 +104,17 @@ def with_root(
     if not 0 <= depth <= MAX_DEPTH:
         raise ValueError(f"depth must be between 0 and {MAX_DEPTH}, got {depth}")
     context = context if context is not None else get_current()
-    entries = baggage.get_all(context)
+    return set_root(root, depth, context, baggage.get_all(context), extra)
+
+
+def set_root(
+    root: str, depth: int, context: Context, entries: Mapping[str, object], extra: dict[str, str] | None = None
+) -> Context:
+    """:func:`with_root` for a caller that validated ``root`` and ``depth`` and read ``entries`` already.
+
+    ``entries`` must be the baggage of ``context`` (``baggage.get_all(context)``): the
+    request path reads it once and shares it.
+    """
     if _updatable_in_place(entries, root, extra) and parse_started(entries.get(attributes.BAGGAGE_STARTED)) is not None:
         # A hop that adopts its caller's root: the root already leads the baggage (with
         # the run's start, labels kept as they are), and setting an existing entry keeps
@@ -113,24 +123,29 @@ def with_root(
         depth_value = str(depth)
         if entries[attributes.BAGGAGE_DEPTH] != depth_value:
             context = baggage.set_baggage(attributes.BAGGAGE_DEPTH, depth_value, context)
-        for extra_key, extra_value in (extra or {}).items():
-            if entries.get(extra_key) != extra_value:
-                context = baggage.set_baggage(extra_key, extra_value, context)
+        if extra:
+            for extra_key, extra_value in extra.items():
+                if entries.get(extra_key) != extra_value:
+                    context = baggage.set_baggage(extra_key, extra_value, context)
         return context
     ours = {
         key: entries[key]
         for key in attributes.BAGGAGE_KEYS
         if key in entries and key not in (attributes.BAGGAGE_ROOT, attributes.BAGGAGE_DEPTH)
     }
-    previous = current_root(context)
+    previous = entries.get(attributes.BAGGAGE_ROOT)
+    if not (isinstance(previous, str) and is_valid_root(previous)):
+        previous = None
     if previous != root or parse_started(ours.get(attributes.BAGGAGE_STARTED)) is None:
         ours[attributes.BAGGAGE_STARTED] = str(time.time_ns() // 1_000_000)
     if previous is not None and previous != root:
         ours.pop(attributes.BAGGAGE_LABELS, None)
-    ours.update(extra or {})
+    if extra:
+        ours.update(extra)
     ordered: dict[str, object] = {attributes.BAGGAGE_ROOT: root, attributes.BAGGAGE_DEPTH: str(depth), **ours}
     ordered.update((key, value) for key, value in entries.items() if key not in attributes.BAGGAGE_KEYS)
-    context = baggage.clear(context)
+    # Setting an entry keeps its place in the dict: start from empty baggage so ours lead.
+    context = baggage.clear(context) if entries else context
     for key, value in ordered.items():
         context = baggage.set_baggage(key, value, context)
     return context
@@ -160,7 +175,8 @@ def _updatable_in_place(entries: Mapping[str, object], root: str, extra: dict[st
 def without_root(context: Context | None = None) -> Context:
     """A copy of ``context`` with every ``otel_cancel.*`` baggage entry removed."""
     context = context if context is not None else get_current()
+    entries = baggage.get_all(context)
     for key in attributes.BAGGAGE_KEYS:
-        if baggage.get_baggage(key, context) is not None:
+        if key in entries:
             context = baggage.remove_baggage(key, context)
     return context

@@ -60,6 +60,7 @@ from ._incoming import establish_root
 from ._labels import usable_labels, validate_label, with_labels
 from ._logging import RateLimitedLogger
 from ._request import CancelRequest
+from ._request_context import extract_request_context
 from ._root import with_root
 from ._runtime import ProcessState, get_process_state
 from ._scope import CancelScope, cancel
@@ -102,19 +103,29 @@ def _on_start_serving(runtime: ProcessState) -> None:
 class _RequestHeaders:
     """What the middleware needs from the request headers, read in one pass."""
 
-    __slots__ = ("carrier", "has_body", "timeouts")
+    __slots__ = ("baggage", "carrier", "continued", "has_body", "timeouts")
 
     def __init__(self, headers: Any, propagation_fields: frozenset[bytes]) -> None:
         self.carrier: dict[str, list[str]] = {}
         """The headers the propagators read (name -> values), for ``propagate.extract``."""
+        self.baggage: list[bytes] = []
+        """The raw ``baggage`` headers."""
+        self.continued = False
+        """Whether the request carries a ``traceparent`` (the caller continued its trace)."""
         self.timeouts: list[bytes] = []
         self.has_body = False
         for key, value in headers:
             name = key.lower()
             if name in propagation_fields:
                 self.carrier.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
+                if name == b"baggage":
+                    self.baggage.append(value)
+                elif name == b"traceparent":
+                    self.continued = True
             elif name == _TIMEOUT_HEADER:
                 self.timeouts.append(value)
+            elif name == b"traceparent":
+                self.continued = True
             elif name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
                 self.has_body = True
 
@@ -208,8 +219,15 @@ class CancelMiddleware:
         if headers.carrier and not trace.get_current_span(current).get_span_context().is_valid:
             # No OpenTelemetry ASGI middleware in front (it would have extracted the
             # context already): extract it ourselves, once.
-            current = textmap.extract(headers.carrier)
-        incoming = establish_root(current, raw_headers, trusted=trusted, signing_key=settings.signing_key)
+            current = extract_request_context(textmap, headers.carrier)
+        incoming = establish_root(
+            current,
+            raw_headers,
+            trusted=trusted,
+            signing_key=settings.signing_key,
+            baggage_header=b",".join(headers.baggage),
+            continued=headers.continued,
+        )
         context, deadline_ms = self._narrow_deadline(incoming.context, incoming.root, incoming.depth, headers)
         context = self._labelled(context, raw_headers, settings.label_headers)
         if self._run_in_scope and deadline_ms is not None and deadline_ms <= now_ms():
@@ -301,13 +319,6 @@ async def _send_json(send: Send, status: int, body: bytes, root: str) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _baggage_entry(key: str, value: object) -> str:
-    text = str(value)
-    # Roots, depths, deadlines and signatures are hex or digits; anything else is quoted
-    # the way OpenTelemetry's propagator quotes it.
-    return f"{key}={text if text.isalnum() else quote_plus(text)}"
-
-
 def _rewrite_baggage(
     headers: Any, incoming: list[str] | None, context: otel_context.Context
 ) -> list[tuple[bytes, bytes]]:
@@ -318,8 +329,15 @@ def _rewrite_baggage(
     it arrived (no decoding and encoding again).
     """
     entries = baggage.get_all(context)
-    parts = [_baggage_entry(key, entries[key]) for key in attributes.BAGGAGE_KEYS if key in entries]
-    if incoming:
+    parts = []
+    for key in attributes.BAGGAGE_KEYS:
+        value = entries.get(key)
+        if value is not None:
+            text = str(value)
+            # Roots, depths, deadlines and signatures are hex or digits; anything else is
+            # quoted the way OpenTelemetry's propagator quotes it.
+            parts.append(f"{key}={text}" if text.isalnum() else f"{key}={quote_plus(text)}")
+    if incoming and len(parts) < len(entries):  # entries of the caller's own besides ours
         for header in incoming:
             for entry in header.split(","):
                 name = entry.split("=", 1)[0].split(";", 1)[0].strip()
@@ -327,7 +345,7 @@ def _rewrite_baggage(
                     name = unquote_plus(name)
                 if name in entries and not name.startswith(_OUR_PREFIX):
                     parts.append(entry.strip())
-    rewritten = [(k, v) for k, v in headers if k.lower() != b"baggage"]
+    rewritten = [(key, value) for key, value in headers if key.lower() != b"baggage"]
     if parts:
         rewritten.append((b"baggage", ",".join(parts).encode("latin-1")))
     return rewritten
