@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "services"))
 from _common import PYTHON, SERVICES, base_parser, loadavg, say, service_env, summary, table, write_results
 from scale import Holder, process_cpu_seconds
 
-from otel_cancel._etcd_metrics import etcd_grpc_calls
-from otel_cancel._io_loop import io_loop
-from otel_cancel._request import CancelRequest
+from otel_cancel._core.io_loop import io_loop
+from otel_cancel._core.records import CancelRequest
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.testing import EtcdServer, ManagedProcess, unique_prefix
+from otel_cancel.testing.etcd_metrics import etcd_grpc_calls
 
 WRITERS = 2
 

@@ -28,7 +28,7 @@ from _common import PYTHON, SERVICES, service_env
 from scope_holder import roots
 
 import otel_cancel
-from otel_cancel._io_loop import io_loop
+from otel_cancel._core.io_loop import io_loop
 from otel_cancel.testing import EtcdServer, ManagedProcess, configured, unique_prefix
 
 

@@ -70,8 +70,8 @@ from opentelemetry import baggage, context
 
 import otel_cancel
 from otel_cancel import attributes
-from otel_cancel._etcd_metrics import etcd_grpc_calls
 from otel_cancel.testing import EtcdServer, ManagedProcess, configured, free_port, unique_prefix
+from otel_cancel.testing.etcd_metrics import etcd_grpc_calls
 
 ROOT = "4bf92f3577b34da6a3ce929d0e0e4736"
 STARTED = "1764990000000"
@@ -311,7 +311,7 @@ async def asgi_costs(iterations: int, repeats: int) -> tuple[list[dict[str, Any]
             row["span_names"] = {k: round(v / 200, 2) for k, v in names.items()}
 
     # Diagnostic: the same with CancelMiddleware's disconnect listener stubbed out.
-    from otel_cancel import asgi as cancel_asgi
+    from otel_cancel.integrations import asgi as cancel_asgi
 
     original = cancel_asgi._CancellableRequest._listen_soon
     cancel_asgi._CancellableRequest._listen_soon = lambda self: None  # type: ignore[method-assign]

@@ -68,7 +68,7 @@ NEXT_PATH = os.environ.get("NEXT_PATH", "/stream")
 _client: httpx.AsyncClient | None = None
 
 if os.environ.get("BENCH_DISCONNECT_LISTENER") == "off":
-    from otel_cancel import asgi as _otel_cancel_asgi
+    from otel_cancel.integrations import asgi as _otel_cancel_asgi
 
     _otel_cancel_asgi._CancellableRequest._listen_soon = lambda self: None
 
@@ -154,7 +154,7 @@ async def hop(request: Request) -> JSONResponse:
 
 async def debug(request: Request) -> JSONResponse:
     """otel-cancel's state in this process; never configures otel-cancel (etcd calls are counted at etcd)."""
-    runtime_module = sys.modules.get("otel_cancel._runtime")
+    runtime_module = sys.modules.get("otel_cancel._core.process_state")
     runtime = getattr(runtime_module, "_runtime", None) if runtime_module else None
     if runtime is None:
         return JSONResponse({"otel_cancel": False, "live_scopes": None})

@@ -20,7 +20,7 @@ import time
 import tracemalloc
 
 import otel_cancel
-from otel_cancel._runtime import get_process_state
+from otel_cancel._core.process_state import get_process_state
 
 
 async def main(root: str, memory: bool) -> None:

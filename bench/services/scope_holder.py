@@ -32,7 +32,7 @@ import sys
 import time
 
 import otel_cancel
-from otel_cancel._runtime import get_process_state
+from otel_cancel._core.process_state import get_process_state
 from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS
 from otel_cancel.testing import CancelMetrics
 

@@ -10,7 +10,7 @@ client's ``timeout``), so a hung etcd never hangs a caller.
 
 The client is created lazily, on the event loop of the first call, because a gRPC
 aio channel belongs to the loop that created it. Inside services that loop is the
-process's IO loop (:mod:`otel_cancel._io_loop`). When a call finds an endpoint
+process's IO loop (:mod:`otel_cancel._core.io_loop`). When a call finds an endpoint
 unavailable the client is dropped and the next call uses the next endpoint
 (fail-over across ``OTEL_CANCEL_ETCD_ENDPOINTS``).
 """
@@ -30,15 +30,10 @@ import aetcd.exceptions
 import aetcd.rpc
 import grpc
 
-from .._bulk import BulkCancel
-from .._io_loop import io_loop
-from .._request import CancelRequest, LiveRecord, Receipt, TaskRecord
-from ..exceptions import (
-    ConfigurationError,
-    StoreError,
-    StorePermissionError,
-    StoreUnavailableError,
-)
+from .._core.bulk import BulkCancel
+from .._core.io_loop import io_loop
+from .._core.records import CancelRequest, LiveRecord, Receipt, TaskRecord
+from ..exceptions import ConfigurationError, StoreError, StorePermissionError, StoreUnavailableError
 from . import DEFAULT_PREFIX, LIST_PAGE_SIZE, FlagEvent, FlagListing, FlagPage
 from ._aetcd_patches import PatchedEtcdClient
 from ._endpoints import parse_endpoint as parse_endpoint
@@ -159,7 +154,7 @@ class EtcdCancelStore:
     def _connection(self) -> PatchedEtcdClient:
         if self._client is None:
             # Pin gRPC's poller to the process IO loop before the first channel exists
-            # (see otel_cancel._io_loop), whatever loop this store is used from.
+            # (see otel_cancel._core.io_loop), whatever loop this store is used from.
             io_loop().start()
             host, port = self.endpoints[self._endpoint_index]
             self._client = PatchedEtcdClient(

@@ -47,9 +47,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 import otel_cancel
-from otel_cancel._registry import CancelRegistry
-from otel_cancel._request import CancelRequest
-from otel_cancel._runtime import get_process_state
+from otel_cancel._core.process_state import get_process_state
+from otel_cancel._core.records import CancelRequest
+from otel_cancel._core.registry import CancelRegistry
 from otel_cancel.asgi import CancelMiddleware
 from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS, METRIC_WATCH_CONNECTED
 from otel_cancel.exceptions import OtelCancelError
