@@ -48,8 +48,8 @@ def examples_dir() -> Path:
     The wheel carries ``examples/`` as ``otel_cancel/_examples/examples`` (see
     pyproject.toml), so ``pip install 'otel-cancel[demo]'`` is enough to run the demo.
     """
-    here = Path(__file__).resolve().parent
-    for base in (here.parent, here / "_examples"):
+    package = Path(__file__).resolve().parents[1]
+    for base in (package.parent, package / "_examples"):
         if (base / "examples" / "chain" / "app.py").exists():
             return base
     raise FileNotFoundError(

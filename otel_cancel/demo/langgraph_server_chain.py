@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from ..store.embedded_etcd import free_port
+from . import examples_dir
 from .processes import ChildProcess
 
 ROLES = ("supervisor", "sub_agent", "sub_sub_agent")
@@ -27,15 +28,13 @@ ROLES = ("supervisor", "sub_agent", "sub_sub_agent")
 
 def langgraph_server_examples() -> Path:
     """``examples/langgraph_server``: a source checkout's, else the copy inside the wheel."""
-    here = Path(__file__).resolve().parent
-    for base in (here.parent, here / "_examples"):
-        candidate = base / "examples" / "langgraph_server"
-        if (candidate / "agent.py").is_file():
-            return candidate
-    raise FileNotFoundError(
-        "the LangGraph Server agents are missing from this installation; "
-        "reinstall with pip install 'otel-cancel[demo,langgraph-server]'"
-    )
+    candidate = examples_dir() / "examples" / "langgraph_server"
+    if not (candidate / "agent.py").is_file():
+        raise FileNotFoundError(
+            "the LangGraph Server agents are missing from this installation; "
+            "reinstall with pip install 'otel-cancel[demo,langgraph-server]'"
+        )
+    return candidate
 
 
 def _bin(name: str) -> str:
