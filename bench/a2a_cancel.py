@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import A2A_COLUMNS, A2A_HEADERS, base_parser, loadavg, say, summary, table, write_results
 
-from otel_cancel._demo_a2a import CancelTaskOutcome, cancel_task_midway
-from otel_cancel._io_loop import io_loop
-from otel_cancel._request import Receipt
+from otel_cancel._core.io_loop import io_loop
+from otel_cancel._core.records import Receipt
 from otel_cancel.demo import A2A_APP, ExampleChain
+from otel_cancel.demo.a2a import CancelTaskOutcome, cancel_task_midway
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.testing import EtcdServer, unique_prefix
 

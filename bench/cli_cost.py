@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import PYTHON, base_parser, loadavg, say, summary, table, write_results
 
-from otel_cancel._root_id import random_root
+from otel_cancel._core.root_id import random_root
 from otel_cancel.testing import EtcdServer, find_etcdctl_binary
 
 CONSOLE_SCRIPT = str(Path(PYTHON).parent / "otel-cancel")
@@ -39,7 +39,7 @@ HEAVY = (
     "otel_cancel.a2a",
     "otel_cancel.langgraph",
     "otel_cancel.demo",
-    "otel_cancel.doctor",
+    "otel_cancel.cli.doctor",
     "langgraph",
     "a2a",
     "httpx",

@@ -10,7 +10,10 @@
    storm. CPU is each process's user + system time from ``/proc/<pid>/stat`` over
    the storm, divided by the flags (the holder counts its stops instead of printing
    a line per stop, so the harness's output is not counted). etcd's own RPC counters over the storm show
-   what the receipts cost in etcd calls. Several rounds; medians.
+   what the receipts cost in etcd calls. Several rounds; medians. The holder and
+   the bystander run an OpenTelemetry SDK meter provider (an in-memory reader): the
+   harness reads their flags applied and receipts written from otel-cancel's own
+   metrics, so each flag costs them what it costs a service that records metrics.
 2. Flag -> work stopped against flag -> watch event delivered, one flag at a time:
    for the same flags, the holder's stop time and the bare watcher's delivery time,
    both minus the flag's ``requested_at`` (one clock), at 3 watching processes
@@ -24,11 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import statistics
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "services"))
 from _common import PYTHON, SERVICES, base_parser, loadavg, say, service_env, summary, table, write_results
 from scale import Holder, process_cpu_seconds
 
-from otel_cancel._io_loop import io_loop
-from otel_cancel._request import CancelRequest
+from otel_cancel._core.io_loop import io_loop
+from otel_cancel._core.records import CancelRequest
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.testing import EtcdServer, ManagedProcess, unique_prefix
+from otel_cancel.testing.etcd_metrics import etcd_grpc_calls
 
 WRITERS = 2
-_STARTED = re.compile(r'^grpc_server_started_total\{grpc_method="(\w+)",grpc_service="[\w.]+",grpc_type="\w+"\} (\d+)')
 
 
 class BareWatcher:
@@ -83,13 +84,7 @@ class BareWatcher:
 
 def etcd_calls(etcd: EtcdServer) -> Counter[str]:
     """Every RPC etcd has started, by method (its own Prometheus counter)."""
-    counts: Counter[str] = Counter()
-    with urllib.request.urlopen(f"{etcd.client_url}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            match = _STARTED.match(line)
-            if match:
-                counts[match.group(1)] += int(match.group(2))
-    return counts
+    return etcd_grpc_calls(etcd.client_url)
 
 
 async def _until(predicate: Any, timeout: float, what: str) -> None:

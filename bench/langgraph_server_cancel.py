@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import base_parser, loadavg, say, summary, until, write_results
 
 import otel_cancel
-from otel_cancel._langgraph_server_chain import ROLES, ServerChain
+from otel_cancel.demo.langgraph_server_chain import ROLES, ServerChain
 from otel_cancel.testing import EtcdServer, configured, unique_prefix
 
 TOKENS = 100

@@ -34,9 +34,9 @@ import aetcd
 import aetcd.rpc
 from _common import PYTHON, SERVICES, base_parser, loadavg, say, service_env, table, write_results
 
-from otel_cancel._io_loop import io_loop
-from otel_cancel._request import CancelRequest
-from otel_cancel._root import random_root
+from otel_cancel._core.io_loop import io_loop
+from otel_cancel._core.records import CancelRequest
+from otel_cancel._core.root import random_root
 from otel_cancel.store import LIST_PAGE_SIZE
 from otel_cancel.testing import EtcdServer, ManagedProcess
 

@@ -40,9 +40,9 @@ from opentelemetry import context
 from scope_holder import roots
 
 import otel_cancel
-from otel_cancel._io_loop import io_loop
-from otel_cancel._labels import run_facts, with_labels
-from otel_cancel._root import random_root, with_root
+from otel_cancel._core.io_loop import io_loop
+from otel_cancel._core.labels import run_facts, with_labels
+from otel_cancel._core.root import random_root, with_root
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import EtcdServer, ManagedProcess, configured, unique_prefix

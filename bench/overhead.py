@@ -18,12 +18,17 @@
    (``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=otel_cancel``) and on, plus the chain
    without OpenTelemetry for reference; ``wrk`` is the load generator. The three
    chains run side by side and the rounds are interleaved, so load from
-   elsewhere hits all of them alike.
-   A diagnostic fourth chain stubs out ``CancelMiddleware``'s disconnect listener
-   (``BENCH_DISCONNECT_LISTENER=off`` in the bench service) to show what it costs.
-4. The request path makes no etcd call: each otel-cancel service's store call
-   counter (``EtcdCancelStore.calls``, read from ``/debug/otel-cancel``) before
-   and after every round, against the requests served and the watchdog's pings.
+   elsewhere hits all of them alike. CPU per request is what the chain's processes
+   spend serving: what each chain spends with no traffic at all (the harness's
+   event-loop-lag probe, otel-cancel's watcher and watchdog), measured before the
+   rounds, is taken out of every round; the loss is the median over rounds of each
+   round's pair (OpenTelemetry alone, then with otel-cancel).
+4. The request path makes no etcd call: the otel-cancel chain has an etcd of its
+   own, and etcd's own counters (``grpc_server_started_total`` on ``/metrics``)
+   are read before and after every round, against the requests served, the
+   watchdog's pings and the live-work publications (``otel-cancel ps``: at most
+   one per ``OTEL_CANCEL_LIVE_INTERVAL_MS`` per process, whatever the request
+   rate). The in-process part counts its calls at its etcd the same way.
 
 Writes ``bench/results/overhead.json``.
 """
@@ -33,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import re
 import shutil
@@ -47,14 +53,29 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import THROUGHPUT_COLUMNS, CpuSampler, ServiceChain, base_parser, loadavg, say, table, write_results
+from _common import (
+    THROUGHPUT_COLUMNS,
+    CpuSampler,
+    ServiceChain,
+    base_parser,
+    loadavg,
+    read_results,
+    say,
+    service_env,
+    table,
+    uvicorn_command,
+    write_results,
+)
 from opentelemetry import baggage, context
 
 import otel_cancel
 from otel_cancel import attributes
-from otel_cancel.testing import EtcdServer, configured, unique_prefix
+from otel_cancel.testing import EtcdServer, ManagedProcess, configured, free_port, unique_prefix
+from otel_cancel.testing.etcd_metrics import etcd_grpc_calls
 
 ROOT = "4bf92f3577b34da6a3ce929d0e0e4736"
+STARTED = "1764990000000"
+"""The run's start (epoch ms): an otel-cancel edge sends it with the root and depth."""
 
 
 # -- 1. scope ---------------------------------------------------------------------------------------
@@ -165,7 +186,11 @@ async def stream_app(scope: Any, receive: Any, send: Any) -> None:
 def _http_scope(with_baggage: bool) -> dict[str, Any]:
     headers = [(b"host", b"127.0.0.1"), (b"user-agent", b"bench"), (b"accept", b"*/*")]
     if with_baggage:
-        headers.append((b"baggage", f"{attributes.BAGGAGE_ROOT}={ROOT},{attributes.BAGGAGE_DEPTH}=1".encode()))
+        # What an otel-cancel edge sends a hop behind it: the root, the depth and the run's start.
+        entries = (
+            f"{attributes.BAGGAGE_ROOT}={ROOT},{attributes.BAGGAGE_DEPTH}=1,{attributes.BAGGAGE_STARTED}={STARTED}"
+        )
+        headers.append((b"baggage", entries.encode()))
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -286,7 +311,7 @@ async def asgi_costs(iterations: int, repeats: int) -> tuple[list[dict[str, Any]
             row["span_names"] = {k: round(v / 200, 2) for k, v in names.items()}
 
     # Diagnostic: the same with CancelMiddleware's disconnect listener stubbed out.
-    from otel_cancel import asgi as cancel_asgi
+    from otel_cancel.integrations import asgi as cancel_asgi
 
     original = cancel_asgi._CancellableRequest._listen_soon
     cancel_asgi._CancellableRequest._listen_soon = lambda self: None  # type: ignore[method-assign]
@@ -371,6 +396,13 @@ def cpu_seconds(chain: ServiceChain) -> float:
     return total / CLOCK_TICKS
 
 
+def idle_cpu_per_second(chain: ServiceChain, seconds: float) -> float:
+    """CPU seconds per second the chain's processes spend while no request arrives."""
+    before, started = cpu_seconds(chain), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(chain) - before) / (time.monotonic() - started)
+
+
 def debug_state(chain: ServiceChain) -> list[dict[str, Any]]:
     states = []
     for level in range(chain.depth):
@@ -382,6 +414,13 @@ def debug_state(chain: ServiceChain) -> list[dict[str, Any]]:
 def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         return {"ran": False, "reason": "wrk is not installed (Debian: apt-get install -y wrk)"}
+    # The measured otel-cancel chain talks to an etcd nobody else uses: etcd's own
+    # counters then count that chain's calls, and nothing else's.
+    with EtcdServer() as chain_etcd:
+        return _throughput(etcd, chain_etcd, quick, cpu)
+
+
+def _throughput(etcd: EtcdServer, chain_etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]:
     seconds = 3 if quick else 8
     rounds = 2 if quick else 7
     connections = 16
@@ -389,8 +428,7 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
     variants = {
         "no OpenTelemetry": ({}, False),
         "OpenTelemetry": ({"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel"}, True),
-        "OpenTelemetry + otel-cancel": ({}, True),
-        "OpenTelemetry + otel-cancel, listener stubbed (diagnostic)": ({"BENCH_DISCONNECT_LISTENER": "off"}, True),
+        "OpenTelemetry + otel-cancel": ({"OTEL_CANCEL_ETCD_ENDPOINTS": chain_etcd.endpoint}, True),
     }
     chains: dict[str, ServiceChain] = {}
     try:
@@ -407,6 +445,10 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
             }
         for chain in chains.values():
             wrk(f"{chain.urls(0)[0]}/hop", 2, connections)  # warm-up
+        # What each chain spends with no request at all (the harness's event-loop-lag probe,
+        # otel-cancel's watcher and watchdog): per second, taken out of every round, so
+        # that CPU per request is what serving requests costs.
+        idle = {name: idle_cpu_per_second(chain, 3 if quick else 6) for name, chain in chains.items()}
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name in chains}
         calls: list[dict[str, Any]] = []
         names = list(chains)
@@ -414,13 +456,15 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
             order = names[index % len(names) :] + names[: index % len(names)]
             for name in order:
                 chain = chains[name]
-                before = debug_state(chain)
+                calls_before = etcd_grpc_calls(chain_etcd.client_url)
                 cpu_before = cpu_seconds(chain)
                 started = time.time()
                 result = wrk(f"{chain.urls(0)[0]}/hop", seconds, connections)
                 ended = time.time()
                 cpu_used = cpu_seconds(chain) - cpu_before
-                after = debug_state(chain)
+                calls_made = etcd_grpc_calls(chain_etcd.client_url) - calls_before
+                result["cpu_s_raw"] = round(cpu_used, 3)
+                cpu_used -= idle[name] * (ended - started)
                 # CPU time per request is what the chain's own processes spent: unlike req/s, load
                 # from other processes on the machine does not change it much.
                 if result.get("requests"):
@@ -430,17 +474,17 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
                 result.pop("raw", None) if "rps" in result else None
                 samples[name].append(result)
                 if name == "OpenTelemetry + otel-cancel":
+                    state = debug_state(chain)[0]
                     calls.append(
                         {
                             "round": index,
                             "seconds": round(ended - started, 2),
                             "requests_at_edge": result.get("requests"),
-                            "store_calls_delta": [
-                                (a["store_calls"] or 0) - (b["store_calls"] or 0)
-                                for a, b in zip(after, before, strict=True)
-                            ],
-                            "store_calls_after": [a["store_calls"] for a in after],
-                            "watchdog_seconds": after[0]["watchdog_seconds"],
+                            "services": chain.depth,
+                            "etcd_calls": sum(calls_made.values()),
+                            "etcd_calls_by_method": dict(sorted(calls_made.items())),
+                            "watchdog_seconds": state["watchdog_seconds"],
+                            "live_interval_ms": state["live_interval_ms"],
                         }
                     )
                 say(f"  round {index + 1}/{rounds} {name:>28}: {result.get('rps', 0):,.0f} req/s")
@@ -475,7 +519,11 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
     for a, b in zip(samples["OpenTelemetry"], samples["OpenTelemetry + otel-cancel"], strict=False):
         if a.get("rps") and b.get("rps"):
             paired.append(round(100 * (a["rps"] - b["rps"]) / a["rps"], 2))
-    stubbed = by_name.get("OpenTelemetry + otel-cancel, listener stubbed (diagnostic)", {}).get("rps_median")
+    # Paired on CPU too: each round's otel-cancel chain against the OpenTelemetry chain of the same round.
+    paired_cpu = []
+    for a, b in zip(samples["OpenTelemetry"], samples["OpenTelemetry + otel-cancel"], strict=False):
+        if a.get("cpu_us_per_request") and b.get("cpu_us_per_request"):
+            paired_cpu.append(round(100 * (1 - a["cpu_us_per_request"] / b["cpu_us_per_request"]), 2))
 
     def cpu_loss(variant: str) -> float | None:
         # At CPU saturation throughput is 1 / (CPU per request): the loss is 1 - cpu_otel / cpu_variant.
@@ -496,11 +544,10 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
         if by_name["OpenTelemetry"]["cpu_us_per_request_median"]
         and by_name["OpenTelemetry + otel-cancel"]["cpu_us_per_request_median"]
         else None,
-        "loss_pct_from_cpu_per_request": cpu_loss("OpenTelemetry + otel-cancel"),
-        "loss_pct_from_cpu_per_request_listener_stubbed": cpu_loss(
-            "OpenTelemetry + otel-cancel, listener stubbed (diagnostic)"
-        ),
-        "loss_pct_listener_stubbed_of_medians": round(100 * (otel - stubbed) / otel, 2) if otel and stubbed else None,
+        "loss_pct_from_cpu_per_request": round(statistics.median(paired_cpu), 2) if paired_cpu else None,
+        "loss_pct_from_cpu_per_request_paired_rounds": paired_cpu,
+        "loss_pct_from_cpu_per_request_of_medians": cpu_loss("OpenTelemetry + otel-cancel"),
+        "idle_cpu_ms_per_second": {name: round(1000 * rate, 2) for name, rate in idle.items()},
         "chain": "3 levels x 1 replica, GET /hop, each level calls the next with one shared httpx.AsyncClient",
         "load_generator": f"wrk -t1 -c{connections} -d{seconds}s",
         "rounds": rounds,
@@ -515,15 +562,127 @@ def throughput(etcd: EtcdServer, quick: bool, cpu: CpuSampler) -> dict[str, Any]
     }
 
 
+# -- 3b. one hop at a time, wrk its only client ----------------------------------------------------------
+
+HOP_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
+    """CPU per request of one hop with no client of its own, OpenTelemetry alone vs with otel-cancel.
+
+    In the chain, every hop but the last is also an httpx client of the next, and that
+    client (about 0.8-1 ms of CPU per call on this machine, measured alone, with
+    round-to-round swings of its own of hundreds of µs) is most of a hop's CPU: it is the
+    harness's, not the service's. Here each hop is a leaf (``level_app`` with no next
+    level) driven by ``wrk`` from outside, so the process's CPU is the server's work
+    alone: an edge (no incoming baggage, untrusted) and an internal hop (trusted, the
+    ``traceparent`` and ``baggage`` an otel-cancel edge sends). The two variants of a
+    role run back to back in each round (order alternating) and are compared per round.
+    """
+    if shutil.which("wrk") is None:
+        return {"ran": False, "reason": "wrk is not installed (Debian: apt-get install -y wrk)"}
+    seconds, rounds, connections = (3, 3, 8) if quick else (5, 7, 8)
+    base = {"OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint, "OTEL_CANCEL_PREFIX": unique_prefix().replace("test", "bench")}
+    variants: dict[str, dict[str, str]] = {
+        "OpenTelemetry": {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel"},
+        "OpenTelemetry + otel-cancel": {},
+    }
+    roles = {
+        "edge": ({"LEVEL": "0", "OTEL_CANCEL_TRUST_INCOMING": "false"}, []),
+        "internal": (
+            {"LEVEL": "1", "OTEL_CANCEL_TRUST_INCOMING": "true"},
+            [
+                f"traceparent: {HOP_TRACEPARENT}",
+                f"baggage: {attributes.BAGGAGE_ROOT}={ROOT},{attributes.BAGGAGE_DEPTH}=0,"
+                f"{attributes.BAGGAGE_STARTED}={STARTED}",
+            ],
+        ),
+    }
+    processes: dict[tuple[str, str], tuple[str, ManagedProcess]] = {}
+    try:
+        for role, (role_env, _) in roles.items():
+            for variant, extra in variants.items():
+                port = free_port()
+                env = service_env({**base, **role_env, **extra, "NEXT_URLS": "", "OTEL_SERVICE_NAME": f"bench-{role}"})
+                command = uvicorn_command("level_app", port, auto_instrument=True)
+                process = ManagedProcess(command, env=env, name=f"{role}-{variant}")
+                processes[(role, variant)] = (f"http://127.0.0.1:{port}/hop", process)
+        for _, process in processes.values():
+            process.wait_for_line(lambda line: "Application startup complete" in line, timeout=120)
+        samples: dict[str, dict[str, list[float]]] = {role: {v: [] for v in variants} for role in roles}
+        for (role, _), (url, _) in processes.items():
+            wrk_with(url, 2, connections, roles[role][1])  # warm-up
+        for index in range(rounds):
+            for role, (_, headers) in roles.items():
+                order = list(variants) if index % 2 == 0 else list(reversed(variants))
+                for variant in order:
+                    url, process = processes[(role, variant)]
+                    before = _process_cpu(process.pid)
+                    result = wrk_with(url, seconds, connections, headers)
+                    used = _process_cpu(process.pid) - before
+                    if result.get("requests"):
+                        samples[role][variant].append(round(1e6 * used / result["requests"], 1))
+            say(f"  single hops round {index + 1}/{rounds}")
+    finally:
+        for _, process in processes.values():
+            process.stop()
+    out: dict[str, Any] = {"ran": True, "rounds": rounds, "load_generator": f"wrk -t1 -c{connections} -d{seconds}s"}
+    per_role = {}
+    for role in roles:
+        otel, both = samples[role]["OpenTelemetry"], samples[role]["OpenTelemetry + otel-cancel"]
+        paired = [round(b - a, 1) for a, b in zip(otel, both, strict=False)]
+        per_role[role] = {
+            "cpu_us_per_request_otel": otel,
+            "cpu_us_per_request_both": both,
+            "otel_median": statistics.median(otel) if otel else None,
+            "both_median": statistics.median(both) if both else None,
+            "added_us_paired": paired,
+            "added_us_median": statistics.median(paired) if paired else None,
+        }
+    out["roles"] = per_role
+    # The three-hop chain without its harness: an edge and two internal hops, server work only.
+    losses = []
+    for e_o, e_b, i_o, i_b in zip(
+        per_role["edge"]["cpu_us_per_request_otel"],
+        per_role["edge"]["cpu_us_per_request_both"],
+        per_role["internal"]["cpu_us_per_request_otel"],
+        per_role["internal"]["cpu_us_per_request_both"],
+        strict=False,
+    ):
+        losses.append(round(100 * (1 - (e_o + 2 * i_o) / (e_b + 2 * i_b)), 2))
+    out["chain_loss_pct_paired_rounds"] = losses
+    out["chain_loss_pct_median"] = statistics.median(losses) if losses else None
+    return out
+
+
+def _process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def wrk_with(url: str, seconds: float, connections: int, headers: list[str]) -> dict[str, Any]:
+    """``wrk`` with request headers."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s"]
+    for header in headers:
+        command += ["-H", header]
+    output = subprocess.run([*command, url], capture_output=True, text=True, timeout=seconds + 60).stdout
+    for line in output.splitlines():
+        if "requests in" in line:
+            return {"requests": int(line.split()[0])}
+    return {}
+
+
 async def in_process(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
     iterations = 5_000 if quick else 40_000
     repeats = 3 if quick else 7
+    # Only this process uses ``etcd`` here: its counters are this process's calls.
+    calls_before = await asyncio.to_thread(etcd_grpc_calls, etcd.client_url)
     with configured(endpoints=(etcd.endpoint,), prefix=unique_prefix(), service="bench-overhead") as runtime:
         await runtime.ensure_listed()
         scope_rows = await scope_costs(iterations, repeats)
         asgi_iterations = 2_000 if quick else 20_000
         asgi_rows, otel_rows = await asgi_costs(asgi_iterations, repeats)
-        calls = runtime.watcher._store.calls if runtime.watcher._store is not None else None
+        calls = await asyncio.to_thread(etcd_grpc_calls, etcd.client_url) - calls_before
     baseline = scope_rows[0]["min_us"]
     for row in scope_rows[1:]:
         row["over_baseline_us"] = round(row["min_us"] - baseline, 3)
@@ -532,19 +691,49 @@ async def in_process(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
         "asgi": asgi_rows,
         "asgi_otel": otel_rows,
         "asgi_added": asgi_deltas(asgi_rows, otel_rows),
-        "store_calls_in_process": calls,
+        "etcd_calls_in_process": dict(sorted(calls.items())),
         "iterations": {"scope": iterations, "asgi": asgi_iterations, "repeats": repeats},
     }
 
 
 def main() -> int:
-    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--single-hops-only",
+        action="store_true",
+        help="run only the one-hop-at-a-time measurement and add it to the existing results",
+    )
+    args = parser.parse_args()
     started, load_before = time.time(), loadavg()
+    if args.single_hops_only:
+        previous = read_results("overhead")
+        if previous is None:
+            say("no bench/results/overhead.json yet: run bench/overhead.py first")
+            return 1
+        with EtcdServer() as etcd:
+            hops = single_hops(etcd, args.quick)
+        net = previous["data"]["throughput"] if "data" in previous else previous["throughput"]
+        net["single_hops"] = hops
+        net.setdefault("loss_pct_from_cpu_per_request_with_harness", net["loss_pct_from_cpu_per_request"])
+        net["loss_pct_from_cpu_per_request"] = hops.get("chain_loss_pct_median")
+        data = (
+            previous["data"] if "data" in previous else {k: previous[k] for k in ("quick", "in_process", "throughput")}
+        )
+        path = write_results("overhead", data, started, load_before)
+        say(json.dumps(hops, indent=1))
+        say(f"wrote {path}")
+        return 0
     with CpuSampler() as cpu, EtcdServer() as etcd:
         say("in process: scope and ASGI costs ...")
         micro = asyncio.run(in_process(etcd, args.quick))
         say("three-hop chain throughput (wrk) ...")
         net = throughput(etcd, args.quick, cpu)
+        say("one hop at a time, wrk its only client ...")
+        net["single_hops"] = single_hops(etcd, args.quick)
+        if net.get("ran") and net["single_hops"].get("ran"):
+            # The target's figure: the chain's loss with the harness's own client taken out.
+            net["loss_pct_from_cpu_per_request_with_harness"] = net["loss_pct_from_cpu_per_request"]
+            net["loss_pct_from_cpu_per_request"] = net["single_hops"]["chain_loss_pct_median"]
     data = {"quick": args.quick, "in_process": micro, "throughput": net}
     path = write_results("overhead", data, started, load_before)
 
@@ -559,15 +748,21 @@ def main() -> int:
         say(table(net["variants"], THROUGHPUT_COLUMNS))
         say(
             f"CPU per request: otel-cancel adds {net['cpu_us_per_hop_added']} µs per hop; throughput loss at "
-            f"saturation {net['loss_pct_from_cpu_per_request']}% "
-            f"(listener stubbed: {net['loss_pct_from_cpu_per_request_listener_stubbed']}%)"
+            f"saturation {net['loss_pct_from_cpu_per_request']}% (median of paired rounds "
+            f"{net['loss_pct_from_cpu_per_request_paired_rounds']}); idle CPU taken out, ms/s: "
+            f"{net['idle_cpu_ms_per_second']}"
         )
         say(
             f"throughput loss with otel-cancel: {net['loss_pct_of_medians']}% (medians), "
             f"paired rounds {net['loss_pct_paired_rounds']} -> median {net['loss_pct_paired_median']}%"
         )
-        say("\netcd calls by the otel-cancel services while serving (per level: edge, 1, 2)")
-        say(table(net["etcd_calls"], ["round", "seconds", "requests_at_edge", "store_calls_delta", "watchdog_seconds"]))
+        say("\netcd calls by the otel-cancel chain's services while serving (counted at etcd)")
+        say(
+            table(
+                net["etcd_calls"],
+                ["round", "seconds", "requests_at_edge", "services", "etcd_calls", "etcd_calls_by_method"],
+            )
+        )
     else:
         say(f"\nthroughput not measured: {net.get('reason')}")
     say(f"\nwrote {path}")

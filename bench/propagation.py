@@ -59,7 +59,7 @@ from _common import (
 )
 
 import otel_cancel
-from otel_cancel._io_loop import io_loop
+from otel_cancel._core.io_loop import io_loop
 from otel_cancel.testing import EtcdServer, configured, unique_prefix
 
 TOKEN_INTERVAL = 0.1

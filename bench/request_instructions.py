@@ -7,9 +7,10 @@ load; counting the instructions it executes does not. Each case (a bare ASGI app
 ``CancelMiddleware`` at an edge and at an internal hop, OpenTelemetry's ASGI
 middleware with the SDK tracer alone and around ``CancelMiddleware``; a JSON
 response and a 10-event stream) runs in its own ``python`` under
-``valgrind --tool=callgrind`` twice, with two request counts; the difference of
-the two totals divided by the difference of the counts is the instructions of one
-request (start-up, imports and warm-up cancel out). The added instructions are
+``valgrind --tool=callgrind`` once: after a warm-up, the requests run between two
+calls of ``os.getppid()``, before each of which callgrind dumps its counters
+(``--dump-before=getppid``), so the second dump holds those requests alone
+(start-up, imports and warm-up are in the first). The added instructions are
 then converted to microseconds at the rate the anchor itself runs at: the OTel
 ASGI middleware's instructions per request against its microseconds per request
 measured in ``bench/overhead.py``'s in-process run, when there is one.
@@ -35,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PYTHON, base_parser, loadavg, read_results, say, table, write_results
 
 CASES = {
-    "json": ("bare", "edge", "internal", "otel", "otel+internal"),
-    "stream x10": ("bare", "edge", "internal", "otel", "otel+internal"),
+    "json": ("bare", "edge", "internal", "otel", "otel+internal", "otel-plain", "otel+edge"),
+    "stream x10": ("bare", "edge", "internal", "otel", "otel+internal", "otel-plain", "otel+edge"),
     "stream x10 (Starlette)": ("otel", "otel+internal"),
 }
 STACK_NAMES = {
@@ -45,7 +46,11 @@ STACK_NAMES = {
     "internal": "CancelMiddleware, internal (root from baggage)",
     "otel": "OTel ASGI",
     "otel+internal": "OTel ASGI + CancelMiddleware, internal",
+    "otel-plain": "OTel ASGI, request without baggage",
+    "otel+edge": "OTel ASGI + CancelMiddleware, edge (new root)",
 }
+EDGE_STACKS = ("edge", "otel-plain", "otel+edge")
+"""Requests from a client: no baggage (an edge's requests); the others carry what an otel-cancel edge sends."""
 
 
 async def drive(body: str, stack: str, requests: int) -> None:
@@ -60,15 +65,17 @@ async def drive(body: str, stack: str, requests: int) -> None:
 
     inner = {"json": json_app, "stream x10": stream_app}.get(body) or starlette_stream_app()
     app: Any = inner
-    if stack in ("edge", "internal", "otel+internal"):
-        app = CancelMiddleware(inner, trust_incoming=stack != "edge")
+    if stack in ("edge", "internal", "otel+internal", "otel+edge"):
+        app = CancelMiddleware(inner, trust_incoming=not stack.endswith("edge"))
     if stack.startswith("otel"):
         app = OpenTelemetryMiddleware(app, tracer_provider=TracerProvider())
     with configured(store=MemoryCancelStore(), service="bench-instructions") as runtime:
         await runtime.ensure_listed()
-        scope = _http_scope(stack != "edge")
+        scope = _http_scope(stack not in EDGE_STACKS)
         await _drive(app, scope, 200)
+        os.getppid()  # callgrind dumps here: everything before, the warm-up included
         await _drive(app, scope, requests)
+        os.getppid()  # and here: the requests alone
 
 
 def _instructions(body: str, stack: str, requests: int, workdir: str) -> int:
@@ -76,6 +83,7 @@ def _instructions(body: str, stack: str, requests: int, workdir: str) -> int:
     command = [
         "valgrind",
         "--tool=callgrind",
+        "--dump-before=getppid",
         f"--callgrind-out-file={out}",
         PYTHON,
         __file__,
@@ -85,7 +93,10 @@ def _instructions(body: str, stack: str, requests: int, workdir: str) -> int:
         str(requests),
     ]
     subprocess.run(command, check=True, capture_output=True)
-    text = Path(out).read_text(errors="replace")
+    dumps = sorted(Path(workdir).glob(Path(out).name + ".*"), key=lambda path: int(path.suffix[1:]))
+    if len(dumps) < 2:
+        raise RuntimeError(f"callgrind wrote {len(dumps)} dumps for {out}, expected at least 2")
+    text = dumps[1].read_text(errors="replace")  # the dump before the second marker: the requests alone
     match = re.search(r"^summary:\s+(\d+)", text, re.M) or re.search(r"^totals:\s+(\d+)", text, re.M)
     if match is None:
         raise RuntimeError(f"no instruction total in {out}")
@@ -93,15 +104,13 @@ def _instructions(body: str, stack: str, requests: int, workdir: str) -> int:
 
 
 def measure(quick: bool) -> dict[str, Any]:
-    low, high = (100, 300) if quick else (200, 1200)
+    requests = 200 if quick else 1000
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for body, stacks in CASES.items():
             for stack in stacks:
                 started = time.monotonic()
-                per_request = (_instructions(body, stack, high, workdir) - _instructions(body, stack, low, workdir)) / (
-                    high - low
-                )
+                per_request = _instructions(body, stack, requests, workdir) / requests
                 rows.append({"body": body, "stack": STACK_NAMES[stack], "instructions": round(per_request)})
                 say(f"  {body:24} {STACK_NAMES[stack]:48} {per_request:>10,.0f} ({time.monotonic() - started:.0f} s)")
     # Microseconds per instruction, from the anchor's own timing where bench/overhead.py measured it.
@@ -121,6 +130,7 @@ def measure(quick: bool) -> dict[str, Any]:
             ("CancelMiddleware, edge (new root)", "bare app"),
             ("CancelMiddleware, internal (root from baggage)", "bare app"),
             ("OTel ASGI + CancelMiddleware, internal", "OTel ASGI"),
+            ("OTel ASGI + CancelMiddleware, edge (new root)", "OTel ASGI, request without baggage"),
         ):
             if stack in by_stack and base in by_stack:
                 extra = by_stack[stack] - by_stack[base]
@@ -134,7 +144,7 @@ def measure(quick: bool) -> dict[str, Any]:
                         "us_at_anchor_rate": round(extra * rate, 2) if rate else None,
                     }
                 )
-    return {"requests": [low, high], "rows": rows, "added": added, "us_per_instruction": rate}
+    return {"requests": requests, "rows": rows, "added": added, "us_per_instruction": rate}
 
 
 def main() -> int:

@@ -62,8 +62,8 @@ from scope_holder import roots
 
 import otel_cancel
 from otel_cancel import attributes
-from otel_cancel._io_loop import io_loop
-from otel_cancel._request import CancelRequest
+from otel_cancel._core.io_loop import io_loop
+from otel_cancel._core.records import CancelRequest
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.testing import EtcdServer, ManagedProcess, configured, unique_prefix
 
@@ -171,6 +171,7 @@ class Holder:
         self.process.wait_for_line(f"RELEASED {seed}", timeout=300)
 
     def stats(self) -> dict[str, Any]:
+        """The worker's ``stats``; its flags applied and receipts written come from its otel-cancel metrics."""
         self.process.send("stats")
         return json.loads(self.process.wait_for_line("STATS ", timeout=60)[6:])
 

@@ -24,24 +24,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._cancel_many import BulkCancelResult as BulkCancelResult
-    from ._cancel_many import cancel_many as cancel_many
-    from ._deadline import deadline as deadline
-    from ._deadline import time_left as time_left
-    from ._labels import current_labels as current_labels
-    from ._labels import labelled as labelled
-    from ._root import current_depth as current_depth
-    from ._root import current_root as current_root
-    from ._root_id import validate_root as validate_root
-    from ._runtime import configure as configure
-    from ._scope import CancelResult as CancelResult
-    from ._scope import CancelScope as CancelScope
-    from ._scope import cancel as cancel
-    from ._scope import cancel_current as cancel_current
-    from ._scope import check as check
-    from ._scope import is_cancelled as is_cancelled
-    from ._scope import scope as scope
-    from ._settings import Settings as Settings
+    from ._core.cancel_many import BulkCancelResult as BulkCancelResult
+    from ._core.cancel_many import cancel_many as cancel_many
+    from ._core.context_blocks import deadline as deadline
+    from ._core.context_blocks import labelled as labelled
+    from ._core.deadline import time_left as time_left
+    from ._core.labels import current_labels as current_labels
+    from ._core.process_state import configure as configure
+    from ._core.root import current_depth as current_depth
+    from ._core.root import current_root as current_root
+    from ._core.root_id import validate_root as validate_root
+    from ._core.scope import CancelResult as CancelResult
+    from ._core.scope import CancelScope as CancelScope
+    from ._core.scope import cancel as cancel
+    from ._core.scope import cancel_current as cancel_current
+    from ._core.scope import check as check
+    from ._core.scope import is_cancelled as is_cancelled
+    from ._core.scope import scope as scope
+    from ._core.settings import Settings as Settings
     from .exceptions import Cancelled as Cancelled
     from .exceptions import OtelCancelError as OtelCancelError
 
@@ -49,26 +49,26 @@ if TYPE_CHECKING:
 # the package, such as the ``otel-cancel cancel`` command, does not pay for the rest
 # (the runtime, asyncio, OpenTelemetry, the gRPC etcd client).
 _PUBLIC = {
-    "BulkCancelResult": "._cancel_many",
-    "CancelResult": "._scope",
-    "CancelScope": "._scope",
+    "BulkCancelResult": "._core.cancel_many",
+    "CancelResult": "._core.scope",
+    "CancelScope": "._core.scope",
     "Cancelled": ".exceptions",
     "OtelCancelError": ".exceptions",
-    "Settings": "._settings",
-    "cancel": "._scope",
-    "cancel_current": "._scope",
-    "cancel_many": "._cancel_many",
-    "check": "._scope",
-    "configure": "._runtime",
-    "current_depth": "._root",
-    "current_labels": "._labels",
-    "current_root": "._root",
-    "deadline": "._deadline",
-    "is_cancelled": "._scope",
-    "labelled": "._labels",
-    "scope": "._scope",
-    "time_left": "._deadline",
-    "validate_root": "._root_id",
+    "Settings": "._core.settings",
+    "cancel": "._core.scope",
+    "cancel_current": "._core.scope",
+    "cancel_many": "._core.cancel_many",
+    "check": "._core.scope",
+    "configure": "._core.process_state",
+    "current_depth": "._core.root",
+    "current_labels": "._core.labels",
+    "current_root": "._core.root",
+    "deadline": "._core.context_blocks",
+    "is_cancelled": "._core.scope",
+    "labelled": "._core.context_blocks",
+    "scope": "._core.scope",
+    "time_left": "._core.deadline",
+    "validate_root": "._core.root_id",
 }
 
 

@@ -59,7 +59,17 @@ flag (its caller hung up, or the agent it called reported the cancel). Its work 
 already ended, without the cancelled status."""
 
 KIND_EXPLICIT = "explicit"
+"""A cancel someone asked for: ``otel-cancel cancel``, :func:`otel_cancel.cancel`, a LangGraph
+``runs.cancel``, an A2A ``tasks/cancel``, an edge client that left."""
 KIND_DEADLINE = "deadline"
+"""The run's deadline passed (decided locally at every hop: no flag)."""
+KIND_DISCONNECT = "disconnect"
+"""The caller of an internal hop left: only that hop's work stops, locally (no flag)."""
+KIND_BULK = "bulk"
+"""A bulk cancel (``otel-cancel cancel --all`` or a list of roots) selected the run."""
+CANCEL_KINDS = frozenset({KIND_EXPLICIT, KIND_DEADLINE, KIND_DISCONNECT, KIND_BULK})
+"""Every kind of cancel. A flag carries its kind; HTTP answers are chosen from it (504 for
+``deadline``, 409 otherwise), never from the free-text reason."""
 
 # Metrics.
 METRIC_CANCELLATIONS = "otel_cancel.cancellations"
@@ -73,6 +83,7 @@ METRIC_BAGGAGE_REJECTED = "otel_cancel.baggage.rejected"
 METRIC_REQUESTS = "otel_cancel.requests"
 METRIC_LIVE_ROOTS = "otel_cancel.live.roots"
 METRIC_BULK_CANCELS = "otel_cancel.bulk_cancels"
+METRIC_FLAGS_APPLIED = "otel_cancel.flags.applied"
 
 METRIC_NAMES = (
     METRIC_CANCELLATIONS,
@@ -86,5 +97,6 @@ METRIC_NAMES = (
     METRIC_REQUESTS,
     METRIC_LIVE_ROOTS,
     METRIC_BULK_CANCELS,
+    METRIC_FLAGS_APPLIED,
 )
 """Every metric otel-cancel emits; dashboards may query only these."""

@@ -19,6 +19,8 @@ place, :mod:`otel_cancel.store.etcd`.
 
 from __future__ import annotations
 
+from .attributes import KIND_EXPLICIT
+
 
 class OtelCancelError(Exception):
     """Base class of every otel-cancel error."""
@@ -30,15 +32,18 @@ class Cancelled(OtelCancelError):
     Attributes:
         root: the cancelled root id.
         reason: why it was cancelled (free text given by the canceller, or ``deadline``).
+        kind: what kind of cancel it was (one of :data:`otel_cancel.attributes.CANCEL_KINDS`:
+            ``explicit``, ``deadline``, ``disconnect``, ``bulk``). Decide on it, not on ``reason``.
     """
 
-    def __init__(self, root: str, reason: str) -> None:
+    def __init__(self, root: str, reason: str, kind: str = KIND_EXPLICIT) -> None:
         super().__init__(f"root {root} was cancelled: {reason}")
         self.root = root
         self.reason = reason
+        self.kind = kind
 
-    def __reduce__(self) -> tuple[type[Cancelled], tuple[str, str]]:
-        return (type(self), (self.root, self.reason))
+    def __reduce__(self) -> tuple[type[Cancelled], tuple[str, str, str]]:
+        return (type(self), (self.root, self.reason, self.kind))
 
 
 class InvalidRootError(OtelCancelError, ValueError):

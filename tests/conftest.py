@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 from chain import Chain
 
-from otel_cancel import _runtime
-from otel_cancel._io_loop import io_loop
-from otel_cancel.testing import EtcdServer, ManagedProcess, unique_prefix
+from otel_cancel._core import process_state as _runtime
+from otel_cancel._core.io_loop import io_loop
+from otel_cancel.testing import CancelMetrics, EtcdServer, ManagedProcess, unique_prefix
 
 WORKERS = os.path.join(os.path.dirname(__file__), "workers")
 
@@ -27,7 +27,7 @@ def _grpc_pinned_to_the_io_loop() -> None:
 
     gRPC dispatches every completion of the process through the loop that first
     initialised it; a test that opened a raw aetcd client first would bind it to that
-    test's loop, which closes when the test ends (see otel_cancel._io_loop).
+    test's loop, which closes when the test ends (see otel_cancel._core.io_loop).
     """
     io_loop().start()
 
@@ -44,6 +44,12 @@ def private_etcd() -> Iterator[EtcdServer]:
     """A real etcd server of the test's own, for tests that stop or freeze it."""
     with EtcdServer() as server:
         yield server
+
+
+@pytest.fixture
+def cancel_metrics() -> CancelMetrics:
+    """otel-cancel's metrics in this process, read back from an in-memory reader (totals add up over the session)."""
+    return CancelMetrics()
 
 
 @pytest.fixture

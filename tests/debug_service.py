@@ -10,8 +10,8 @@ import httpx
 from conftest import cli
 
 import otel_cancel
-from otel_cancel._io_loop import io_loop
-from otel_cancel._request import CancelRequest
+from otel_cancel._core.io_loop import io_loop
+from otel_cancel._core.records import CancelRequest
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.testing import wait_for_output
 

@@ -21,6 +21,8 @@ CACHE = ROOT / ".venv" / "compat"
 
 # The instrumentations (0.Nb) go with one API/SDK release (1.M): 0.60b0 with 1.39.0.
 OLDEST = {"api": "1.39.0", "contrib": "0.60b0"}
+# Other dependencies the oldest venv pins at the oldest release pyproject.toml claims for them.
+OLDEST_OTHERS = {"tenacity": "8.3.0"}
 _CORE = ("opentelemetry-api", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-grpc")
 _CONTRIB = (
     "opentelemetry-instrumentation",

@@ -19,8 +19,8 @@ import time
 
 from scope_holder import roots
 
-from otel_cancel._io_loop import io_loop
-from otel_cancel._request import CancelRequest
+from otel_cancel._core.io_loop import io_loop
+from otel_cancel._core.records import CancelRequest
 from otel_cancel.store.etcd import EtcdCancelStore
 
 
@@ -65,7 +65,6 @@ async def main(
                 "last_ns": last,
                 "lateness_p50_ms": lateness[len(lateness) // 2] if lateness else None,
                 "lateness_max_ms": lateness[-1] if lateness else None,
-                "store_calls": store.calls,
             }
         )
         + "\n"
@@ -77,5 +76,5 @@ async def main(
 if __name__ == "__main__":
     endpoint, prefix, seed, count, writer, writers, rate, start = sys.argv[1:9]
     coroutine = main(endpoint, prefix, seed, int(count), int(writer), int(writers), float(rate), int(start))
-    # The store's gRPC channel lives on otel-cancel's IO loop (see otel_cancel._io_loop).
+    # The store's gRPC channel lives on otel-cancel's IO loop (see otel_cancel._core.io_loop).
     io_loop().run(coroutine)

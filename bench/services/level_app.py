@@ -26,7 +26,10 @@ Routes:
     ``GET /hop``  calls the next level's ``/hop`` and answers a small JSON body
         (the throughput benchmark).
     ``GET /debug/otel-cancel``  what otel-cancel did in this process (etcd calls
-        made by its store, live scopes), without configuring it.
+        made by its store, live scopes), without configuring it. Flags applied and
+        receipts written are otel-cancel's metrics (``otel_cancel.flags.applied``,
+        ``otel_cancel.receipts``): this app installs no SDK of its own, so that the
+        overhead benchmarks measure only what the service's own setup records.
     ``GET /debug/loop-lag?since=EPOCH_S``  how late the event loop ran a 20 ms
         timer since then (p50, p99, max in ms): how overloaded this process was;
         and the garbage collector's pauses since then (longest, and per generation).
@@ -65,7 +68,7 @@ NEXT_PATH = os.environ.get("NEXT_PATH", "/stream")
 _client: httpx.AsyncClient | None = None
 
 if os.environ.get("BENCH_DISCONNECT_LISTENER") == "off":
-    from otel_cancel import asgi as _otel_cancel_asgi
+    from otel_cancel.integrations import asgi as _otel_cancel_asgi
 
     _otel_cancel_asgi._CancellableRequest._listen_soon = lambda self: None
 
@@ -150,21 +153,18 @@ async def hop(request: Request) -> JSONResponse:
 
 
 async def debug(request: Request) -> JSONResponse:
-    """etcd calls made by otel-cancel's store in this process; never configures otel-cancel."""
-    runtime_module = sys.modules.get("otel_cancel._runtime")
+    """otel-cancel's state in this process; never configures otel-cancel (etcd calls are counted at etcd)."""
+    runtime_module = sys.modules.get("otel_cancel._core.process_state")
     runtime = getattr(runtime_module, "_runtime", None) if runtime_module else None
     if runtime is None:
-        return JSONResponse({"otel_cancel": False, "store_calls": None, "live_scopes": None})
-    store = runtime.watcher._store
+        return JSONResponse({"otel_cancel": False, "live_scopes": None})
     return JSONResponse(
         {
             "otel_cancel": True,
-            "store_calls": getattr(store, "calls", None),
             "live_scopes": runtime.registry.live_scopes(),
             "watcher_connected": runtime.watcher.connected,
-            "flags_applied": runtime.watcher.flags_applied,
-            "receipts_written": runtime.receipts_written,
             "watchdog_seconds": runtime.settings.watchdog_seconds,
+            "live_interval_ms": runtime.settings.live_interval_ms,
         }
     )
 

@@ -20,11 +20,11 @@ import time
 import tracemalloc
 
 import otel_cancel
-from otel_cancel._runtime import get_runtime
+from otel_cancel._core.process_state import get_process_state
 
 
 async def main(root: str, memory: bool) -> None:
-    runtime = get_runtime()
+    runtime = get_process_state()
     if memory:
         gc.collect()
         tracemalloc.start()

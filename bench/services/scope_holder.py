@@ -7,6 +7,9 @@ Configured from the ``OTEL_CANCEL_*`` environment. Commands on stdin, one per li
                   ``HELD SEED N <t_ns>`` once all are inside their scope.
 ``release SEED``  stop the tasks of SEED (plain ``task.cancel()``); ``RELEASED SEED``.
 ``stats``         ``STATS {json}``: live scopes, flags applied, receipts written, etcd calls.
+                  Flags applied and receipts written are otel-cancel's own metrics
+                  (``otel_cancel.flags.applied``, ``otel_cancel.receipts``), read from an
+                  in-memory OpenTelemetry reader, as a service's SDK would export them.
 ``quit``
 
 With ``BENCH_RECEIPTS=off`` (a diagnostic, not a supported setting) the worker
@@ -29,7 +32,9 @@ import sys
 import time
 
 import otel_cancel
-from otel_cancel._runtime import get_runtime
+from otel_cancel._core.process_state import get_process_state
+from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS
+from otel_cancel.testing import CancelMetrics
 
 
 def roots(seed: str, count: int) -> list[str]:
@@ -61,7 +66,8 @@ async def _hold(root: str, entered: asyncio.Event, counter: list[int], total: in
 
 
 async def main() -> None:
-    runtime = get_runtime()
+    metrics = CancelMetrics()  # the process's meter provider, before otel-cancel records anything
+    runtime = get_process_state()
     if os.environ.get("BENCH_RECEIPTS") == "off":
         runtime.registry.on_stopped = None
     await runtime.ensure_listed()
@@ -89,7 +95,6 @@ async def main() -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
             _say(f"RELEASED {parts[1]}")
         elif parts[0] == "stats":
-            store = runtime.watcher._store
             _say(
                 "STATS "
                 + json.dumps(
@@ -97,9 +102,8 @@ async def main() -> None:
                         "live_scopes": runtime.registry.live_scopes(),
                         "stopped": _stopped[0],
                         "cancelled_roots": runtime.registry.cancelled_roots(),
-                        "flags_applied": runtime.watcher.flags_applied,
-                        "receipts_written": runtime.receipts_written,
-                        "store_calls": getattr(store, "calls", None),
+                        "flags_applied": int(metrics.total(METRIC_FLAGS_APPLIED)),
+                        "receipts_written": int(metrics.total(METRIC_RECEIPTS)),
                         "connected": runtime.watcher.connected,
                     }
                 )

@@ -21,9 +21,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # at run time only annotations name them: importing the store stays light
-    from .._bulk import BulkCancel
-    from .._live import LiveRecord
-    from .._request import CancelRequest, Receipt, TaskRecord
+    from .._core.bulk import BulkCancel
+    from .._core.records import CancelRequest, LiveRecord, Receipt, TaskRecord
 
 DEFAULT_PREFIX = "/otel-cancel/"
 DEFAULT_TTL_SECONDS = 3600

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import re
 
-from .._root_id import is_valid_root, validate_root
+from .._core.root_id import is_valid_root, validate_root
 from ..exceptions import ConfigurationError, InvalidTaskIdError
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 _TASK_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+
+LANGGRAPH_RUN_RECORD = "langgraph-run:{}"
+"""The task-record name under which a LangGraph Server run records its root (``tasks/`` prefix)."""
+LANGGRAPH_THREAD_RECORD = "langgraph-thread:{}"
+"""The task-record name under which a LangGraph thread's latest run records its root."""
 
 
 def validate_prefix(prefix: str) -> str:
@@ -77,7 +83,7 @@ def task_key(prefix: str, task_id: str) -> str:
 
 
 def bulk_flag_key(prefix: str, bulk_id: str) -> str:
-    from .._bulk import is_bulk_id
+    from .._core.bulk import is_bulk_id
 
     if not is_bulk_id(bulk_id):
         raise ValueError(f"not a bulk flag id: {bulk_id!r}")
@@ -86,7 +92,7 @@ def bulk_flag_key(prefix: str, bulk_id: str) -> str:
 
 def bulk_id_of_flag_key(prefix: str, key: str) -> str | None:
     """The id a bulk flag key names, or ``None`` when the key is not a bulk flag key."""
-    from .._bulk import is_bulk_id
+    from .._core.bulk import is_bulk_id
 
     head = f"{prefix}flags/bulk/"
     if not key.startswith(head):

@@ -1,13 +1,16 @@
 """The etcd cancel store (through ``aetcd``, asyncio gRPC).
 
-Every error of the etcd client is translated here, in :func:`_translated`, into
-:class:`~otel_cancel.exceptions.StoreError` subclasses; nothing above this module
-sees an ``aetcd`` or ``grpc`` exception. Every call carries a deadline (the
+Every call runs inside :func:`~otel_cancel.store._grpc_errors.raising_store_errors`,
+which maps the client's errors on their gRPC status codes to
+:class:`~otel_cancel.exceptions.StoreError` subclasses raised from the gRPC error;
+nothing above this module sees an ``aetcd`` or ``grpc`` exception. What aetcd lacks
+(TLS, token renewal, refused watches) lives in :mod:`otel_cancel.store._aetcd_patches`,
+the one module that touches aetcd's internals. Every call carries a deadline (the
 client's ``timeout``), so a hung etcd never hangs a caller.
 
 The client is created lazily, on the event loop of the first call, because a gRPC
 aio channel belongs to the loop that created it. Inside services that loop is the
-process's IO loop (:mod:`otel_cancel._io_loop`). When a call finds an endpoint
+process's IO loop (:mod:`otel_cancel._core.io_loop`). When a call finds an endpoint
 unavailable the client is dropped and the next call uses the next endpoint
 (fail-over across ``OTEL_CANCEL_ETCD_ENDPOINTS``).
 """
@@ -20,29 +23,21 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import aetcd
 import aetcd.exceptions
 import aetcd.rpc
-import aetcd.watcher
 import grpc
 
-from .._bulk import BulkCancel
-from .._io_loop import io_loop
-from .._live import LiveRecord
-from .._request import CancelRequest, Receipt, TaskRecord
-from ..exceptions import (
-    ConfigurationError,
-    RevisionCompactedError,
-    StoreError,
-    StorePermissionError,
-    StoreUnavailableError,
-)
+from .._core.bulk import BulkCancel
+from .._core.io_loop import io_loop
+from .._core.records import CancelRequest, LiveRecord, Receipt, TaskRecord
+from ..exceptions import ConfigurationError, StoreError, StorePermissionError, StoreUnavailableError
 from . import DEFAULT_PREFIX, LIST_PAGE_SIZE, FlagEvent, FlagListing, FlagPage
-from ._endpoints import grpc_target
+from ._aetcd_patches import PatchedEtcdClient
 from ._endpoints import parse_endpoint as parse_endpoint
+from ._grpc_errors import is_lease_not_found, is_permission_denied, is_rejected_token, raising_store_errors
 from ._keys import (
     acks_prefix,
     bulk_flag_key,
@@ -65,40 +60,6 @@ _MAX_TXN_OPS = 128
 _FLAG_LEASES_REMEMBERED = 4096
 """How many flags' lease ids a store remembers, newest first, to put receipts on them."""
 
-# etcd's gRPC metadata asking a member to refuse the call (and end a watch) when it
-# has no leader (rpctypes.MetadataRequireLeaderKey / MetadataHasLeader). Without it a
-# member cut off from its peers keeps a watch open that will never see another event.
-_REQUIRE_LEADER = ("hasleader", "true")
-
-
-class _WatchRefusedError(aetcd.exceptions.ClientError):  # type: ignore[misc]  # aetcd is untyped
-    """etcd refused to create a watch (the reason is the message)."""
-
-
-class _RefusalAwareWatcher(aetcd.watcher.Watcher):  # type: ignore[misc]  # aetcd is untyped
-    """aetcd's watch multiplexer, except that a watch etcd refuses raises instead of hanging.
-
-    etcd answers a watch it will not serve (the user's role may not read the range,
-    or the token the watch stream was opened with has expired) with one response
-    that is both ``created`` and ``canceled``. aetcd 1.0 takes it for a live watch
-    and files it under the id of the refused request (0, the id of the watch that
-    may already run on the stream): the caller would wait for events that never
-    come, connected in appearance, and the running watch's events would go astray.
-    """
-
-    async def _handle_response(self, response: Any) -> None:
-        if response.created and response.canceled:
-            async with self._lock:
-                if self._new_callback is not None:
-                    if response.compact_revision:
-                        self._new_callback.error = aetcd.exceptions.RevisionCompactedError(response.compact_revision)
-                    else:
-                        self._new_callback.error = _WatchRefusedError(response.cancel_reason or "watch cancelled")
-                    self._new_callback_ready.notify_all()
-            return
-        await super()._handle_response(response)
-
-
 # gRPC shares a subchannel (the TCP connection and its reconnect backoff) between all
 # channels of a process with the same target and arguments. After etcd went away, a
 # new channel would then inherit a sibling's backoff and fail fast with the old
@@ -112,142 +73,6 @@ _CHANNEL_OPTIONS = {
 }
 
 
-class _EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
-    """``aetcd.Client`` with what aetcd 1.0 lacks.
-
-    - TLS channels (aetcd only opens plain ones);
-    - renewing the auth token on the open channel (:meth:`renew_token`), so the
-      watch stream survives a token that expired (aetcd authenticates only on connect);
-    - watches that etcd refuses raise (:class:`_RefusalAwareWatcher`).
-    """
-
-    # Attributes of aetcd.Client, declared for mypy (aetcd is untyped).
-    _is_connecting: bool
-    metadata: Any
-
-    def __init__(self, *args: Any, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._credentials = credentials
-        self._auth_lock = asyncio.Lock()
-
-    async def connect(self) -> None:
-        if self._connected.is_set() or self._is_connecting:
-            # Connected, or another task is connecting: aetcd returns or waits for it.
-            await super().connect()
-            return
-        # The same steps as aetcd.Client.connect(), with our channel and watcher.
-        self._is_connecting = True
-        try:
-            target = grpc_target(self._host, self._port)
-            if self._credentials is None:
-                self.channel = grpc.aio.insecure_channel(target, options=self._options.items())
-            else:
-                self.channel = grpc.aio.secure_channel(target, self._credentials, options=self._options.items())
-            if self._username is not None and self._password is not None:
-                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
-                await self._authenticate()
-            self.kvstub = aetcd.rpc.KVStub(self.channel)
-            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
-            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
-            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
-            self._watcher = _RefusalAwareWatcher(
-                aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.watch_metadata
-            )
-            self._connected.set()
-        finally:
-            self._is_connecting = False
-
-    async def _authenticate(self) -> None:
-        request = aetcd.rpc.AuthenticateRequest(name=self._username, password=self._password)
-        try:
-            response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as error:
-            # The same mapping aetcd applies to every other call (then _translated's).
-            aetcd.exceptions._handle_exception(error)
-        self.metadata = (("token", response.token),)
-        if self._watcher is not None:
-            # A watch stream opened from now on carries the new token. The running one
-            # keeps its own: etcd checks a stream's token only when a watch is created on it.
-            self._watcher._metadata = self.watch_metadata
-
-    @property
-    def watch_metadata(self) -> tuple[tuple[str, str], ...]:
-        """The metadata of a watch stream: the auth token, if any, and "require a leader"."""
-        return (*(self.metadata or ()), _REQUIRE_LEADER)
-
-    async def renew_token(self, rejected: Any) -> None:
-        """Authenticate again on the open channel, unless a concurrent call already did.
-
-        Args:
-            rejected: the token metadata etcd rejected. A burst of calls that all saw
-                it rejected (receipts after an idle spell) authenticate once: each
-                authentication costs etcd a bcrypt check.
-        """
-        async with self._auth_lock:
-            if self.metadata == rejected:
-                await self._authenticate()
-
-
-def _is_lease_not_found(error: Exception) -> bool:
-    """Whether etcd refused a put because its lease no longer exists."""
-    return "lease not found" in str(error)
-
-
-def _is_permission_denied(error: Exception) -> bool:
-    """Whether etcd refused a call because the user's role lacks the permission."""
-    cause = error.__cause__
-    code = cause.code() if isinstance(cause, grpc.aio.AioRpcError) else None
-    return code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in str(error)
-
-
-@contextlib.contextmanager
-def _translated(action: str) -> Iterator[None]:
-    """Turn every etcd client error raised inside into a ``StoreError``."""
-    try:
-        yield
-    except StoreError:
-        raise
-    except aetcd.exceptions.RevisionCompactedError as error:
-        raise RevisionCompactedError(error.compacted_revision) from None
-    except (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError) as error:
-        raise StoreUnavailableError(f"etcd unavailable while {action}: {error}") from None
-    except aetcd.exceptions.WatchTimeoutError:
-        raise StoreUnavailableError(f"etcd did not answer in time while {action}") from None
-    except _WatchRefusedError as error:
-        raise StorePermissionError(
-            f"etcd refused {action}: {error}; the etcd role of this user must be allowed to read the flags prefix "
-            "(or the watch stream's auth token expired)"
-        ) from None
-    except aetcd.exceptions.UnauthenticatedError as error:
-        raise StorePermissionError(
-            f"etcd refused the credentials while {action}: {error}; "
-            "check OTEL_CANCEL_ETCD_USERNAME / OTEL_CANCEL_ETCD_PASSWORD"
-        ) from None
-    except aetcd.exceptions.InvalidArgumentError as error:
-        # etcd reports a wrong user or password, and a missing one when authentication
-        # is on, as INVALID_ARGUMENT; they are refusals, not faults of the call.
-        if "authentication failed" in str(error) or "user name is empty" in str(error):
-            raise StorePermissionError(
-                f"etcd refused the credentials while {action}: {error}; "
-                "check OTEL_CANCEL_ETCD_USERNAME / OTEL_CANCEL_ETCD_PASSWORD"
-            ) from None
-        raise StoreError(f"etcd failed while {action}: {error}") from None
-    except aetcd.exceptions.ClientError as error:
-        if _is_permission_denied(error):
-            raise StorePermissionError(
-                f"etcd denied {action}: {error}; the etcd role of this user lacks the permission"
-            ) from None
-        if "invalid auth token" in str(error) or "user name is empty" in str(error):
-            raise StorePermissionError(f"etcd auth token rejected while {action}: {error}") from None
-        raise StoreError(f"etcd failed while {action}: {error}") from None
-    except grpc.aio.AioRpcError as error:
-        raise StoreUnavailableError(f"etcd failed while {action}: {error.code().name} {error.details()}") from None
-    except TimeoutError:
-        raise StoreUnavailableError(f"etcd did not answer in time while {action}") from None
-    except OSError as error:
-        raise StoreUnavailableError(f"etcd unreachable while {action}: {error}") from None
-
-
 class _MessageTooLargeError(Exception):
     """A response was larger than gRPC's receive limit (a page of oversized values)."""
 
@@ -257,19 +82,17 @@ def _prefix_end(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
-def _range_call(request: Any) -> Any:
+def _range_call(request: Any, timeout: float) -> Any:
     """An operation for :meth:`EtcdCancelStore._call` running one raw ``Range`` (aetcd has no paging)."""
 
-    async def run(client: _EtcdClient) -> Any:
+    async def run(client: PatchedEtcdClient) -> Any:
         try:
-            return await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
+            return await client.kvstub.Range(request, timeout=timeout, metadata=client.metadata)
         except grpc.aio.AioRpcError as error:
-            details = error.details() or ""
-            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
-                raise _MessageTooLargeError(details) from None
-            if "required revision has been compacted" in details:
-                raise aetcd.exceptions.RevisionCompactedError(0) from None
-            aetcd.exceptions._handle_exception(error)  # aetcd's own mapping, then ours
+            # gRPC's own receive limit (its message says so): retry with smaller pages.
+            # Every other status is mapped with the store's other errors.
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (error.details() or ""):
+                raise _MessageTooLargeError(error.details()) from error
             raise
 
     return run
@@ -315,19 +138,12 @@ class EtcdCancelStore:
         if (cert is None) != (key is None):
             raise ConfigurationError("set both OTEL_CANCEL_ETCD_CERT and OTEL_CANCEL_ETCD_KEY, or neither")
         self._credentials = read_credentials(ca_cert, cert, key)
-        self._client: _EtcdClient | None = None
+        self._client: PatchedEtcdClient | None = None
         self._endpoint_index = 0
         self._receipts_on_own_lease = False
         # The lease of every flag this store listed, saw in the watch or wrote, by root:
         # a receipt joins its flag's lease with one put, instead of reading the flag first.
         self._flag_leases: OrderedDict[str, int] = OrderedDict()
-        self.calls = 0
-        """How many store operations this store has run (benchmarks check the request path makes
-        none), live-work publishing aside (see :attr:`live_calls`). Each is one etcd call, except
-        a receipt whose flag's lease is not known here (two or three) and :meth:`create_flag`
-        (two: a lease, then the transaction)."""
-        self.live_calls = 0
-        """Calls made to publish this process's live work: bounded by time, not by requests."""
 
     @property
     def endpoint(self) -> str:
@@ -335,13 +151,13 @@ class EtcdCancelStore:
         host, port = self.endpoints[self._endpoint_index]
         return f"{host}:{port}"
 
-    def _connection(self) -> _EtcdClient:
+    def _connection(self) -> PatchedEtcdClient:
         if self._client is None:
             # Pin gRPC's poller to the process IO loop before the first channel exists
-            # (see otel_cancel._io_loop), whatever loop this store is used from.
+            # (see otel_cancel._core.io_loop), whatever loop this store is used from.
             io_loop().start()
             host, port = self.endpoints[self._endpoint_index]
-            self._client = _EtcdClient(
+            self._client = PatchedEtcdClient(
                 host=host,
                 port=port,
                 username=self._username,
@@ -362,13 +178,13 @@ class EtcdCancelStore:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), self.timeout)
 
-    async def _call(self, action: str, operation: Any, *, live: bool = False) -> Any:
+    async def _call(self, action: str, operation: Any) -> Any:
         """Run ``operation(client)`` with fail-over: each endpoint is tried once."""
         last_error: StoreError | None = None
         for _ in range(len(self.endpoints)):
             try:
-                with _translated(action):
-                    return await asyncio.wait_for(self._renewing_token(operation, live), self.timeout * 2)
+                with raising_store_errors(action):
+                    return await asyncio.wait_for(self._renewing_token(operation), self.timeout * 2)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
@@ -388,22 +204,18 @@ class EtcdCancelStore:
         assert last_error is not None
         raise last_error
 
-    async def _renewing_token(self, operation: Any, live: bool = False) -> Any:
+    async def _renewing_token(self, operation: Any) -> Any:
         # etcd forgets auth tokens (their TTL runs out while the process is idle, or
         # etcd restarted) and aetcd authenticates only when it connects. When etcd
         # rejects the token, authenticate again on the same channel and retry once,
         # rather than reconnect: the watch stream on that channel keeps running.
         client = self._connection()
-        if live:
-            self.live_calls += 1
-        else:
-            self.calls += 1
         await client.connect()
         token = client.metadata
         try:
             return await operation(client)
-        except aetcd.exceptions.UnauthenticatedError as error:
-            if token is None or "invalid auth token" not in str(error):
+        except Exception as error:
+            if token is None or not is_rejected_token(error):
                 raise
             _log.info("otel-cancel: the etcd auth token expired; authenticating again")
             await client.renew_token(token)
@@ -419,7 +231,7 @@ class EtcdCancelStore:
         # finds a flag. When that flag is one of ours, this call created it.
         attempted: dict[bytes, CancelRequest] = {}
 
-        async def create(client: _EtcdClient) -> tuple[CancelRequest, bool]:
+        async def create(client: PatchedEtcdClient) -> tuple[CancelRequest, bool]:
             lease = await client.lease(ttl_seconds)
             # Stamp the flag when it is written (after connecting and granting the
             # lease), so latencies measure flag written -> work stopped.
@@ -454,7 +266,7 @@ class EtcdCancelStore:
     async def get_flag(self, root: str) -> CancelRequest | None:
         key = flag_key(self.prefix, root).encode()
 
-        async def get(client: _EtcdClient) -> Any:
+        async def get(client: PatchedEtcdClient) -> Any:
             return await client.get(key)
 
         found = await self._call("reading a cancel flag", get)
@@ -487,7 +299,7 @@ class EtcdCancelStore:
                 key=start, range_end=end, limit=limit, revision=revision, keys_only=not values
             )
             try:
-                response = await self._call("listing cancel flags", _range_call(request))
+                response = await self._call("listing cancel flags", _range_call(request, self.timeout))
             except _MessageTooLargeError:
                 if page_size == 1:
                     raise StoreError("a single value under the flags prefix is larger than gRPC accepts") from None
@@ -513,12 +325,12 @@ class EtcdCancelStore:
             start = kvs[-1].key + b"\0"  # the next key after the last one listed
 
     async def watch_flags(self, start_revision: int) -> AsyncIterator[FlagEvent]:
-        async def open_watch(client: _EtcdClient) -> Any:
+        async def open_watch(client: PatchedEtcdClient) -> Any:
             return await client.watch_prefix(flags_prefix(self.prefix).encode(), start_revision=start_revision)
 
         watch = await self._call("watching cancel flags", open_watch)
         try:
-            with _translated("watching cancel flags"):
+            with raising_store_errors("watching cancel flags"):
                 async for event in watch:
                     kv = event.kv
                     key = kv.key.decode("utf-8", "replace")
@@ -552,24 +364,24 @@ class EtcdCancelStore:
         key = receipt_key(self.prefix, receipt.root, receipt.service, receipt.instance).encode()
         value = receipt.to_json()
 
-        async def put_on_flag_lease(client: _EtcdClient, lease_id: int) -> bool:
+        async def put_on_flag_lease(client: PatchedEtcdClient, lease_id: int) -> bool:
             """Put the receipt on the flag's lease: whether it worked (else the caller grants one)."""
             try:
                 await client.put(key, value, lease=lease_id)
                 return True
-            except aetcd.exceptions.ClientError as error:
-                if _is_permission_denied(error):
+            except (aetcd.exceptions.ClientError, grpc.aio.AioRpcError) as error:
+                if is_permission_denied(error):
                     # etcd lets a key join a lease only when the user may write every
                     # key already on it: a service whose role may not write flags (the
                     # README's least-privilege roles) cannot share the flag's lease.
                     # Its receipts get leases of their own, with the configured TTL.
                     self._receipts_on_own_lease = True
                     return False
-                if _is_lease_not_found(error):
+                if is_lease_not_found(error):
                     return False  # the flag expired or was removed since
                 raise
 
-        async def put(client: _EtcdClient) -> None:
+        async def put(client: PatchedEtcdClient) -> None:
             if not self._receipts_on_own_lease:
                 # The watch event (or listing) that brought the flag carried its lease:
                 # one call. Only a flag this store never saw costs a read first.
@@ -599,7 +411,7 @@ class EtcdCancelStore:
         for start in range(0, len(together), _MAX_TXN_OPS):
             chunk = together[start : start + _MAX_TXN_OPS]
 
-            async def put_all(client: _EtcdClient, chunk: list[tuple[Receipt, int]] = chunk) -> None:
+            async def put_all(client: PatchedEtcdClient, chunk: list[tuple[Receipt, int]] = chunk) -> None:
                 puts = [
                     client.transactions.put(
                         receipt_key(self.prefix, r.root, r.service, r.instance).encode(), r.to_json(), lease=lease
@@ -613,14 +425,14 @@ class EtcdCancelStore:
             except StorePermissionError:
                 alone.extend(r for r, _ in chunk)
             except StoreError as error:
-                if "lease not found" not in str(error):
+                if not is_lease_not_found(error):
                     raise
                 alone.extend(r for r, _ in chunk)
         for receipt in alone:
             await self.put_receipt(receipt, ttl_seconds)
 
     async def list_receipts(self, root: str) -> list[Receipt]:
-        async def list_prefix(client: _EtcdClient) -> Any:
+        async def list_prefix(client: PatchedEtcdClient) -> Any:
             return await client.get_prefix(acks_prefix(self.prefix, root).encode())
 
         receipts = []
@@ -634,7 +446,7 @@ class EtcdCancelStore:
     async def put_task(self, record: TaskRecord, ttl_seconds: int) -> int:
         key = task_key(self.prefix, record.task_id).encode()
 
-        async def put(client: _EtcdClient) -> int:
+        async def put(client: PatchedEtcdClient) -> int:
             # One lease per record: deleting the record is revoking its lease.
             lease = await client.lease(ttl_seconds)
             try:
@@ -655,7 +467,7 @@ class EtcdCancelStore:
     async def get_task(self, task_id: str) -> TaskRecord | None:
         key = task_key(self.prefix, task_id).encode()
 
-        async def get(client: _EtcdClient) -> Any:
+        async def get(client: PatchedEtcdClient) -> Any:
             return await client.get(key)
 
         found = await self._call("reading a task record", get)
@@ -670,7 +482,7 @@ class EtcdCancelStore:
     async def delete_task(self, task_id: str, revision: int) -> bool:
         key = task_key(self.prefix, task_id).encode()
 
-        async def delete(client: _EtcdClient) -> bool:
+        async def delete(client: PatchedEtcdClient) -> bool:
             found = await client.get(key)
             if found is None or found.mod_revision != revision:
                 return False
@@ -692,7 +504,7 @@ class EtcdCancelStore:
     async def create_bulk(self, bulk: BulkCancel, ttl_seconds: int) -> BulkCancel:
         key = bulk_flag_key(self.prefix, bulk.id).encode()
 
-        async def put(client: _EtcdClient) -> BulkCancel:
+        async def put(client: PatchedEtcdClient) -> BulkCancel:
             lease = await client.lease(ttl_seconds)
             # The cut-off is the moment of the write: work begun before it is selected.
             stamped = dataclasses.replace(bulk, requested_at=time.time_ns())
@@ -710,44 +522,44 @@ class EtcdCancelStore:
     async def get_bulk(self, bulk_id: str) -> BulkCancel | None:
         key = bulk_flag_key(self.prefix, bulk_id).encode()
 
-        async def get(client: _EtcdClient) -> Any:
+        async def get(client: PatchedEtcdClient) -> Any:
             return await client.get(key)
 
         found = await self._call("reading a bulk cancel", get)
         return None if found is None else BulkCancel.from_json(found.value, bulk_id)
 
     async def grant_lease(self, ttl_seconds: int) -> int:
-        async def grant(client: _EtcdClient) -> int:
+        async def grant(client: PatchedEtcdClient) -> int:
             return int((await client.lease(ttl_seconds)).id)
 
-        lease_id: int = await self._call("granting a lease", grant, live=True)
+        lease_id: int = await self._call("granting a lease", grant)
         return lease_id
 
     async def keep_lease_alive(self, lease_id: int) -> bool:
-        async def refresh(client: _EtcdClient) -> bool:
+        async def refresh(client: PatchedEtcdClient) -> bool:
             reply = await client.refresh_lease(lease_id)
             return reply is not None and int(reply.TTL) > 0
 
-        alive: bool = await self._call("keeping a lease alive", refresh, live=True)
+        alive: bool = await self._call("keeping a lease alive", refresh)
         return alive
 
     async def revoke_lease(self, lease_id: int) -> None:
-        async def revoke(client: _EtcdClient) -> None:
+        async def revoke(client: PatchedEtcdClient) -> None:
             with contextlib.suppress(aetcd.exceptions.ClientError):  # already gone
                 await client.revoke_lease(lease_id)
 
-        await self._call("revoking a lease", revoke, live=True)
+        await self._call("revoking a lease", revoke)
 
     async def put_live(self, record: LiveRecord, lease_id: int) -> None:
         key = live_key(self.prefix, record.service, record.instance).encode()
 
-        async def put(client: _EtcdClient) -> None:
+        async def put(client: PatchedEtcdClient) -> None:
             await client.put(key, record.to_json(), lease=lease_id)
 
-        await self._call("publishing live work", put, live=True)
+        await self._call("publishing live work", put)
 
     async def list_live(self) -> list[LiveRecord]:
-        async def list_prefix(client: _EtcdClient) -> Any:
+        async def list_prefix(client: PatchedEtcdClient) -> Any:
             return await client.get_prefix(live_prefix(self.prefix).encode())
 
         records = []
@@ -759,7 +571,7 @@ class EtcdCancelStore:
         return records
 
     async def ping(self) -> None:
-        async def status(client: _EtcdClient) -> None:
+        async def status(client: PatchedEtcdClient) -> None:
             response = await client.maintenancestub.Status(
                 aetcd.rpc.StatusRequest(), timeout=self.timeout, metadata=client.metadata
             )

@@ -15,9 +15,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from .._bulk import BulkCancel
-from .._live import LiveRecord
-from .._request import CancelRequest, Receipt, TaskRecord
+from .._core.bulk import BulkCancel
+from .._core.records import CancelRequest, LiveRecord, Receipt, TaskRecord
 from ..exceptions import RevisionCompactedError, StoreError
 from . import DEFAULT_PREFIX, LIST_PAGE_SIZE, FlagEvent, FlagListing, FlagPage
 from ._keys import (

@@ -1,11 +1,13 @@
 """A service for fault, load and security tests: streams like chain_app, and shows its insides.
 
 Wired by hand (``CancelMiddleware``, httpx instrumentation, one shared httpx client),
-with an in-memory OpenTelemetry metric reader so the ``otel_cancel.watch.connected``
-gauge can be read back. otel-cancel's log lines go to stdout as ``LEVEL logger message``.
+with an in-memory OpenTelemetry metric reader so otel-cancel's metrics (the
+``otel_cancel.watch.connected`` gauge, the flags applied, the receipts written) can be
+read back. otel-cancel's log lines go to stdout as ``LEVEL logger message``.
 
 Environment: ``LEVEL`` and ``NEXT_URLS`` as for chain_app; ``DEBUG_APP_METRICS=0``
-leaves the OpenTelemetry SDK out (then ``connected_metric`` is ``null``).
+leaves the OpenTelemetry SDK out (then ``connected_metric``, ``flags_applied`` and
+``receipts_written`` are ``null``).
 
 Routes under ``CancelMiddleware``:
 
@@ -20,7 +22,7 @@ Routes under ``CancelMiddleware``:
 Routes outside it (they run in no scope, so they never count in the registry):
 
 - ``GET /debug/state[?connected=true|false&timeout=S]``: the registry, the watcher
-  and the gauge, as JSON; with ``connected``, first waits (at most S seconds) until
+  and the metrics, as JSON; with ``connected``, first waits (at most S seconds) until
   the watcher's connection state is that;
 - ``POST /debug/release``: open the gate of every gated stream started so far;
 - ``POST /debug/cancel?root=R``: call ``otel_cancel.cancel(R)``; JSON ``{"created"}`` or ``{"error", "message"}``.
@@ -45,11 +47,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 import otel_cancel
-from otel_cancel._registry import CancelRegistry
-from otel_cancel._request import CancelRequest
-from otel_cancel._runtime import get_runtime
+from otel_cancel._core.process_state import get_process_state
+from otel_cancel._core.records import CancelRequest
+from otel_cancel._core.registry import CancelRegistry
 from otel_cancel.asgi import CancelMiddleware
+from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS, METRIC_WATCH_CONNECTED
 from otel_cancel.exceptions import OtelCancelError
+from otel_cancel.testing import CancelMetrics
 
 LEVEL = os.environ.get("LEVEL", "?")
 NEXT_URLS = [url for url in os.environ.get("NEXT_URLS", "").split(",") if url]
@@ -62,8 +66,10 @@ _otel_cancel_log.setLevel(logging.INFO)
 _otel_cancel_log.propagate = False
 
 _reader = InMemoryMetricReader()
+_metrics: CancelMetrics | None = None
 if os.environ.get("DEBUG_APP_METRICS", "1") != "0":
     metrics.set_meter_provider(MeterProvider(metric_readers=[_reader]))
+    _metrics = CancelMetrics(_reader)
 HTTPXClientInstrumentor().instrument()
 
 _client: httpx.AsyncClient | None = None
@@ -140,7 +146,7 @@ async def ping(scope, receive, send) -> None:
 
 
 def _gauge(name: str) -> int | None:
-    if os.environ.get("DEBUG_APP_METRICS", "1") == "0":
+    if _metrics is None:
         return None
     data = _reader.get_metrics_data()
     for resource_metrics in data.resource_metrics if data else ():
@@ -151,8 +157,13 @@ def _gauge(name: str) -> int | None:
     return None
 
 
+def _counter(name: str) -> int | None:
+    """A counter of this process's otel-cancel metrics, over all its labels."""
+    return None if _metrics is None else int(_metrics.total(name))
+
+
 async def state(request: Request) -> JSONResponse:
-    runtime = get_runtime()
+    runtime = get_process_state()
     watcher, registry = runtime.watcher, runtime.registry
     if "connected" in request.query_params:
         wanted = request.query_params["connected"] == "true"
@@ -165,12 +176,12 @@ async def state(request: Request) -> JSONResponse:
             "live_roots": registry.live_roots(),
             "cancelled_roots": registry.cancelled_roots(),
             "connected": watcher.connected,
-            "connected_metric": _gauge("otel_cancel.watch.connected"),
+            "connected_metric": _gauge(METRIC_WATCH_CONNECTED),
             "reconnects": watcher.reconnects,
             "listings": watcher.listings,
-            "flags_applied": watcher.flags_applied,
+            "flags_applied": _counter(METRIC_FLAGS_APPLIED),
             "last_revision": watcher.last_revision,
-            "receipts_written": runtime.receipts_written,
+            "receipts_written": _counter(METRIC_RECEIPTS),
             "endpoint": getattr(store, "endpoint", None),
         }
     )

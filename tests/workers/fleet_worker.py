@@ -24,7 +24,7 @@ from opentelemetry import context as otel_context
 
 import otel_cancel
 from otel_cancel import attributes
-from otel_cancel._labels import encode_labels
+from otel_cancel._core.labels import encode_labels
 
 finishes: dict[str, asyncio.Event] = {}
 

@@ -4,7 +4,8 @@ Usage: hold_scopes.py ROOT:COUNT [ROOT:COUNT ...]
 
 Prints ``READY`` once every scope is entered, then ``STOPPED <root> <index>
 <epoch_ns>`` for each task its root's cancel stopped. When stdin closes it prints
-``APPLIED <n>`` (flags its watcher applied) and exits.
+``APPLIED <n>`` (flags its watcher applied, from the ``otel_cancel.flags.applied``
+metric) and exits.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import sys
 import time
 
 import otel_cancel
-from otel_cancel._runtime import get_runtime
+from otel_cancel.attributes import METRIC_FLAGS_APPLIED
+from otel_cancel.testing import CancelMetrics
+
+METRICS = CancelMetrics()
 
 
 async def hold(root: str, index: int, entered: asyncio.Event, counter: list[int], total: int) -> None:
@@ -42,7 +46,7 @@ async def main() -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     for task in tasks:
         task.cancel()
-    print(f"APPLIED {get_runtime().watcher.flags_applied}", flush=True)
+    print(f"APPLIED {int(METRICS.total(METRIC_FLAGS_APPLIED))}", flush=True)
 
 
 asyncio.run(main())

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from otel_cancel._request import CancelRequest
-from otel_cancel._settings import Settings
+from otel_cancel._core.records import CancelRequest
+from otel_cancel._core.settings import Settings
 from otel_cancel.exceptions import StoreUnavailableError
 
 RETRY_PAUSE_SECONDS = 0.05

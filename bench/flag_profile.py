@@ -1,0 +1,127 @@
+"""Where a process's CPU goes per flag: cProfile on every thread of a holder or a bystander.
+
+    .venv/bin/python bench/flag_profile.py [--holder | --bystander] [--flags N] [--rate R]
+
+A diagnostic beside ``bench/flag_cost.py`` (which measures; this attributes): a real
+etcd, this process configured like ``services/scope_holder.py`` (holding one scope per
+root with ``--holder``, nothing with ``--bystander``), ``services/flag_writer.py``
+writing the flags from its own process at ``R`` per second. The profiler runs on the
+app's loop (the stops) and on otel-cancel's IO loop (watch, receipts); the top
+functions of each are printed by own time. Writes nothing to ``bench/results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "services"))
+
+from _common import PYTHON, SERVICES, service_env
+from scope_holder import roots
+
+import otel_cancel
+from otel_cancel._core.io_loop import io_loop
+from otel_cancel.testing import EtcdServer, ManagedProcess, configured, unique_prefix
+
+
+def _top(profile: cProfile.Profile, title: str, lines: int) -> str:
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(lines)
+    return f"== {title}\n{out.getvalue()}"
+
+
+async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float) -> None:
+    prefix = unique_prefix().replace("test", "bench")
+    with configured(endpoints=(etcd.endpoint,), prefix=prefix, service="flag-profile") as runtime:
+        await runtime.ensure_listed()
+        seed = f"p{time.time_ns()}"
+        wanted = roots(seed, count)
+        stopped = 0
+        entered = asyncio.Event()
+        inside = 0
+
+        async def hold(root: str) -> None:
+            nonlocal stopped, inside
+            try:
+                async with otel_cancel.scope(root=root):
+                    inside += 1
+                    if inside == count:
+                        entered.set()
+                    await asyncio.Event().wait()
+            except otel_cancel.Cancelled:
+                stopped += 1
+
+        tasks = [asyncio.create_task(hold(root)) for root in wanted] if holder else []
+        if holder:
+            await entered.wait()
+        io_profile = cProfile.Profile()
+        io_loop().submit(_enable(io_profile)).result()
+        app_profile = cProfile.Profile()
+        app_profile.enable()
+        start_ns = time.time_ns() + 500_000_000
+        writer = ManagedProcess(
+            [
+                PYTHON,
+                str(SERVICES / "flag_writer.py"),
+                etcd.endpoint,
+                prefix,
+                seed,
+                str(count),
+                "0",
+                "1",
+                str(rate),
+                str(start_ns),
+            ],
+            env=service_env({}),
+            name="writer",
+        )
+        try:
+            writer.wait_for_line(lambda line: line.startswith("DONE"), timeout=120)
+            deadline = time.monotonic() + 30
+            while runtime.watcher.flags_applied < count and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if holder:
+                while runtime.receipts_written < count and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+        finally:
+            app_profile.disable()
+            io_loop().submit(_disable(io_profile)).result()
+            writer.stop()
+        for task in tasks:
+            task.cancel()
+        print(f"flags applied {runtime.watcher.flags_applied}, stopped {stopped}, receipts {runtime.receipts_written}")
+        print(_top(io_profile, "otel-cancel's IO loop (watch, receipts)", 35))
+        print(_top(app_profile, "the app's loop (stops)", 25))
+
+
+async def _enable(profile: cProfile.Profile) -> None:
+    profile.enable()
+
+
+async def _disable(profile: cProfile.Profile) -> None:
+    profile.disable()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--holder", action="store_true", default=True)
+    mode.add_argument("--bystander", action="store_true")
+    parser.add_argument("--flags", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    args = parser.parse_args()
+    with EtcdServer() as etcd:
+        asyncio.run(_profile(etcd, not args.bystander, args.flags, args.rate))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,532 @@
+"""Root id -> the live scopes of this process, and the roots known to be cancelled.
+
+The registry is the meeting point of two threads: request code enters and leaves
+scopes on its own event loop (or thread), and the watcher thread applies flags.
+One lock guards both maps, so "register, then check the cancelled set" (scope
+entry) and "mark cancelled, then collect the live scopes" (flag applied) cannot
+interleave: whichever runs second sees the other's effect, and no flag slips
+between a scope's registration and its check.
+
+Entering a scope is a dict insert under that lock; it never touches the store.
+The registry also keeps the bulk cancels (``cancel --all``) in force, so that a
+scope entered for a selected run is refused like a late hop, and a counter of
+changes that the live-work publisher (:mod:`otel_cancel._core.live`) polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+from .bulk import BulkCancel
+from .outcome import Outcome
+from .records import CancelRequest
+
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclasses.dataclass(eq=False)
+class Registration:
+    """One task (or thread) working for one root, possibly through nested scopes.
+
+    Each field has one writer: the registry, under its lock (``count``, ``names``,
+    ``cancel_requested``, ``interrupted``, ``stopped_early``, ``labels``); :func:`deliver`, on
+    the task's own loop (``delivered``); the task's scopes, on that loop too (``consumed``,
+    ``deadline_ms``). The rest is set once, at entry.
+    """
+
+    root: str
+    depth: int
+    task: asyncio.Task[object] | None
+    loop: asyncio.AbstractEventLoop | None
+    thread_id: int
+    names: list[str]
+    count: int = 0
+    cancel_requested: CancelRequest | None = None
+    """Set (under the lock) when a flag for the root was applied while this registration was live."""
+    delivered: bool = False
+    """Set on the task's own loop when the tagged ``task.cancel()`` was really delivered."""
+    consumed: bool = False
+    """Set when a scope turned the delivered cancellation into ``Cancelled``."""
+    interrupted: bool = False
+    """Set when a scope of this registration exited :attr:`~otel_cancel._core.outcome.Outcome.STOPPED`."""
+    stopped_early: tuple[tuple[str, Callable[[CancelRequest], None] | None], ...] = ()
+    """This registration's scopes that exited stopped before any flag for the root arrived: their
+    names, and what each records once a flag claims the stop (its span). A tuple, so a
+    registration that never stops early (nearly all) allocates nothing for it."""
+    deadline_ms: int | None = None
+    """The earliest deadline a scope of this registration has a timer for."""
+    entered_at: int = 0
+    """When this registration's first scope was entered, epoch nanoseconds."""
+    run_started_ms: int = 0
+    """When the run began at its root (``otel_cancel.started``), epoch milliseconds."""
+    labels: Mapping[str, str] = dataclasses.field(default_factory=lambda: _NO_LABELS)
+    """The run's labels as this registration knows them (replaced, never mutated)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveRoot:
+    """This process's live work for one root, as ``otel-cancel ps`` shows it."""
+
+    root: str
+    depth: int
+    started_at: int
+    """When the root's work began in this process, epoch nanoseconds."""
+    run_started_ms: int
+    scopes: tuple[str, ...]
+    labels: Mapping[str, str]
+
+
+@dataclasses.dataclass
+class StopReport:
+    """What the registry knows when the last work for a cancelled root has stopped."""
+
+    request: CancelRequest
+    seen_at: int
+    stopped_at: int
+    depth: int
+    interrupted: tuple[str, ...]
+    tasks: int
+
+
+@dataclasses.dataclass
+class _CancelState:
+    request: CancelRequest
+    seen_at: int
+    interrupted: list[str] = dataclasses.field(default_factory=list)
+    tasks: int = 0
+    depth: int | None = None
+    waiting: int = 0
+    """Registrations that were live when the flag arrived and have not exited yet."""
+
+
+@dataclasses.dataclass
+class _EarlyStop:
+    """Work that a cancellation from elsewhere stopped before this root's flag arrived here."""
+
+    stopped_at: int
+    stopped_monotonic: float
+    depth: int
+    names: list[str]
+    tasks: int
+    on_claimed: list[Callable[[CancelRequest], None]] = dataclasses.field(default_factory=list)
+
+
+EARLY_STOP_MEMORY_SECONDS = 30.0
+"""How long work stopped by a caller's disconnect waits for its root's flag to claim it."""
+_EARLY_STOP_LIMIT = 4096
+_BULK_LIMIT = 256
+"""Bulk cancels kept in force at once (the oldest are dropped beyond it)."""
+
+
+LISTED_REASON = "cancelled before this process listed its flags"
+"""The reason a refusal gives while only the flag's key is known here (its value is being fetched)."""
+
+
+class CancelRegistry:
+    """Live scopes and cancelled roots of one process.
+
+    Args:
+        on_stopped: called (outside the lock, on the thread where the last scope
+            exited) when every scope that was live for a cancelled root has exited.
+    """
+
+    def __init__(self, on_stopped: Callable[[StopReport], None] | None = None, service: str = "") -> None:
+        self._lock = threading.Lock()
+        self.service = service
+        self.changes = 0
+        self.applied = 0
+        """Roots newly marked cancelled here (by a flag or a bulk cancel), each once: the
+        running count behind the ``otel_cancel.flags.applied`` metric."""
+        """Bumped on every scope entry and exit: the publisher rewrites live work when it moved."""
+        self._bulk: OrderedDict[str, BulkCancel] = OrderedDict()
+        self.on_bulk_refusal: Callable[[CancelRequest, list[Registration]], None] | None = None
+        """Called (outside the lock) when a bulk cancel selects a run on a scope's entry: with the
+        root's cancel request and its other registrations here, which the caller must stop."""
+        self._live: dict[str, dict[object, Registration]] = {}
+        self._cancelled: dict[str, _CancelState] = {}
+        # The cascade can beat the watch: a caller cancelled by the flag drops its HTTP
+        # call, and this process stops that work (a foreign cancellation) before its own
+        # watcher sees the flag. Remember such stops briefly, so the flag still yields a
+        # receipt for the work it stopped.
+        self._early_stops: OrderedDict[str, _EarlyStop] = OrderedDict()
+        # Roots known cancelled from a keys-only listing: a set of strings, so that a
+        # process listing 100,000 flags holds 100,000 roots and nothing else. The flag's
+        # value (reason, requester) is fetched when a refusal first needs it.
+        self._listed: set[str] = set()
+        self.on_stopped = on_stopped
+        self.on_details_wanted: Callable[[str], None] | None = None
+        """Called (outside the lock) when a scope is refused for a root known only by its key."""
+
+    # -- request side --------------------------------------------------------------
+
+    def enter(
+        self,
+        root: str,
+        depth: int,
+        name: str | None,
+        *,
+        task_mode: bool = True,
+        run_started_ms: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> tuple[Registration, CancelRequest | None]:
+        """Register the current task (or, with ``task_mode=False``, thread) under ``root``.
+
+        Args:
+            root: the root.
+            depth: hops from the root.
+            name: the scope's name.
+            task_mode: register the current task (else the current thread).
+            run_started_ms: when the run began at its root (epoch ms); now when unknown.
+            labels: the run's labels.
+
+        Returns:
+            The registration, and the cancel request when ``root`` is already cancelled
+            (the caller must then :meth:`exit` and refuse to run its body).
+        """
+        task: asyncio.Task[object] | None = None
+        if task_mode:
+            try:
+                task = asyncio.current_task()
+            except RuntimeError:
+                task = None
+        loop = task.get_loop() if task is not None else None
+        thread_id = threading.get_ident()
+        key: object = task if task is not None else thread_id
+        refused: CancelRequest | None = None
+        others: list[Registration] = []
+        early_claim: tuple[StopReport, _EarlyStop] | None = None
+        with self._lock:
+            self.changes += 1
+            registrations = self._live.setdefault(root, {})
+            registration = registrations.get(key)
+            if registration is None:
+                registration = registrations[key] = Registration(root, depth, task, loop, thread_id, [])
+                registration.entered_at = time.time_ns()
+                registration.run_started_ms = run_started_ms or registration.entered_at // 1_000_000
+            if labels and labels is not registration.labels:
+                # Shared read-only mappings: a registration's labels are replaced, never mutated.
+                registration.labels = {**registration.labels, **labels} if registration.labels else labels
+            registration.count += 1
+            registration.names.append(name or "")
+            state = self._cancelled.get(root)
+            if state is None and self._bulk:
+                bulk = self._selecting_bulk(registration)
+                if bulk is not None:
+                    # A hop of a run that a bulk cancel selected, arriving after it: the
+                    # root is cancelled here now (any other work of it here stops too) and
+                    # this scope is refused like a late hop.
+                    refused = bulk.request_for(root)
+                    registrations_now, early_claim = self._apply_locked(refused)
+                    others = [h for h in registrations_now if h is not registration]
+                    state = self._cancelled[root]
+            request = state.request if state is not None else None
+            listed = request is None and root in self._listed
+        if refused is not None:
+            self._claim_early_stop(refused, early_claim)
+            if self.on_bulk_refusal is not None:
+                self.on_bulk_refusal(refused, others)
+        if listed:
+            # Known cancelled from a keys-only listing: refuse now, fetch the reason once.
+            self._want_details(root)
+            return registration, CancelRequest(root, LISTED_REASON, 0, "")
+        return registration, request
+
+    def _want_details(self, root: str) -> None:
+        if self.on_details_wanted is not None:
+            self.on_details_wanted(root)
+
+    def _selecting_bulk(self, registration: Registration) -> BulkCancel | None:
+        for bulk in self._bulk.values():
+            if bulk.selects(self.service, registration.labels, registration.run_started_ms):
+                return bulk
+        return None
+
+    def add_labels(self, root: str, labels: Mapping[str, str]) -> None:
+        """Add ``labels`` to the current task's (or thread's) live work for ``root``, if any."""
+        try:
+            task: object = asyncio.current_task()
+        except RuntimeError:
+            task = None
+        key = task if task is not None else threading.get_ident()
+        with self._lock:
+            registration = self._live.get(root, {}).get(key)
+            if registration is not None:
+                registration.labels = {**registration.labels, **labels}
+                self.changes += 1
+
+    def exit(
+        self,
+        registration: Registration,
+        outcome: Outcome | Callable[[CancelRequest | None], Outcome] = Outcome.COMPLETED,
+        early_record: Callable[[], Callable[[CancelRequest], None]] | None = None,
+    ) -> tuple[Outcome, CancelRequest | None]:
+        """Unregister one scope of ``registration`` and book how it ended; report a cancelled root's stop.
+
+        The registry does not decide how the scope ended: the scope does (see
+        :class:`~otel_cancel._core.outcome.Outcome`). ``outcome`` may be a function of the root's
+        cancel request as applied to ``registration``; it is called under the lock, so a flag
+        applied while the scope was leaving is seen by exactly one of the two.
+
+        Args:
+            registration: the registration of the exiting scope.
+            outcome: how the scope ended, or the scope's function deciding it.
+            early_record: with :attr:`Outcome.STOPPED_EARLY`, builds what to record (on the
+                watcher's thread) if the root's flag arrives while the stop is remembered.
+
+        Returns:
+            The outcome, and the cancel request applied to ``registration`` (``None`` if none was).
+        """
+        report: StopReport | None = None
+        with self._lock:
+            self.changes += 1
+            request = registration.cancel_requested
+            ended = outcome(request) if callable(outcome) else outcome
+            name = registration.names.pop() if registration.names else ""
+            registration.count -= 1
+            if ended is Outcome.STOPPED:
+                registration.interrupted = True
+            state = self._cancelled.get(registration.root)
+            if state is not None and request is not None and registration.interrupted and name:
+                state.interrupted.append(name)
+            early = state is None and ended is Outcome.STOPPED_EARLY
+            if early:
+                # Kept per scope: nested scopes share the registration, and only the last
+                # one out decides whether the stop is remembered.
+                registration.stopped_early += ((name, early_record() if early_record is not None else None),)
+            if registration.count > 0:
+                return ended, request
+            registrations = self._live.get(registration.root)
+            if registrations is not None:
+                registrations.pop(registration.task if registration.task is not None else registration.thread_id, None)
+                if not registrations:
+                    del self._live[registration.root]
+            if early:
+                self._remember_early_stop(registration)
+            if state is None or request is None:
+                return ended, request
+            state.waiting -= 1
+            if registration.interrupted:
+                state.tasks += 1
+                state.depth = registration.depth if state.depth is None else min(state.depth, registration.depth)
+            if state.waiting == 0 and state.tasks > 0:
+                report = StopReport(
+                    request=state.request,
+                    seen_at=state.seen_at,
+                    stopped_at=time.time_ns(),
+                    depth=state.depth or 0,
+                    interrupted=tuple(dict.fromkeys(n for n in state.interrupted if n)),
+                    tasks=state.tasks,
+                )
+        if report is not None and self.on_stopped is not None:
+            self.on_stopped(report)
+        return ended, request
+
+    def _remember_early_stop(self, registration: Registration) -> None:
+        early = self._early_stops.get(registration.root)
+        if early is None:
+            early = self._early_stops[registration.root] = _EarlyStop(0, 0.0, registration.depth, [], 0)
+            if len(self._early_stops) > _EARLY_STOP_LIMIT:
+                self._early_stops.popitem(last=False)
+        early.stopped_at = time.time_ns()
+        early.stopped_monotonic = time.monotonic()
+        early.depth = min(early.depth, registration.depth)
+        early.names.extend(name for name, _ in reversed(registration.stopped_early) if name)
+        early.on_claimed.extend(record for _, record in registration.stopped_early if record is not None)
+        early.tasks += 1
+
+    def is_cancelled(self, root: str) -> CancelRequest | None:
+        """The cancel request of ``root`` if it is cancelled here, else ``None``."""
+        state = self._cancelled.get(root)
+        if state is not None:
+            return state.request
+        if root in self._listed:
+            self._want_details(root)
+            return CancelRequest(root, LISTED_REASON, 0, "")
+        return None
+
+    # -- watcher side --------------------------------------------------------------
+
+    def apply_listed(self, root: str) -> bool:
+        """Mark ``root`` cancelled from a keys-only listing (from now on its scopes are refused).
+
+        Returns:
+            Whether work for ``root`` is live here (or stopped early, waiting for its
+            flag): the caller must then fetch the flag and :meth:`apply` it, which
+            stops that work and yields its receipt.
+        """
+        with self._lock:
+            if root in self._cancelled or root in self._listed:
+                return False
+            self._listed.add(root)
+            return bool(self._live.get(root)) or root in self._early_stops
+
+    def apply(self, request: CancelRequest) -> tuple[bool, list[Registration]]:
+        """Mark ``request.root`` cancelled; return whether it is new here and the registrations to stop.
+
+        Applying the same root again is a no-op (``(False, [])``): a flag seen twice
+        (listing and watch, or a re-list after compaction) stops work once.
+        """
+        with self._lock:
+            if request.root in self._cancelled:
+                return False, []
+            listed = request.root in self._listed
+            self._listed.discard(request.root)
+            if listed and not self._live.get(request.root) and request.root not in self._early_stops:
+                # Only the reason was missing: scopes were refused from the listing on.
+                self._cancelled[request.root] = _CancelState(request, time.time_ns())
+                return False, []
+            registrations, early_claim = self._apply_locked(request)
+        self._claim_early_stop(request, early_claim)
+        return True, registrations
+
+    def _apply_locked(self, request: CancelRequest) -> tuple[list[Registration], tuple[StopReport, _EarlyStop] | None]:
+        self.applied += 1
+        state = self._cancelled[request.root] = _CancelState(request, time.time_ns())
+        registrations = list(self._live.get(request.root, {}).values())
+        for registration in registrations:
+            registration.cancel_requested = request
+        state.waiting = len(registrations)
+        early = self._early_stops.pop(request.root, None)
+        if (
+            early is not None
+            and not registrations
+            and time.monotonic() - early.stopped_monotonic < EARLY_STOP_MEMORY_SECONDS
+        ):
+            report = StopReport(
+                request=request,
+                seen_at=state.seen_at,
+                stopped_at=early.stopped_at,
+                depth=early.depth,
+                interrupted=tuple(dict.fromkeys(early.names)),
+                tasks=early.tasks,
+            )
+            return registrations, (report, early)
+        return registrations, None
+
+    def _claim_early_stop(self, request: CancelRequest, claim: tuple[StopReport, _EarlyStop] | None) -> None:
+        if claim is None:
+            return
+        report, early = claim
+        for claimed in early.on_claimed:
+            claimed(request)
+        if self.on_stopped is not None:
+            self.on_stopped(report)
+
+    def apply_bulk(self, bulk: BulkCancel) -> list[tuple[CancelRequest, list[Registration]]]:
+        """Keep ``bulk`` in force and cancel every live root here that it selects.
+
+        Selection and cancellation happen under one lock hold, so a scope entered
+        meanwhile either is stopped here or is refused by the bulk cancel on entry.
+
+        Returns:
+            For each root cancelled here: its request and the registrations to stop.
+            Empty when ``bulk`` was already applied.
+        """
+        selected: list[tuple[CancelRequest, list[Registration], tuple[StopReport, _EarlyStop] | None]] = []
+        with self._lock:
+            if bulk.id in self._bulk:
+                return []
+            self._bulk[bulk.id] = bulk
+            if len(self._bulk) > _BULK_LIMIT:
+                self._bulk.popitem(last=False)
+            for root, registrations in list(self._live.items()):
+                if root in self._cancelled or not registrations:
+                    continue
+                run_started_ms = min(h.run_started_ms for h in registrations.values())
+                labels: dict[str, str] = {}
+                for registration in registrations.values():
+                    labels.update(registration.labels)
+                if bulk.selects(self.service, labels, run_started_ms):
+                    request = bulk.request_for(root)
+                    stopped, early_claim = self._apply_locked(request)
+                    selected.append((request, stopped, early_claim))
+        for request, _, early_claim in selected:
+            self._claim_early_stop(request, early_claim)
+        return [(request, registrations) for request, registrations, _ in selected]
+
+    def forget_bulk(self, bulk_id: str) -> None:
+        """Drop a bulk cancel (its flag expired): runs it selected may start hops again."""
+        with self._lock:
+            self._bulk.pop(bulk_id, None)
+
+    def retain_only_bulk(self, bulk_ids: set[str]) -> None:
+        """Forget every bulk cancel not in ``bulk_ids`` (after a fresh listing)."""
+        with self._lock:
+            for bulk_id in [b for b in self._bulk if b not in bulk_ids]:
+                del self._bulk[bulk_id]
+
+    def forget(self, root: str) -> None:
+        """Drop a cancelled root (its flag expired); new work for it may run again."""
+        with self._lock:
+            self._cancelled.pop(root, None)
+            self._listed.discard(root)
+
+    def retain_only(self, roots: set[str]) -> None:
+        """Forget every cancelled root not in ``roots`` (after a fresh listing)."""
+        with self._lock:
+            for root in [r for r in self._cancelled if r not in roots]:
+                del self._cancelled[root]
+            self._listed &= roots
+
+    # -- introspection -------------------------------------------------------------
+
+    def live_roots(self) -> int:
+        """How many roots have live scopes in this process."""
+        with self._lock:
+            return len(self._live)
+
+    def live_scopes(self) -> int:
+        """How many scopes are live in this process."""
+        with self._lock:
+            return sum(h.count for registrations in self._live.values() for h in registrations.values())
+
+    def live_work(self) -> list[LiveRoot]:
+        """This process's live work, one entry per root (the live-work publisher reads it)."""
+        with self._lock:
+            entries = []
+            for root, registrations in self._live.items():
+                if not registrations:
+                    continue
+                labels: dict[str, str] = {}
+                names: dict[str, None] = {}
+                for registration in registrations.values():
+                    labels.update(registration.labels)
+                    names.update((name, None) for name in registration.names if name)
+                entries.append(
+                    LiveRoot(
+                        root=root,
+                        depth=min(h.depth for h in registrations.values()),
+                        started_at=min(h.entered_at for h in registrations.values()),
+                        run_started_ms=min(h.run_started_ms for h in registrations.values()),
+                        scopes=tuple(names),
+                        labels=labels,
+                    )
+                )
+            return entries
+
+    def cancelled_roots(self) -> int:
+        """How many cancelled roots this process remembers."""
+        with self._lock:
+            return len(self._cancelled) + len(self._listed)
+
+
+def deliver(registration: Registration) -> None:
+    """Cancel ``registration``'s task, on the task's own loop, if it is still in its scope.
+
+    Runs through ``loop.call_soon_threadsafe``. Checking ``count`` here, on the
+    task's loop, closes the race with a scope that exits between the watcher's
+    decision and this call: that scope has already left, so its task must not be
+    cancelled.
+    """
+    request = registration.cancel_requested
+    task = registration.task
+    if request is None or task is None or registration.count <= 0 or registration.delivered or task.done():
+        return
+    registration.delivered = True
+    task.cancel(request.tag())

@@ -1,0 +1,567 @@
+"""``CancelMiddleware``: every HTTP request runs in a scope for its root.
+
+Pure ASGI, for any framework (Starlette, FastAPI, plain ASGI)::
+
+    from otel_cancel.asgi import CancelMiddleware
+
+    app = CancelMiddleware(app)                      # plain ASGI
+    app.add_middleware(CancelMiddleware)             # Starlette / FastAPI
+
+Under ``opentelemetry-instrument`` the instrumentor adds it for Starlette and
+FastAPI apps, right inside OpenTelemetry's own ASGI middleware.
+
+Per request it:
+
+1. takes the context OpenTelemetry's ASGI middleware extracted (or extracts it
+   itself when that middleware is absent: never twice);
+2. establishes the root (see :mod:`otel_cancel.integrations.incoming`: a new root at an edge,
+   the caller's on a trusted internal service), rewrites the ``baggage`` header
+   the inner app sees, and adds ``otel-cancel-root`` to the response;
+3. runs the app in the server's own task (no task of its own: that would cost
+   every request), inside a scope. When the root is cancelled: before the
+   response starts the client gets ``409`` with
+   ``{"error": "cancelled", "root", "reason"}``; mid-stream, a
+   ``text/event-stream`` ends with a final ``otel-cancel`` event carrying that
+   body and any other stream ends (truncated). The scope turns the cancellation
+   into :class:`~otel_cancel.Cancelled`, which ends the response here, so the
+   server never sees a bare ``CancelledError`` and logs no traceback; the app's
+   outgoing httpx calls are cancelled with it;
+4. enforces the run's deadline (``otel_cancel.deadline`` in baggage, narrowed by
+   the ``otel-cancel-timeout`` request header and ``deadline_seconds``): a hop that
+   arrives after it gets ``504`` and runs no handler; one that runs past it is
+   stopped locally like a cancel (``504`` before the response starts, a final
+   ``otel-cancel`` event or a truncated body after);
+5. at an edge, when the client goes away from an unfinished response
+   (``http.disconnect`` from ``receive`` or an ``OSError`` from ``send``), cancels
+   the root, so the whole chain stops (``on_disconnect="continue"`` lets work
+   outlive its caller). An internal service just stops its own work. Once a
+   stream is under way, someone must wait in ``receive()`` to hear a client leave
+   while nothing is sent: the app itself if it does (Starlette's streaming
+   responses do), else a listener task of the middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+from urllib.parse import quote_plus, unquote_plus
+
+from opentelemetry import baggage, propagate, trace
+from opentelemetry import context as otel_context
+
+from .. import attributes
+from .._core import telemetry
+from .._core.deadline import DEADLINE_REASON, MAX_AHEAD_SECONDS, now_ms, parse_timeout, validate_deadline
+from .._core.labels import usable_labels, validate_label, with_labels
+from .._core.process_state import ProcessState, get_process_state
+from .._core.rate_limited_log import RateLimitedLogger
+from .._core.records import CancelRequest
+from .._core.root import with_root
+from .._core.scope import CancelScope, cancel
+from ..exceptions import Cancelled, ConfigurationError
+from .incoming import establish_root
+from .request_context import extract_request_context
+from .upstream_logs import limit_client_input_logs
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_log = logging.getLogger("otel_cancel.asgi")
+_bad_input_log = RateLimitedLogger(_log)
+_APPLIED = "otel_cancel.applied"
+_DISCONNECT_REASON = "client disconnected"
+_ON_DISCONNECT = ("cancel", "continue")
+_propagator_warning_given = False
+
+
+def warn_if_propagators_drop_baggage() -> bool:
+    """Log an error (once) when the global propagator does not carry baggage; return whether it does."""
+    global _propagator_warning_given
+    carries = "baggage" in propagate.get_global_textmap().fields
+    if not carries and not _propagator_warning_given:
+        _propagator_warning_given = True
+        _log.error(
+            "otel-cancel: the configured propagators (OTEL_PROPAGATORS) do not include 'baggage': "
+            "roots will not cross HTTP hops and downstream work will not be cancelled; "
+            "set OTEL_PROPAGATORS=tracecontext,baggage"
+        )
+    return carries
+
+
+def _on_start_serving(runtime: ProcessState) -> None:
+    warn_if_propagators_drop_baggage()
+    runtime.start_serving()
+
+
+class _RequestHeaders:
+    """What the middleware needs from the request headers, read in one pass."""
+
+    __slots__ = ("baggage", "carrier", "continued", "has_body", "timeouts")
+
+    def __init__(self, headers: Any, propagation_fields: frozenset[bytes]) -> None:
+        self.carrier: dict[str, list[str]] = {}
+        """The headers the propagators read (name -> values), for ``propagate.extract``."""
+        self.baggage: list[bytes] = []
+        """The raw ``baggage`` headers."""
+        self.continued = False
+        """Whether the request carries a ``traceparent`` (the caller continued its trace)."""
+        self.timeouts: list[bytes] = []
+        self.has_body = False
+        for key, value in headers:
+            name = key.lower()
+            if name in propagation_fields:
+                self.carrier.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
+                if name == b"baggage":
+                    self.baggage.append(value)
+                elif name == b"traceparent":
+                    self.continued = True
+            elif name == _TIMEOUT_HEADER:
+                self.timeouts.append(value)
+            elif name == b"traceparent":
+                self.continued = True
+            elif name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+                self.has_body = True
+
+
+_TIMEOUT_HEADER = attributes.HEADER_TIMEOUT.encode()
+_ROOT_HEADER = attributes.HEADER_ROOT.encode()
+_propagation_fields: tuple[object, frozenset[bytes]] = (None, frozenset())
+
+
+def _fields_of(textmap: object) -> frozenset[bytes]:
+    """The header names the global propagator reads, lowercased bytes (cached per propagator)."""
+    global _propagation_fields
+    cached_for, fields = _propagation_fields
+    if cached_for is not textmap:
+        names = getattr(textmap, "fields", ())
+        fields = frozenset(name.lower().encode("latin-1") for name in names) | {b"baggage"}
+        _propagation_fields = (textmap, fields)
+    return fields
+
+
+class CancelMiddleware:
+    """Run each HTTP request, streaming body included, in a scope for its root.
+
+    Args:
+        app: the ASGI app to wrap.
+        trust_incoming: adopt incoming roots (an internal service); default from
+            ``OTEL_CANCEL_TRUST_INCOMING`` (``false``: an edge).
+        deadline_seconds: a time budget for every request at this hop; it narrows
+            (never widens) a deadline that arrived with the request.
+        on_disconnect: ``cancel`` (default) or ``continue``, when the client leaves an
+            unfinished response; default from ``OTEL_CANCEL_ON_DISCONNECT``.
+        run_in_scope: run each request in a scope (the default). ``False`` is for apps
+            that stop cancelled work themselves and report it in their own protocol
+            (A2A servers with :class:`otel_cancel.integrations.a2a.CancellableAgentExecutor`): the
+            middleware then establishes the root, depth and deadline and answers with
+            ``otel-cancel-root``, but refuses no request (no 409 or 504) and stops none;
+            the app's own scopes do, and a late hop is refused there.
+        label_headers: request headers to turn into run labels, ``{header: label}``
+            (``{"x-tenant-id": "tenant"}``); default from ``OTEL_CANCEL_LABEL_HEADERS``.
+            A value that is not a valid label is ignored (one rate-limited log line).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        trust_incoming: bool | None = None,
+        on_disconnect: str | None = None,
+        deadline_seconds: float | None = None,
+        run_in_scope: bool = True,
+        label_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if on_disconnect is not None and on_disconnect not in _ON_DISCONNECT:
+            raise ConfigurationError(f"on_disconnect must be 'cancel' or 'continue', got {on_disconnect!r}")
+        if deadline_seconds is not None and not 0 < deadline_seconds <= MAX_AHEAD_SECONDS:
+            raise ConfigurationError(f"deadline_seconds must be in (0, {MAX_AHEAD_SECONDS}], got {deadline_seconds}")
+        self.app = app
+        limit_client_input_logs()  # OpenTelemetry's warnings about hostile baggage headers
+        self._deadline_seconds = deadline_seconds
+        self._trust_incoming = trust_incoming
+        self._on_disconnect = on_disconnect
+        self._run_in_scope = run_in_scope
+        self._label_headers: tuple[tuple[bytes, str], ...] | None = None
+        if label_headers is not None:
+            self._label_headers = tuple(
+                (header.lower().encode("latin-1"), validate_label(label, "x")[0])
+                for header, label in label_headers.items()
+            )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            # The process starts serving: start the watcher now, not at the first request.
+            _on_start_serving(get_process_state())
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http" or _APPLIED in scope:
+            await self.app(scope, receive, send)
+            return
+        runtime = get_process_state()
+        settings = runtime.settings
+        trusted = settings.trust_incoming if self._trust_incoming is None else self._trust_incoming
+        if not runtime.serving:
+            _on_start_serving(runtime)
+        if not runtime.watcher.listed.is_set():
+            await runtime.ensure_listed()
+
+        raw_headers = scope.get("headers", [])
+        textmap = propagate.get_global_textmap()
+        headers = _RequestHeaders(raw_headers, _fields_of(textmap))
+        current = otel_context.get_current()
+        if headers.carrier and not trace.get_current_span(current).get_span_context().is_valid:
+            # No OpenTelemetry ASGI middleware in front (it would have extracted the
+            # context already): extract it ourselves, once.
+            current = extract_request_context(textmap, headers.carrier)
+        incoming = establish_root(
+            current,
+            raw_headers,
+            trusted=trusted,
+            signing_key=settings.signing_key,
+            baggage_header=b",".join(headers.baggage),
+            continued=headers.continued,
+        )
+        context, deadline_ms = self._narrow_deadline(incoming.context, incoming.root, incoming.depth, headers)
+        context = self._labelled(context, raw_headers, settings.label_headers)
+        if self._run_in_scope and deadline_ms is not None and deadline_ms <= now_ms():
+            # The budget ran out before this hop: do no work.
+            telemetry.late_arrival(incoming.root, DEADLINE_REASON, attributes.KIND_DEADLINE, context)
+            await _send_json(send, 504, _deadline_body(incoming.root, deadline_ms), incoming.root)
+            return
+        inner_scope = dict(scope)
+        inner_scope[_APPLIED] = True
+        inner_scope["headers"] = _rewrite_baggage(raw_headers, headers.carrier.get("baggage"), context)
+        request = _CancellableRequest(
+            inner_scope,
+            receive,
+            send,
+            incoming.root,
+            edge=not trusted,
+            on_disconnect=self._on_disconnect or settings.on_disconnect,
+            deadline_ms=deadline_ms,
+            body_received=not headers.has_body,
+        )
+        token = otel_context.attach(context)
+        try:
+            await request.run(self.app, self._run_in_scope)
+        finally:
+            request.stop_listening()
+            otel_context.detach(token)
+
+    def _narrow_deadline(
+        self, context: otel_context.Context, root: str, depth: int, headers: _RequestHeaders
+    ) -> tuple[otel_context.Context, int | None]:
+        """The request's deadline: the incoming one, narrowed by the header and this hop's budget."""
+        raw = baggage.get_baggage(attributes.BAGGAGE_DEADLINE, context)
+        if raw is None and not headers.timeouts and self._deadline_seconds is None:
+            return context, None  # the common case: no deadline anywhere
+        deadline_ms = validate_deadline(raw)
+        if raw is not None and deadline_ms is None:
+            context = baggage.remove_baggage(attributes.BAGGAGE_DEADLINE, context)
+        budgets = [self._deadline_seconds] if self._deadline_seconds else []
+        for value in headers.timeouts:
+            try:
+                budgets.append(parse_timeout(value.decode("latin-1")))
+            except ValueError as error:
+                _bad_input_log.warning(
+                    "timeout", "otel-cancel: ignoring the %s header: %s", attributes.HEADER_TIMEOUT, error
+                )
+        start = now_ms()
+        for seconds in budgets:
+            candidate = start + int(seconds * 1000)
+            deadline_ms = candidate if deadline_ms is None else min(deadline_ms, candidate)
+        if deadline_ms is None:
+            return context, None
+        return with_root(root, depth, context, extra={attributes.BAGGAGE_DEADLINE: str(deadline_ms)}), deadline_ms
+
+    def _labelled(
+        self, context: otel_context.Context, raw_headers: Any, configured: tuple[tuple[str, str], ...]
+    ) -> otel_context.Context:
+        """``context`` with the labels this edge takes from request headers."""
+        wanted = self._label_headers
+        if wanted is None:
+            if not configured:
+                return context
+            wanted = tuple((header.encode("latin-1"), label) for header, label in configured)
+        found: dict[str, object] = {}
+        for key, value in raw_headers:
+            name = key.lower()
+            for header, label in wanted:
+                if name == header:
+                    found[label] = value.decode("latin-1")
+        labels = usable_labels(found)
+        return with_labels(labels, context) if labels else context
+
+
+def _deadline_body(root: str, deadline_ms: int | None) -> bytes:
+    return json.dumps({"error": "deadline_exceeded", "root": root, "deadline": deadline_ms}).encode()
+
+
+async def _send_json(send: Send, status: int, body: bytes, root: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (_ROOT_HEADER, root.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _rewrite_baggage(
+    headers: Any, incoming: list[str] | None, context: otel_context.Context
+) -> list[tuple[bytes, bytes]]:
+    """The headers with one ``baggage`` header that carries the established root.
+
+    The ``otel_cancel.*`` entries come from ``context`` and go first; every other entry
+    the incoming header carried and OpenTelemetry accepted into ``context`` follows as
+    it arrived (no decoding and encoding again).
+    """
+    entries = baggage.get_all(context)
+    parts = []
+    for key in attributes.BAGGAGE_KEYS:
+        value = entries.get(key)
+        if value is not None:
+            text = str(value)
+            # Roots, depths, deadlines and signatures are hex or digits; anything else is
+            # quoted the way OpenTelemetry's propagator quotes it.
+            parts.append(f"{key}={text}" if text.isalnum() else f"{key}={quote_plus(text)}")
+    if incoming and len(parts) < len(entries):  # entries of the caller's own besides ours
+        for header in incoming:
+            for entry in header.split(","):
+                name = entry.split("=", 1)[0].split(";", 1)[0].strip()
+                if "%" in name or "+" in name:
+                    name = unquote_plus(name)
+                if name in entries and not name.startswith(_OUR_PREFIX):
+                    parts.append(entry.strip())
+    rewritten = [(key, value) for key, value in headers if key.lower() != b"baggage"]
+    if parts:
+        rewritten.append((b"baggage", ",".join(parts).encode("latin-1")))
+    return rewritten
+
+
+_OUR_PREFIX = "otel_cancel."
+
+
+class _CancellableRequest:
+    """One request: it runs in the server's own task, in a scope, and ends quietly when stopped.
+
+    There is no child task: the scope converts the cancel that stops the request into
+    :class:`~otel_cancel.Cancelled`, caught here, so the server never sees a bare
+    ``CancelledError``. A stop of our own that is not a flag (the caller left an
+    internal hop) is a tagged ``task.cancel()`` of this task, which :meth:`run`
+    recognises (``stopped_locally``) and swallows with ``Task.uncancel()``.
+    """
+
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        root: str,
+        *,
+        edge: bool,
+        on_disconnect: str,
+        deadline_ms: int | None,
+        body_received: bool,
+    ) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.root = root
+        self.edge = edge
+        self.on_disconnect = on_disconnect
+        self.deadline_ms = deadline_ms
+        self.body_received = body_received
+        self.response_started = False
+        self.response_complete = False
+        self.streaming = False
+        self.client_gone = False
+        self.stopped_locally = False
+        self._start_headers: list[tuple[bytes, bytes]] = []
+        self._receiving = 0
+        """How many of the app's receive() calls are waiting: while one is, the app hears the disconnect itself."""
+        self._task: asyncio.Task[Any] | None = None
+        self._listen_check: asyncio.Handle | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._disconnect_cancel: asyncio.Task[Any] | None = None
+
+    async def run(self, app: ASGIApp, run_in_scope: bool) -> None:
+        self._task = asyncio.current_task()
+        try:
+            if run_in_scope:
+                async with CancelScope(name=f"{self.scope.get('method', 'HTTP')} {self.scope.get('path', '')}"):
+                    await app(self.scope, self.receive, self.send)
+            else:
+                await app(self.scope, self.receive, self.send)
+        except Cancelled as error:
+            await self._end_quietly(error)
+        except asyncio.CancelledError:
+            task = self._task
+            if not self.stopped_locally or task is None or task.uncancel() > 0:
+                raise  # the server cancelled us (shutdown), or someone besides us did too
+            # Stopped here because the caller left: nobody is listening any more.
+            await self._end_quietly(None)
+
+    def stop_listening(self) -> None:
+        if self._listen_check is not None:
+            self._listen_check.cancel()
+        if self._listener is not None:
+            self._listener.cancel()
+
+    # -- what the app sees --------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        self._receiving += 1
+        try:
+            message = await self._receive()
+        finally:
+            self._receiving -= 1
+        kind = message["type"]
+        if kind == "http.request":
+            if not message.get("more_body", False):
+                self.body_received = True
+                if self.streaming:
+                    self._listen_soon()
+        elif kind == "http.disconnect":
+            self._client_left()
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            message = self._decorate_response_start(message)
+            self.response_started = True
+        elif kind == "http.response.body":
+            if not message.get("more_body", False):
+                self.response_complete = True
+            elif not self.streaming:
+                self.streaming = True
+                if self.body_received:
+                    self._listen_soon()
+        try:
+            await self._send(message)
+        except OSError:
+            self._client_left()
+            raise
+
+    def _decorate_response_start(self, message: Message) -> Message:
+        headers: list[tuple[bytes, bytes]] = []
+        expose_index = -1
+        is_cors = False
+        for key, value in message.get("headers", ()):
+            name = key.lower()
+            if name == _ROOT_HEADER:
+                continue
+            if name == b"access-control-expose-headers":
+                expose_index = len(headers)
+            elif name == b"access-control-allow-origin":
+                is_cors = True
+            headers.append((key, value))
+        if expose_index >= 0:
+            key, value = headers[expose_index]
+            if _ROOT_HEADER not in value.lower():
+                headers[expose_index] = (key, value + b", " + _ROOT_HEADER)
+        elif is_cors:
+            headers.append((b"access-control-expose-headers", _ROOT_HEADER))
+        headers.append((_ROOT_HEADER, self.root.encode()))
+        self._start_headers = headers
+        return {**message, "headers": headers}
+
+    def _is_event_stream(self) -> bool:
+        # Asked only when a stream must end early, not for every response.
+        for key, value in self._start_headers:
+            if key.lower() == b"content-type" and value.split(b";")[0].strip().lower() == b"text/event-stream":
+                return True
+        return False
+
+    # -- the client going away ------------------------------------------------------------
+
+    def _listen_soon(self) -> None:
+        # Once a streaming response is under way and the request body is consumed, the
+        # next message from the server can only be http.disconnect, and someone must
+        # wait for it so that a client who leaves is noticed even while nothing is
+        # sent. Decided one loop turn later: an app that listens itself (Starlette's
+        # StreamingResponse starts its listener next to its sender) is then waiting in
+        # receive(), and a second listener would only cost (under OpenTelemetry's ASGI
+        # middleware, two spans per stream). One-shot responses never get one.
+        if self._listen_check is None and self._listener is None:
+            self._listen_check = asyncio.get_running_loop().call_soon(self._listen_unless_the_app_does)
+
+    def _listen_unless_the_app_does(self) -> None:
+        if self._receiving or self.response_complete or self.client_gone or self._listener is not None:
+            return
+        self._listener = asyncio.get_running_loop().create_task(self._await_disconnect())
+
+    async def _await_disconnect(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    self._client_left()
+                    return
+
+    def _client_left(self) -> None:
+        if self.client_gone or self.response_complete:
+            return
+        self.client_gone = True
+        if self.on_disconnect != "cancel":
+            return
+        if self.edge:
+            # The user left: stop the whole chain, in every service, through the flag.
+            self._disconnect_cancel = asyncio.get_running_loop().create_task(self._cancel_root())
+        else:
+            # The calling service left; its own scope stops it anyway. Stop ours now.
+            self._stop_locally()
+
+    def _stop_locally(self) -> None:
+        task = self._task
+        if task is not None and not task.done() and not self.stopped_locally:
+            self.stopped_locally = True
+            task.cancel(self._disconnect_stop().tag())
+
+    async def _cancel_root(self) -> None:
+        try:
+            await cancel(self.root, reason=_DISCONNECT_REASON)
+        except Exception as error:  # the flag failed: at least stop the work here
+            _log.warning("otel-cancel: could not cancel %s after the client left: %s", self.root, error)
+            self._stop_locally()
+
+    # -- ending a cancelled response ------------------------------------------------------
+
+    def _disconnect_stop(self) -> CancelRequest:
+        """The local stop of this hop's work when its caller left (no flag: the caller's own scope stops it)."""
+        return CancelRequest(self.root, _DISCONNECT_REASON, time.time_ns(), "", attributes.KIND_DISCONNECT)
+
+    async def _end_quietly(self, error: Cancelled | None) -> None:
+        stop = error if error is not None else self._disconnect_stop().error()
+        # Chosen by the kind of the cancel, never by its free-text reason.
+        if stop.kind == attributes.KIND_DEADLINE:
+            status, body = 504, _deadline_body(self.root, self.deadline_ms)
+        else:
+            status = 409
+            body = json.dumps({"error": "cancelled", "root": self.root, "reason": stop.reason}).encode()
+        # The client may be gone already: nothing to tell it then.
+        with contextlib.suppress(OSError):
+            if self.client_gone:
+                return
+            if not self.response_started:
+                await _send_json(self._send, status, body, self.root)
+            elif not self.response_complete:
+                final = b""
+                if self._is_event_stream():
+                    final = b"event: " + attributes.SSE_EVENT_CANCELLED.encode() + b"\ndata: " + body + b"\n\n"
+                await self._send({"type": "http.response.body", "body": final, "more_body": False})
+            self.response_complete = True

@@ -1,0 +1,132 @@
+"""Decide the root of an incoming request: adopt the caller's, or start one here.
+
+The rules (DESIGN.md, "Who is trusted"):
+
+- An edge (``OTEL_CANCEL_TRUST_INCOMING=false``, the default) never adopts an
+  incoming root: a client cannot attach itself to someone else's run. The root is
+  the trace id the edge started, or a fresh random id when the trace was continued
+  from the caller's ``traceparent`` (the caller chose that id). Only the
+  ``otel_cancel.*`` baggage entries are dropped; the rest is kept.
+- An internal service adopts a well-formed incoming root at depth + 1. With a
+  signing key configured, the root's signature must verify too.
+- A trusted hop whose baggage cannot be parsed (malformed, over 8,192 bytes, a
+  bad root) becomes its own root, logs a warning and counts it in a metric; it
+  never fails the request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+from opentelemetry import baggage, trace
+from opentelemetry.context import Context
+
+from .. import attributes
+from .._core import telemetry
+from .._core.rate_limited_log import RateLimitedLogger
+from .._core.root import is_valid_root, new_root, parse_depth, random_root, set_root
+from .._core.signing import sign_root, verify_root
+
+_log = RateLimitedLogger(logging.getLogger("otel_cancel.incoming"))
+
+MAX_BAGGAGE_BYTES = 8192
+
+
+class IncomingRoot(NamedTuple):
+    """The outcome: the context to run the request in, its root and depth."""
+
+    context: Context
+    root: str
+    depth: int
+    adopted: bool
+
+
+def _header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [value for key, value in headers if key.lower() == name]
+
+
+def establish_root(
+    context: Context,
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    trusted: bool,
+    signing_key: bytes | None = None,
+    baggage_header: bytes | None = None,
+    continued: bool | None = None,
+) -> IncomingRoot:
+    """The root of a request whose extracted context is ``context``.
+
+    Args:
+        context: the context extracted from the request (baggage and remote parent).
+        headers: the raw request headers (to tell malformed baggage from absent, and
+            a continued trace from a new one).
+        trusted: whether this service adopts incoming roots (internal service).
+        signing_key: when set, adopted roots must carry a valid signature.
+        baggage_header: the request's ``baggage`` headers joined by ``,`` (``b""``
+            when absent), for a caller that read the headers already; else read
+            from ``headers``.
+        continued: whether the request carries a ``traceparent`` (the caller
+            continued its own trace), for a caller that read the headers already.
+    """
+    if baggage_header is None or continued is None:
+        headers = list(headers)
+        baggage_header = b",".join(_header_values(headers, b"baggage"))
+        continued = bool(_header_values(headers, b"traceparent"))
+    entries = baggage.get_all(context)  # one read of the baggage, then dict lookups
+    if trusted:
+        adopted = _adopt(context, entries, baggage_header, signing_key)
+        if adopted is not None:
+            return adopted
+    elif attributes.BAGGAGE_ROOT in entries:
+        telemetry.baggage_rejected("untrusted")
+    # Only the otel_cancel.* entries are dropped; the rest of the caller's baggage is kept.
+    ours = [key for key in attributes.BAGGAGE_KEYS if key in entries]
+    if ours:
+        for key in ours:
+            context = baggage.remove_baggage(key, context)
+        entries = baggage.get_all(context)
+    root = _root_started_here(context, continued)
+    extra = {attributes.BAGGAGE_SIGNATURE: sign_root(signing_key, root)} if signing_key else None
+    return IncomingRoot(set_root(root, 0, context, entries, extra), root, 0, adopted=False)
+
+
+def _adopt(
+    context: Context, entries: Mapping[str, object], raw: bytes, signing_key: bytes | None
+) -> IncomingRoot | None:
+    incoming = entries.get(attributes.BAGGAGE_ROOT)
+    if len(raw) > MAX_BAGGAGE_BYTES:
+        telemetry.baggage_rejected("oversized")
+        _log.warning("oversized", "otel-cancel: incoming baggage of %d bytes is over the limit; new root", len(raw))
+        return None
+    if incoming is None:
+        if attributes.BAGGAGE_ROOT.encode() in raw:
+            telemetry.baggage_rejected("malformed")
+            _log.warning("malformed", "otel-cancel: incoming baggage is malformed; this request starts a new root")
+        return None
+    if not is_valid_root(incoming):
+        telemetry.baggage_rejected("invalid_root")
+        _log.warning("invalid_root", "otel-cancel: incoming root %.40r is not valid; new root", incoming)
+        return None
+    assert isinstance(incoming, str)
+    if signing_key is not None and not verify_root(signing_key, incoming, entries.get(attributes.BAGGAGE_SIGNATURE)):
+        telemetry.baggage_rejected("bad_signature")
+        _log.warning("bad_signature", "otel-cancel: incoming root %s is unsigned or badly signed", incoming)
+        return None
+    depth_value = entries.get(attributes.BAGGAGE_DEPTH)
+    incoming_depth = parse_depth(depth_value) if depth_value is not None else 0
+    if incoming_depth is None:
+        telemetry.baggage_rejected("invalid_depth")
+        _log.warning("invalid_depth", "otel-cancel: incoming depth %.20r is not valid; counting from 0", depth_value)
+        incoming_depth = 0
+    depth = min(incoming_depth + 1, 1000)
+    return IncomingRoot(set_root(incoming, depth, context, entries), incoming, depth, adopted=True)
+
+
+def _root_started_here(context: Context, continued: bool) -> str:
+    span_context = trace.get_current_span(context).get_span_context()
+    if span_context.is_valid and not continued:
+        return new_root(context)
+    # The caller chose this trace id (or there is no trace): never let it pick the root.
+    return random_root()

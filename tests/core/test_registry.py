@@ -1,0 +1,69 @@
+"""The registry on its own: it holds registrations and cancelled roots, and books the outcomes scopes decide."""
+
+from __future__ import annotations
+
+import time
+
+from otel_cancel._core.bulk import BulkCancel
+from otel_cancel._core.outcome import Outcome
+from otel_cancel._core.records import CancelRequest
+from otel_cancel._core.registry import CancelRegistry
+from otel_cancel._core.root import random_root
+
+
+def test_the_registry_books_the_outcome_it_is_given():
+    """An early stop booked by the scope is claimed by the root's flag: one report, the scope's names."""
+    reports = []
+    registry = CancelRegistry(on_stopped=reports.append)
+    root = random_root()
+    registration, refused = registry.enter(root, 2, "relay", task_mode=False)
+    assert refused is None
+    claimed = []
+    outcome, request = registry.exit(registration, Outcome.STOPPED_EARLY, lambda: claimed.append)
+    assert (outcome, request) == (Outcome.STOPPED_EARLY, None)
+    flag = CancelRequest.new(root, "user", "cli@host")
+    assert registry.apply(flag) == (True, [])
+    (report,) = reports
+    assert (report.request, report.depth, report.interrupted, report.tasks) == (flag, 2, ("relay",), 1)
+    assert claimed == [flag]
+
+
+def test_the_registry_asks_the_scope_under_its_lock_with_the_request_applied_meanwhile():
+    """A flag applied while a scope is leaving reaches the scope's decision: the registry passes it in."""
+    registry = CancelRegistry()
+    root = random_root()
+    registration, _ = registry.enter(root, 0, "work", task_mode=False)
+    flag = CancelRequest.new(root, "user", "cli@host")
+    registry.apply(flag)
+    seen = []
+
+    def decide(request):
+        seen.append(request)
+        return Outcome.STOPPED
+
+    assert registry.exit(registration, decide) == (Outcome.STOPPED, flag)
+    assert seen == [flag]
+
+
+def test_the_registry_refuses_a_late_scope_of_a_selected_run_and_admits_a_run_begun_after():
+    """After a bulk cancel, a scope of a run begun before it is refused on entry; a later run enters."""
+    registry = CancelRegistry(service="svc")
+    refused: list[str] = []
+    registry.on_bulk_refusal = lambda request, others: refused.append(request.root)
+    live_root = random_root()
+    registration, _ = registry.enter(live_root, 0, "work", task_mode=False)
+    bulk = BulkCancel.new(service=None, labels={}, reason="kill switch", requested_by="me")
+    selected = registry.apply_bulk(bulk)
+    assert [request.root for request, _ in selected] == [live_root]
+    assert registry.apply_bulk(bulk) == []  # applied once
+    registry.exit(registration, Outcome.STOPPED)
+
+    late_root = random_root()
+    late, request = registry.enter(late_root, 1, "hop", task_mode=False, run_started_ms=time.time_ns() // 10**6 - 1000)
+    assert request is not None and request.reason == "kill switch" and refused == [late_root]
+    registry.exit(late)
+    fresh, request = registry.enter(
+        random_root(), 0, "new", task_mode=False, run_started_ms=time.time_ns() // 10**6 + 5
+    )
+    assert request is None
+    registry.exit(fresh)

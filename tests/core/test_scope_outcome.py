@@ -1,0 +1,74 @@
+"""How a scope's work ended is decided by the scope (anyio style) and only booked by the registry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import otel_cancel
+from otel_cancel._core.root import random_root
+from otel_cancel.store.memory import MemoryCancelStore
+from otel_cancel.testing import configured
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def runtime():
+    with configured(store=MemoryCancelStore(), service="svc", instance="one") as runtime:
+        yield runtime
+
+
+async def _receipt(runtime, root):
+    assert await runtime.wait_receipt(root, 5)
+    store = runtime.watcher.submit(runtime.watcher.store()).result(5)
+    (receipt,) = await store.list_receipts(root)
+    return receipt
+
+
+async def test_a_cancel_that_is_not_the_scopes_own_is_never_swallowed(runtime):
+    """Someone else cancels the task as the flag does: CancelledError propagates, the stop still gets its receipt."""
+    root = random_root()
+    inside = asyncio.Event()
+
+    async def work():
+        async with otel_cancel.scope(root=root, name="work"):
+            inside.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.get_running_loop().create_task(work())
+    await asyncio.wait_for(inside.wait(), 5)
+    task.cancel("the server shuts down")
+    await otel_cancel.cancel(root, reason="user")
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert task.cancelled()
+    receipt = await _receipt(runtime, root)
+    assert receipt.interrupted == ("work",) and receipt.tasks == 1
+
+
+async def test_a_scope_entered_while_its_task_is_cancelling_still_converts_its_own_cancel(runtime):
+    """A cancellation pending before the scope began is not the scope's to count: its own cancel becomes Cancelled."""
+    root = random_root()
+    waiting, inside = asyncio.Event(), asyncio.Event()
+
+    async def work():
+        try:
+            waiting.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            # Clean-up after a cancel, still stoppable by its root.
+            async with otel_cancel.scope(root=root, name="clean-up"):
+                inside.set()
+                await asyncio.Event().wait()
+
+    task = asyncio.get_running_loop().create_task(work())
+    await asyncio.wait_for(waiting.wait(), 5)
+    task.cancel("first")
+    await asyncio.wait_for(inside.wait(), 5)
+    await otel_cancel.cancel(root, reason="user")
+    with pytest.raises(otel_cancel.Cancelled) as caught:
+        await asyncio.wait_for(task, 5)
+    assert (caught.value.root, caught.value.reason, caught.value.kind) == (root, "user", "explicit")
+    assert (await _receipt(runtime, root)).interrupted == ("clean-up",)

@@ -1,0 +1,195 @@
+"""CancelMiddleware's request logic in process: stops of its own, the server's cancel, spans, baggage order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import pytest
+from opentelemetry import baggage
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from otel_cancel._core.root import random_root, with_root
+from otel_cancel.asgi import CancelMiddleware
+from otel_cancel.store.memory import MemoryCancelStore
+from otel_cancel.testing import configured
+
+pytestmark = pytest.mark.anyio
+
+ROOT = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.fixture
+def runtime():
+    with configured(store=MemoryCancelStore(), service="unit") as runtime:
+        yield runtime
+
+
+def _scope(path: str = "/", baggage_header: str | None = f"otel_cancel.root={ROOT},otel_cancel.depth=1") -> dict:
+    headers = [(b"host", b"t")]
+    if baggage_header is not None:
+        headers.append((b"baggage", baggage_header.encode()))
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+class _Client:
+    """The server side of one request: a body, then a client that stays until told to leave."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.left = asyncio.Event()
+        self._body_given = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._body_given:
+            self._body_given = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.left.is_set():
+            raise OSError("the client is gone")
+        self.sent.append(message)
+
+
+async def test_an_internal_hop_stops_an_app_that_swallows_the_send_error(runtime):
+    """A server reporting the caller's exit as OSError from send: the app that ignores it is stopped, quietly."""
+    stopped = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"1", "more_body": True})
+        streaming.set()
+        await client.left.wait()
+        with contextlib.suppress(OSError):  # an app that carries on regardless
+            await send({"type": "http.response.body", "body": b"2", "more_body": True})
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            stopped.set()
+
+    streaming = asyncio.Event()
+    client = _Client()
+    client.receive = _never_disconnects(client)  # type: ignore[method-assign]  # only send reports it
+    request = asyncio.create_task(CancelMiddleware(app, trust_incoming=True)(_scope(), client.receive, client.send))
+    await asyncio.wait_for(streaming.wait(), 5)
+    client.left.set()
+    await asyncio.wait_for(request, 5)  # returns: no CancelledError reaches the server
+    assert stopped.is_set() and not request.cancelled()
+    assert request.cancelling() == 0
+
+
+def _never_disconnects(client: _Client) -> Any:
+    async def receive() -> dict[str, Any]:
+        if not client._body_given:
+            client._body_given = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    return receive
+
+
+async def test_the_servers_own_cancel_still_reaches_the_server(runtime):
+    """A server that cancels a request (shutdown) gets its CancelledError back: the middleware swallows only its own."""
+    started = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    client = _Client()
+    request = asyncio.create_task(CancelMiddleware(app, trust_incoming=True)(_scope(), client.receive, client.send))
+    await asyncio.wait_for(started.wait(), 5)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+
+
+async def test_an_app_that_listens_itself_gets_no_second_listener_and_no_extra_spans(runtime):
+    """Under OpenTelemetry's ASGI middleware a Starlette stream or JSON reply makes the spans it makes without us."""
+
+    async def events():
+        for index in range(3):
+            yield f"data: {index}\n\n"
+
+    async def stream(request: Request) -> StreamingResponse:
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def reply(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    starlette = Starlette(routes=[Route("/stream", stream), Route("/json", reply)])
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    for path in ("/stream", "/json"):
+        counts = []
+        for app in (starlette, CancelMiddleware(starlette, trust_incoming=True)):
+            exporter.clear()
+            client = _Client()
+            await OpenTelemetryMiddleware(app, tracer_provider=provider)(_scope(path), client.receive, client.send)
+            counts.append(sorted(span.name for span in exporter.get_finished_spans()))
+        assert counts[0] == counts[1], path
+
+
+async def test_an_adopted_root_keeps_the_callers_baggage_order_and_the_app_sees_its_depth(runtime):
+    """A trusted hop: the inner app sees one baggage header, ours first at depth + 1, the caller's entries after."""
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["headers"] = [value for key, value in scope["headers"] if key == b"baggage"]
+        seen["depth"] = baggage.get_baggage("otel_cancel.depth")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    client = _Client()
+    ours = "otel_cancel.started=1700000000000,otel_cancel.labels=tenant%3Dacme"
+    header = f"otel_cancel.root={ROOT},otel_cancel.depth=4,{ours},tenant=acme%20corp;prop=1"
+    await CancelMiddleware(app, trust_incoming=True)(_scope(baggage_header=header), client.receive, client.send)
+    assert seen["headers"] == [f"otel_cancel.root={ROOT},otel_cancel.depth=5,{ours},tenant=acme%20corp;prop=1".encode()]
+    assert seen["depth"] == "5"
+
+
+def test_with_root_puts_ours_first_whatever_the_incoming_order():
+    """Baggage that did not start with the root gets it moved first; baggage that did is updated in place."""
+    root = random_root()
+    mixed = baggage.set_baggage("otel_cancel.root", root, baggage.set_baggage("tenant", "acme"))
+    assert list(baggage.get_all(with_root(root, 2, mixed))) == [
+        "otel_cancel.root",
+        "otel_cancel.depth",
+        "otel_cancel.started",
+        "tenant",
+    ]
+    leading = with_root(root, 1, baggage.set_baggage("tenant", "acme", with_root(root, 0)))
+    deadline = with_root(root, 1, leading, extra={"otel_cancel.deadline": "1"})
+    assert list(baggage.get_all(deadline)) == [
+        "otel_cancel.root",
+        "otel_cancel.depth",
+        "otel_cancel.started",
+        "otel_cancel.deadline",
+        "tenant",
+    ]
+    assert baggage.get_all(deadline)["otel_cancel.depth"] == "1"
