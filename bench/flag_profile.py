@@ -29,7 +29,8 @@ from scope_holder import roots
 
 import otel_cancel
 from otel_cancel._core.io_loop import io_loop
-from otel_cancel.testing import EtcdServer, ManagedProcess, configured, unique_prefix
+from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS
+from otel_cancel.testing import CancelMetrics, EtcdServer, ManagedProcess, configured, unique_prefix
 
 
 def _top(profile: cProfile.Profile, title: str, lines: int) -> str:
@@ -40,6 +41,7 @@ def _top(profile: cProfile.Profile, title: str, lines: int) -> str:
 
 async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float) -> None:
     prefix = unique_prefix().replace("test", "bench")
+    metrics = CancelMetrics()  # receipts are read from otel-cancel's own metric, as a service exports it
     with configured(endpoints=(etcd.endpoint,), prefix=prefix, service="flag-profile") as runtime:
         await runtime.ensure_listed()
         seed = f"p{time.time_ns()}"
@@ -86,10 +88,10 @@ async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float) -> N
         try:
             writer.wait_for_line(lambda line: line.startswith("DONE"), timeout=120)
             deadline = time.monotonic() + 30
-            while runtime.watcher.flags_applied < count and time.monotonic() < deadline:
+            while metrics.total(METRIC_FLAGS_APPLIED) < count and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if holder:
-                while runtime.receipts_written < count and time.monotonic() < deadline:
+                while metrics.total(METRIC_RECEIPTS) < count and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
         finally:
             app_profile.disable()
@@ -97,7 +99,8 @@ async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float) -> N
             writer.stop()
         for task in tasks:
             task.cancel()
-        print(f"flags applied {runtime.watcher.flags_applied}, stopped {stopped}, receipts {runtime.receipts_written}")
+        applied, receipts = metrics.total(METRIC_FLAGS_APPLIED), metrics.total(METRIC_RECEIPTS)
+        print(f"flags applied {applied:.0f}, stopped {stopped}, receipts {receipts:.0f}")
         print(_top(io_profile, "otel-cancel's IO loop (watch, receipts)", 35))
         print(_top(app_profile, "the app's loop (stops)", 25))
 
