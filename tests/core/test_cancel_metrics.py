@@ -11,7 +11,7 @@ from debug_service import EVENT_TIMEOUT, hold_scope
 
 import otel_cancel
 from otel_cancel._core.root import random_root
-from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS
+from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS, METRIC_SCOPES_ACTIVE
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
 
@@ -57,3 +57,14 @@ def test_a_process_with_a_meter_provider_of_its_own_is_told_to_pass_its_reader()
     assert "REFUSED this process already has an OpenTelemetry meter provider" in result.stdout
     assert "CancelMetrics(reader)" in result.stdout
     assert "APPLIED 3" in result.stdout
+
+
+async def test_scopes_active_reports_the_scopes_live_now(cancel_metrics):
+    """otel_cancel.scopes.active, read at collection, is the number of scopes live in the process at that moment."""
+    with configured(store=MemoryCancelStore(), service="svc", instance="one"):
+        tasks = [await hold_scope(random_root()) for _ in range(3)]
+        assert cancel_metrics.total(METRIC_SCOPES_ACTIVE) == 3
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert cancel_metrics.total(METRIC_SCOPES_ACTIVE) == 0
