@@ -214,7 +214,9 @@ async def test_cancel_by_thread_id_and_resume(lg_chain: ServerChain, lg_env: dic
     await _every_run_interrupted(lg_chain, before)
     # The same thread resumes from its checkpoint: `prepare` completed, so it does not run again.
     assert len(lg_chain.lines("PREPARE", tag)) == 1
-    await top.threads.update_state(thread_id, {"tokens": 3})
+    # As `prepare`'s update: `guardrail` runs beside `agent`, and whether it had finished when the
+    # cancel landed decides whether LangGraph could infer the node on its own.
+    await top.threads.update_state(thread_id, {"tokens": 3}, as_node="prepare")
     resumed = await top.runs.wait(thread_id, "agent", input=None)
     assert resumed["prepared"] == 1 and resumed["produced"] > 0
     assert len(lg_chain.lines("PREPARE", tag)) == 1
