@@ -64,6 +64,7 @@ from .._core.signing import verify_root
 from ..exceptions import Cancelled, InvalidTaskIdError, StoreError
 from ..store._keys import LANGGRAPH_RUN_RECORD, LANGGRAPH_THREAD_RECORD, validate_task_id
 from .langgraph import run_scope_bound
+from .patching import Wrapper, unwrap, wrap
 
 _log = logging.getLogger("otel_cancel.langgraph_server")
 _rate_limited = RateLimitedLogger(_log)
@@ -94,7 +95,8 @@ HOOKED_NAMES: Mapping[str, tuple[str, ...]] = {
 }
 
 _state: dict[str, Any] = {"enabled": False, "hooks_registered": False}
-_patched: list[tuple[Any, str, Any]] = []
+_patched: list[tuple[Any, str, Wrapper]] = []
+"""What is wrapped here (owner, attribute, our wrapper), for :func:`uninstrument_langgraph_server`."""
 _baggage_propagator = W3CBaggagePropagator()
 _relays: set[asyncio.Task[None]] = set()
 
@@ -359,7 +361,7 @@ async def _run_in_scope(
             if own is not None:
                 raise own from None  # keep LangGraph's outcome (interrupt or rollback)
             # Interrupted, not an error and never retried: LangGraph keeps the checkpoint.
-            raise UserInterrupt(f"otel_cancel: root={root}; reason={stopped.reason}") from None
+            raise UserInterrupt(CancelRequest(root, stopped.reason, 0, "", stopped.kind).tag()) from None
     finally:
         if relay is not None:
             if done.is_set():
@@ -427,12 +429,10 @@ class LangGraphServerCancelMiddleware:
 # -- installing ------------------------------------------------------------------------
 
 
-def _wrap(module: Any, name: str, wrapper: Callable[..., Any]) -> None:
+def _owner_and_attribute(module: Any, name: str) -> tuple[Any, str]:
+    """``("Class.method")`` names a class attribute in ``module``; a plain name, a module one."""
     owner, _, attribute = name.rpartition(".")
-    target = getattr(module, owner) if owner else module
-    original = vars(target)[attribute] if owner else getattr(module, attribute)
-    _patched.append((target, attribute, original))
-    setattr(target, attribute, wrapt.FunctionWrapper(original, wrapper))
+    return (getattr(module, owner) if owner else module), attribute
 
 
 _WRAPPERS: Mapping[str, Mapping[str, Callable[..., Any]]] = {
@@ -457,13 +457,11 @@ def _on_import(module: Any) -> None:
         _unpatch()
         return
     for name, wrapper in _WRAPPERS.get(module.__name__, {}).items():
-        owner, _, attribute = name.rpartition(".")
-        current = getattr(getattr(module, owner) if owner else module, attribute)
-        if isinstance(current, wrapt.FunctionWrapper) and getattr(current, "_self_wrapper", None) is wrapper:
-            # Imported by name from a module already hooked: already wrapped, restore the original on undo.
-            _patched.append((module, name, current.__wrapped__))
-            continue
-        _wrap(module, name, wrapper)
+        owner, attribute = _owner_and_attribute(module, name)
+        # A function imported by name from a module already hooked is wrapped already: wrap()
+        # leaves it, and unwrap() restores the original in this module too.
+        wrap(owner, attribute, wrapper)
+        _patched.append((owner, attribute, wrapper))
 
 
 def instrument_langgraph_server() -> bool:
@@ -495,8 +493,8 @@ def instrument_langgraph_server() -> bool:
 
 def _unpatch() -> None:
     while _patched:
-        module, name, original = _patched.pop()
-        setattr(module, name, original)
+        owner, attribute, wrapper = _patched.pop()
+        unwrap(owner, attribute, wrapper)
 
 
 def uninstrument_langgraph_server() -> None:

@@ -1,7 +1,8 @@
 """Wrapping other libraries' functions through wrapt, and undoing exactly that.
 
 Every function otel-cancel wraps in a library it instruments (Starlette's middleware
-stack, LangGraph's runs and node runner) goes through :func:`wrap` and comes back with
+stack, LangGraph's runs and node runner, LangGraph Server's run creation and worker) goes
+through :func:`wrap` and comes back with
 :func:`unwrap`, which puts the original back only when the outermost wrapper is ours,
 so it never strips a wrapper another instrumentation added on top.
 """
