@@ -311,6 +311,32 @@ def service_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
+def start_flag_writers(
+    endpoint: str, prefix: str, seed: str, count: int, writers: int, rate: float, start_ns: int
+) -> list[ManagedProcess]:
+    """``writers`` processes writing ``count`` flags (roots from ``seed``) at ``rate`` per second
+    between them, on one schedule starting at ``start_ns`` (``services/flag_writer.py``)."""
+    return [
+        ManagedProcess(
+            [
+                PYTHON,
+                str(SERVICES / "flag_writer.py"),
+                endpoint,
+                prefix,
+                seed,
+                str(count),
+                str(index),
+                str(writers),
+                str(rate),
+                str(start_ns),
+            ],
+            env=service_env({}),
+            name=f"writer-{index}",
+        )
+        for index in range(writers)
+    ]
+
+
 class ServiceChain:
     """``depth`` levels of ``replicas`` uvicorn processes; level 0 is the edge.
 

@@ -37,7 +37,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "services"))
 
-from _common import PYTHON, SERVICES, base_parser, loadavg, say, service_env, summary, table, write_results
+from _common import (
+    PYTHON,
+    SERVICES,
+    base_parser,
+    loadavg,
+    say,
+    service_env,
+    start_flag_writers,
+    summary,
+    table,
+    write_results,
+)
 from scale import Holder, process_cpu_seconds
 
 from otel_cancel._core.io_loop import io_loop
@@ -111,25 +122,7 @@ async def storm_round(etcd: EtcdServer, prefix: str, count: int, rate: float) ->
         }
         calls_before = await asyncio.to_thread(etcd_calls, etcd)
         start_ns = time.time_ns() + int(3e9)
-        writers = [
-            ManagedProcess(
-                [
-                    PYTHON,
-                    str(SERVICES / "flag_writer.py"),
-                    etcd.endpoint,
-                    prefix,
-                    seed,
-                    str(count),
-                    str(w),
-                    str(WRITERS),
-                    str(rate),
-                    str(start_ns),
-                ],
-                env=service_env({}),
-                name=f"writer-{w}",
-            )
-            for w in range(WRITERS)
-        ]
+        writers = start_flag_writers(etcd.endpoint, prefix, seed, count, WRITERS, rate, start_ns)
         try:
             for writer in writers:
                 writer.wait_for_line("DONE ", timeout=60 + count / rate * 5)

@@ -24,13 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "services"))
 
-from _common import PYTHON, SERVICES, service_env
+from _common import start_flag_writers
 from scope_holder import roots
 
 import otel_cancel
 from otel_cancel._core.io_loop import io_loop
 from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS
-from otel_cancel.testing import CancelMetrics, EtcdServer, ManagedProcess, configured, unique_prefix
+from otel_cancel.testing import CancelMetrics, EtcdServer, configured, unique_prefix
 
 
 def _top(profile: cProfile.Profile, title: str, lines: int) -> str:
@@ -69,22 +69,7 @@ async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float) -> N
         app_profile = cProfile.Profile()
         app_profile.enable()
         start_ns = time.time_ns() + 500_000_000
-        writer = ManagedProcess(
-            [
-                PYTHON,
-                str(SERVICES / "flag_writer.py"),
-                etcd.endpoint,
-                prefix,
-                seed,
-                str(count),
-                "0",
-                "1",
-                str(rate),
-                str(start_ns),
-            ],
-            env=service_env({}),
-            name="writer",
-        )
+        (writer,) = start_flag_writers(etcd.endpoint, prefix, seed, count, 1, rate, start_ns)
         try:
             writer.wait_for_line(lambda line: line.startswith("DONE"), timeout=120)
             deadline = time.monotonic() + 30

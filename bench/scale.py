@@ -52,6 +52,7 @@ from _common import (
     loadavg,
     say,
     service_env,
+    start_flag_writers,
     summary,
     table,
     until,
@@ -256,25 +257,7 @@ async def storm(
     cpu_before = process_cpu_seconds(holder.pid)
     # The writers share one schedule; start it once both have connected to etcd.
     start_ns = time.time_ns() + int(3e9)
-    writers = [
-        ManagedProcess(
-            [
-                PYTHON,
-                str(SERVICES / "flag_writer.py"),
-                etcd.endpoint,
-                prefix,
-                seed,
-                str(count),
-                str(w),
-                str(WRITERS),
-                str(rate),
-                str(start_ns),
-            ],
-            env=service_env({}),
-            name=f"writer-{w}",
-        )
-        for w in range(WRITERS)
-    ]
+    writers = start_flag_writers(etcd.endpoint, prefix, seed, count, WRITERS, rate, start_ns)
     try:
         done = [json.loads(w.wait_for_line("DONE ", timeout=60 + count / rate * 5)[5:]) for w in writers]
         requested: dict[str, int] = {}

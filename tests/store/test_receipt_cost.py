@@ -35,11 +35,28 @@ async def _see_flag_in_watch(store: EtcdCancelStore, revision: int) -> None:
         return
 
 
+def _two_stores(etcd: EtcdServer, prefix: str) -> tuple[EtcdCancelStore, EtcdCancelStore]:
+    """One store that writes the flags (a canceller), one that sees them and acknowledges."""
+    return EtcdCancelStore([etcd.endpoint], prefix=prefix), EtcdCancelStore([etcd.endpoint], prefix=prefix)
+
+
+async def _close(*stores: EtcdCancelStore) -> None:
+    for store in stores:
+        await store.close()
+
+
+async def _assert_on_its_flags_lease(store: EtcdCancelStore, prefix: str, root: str) -> None:
+    """The receipt of ``root`` (service ``svc``, instance ``i``) lives on its flag's lease."""
+    client = store._connection()
+    flag = await client.get(f"{prefix}flags/{root}".encode())
+    stored = await client.get(f"{prefix}acks/{root}/svc/i".encode())
+    assert stored.lease == flag.lease != 0
+
+
 @on_io_loop
 async def test_a_receipt_for_a_watched_flag_is_one_put_on_the_flags_lease(etcd, prefix):
     """After the watch delivered the flag, writing the receipt is one Put on the flag's lease, no read, no grant."""
-    canceller = EtcdCancelStore([etcd.endpoint], prefix=prefix)
-    watcher = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    canceller, watcher = _two_stores(etcd, prefix)
     root = random_root()
     start = (await watcher.list_flags()).revision + 1
     await canceller.create_flag(CancelRequest.new(root, "t", "tests"), 120)
@@ -47,33 +64,26 @@ async def test_a_receipt_for_a_watched_flag_is_one_put_on_the_flags_lease(etcd, 
     receipt = Receipt(root, "svc", "i", 1, 1, 2, 0)
     calls = await _calls_during(etcd, watcher.put_receipt(receipt, 120))
     assert calls == Counter({"Put": 1})
-    client = watcher._connection()
-    flag = await client.get(f"{prefix}flags/{root}".encode())
-    stored = await client.get(f"{prefix}acks/{root}/svc/i".encode())
-    assert stored.lease == flag.lease != 0
-    await canceller.close()
-    await watcher.close()
+    await _assert_on_its_flags_lease(watcher, prefix, root)
+    await _close(canceller, watcher)
 
 
 @on_io_loop
 async def test_a_listed_flag_also_gives_a_one_call_receipt(etcd, prefix):
     """A flag found by the listing (written before the process started) is as cheap to acknowledge."""
-    canceller = EtcdCancelStore([etcd.endpoint], prefix=prefix)
-    watcher = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    canceller, watcher = _two_stores(etcd, prefix)
     root = random_root()
     await canceller.create_flag(CancelRequest.new(root, "t", "tests"), 120)
     await watcher.list_flags()
     calls = await _calls_during(etcd, watcher.put_receipt(Receipt(root, "svc", "i", 1, 1, 2, 0), 120))
     assert calls == Counter({"Put": 1})
-    await canceller.close()
-    await watcher.close()
+    await _close(canceller, watcher)
 
 
 @on_io_loop
 async def test_a_flag_listed_keys_only_in_small_pages_also_gives_a_one_call_receipt(etcd, prefix):
     """The watcher lists past its first flags keys-only and page by page: the lease comes with the keys."""
-    canceller = EtcdCancelStore([etcd.endpoint], prefix=prefix)
-    watcher = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    canceller, watcher = _two_stores(etcd, prefix)
     roots = [random_root() for _ in range(3)]
     for root in roots:
         await canceller.create_flag(CancelRequest.new(root, "t", "tests"), 120)
@@ -82,15 +92,13 @@ async def test_a_flag_listed_keys_only_in_small_pages_also_gives_a_one_call_rece
     for root in roots:
         calls = await _calls_during(etcd, watcher.put_receipt(Receipt(root, "svc", "i", 1, 1, 2, 0), 120))
         assert calls == Counter({"Put": 1})
-    await canceller.close()
-    await watcher.close()
+    await _close(canceller, watcher)
 
 
 @on_io_loop
 async def test_a_receipt_whose_flag_expired_after_the_watch_gets_its_own_lease(etcd, prefix):
     """The flag's lease is gone by the time of the receipt: the receipt still lands, on a fresh TTL lease."""
-    canceller = EtcdCancelStore([etcd.endpoint], prefix=prefix)
-    watcher = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    canceller, watcher = _two_stores(etcd, prefix)
     root = random_root()
     start = (await watcher.list_flags()).revision + 1
     await canceller.create_flag(CancelRequest.new(root, "t", "tests"), 120)
@@ -103,8 +111,7 @@ async def test_a_receipt_whose_flag_expired_after_the_watch_gets_its_own_lease(e
     assert stored is not None and stored.lease not in (0, flag.lease)
     info = await client.get_lease_info(stored.lease)
     assert 100 < info.TTL <= 120
-    await canceller.close()
-    await watcher.close()
+    await _close(canceller, watcher)
 
 
 async def test_a_process_that_stops_work_writes_its_receipt_with_one_etcd_call(etcd, prefix):
@@ -135,28 +142,22 @@ async def test_a_process_that_stops_work_writes_its_receipt_with_one_etcd_call(e
 @on_io_loop
 async def test_receipts_due_together_share_one_etcd_call(etcd, prefix):
     """Five receipts for watched flags, written together: one Txn, each receipt on its own flag's lease."""
-    canceller = EtcdCancelStore([etcd.endpoint], prefix=prefix)
-    watcher = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    canceller, watcher = _two_stores(etcd, prefix)
     roots = [random_root() for _ in range(5)]
     for root in roots:
         await canceller.create_flag(CancelRequest.new(root, "t", "tests"), 120)
     await watcher.list_flags()
     receipts = [Receipt(root, "svc", "i", 1, 1, 2, 0) for root in roots]
     assert await _calls_during(etcd, watcher.put_receipts(receipts, 120)) == Counter({"Txn": 1})
-    client = watcher._connection()
     for root in roots:
-        flag = await client.get(f"{prefix}flags/{root}".encode())
-        stored = await client.get(f"{prefix}acks/{root}/svc/i".encode())
-        assert stored.lease == flag.lease != 0
-    await canceller.close()
-    await watcher.close()
+        await _assert_on_its_flags_lease(watcher, prefix, root)
+    await _close(canceller, watcher)
 
 
 @on_io_loop
 async def test_a_batch_with_an_expired_flag_still_writes_every_receipt(etcd, prefix):
     """One flag's lease is gone: the batch falls back to one put per receipt, and all of them land."""
-    canceller = EtcdCancelStore([etcd.endpoint], prefix=prefix)
-    watcher = EtcdCancelStore([etcd.endpoint], prefix=prefix)
+    canceller, watcher = _two_stores(etcd, prefix)
     roots = [random_root() for _ in range(3)]
     for root in roots:
         await canceller.create_flag(CancelRequest.new(root, "t", "tests"), 120)
@@ -167,5 +168,4 @@ async def test_a_batch_with_an_expired_flag_still_writes_every_receipt(etcd, pre
     await watcher.put_receipts([Receipt(root, "svc", "i", 1, 1, 2, 0) for root in roots], 120)
     for root in roots:
         assert await client.get(f"{prefix}acks/{root}/svc/i".encode()) is not None
-    await canceller.close()
-    await watcher.close()
+    await _close(canceller, watcher)
