@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -27,7 +28,7 @@ from ..exceptions import StoreError, StorePermissionError, StoreUnavailableError
 from ..store import CancelStore
 from .records import MAX_LIVE_SCOPES as _MAX_SCOPES
 from .records import LiveEntry, LiveRecord
-from .registry import CancelRegistry, LiveRoot
+from .registry import CancelRegistry
 
 _log = logging.getLogger("otel_cancel.live")
 
@@ -39,7 +40,7 @@ PERMISSION_RETRY_SECONDS = 60.0
 _MAX_SCOPE_NAME = 80
 
 
-def build_record(service: str, instance: str, live: list[LiveRoot]) -> LiveRecord:
+def build_record(service: str, instance: str, live: list[LiveEntry]) -> LiveRecord:
     """The record to publish for ``live``, bounded to :data:`MAX_PUBLISHED_BYTES` (oldest work kept).
 
     One pass: each entry's encoded size is added up until the next would not fit (the
@@ -50,14 +51,7 @@ def build_record(service: str, instance: str, live: list[LiveRoot]) -> LiveRecor
     size = len(LiveRecord(service, instance, published_at, (), len(live)).to_json())
     kept: list[LiveEntry] = []
     for item in sorted(live, key=lambda item: item.started_at):
-        entry = LiveEntry(
-            root=item.root,
-            depth=item.depth,
-            started_at=item.started_at,
-            run_started_ms=item.run_started_ms,
-            scopes=tuple(name[:_MAX_SCOPE_NAME] for name in item.scopes[:_MAX_SCOPES]),
-            labels=item.labels,
-        )
+        entry = dataclasses.replace(item, scopes=tuple(name[:_MAX_SCOPE_NAME] for name in item.scopes[:_MAX_SCOPES]))
         size += len(json.dumps(entry.to_dict(), separators=(",", ":"))) + 1  # and its comma
         if size > MAX_PUBLISHED_BYTES:
             break

@@ -25,7 +25,7 @@ from types import MappingProxyType
 
 from .bulk import BulkCancel
 from .outcome import Outcome
-from .records import CancelRequest
+from .records import CancelRequest, LiveEntry
 
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
@@ -67,19 +67,6 @@ class Registration:
     """When the run began at its root (``otel_cancel.started``), epoch milliseconds."""
     labels: Mapping[str, str] = dataclasses.field(default_factory=lambda: _NO_LABELS)
     """The run's labels as this registration knows them (replaced, never mutated)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LiveRoot:
-    """This process's live work for one root, as ``otel-cancel ps`` shows it."""
-
-    root: str
-    depth: int
-    started_at: int
-    """When the root's work began in this process, epoch nanoseconds."""
-    run_started_ms: int
-    scopes: tuple[str, ...]
-    labels: Mapping[str, str]
 
 
 @dataclasses.dataclass
@@ -486,8 +473,8 @@ class CancelRegistry:
         with self._lock:
             return sum(h.count for registrations in self._live.values() for h in registrations.values())
 
-    def live_work(self) -> list[LiveRoot]:
-        """This process's live work, one entry per root (the live-work publisher reads it)."""
+    def live_work(self) -> list[LiveEntry]:
+        """This process's live work, one entry per root, unbounded (the live-work publisher bounds it)."""
         with self._lock:
             entries = []
             for root, registrations in self._live.items():
@@ -499,7 +486,7 @@ class CancelRegistry:
                     labels.update(registration.labels)
                     names.update((name, None) for name in registration.names if name)
                 entries.append(
-                    LiveRoot(
+                    LiveEntry(
                         root=root,
                         depth=min(h.depth for h in registrations.values()),
                         started_at=min(h.entered_at for h in registrations.values()),

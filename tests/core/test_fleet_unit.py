@@ -15,8 +15,8 @@ from otel_cancel import attributes
 from otel_cancel._core.bulk import BulkCancel
 from otel_cancel._core.labels import current_labels, decode_labels, usable_labels, validate_labels, with_labels
 from otel_cancel._core.live import MAX_PUBLISHED_BYTES, LivePublisher, LiveRecord, build_record
-from otel_cancel._core.records import CancelRequest
-from otel_cancel._core.registry import CancelRegistry, LiveRoot
+from otel_cancel._core.records import CancelRequest, LiveEntry
+from otel_cancel._core.registry import CancelRegistry
 from otel_cancel._core.root import random_root, root_started_ms, with_root
 from otel_cancel.exceptions import InvalidLabelError, StorePermissionError
 from otel_cancel.store.memory import MemoryCancelStore
@@ -82,7 +82,7 @@ def test_a_bulk_cancel_selects_by_service_labels_and_start_time():
 def test_a_live_record_stays_bounded_keeping_the_oldest_work():
     """Thousands of live roots publish within the size bound; the oldest are kept and the rest counted."""
     live = [
-        LiveRoot(random_root(), 0, i, 0, ("scope-" + "x" * 200,), {"tenant": f"t{i}", "user_id": "u" * 100})
+        LiveEntry(random_root(), 0, i, 0, ("scope-" + "x" * 200,), {"tenant": f"t{i}", "user_id": "u" * 100})
         for i in range(5000)
     ]
     record = build_record("svc", "inst", live)
@@ -216,7 +216,6 @@ def test_ages_read_at_a_glance():
 
 def test_ps_rows_filter_by_service_and_every_label_and_sort_oldest_first():
     """ps_rows keeps a root's row per process, filters by service and all labels, oldest work first."""
-    from otel_cancel._core.records import LiveEntry
     from otel_cancel.cli.fleet import ps_rows
 
     shared, other = random_root(), random_root()
