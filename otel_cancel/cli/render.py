@@ -41,6 +41,7 @@ def request_dict(request: CancelRequest) -> dict[str, Any]:
         "reason": request.reason,
         "requested_at": request.requested_at,
         "requested_by": request.requested_by,
+        "kind": request.kind,
     }
 
 

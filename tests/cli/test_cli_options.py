@@ -92,6 +92,7 @@ def test_requested_by_names_the_user_without_user_variable(etcd_env):
     subprocess.run(cli("cancel", root), env={**env, **etcd_env}, check=True, capture_output=True, timeout=30)
     status = json.loads(run("status", root, "--json", env=etcd_env).stdout)
     assert status["flag"]["requested_by"].startswith(f"cli:{pwd.getpwuid(os.getuid()).pw_name}@")
+    assert status["flag"]["kind"] == "explicit"  # what the CLI writes, whatever its reason says
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
