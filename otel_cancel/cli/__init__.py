@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         provider = export_if_configured()
     try:
-        return _main(args)
+        return _main(args, exporting=provider is not None)
     finally:
         if provider is not None:
             provider.shutdown()  # flush the request span before exiting
@@ -242,7 +242,7 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
         raise
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, *, exporting: bool = False) -> int:
     endpoints = os.environ.get("OTEL_CANCEL_ETCD_ENDPOINTS", "127.0.0.1:2379")
     try:
         if args.command == "demo" and args.langgraph_server:
@@ -266,6 +266,16 @@ def _main(args: argparse.Namespace) -> int:
             from .flags import watch_command
 
             return watch_command(settings, as_json=args.json)
+        if args.command == "cancel":
+            # A cancel that only writes flags goes through etcd's HTTP gateway: no gRPC,
+            # no asyncio to import (see gateway_cancel); else, or when the gateway
+            # cannot serve, through the store like every other command.
+            from .gateway_cancel import cancel_through_gateway, takes_gateway
+
+            if takes_gateway(args, settings, exporting=exporting):
+                code = cancel_through_gateway(settings, args)
+                if code is not None:
+                    return code
         return _on_io_loop(_run_store_command(settings, args))
     except ConfigurationError as error:
         return _fail(str(error), EXIT_USAGE)
