@@ -11,7 +11,6 @@ gRPC nor, without TLS, ``ssl``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -73,15 +72,25 @@ def _check_pair(cert: bytes, key: bytes, cert_path: str, key_path: str) -> None:
             ) from None
 
 
-@dataclasses.dataclass(frozen=True)
 class TlsFiles:
     """The checked contents (PEM) of the TLS files, and where the client pair lives."""
 
-    ca_pem: bytes | None
-    cert_pem: bytes | None
-    key_pem: bytes | None
-    cert_path: str | None
-    key_path: str | None
+    # A plain class: a dataclass costs every CLI command about a millisecond to define.
+    __slots__ = ("ca_pem", "cert_path", "cert_pem", "key_path", "key_pem")
+
+    def __init__(
+        self,
+        ca_pem: bytes | None,
+        cert_pem: bytes | None,
+        key_pem: bytes | None,
+        cert_path: str | None,
+        key_path: str | None,
+    ) -> None:
+        self.ca_pem = ca_pem
+        self.cert_pem = cert_pem
+        self.key_pem = key_pem
+        self.cert_path = cert_path
+        self.key_path = key_path
 
 
 def read_tls_files(ca_cert: str | None, cert: str | None, key: str | None) -> TlsFiles | None:
