@@ -49,7 +49,9 @@ def cancel_through_gateway(settings: Settings, args: argparse.Namespace) -> int 
     """
     from ..store.etcd_gateway import EtcdGatewayClient, GatewayUnusableError
 
-    client = EtcdGatewayClient(
+    requested_by = requester()
+    written = 0
+    with EtcdGatewayClient(
         settings.endpoints,
         prefix=settings.prefix,
         timeout=settings.timeout_seconds,
@@ -58,10 +60,7 @@ def cancel_through_gateway(settings: Settings, args: argparse.Namespace) -> int 
         ca_cert=settings.ca_cert,
         cert=settings.cert,
         key=settings.key,
-    )
-    requested_by = requester()
-    written = 0
-    try:
+    ) as client:
         for root in dict.fromkeys(args.roots):  # each root once, in the order given
             request = CancelRequest.new(root, args.reason, requested_by)
             try:
@@ -72,6 +71,4 @@ def cancel_through_gateway(settings: Settings, args: argparse.Namespace) -> int 
                 return None
             print_flag(stored, created, args.json)
             written += 1
-    finally:
-        client.close()
     return EXIT_OK

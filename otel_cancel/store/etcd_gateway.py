@@ -175,6 +175,12 @@ class EtcdGatewayClient:
             self._connection.close()
             self._connection = None
 
+    def __enter__(self) -> EtcdGatewayClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     # -- calls ---------------------------------------------------------------------------
 
     def _call(self, action: str, operation: Callable[[], _T]) -> _T:
