@@ -235,6 +235,8 @@ class EtcdGatewayClient:
         headers = {"Authorization": self._token} if self._token is not None else {}
         self.calls += 1
         status, payload = self._connection.post(path, json.dumps(body).encode(), headers)
+        if not self._connection.reusable:
+            self.close()  # the next call opens a new connection (a proxy in front of etcd may close each)
         try:
             answer = json.loads(payload) if payload else {}
         except ValueError:
@@ -290,6 +292,8 @@ class _Connection:
             raise
         self._socket = sock
         self._reader = sock.makefile("rb")
+        self.reusable = True
+        """Whether another request may follow on this connection (the server did not say ``Connection: close``)."""
 
     def _remaining(self) -> float:
         left = self._deadline - time.monotonic()
@@ -318,6 +322,8 @@ class _Connection:
                 length = int(value.strip())
             elif name == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                self.reusable = False
         return int(parts[1]), self._chunked_body() if chunked else self._body(length)
 
     def _line(self) -> bytes:

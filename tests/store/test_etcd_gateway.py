@@ -357,3 +357,38 @@ def test_when_the_gateway_cannot_reach_etcd_the_cli_cancels_through_grpc(tmp_pat
         assert json.loads(result.stdout)["created"] is True and result.stderr == ""
         value, _ = _stored(etcd, flag_key(prefix, root), tls=tls)
         assert json.loads(value)["root"] == root
+
+
+def test_a_proxy_that_closes_each_connection_gets_a_new_one_per_call(server, prefix):
+    """An HTTP proxy in front of etcd that answers `Connection: close`: each call opens a new connection."""
+    import http.server
+    import threading
+    import urllib.request
+
+    class ClosingProxy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            forwarded = urllib.request.Request(f"http://{server.endpoint}{self.path}", data=body, method="POST")
+            with urllib.request.urlopen(forwarded, timeout=10) as answer:
+                payload = answer.read()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(payload)
+            self.close_connection = True
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), ClosingProxy) as proxy:
+        thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+        thread.start()
+        try:
+            client = _gateway([f"127.0.0.1:{proxy.server_address[1]}"], prefix, timeout=2)
+            _, created = client.create_flag(CancelRequest.new(random_root(), "through a proxy", "tests"), TTL)
+            assert created
+        finally:
+            proxy.shutdown()
+            thread.join(10)
