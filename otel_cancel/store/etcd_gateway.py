@@ -27,7 +27,7 @@ but writing flags (``cancel --wait``, ``--all``, ``status``...) uses the gRPC st
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 import socket
 import time
@@ -81,8 +81,13 @@ class _ProtocolError(OSError):
     """The answer is not the HTTP/1.1 this client speaks (an ``OSError``: the endpoint is unusable)."""
 
 
+# binascii, not base64: the same codec, without base64's imports (struct) at start-up.
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+def _from_b64(text: str) -> bytes:
+    return binascii.a2b_base64(text)
 
 
 class EtcdGatewayClient:
@@ -165,7 +170,7 @@ class EtcdGatewayClient:
             self._post("/v3/lease/revoke", {"ID": lease})
             responses = answer.get("responses") or [{}]
             kvs = responses[0].get("response_range", {}).get("kvs") or []
-            return creation.found(base64.b64decode(kvs[0].get("value", "")) if kvs else None)
+            return creation.found(_from_b64(kvs[0].get("value", "")) if kvs else None)
 
         return self._call(FLAG_ACTION, create)
 
