@@ -145,8 +145,11 @@ def ssl_context(ca_cert: str | None, cert: str | None, key: str | None) -> ssl.S
         return None
     import ssl
 
-    context = ssl.create_default_context(cadata=files.ca_pem.decode("ascii") if files.ca_pem else None)
-    if files.cert_path and files.key_path:
-        # Checked above (read_tls_files); loaded from the files as ssl requires.
-        context.load_cert_chain(files.cert_path, files.key_path)
+    try:
+        context = ssl.create_default_context(cadata=files.ca_pem.decode("ascii") if files.ca_pem else None)
+        if files.cert_path and files.key_path:
+            # Checked above (read_tls_files); loaded from the files as ssl requires.
+            context.load_cert_chain(files.cert_path, files.key_path)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError: a file changed since it was checked
+        raise ConfigurationError(f"cannot use the etcd TLS files: {error}") from None
     return context
