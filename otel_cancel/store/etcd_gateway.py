@@ -191,6 +191,7 @@ class EtcdGatewayClient:
     def _call(self, action: str, operation: Callable[[], _T]) -> _T:
         """Run ``operation()`` with fail-over: each endpoint is tried once, from the one in use."""
         last_error: StoreUnavailableError | None = None
+        unusable: GatewayUnusableError | None = None
         for _ in range(len(self.endpoints)):
             try:
                 try:
@@ -201,11 +202,15 @@ class EtcdGatewayClient:
                     raise store_error_for_os_error(error, action) from None
             except StoreUnavailableError as error:
                 last_error = error
+                if isinstance(error, GatewayUnusableError):
+                    unusable = error
                 self.close()
                 self._token = None  # a simple token is the member's own
                 self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+        # An endpoint whose gateway could not serve may still serve gRPC: say so, so the
+        # caller uses the gRPC store rather than report etcd unreachable.
         assert last_error is not None
-        raise last_error
+        raise unusable or last_error
 
     def _with_token(self, operation: Callable[[], _T]) -> _T:
         # etcd forgets tokens (their TTL runs out, etcd restarts): when it rejects

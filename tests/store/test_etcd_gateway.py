@@ -162,12 +162,14 @@ def test_an_endpoint_that_never_answers_times_out_within_the_deadline(prefix):
         assert time.monotonic() - started < 5
 
 
-def test_an_http_server_that_is_not_etcd_makes_the_gateway_unusable(prefix):
-    """A client URL that answers but not with etcd's JSON API (the gateway off) raises GatewayUnusableError."""
+def test_an_etcd_with_its_gateway_off_makes_the_gateway_unusable(prefix):
+    """A client URL that answers but not with etcd's JSON API raises GatewayUnusableError, dead endpoints or not."""
+    dead = f"127.0.0.1:{free_port()}"
     with EtcdServer(extra_args=["--enable-grpc-gateway=false"]) as no_gateway:
-        client = _gateway([no_gateway.endpoint], prefix)
-        with pytest.raises(GatewayUnusableError):
-            client.create_flag(CancelRequest.new(random_root(), "x", "tests"), TTL)
+        for endpoints in ([no_gateway.endpoint], [no_gateway.endpoint, dead], [dead, no_gateway.endpoint]):
+            client = _gateway(endpoints, prefix, timeout=1)
+            with pytest.raises(GatewayUnusableError):  # the caller then takes the gRPC store
+                client.create_flag(CancelRequest.new(random_root(), "x", "tests"), TTL)
 
 
 def test_connection_options_are_checked_as_the_store_checks_them():
