@@ -40,7 +40,7 @@ from ._endpoints import check_connection
 from ._flag_write import ACTION as FLAG_ACTION
 from ._flag_write import FlagCreation
 from ._keys import validate_prefix
-from ._status import UNAUTHENTICATED, UNAVAILABLE, store_error_for_os_error, store_error_for_status
+from ._status import NOT_FOUND, UNAUTHENTICATED, UNAVAILABLE, store_error_for_os_error, store_error_for_status
 from ._tls import ssl_context
 
 if TYPE_CHECKING:
@@ -79,6 +79,13 @@ class _GatewayError(Exception):
 
 class _ProtocolError(OSError):
     """The answer is not the HTTP/1.1 this client speaks (an ``OSError``: the endpoint is unusable)."""
+
+
+def _field(answer: dict[str, Any], name: str) -> Any:
+    """A field etcd's answer must hold; an answer without it is no etcd gateway's."""
+    if name not in answer:
+        raise _GatewayError(0, f"an answer without {name!r}", 200)
+    return answer[name]
 
 
 # binascii, not base64: the same codec, without base64's imports (struct) at start-up.
@@ -153,7 +160,7 @@ class EtcdGatewayClient:
         key = _b64(creation.key)
 
         def create() -> tuple[CancelRequest, bool]:
-            lease = self._post("/v3/lease/grant", {"TTL": ttl_seconds})["ID"]
+            lease = _field(self._post("/v3/lease/grant", {"TTL": ttl_seconds}), "ID")
             value = creation.stamp()
             # As the gRPC store: no revocation when the transaction fails (it may have
             # committed); an unused lease holds nothing and expires with its TTL.
@@ -217,9 +224,8 @@ class EtcdGatewayClient:
         # ours, authenticate again and retry once, as the gRPC store does.
         fresh = self._token is None
         if self._username is not None and self._token is None:
-            self._token = self._post("/v3/auth/authenticate", {"name": self._username, "password": self._password})[
-                "token"
-            ]
+            answer = self._post("/v3/auth/authenticate", {"name": self._username, "password": self._password})
+            self._token = str(_field(answer, "token"))
         try:
             return operation()
         except _GatewayError as error:
@@ -230,8 +236,9 @@ class EtcdGatewayClient:
 
     @staticmethod
     def _store_error(error: _GatewayError, action: str) -> StoreError:
-        if error.code == 0:
-            # No gRPC status: not etcd's JSON API answering (the gateway is off).
+        if error.code == 0 or (error.code == NOT_FOUND and error.message == "Not Found"):
+            # No gRPC status, or no such route: not etcd's JSON API answering (the gateway
+            # is off, or etcd is older than the /v3 paths).
             return GatewayUnusableError(f"etcd's gateway did not answer while {action}: {error.message}")
         if error.code == UNAVAILABLE and error.http_status == 503 and "connection error" in error.message:
             return GatewayUnusableError(f"etcd's gateway could not reach etcd while {action}: {error.message}")
