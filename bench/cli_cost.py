@@ -1,6 +1,6 @@
 """What ``otel-cancel cancel`` costs a user at the terminal, against ``etcdctl put`` in the same run.
 
-    .venv/bin/python bench/cli_cost.py [--quick]
+    .venv/bin/python bench/cli_cost.py [--quick] [--pairs N]
 
 Paired runs against one real etcd: ``etcdctl put`` of a key, then ``otel-cancel
 cancel`` of a fresh root (the console script, as a user runs it), wall time of each
@@ -89,9 +89,11 @@ def imported_modules(env: dict[str, str]) -> dict[str, Any]:
 
 
 def main() -> int:
-    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, help="paired runs (default 40, 10 with --quick); more on a busy machine")
+    args = parser.parse_args()
     started, load_before = time.time(), loadavg()
-    pairs = 10 if args.quick else 40
+    pairs = args.pairs or (10 if args.quick else 40)
     with EtcdServer() as etcd, tempfile.TemporaryDirectory(prefix="otel-cancel-pyc-") as bytecode:
         env = {
             **os.environ,
