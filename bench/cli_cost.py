@@ -23,6 +23,7 @@ Writes ``bench/results/cli_cost.json``.
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -62,9 +63,18 @@ HEAVY = (
 
 
 def _timed(command: list[str], env: dict[str, str]) -> float:
+    return _timed_with_cpu(command, env)[0]
+
+
+def _timed_with_cpu(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall time and CPU time (user + system, of the process and its children), in ms."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, capture_output=True)
-    return (time.perf_counter() - started) * 1000
+    wall = (time.perf_counter() - started) * 1000
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1000
+    return wall, cpu
 
 
 def imported_modules(env: dict[str, str]) -> dict[str, Any]:
@@ -111,8 +121,8 @@ def main() -> int:
         rows = []
         for index in range(pairs):
             root = random_root()
-            put_ms = _timed([*etcdctl, f"/otel-cancel-bench-put/{root}", "v"], env)
-            cancel_ms = _timed([CONSOLE_SCRIPT, "cancel", root], env)
+            put_ms, put_cpu_ms = _timed_with_cpu([*etcdctl, f"/otel-cancel-bench-put/{root}", "v"], env)
+            cancel_ms, cancel_cpu_ms = _timed_with_cpu([CONSOLE_SCRIPT, "cancel", root], env)
             pass_ms = _timed([PYTHON, "-c", "pass"], env)
             cold_ms = _timed([CONSOLE_SCRIPT, "cancel", random_root()], no_bytecode_env)
             rows.append(
@@ -122,6 +132,8 @@ def main() -> int:
                     "otel_cancel_ms": cancel_ms,
                     "python_pass_ms": pass_ms,
                     "otel_cancel_no_bytecode_ms": cold_ms,
+                    "etcdctl_put_cpu_ms": put_cpu_ms,
+                    "otel_cancel_cpu_ms": cancel_cpu_ms,
                 }
             )
         imports = imported_modules(env)
@@ -136,6 +148,12 @@ def main() -> int:
         "bytecode": "PYTHONPYCACHEPREFIX (temporary), PYTHONDONTWRITEBYTECODE unset",
         "ratio": summary(ratios),
         "ratio_median": round(statistics.median(ratios), 2),
+        # CPU time is steadier than wall time on a shared machine (context, not the target).
+        "etcdctl_put_cpu_ms": summary([r["etcdctl_put_cpu_ms"] for r in rows]),
+        "otel_cancel_cpu_ms": summary([r["otel_cancel_cpu_ms"] for r in rows]),
+        "cpu_ratio_median": round(
+            statistics.median(r["otel_cancel_cpu_ms"] / max(r["etcdctl_put_cpu_ms"], 0.001) for r in rows), 2
+        ),
         "imports": imports,
         "samples": [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
     }
@@ -155,6 +173,7 @@ def main() -> int:
         )
     )
     say(f"ratio otel-cancel / etcdctl, median of {pairs} pairs: {data['ratio_median']}")
+    say(f"CPU time ratio, median: {data['cpu_ratio_median']}")
     say(f"imports: {imports}")
     say(f"wrote {path}")
     return 0

@@ -880,7 +880,13 @@ def cli_cost_block(result: dict[str, Any] | None) -> str:
             f"**{_fmt(result['ratio_median'])}x** (p90 {_fmt(ratio['p90'])}x, min {_fmt(ratio['min'])}x). "
             f"One `cancel` imports {imports['modules']} modules in {_fmt(imports['import_ms'], ' ms')} "
             f"(`-X importtime`); among them, of what it does not use (gRPC, aetcd, protobuf, asyncio, "
-            f"OpenTelemetry, the integrations, the demo): {', '.join(imports['heavy']) or 'none'}.",
+            f"OpenTelemetry, the integrations, the demo): {', '.join(imports['heavy']) or 'none'}."
+            + (
+                f" CPU time (user + system) p50: {_fmt(result['otel_cancel_cpu_ms']['p50'], ' ms')} against "
+                f"{_fmt(result['etcdctl_put_cpu_ms']['p50'], ' ms')}, median ratio {_fmt(result['cpu_ratio_median'])}x."
+                if "cpu_ratio_median" in result
+                else ""
+            ),
         ]
     )
 
