@@ -16,7 +16,6 @@ from typing import Any
 
 from ..attributes import CANCEL_KINDS, KIND_EXPLICIT
 from ..exceptions import Cancelled
-from .labels import validate_label
 from .root_id import validate_root
 
 MAX_VALUE_BYTES = 64 * 1024
@@ -284,6 +283,10 @@ class LiveEntry:
         labels = data.get("labels", {})
         if not isinstance(scopes, list) or not isinstance(labels, dict):
             raise ValueError("scopes must be a list and labels an object")
+        # Imported here: labels load OpenTelemetry, and a flag (this module's other
+        # records) is read and written without it (the CLI's quick cancel).
+        from .labels import validate_label
+
         return cls(
             root=validate_root(data.get("root")),
             depth=_int(data.get("depth", 0), "depth"),

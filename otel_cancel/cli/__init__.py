@@ -135,7 +135,31 @@ async def _run_store_command(settings: Settings, args: argparse.Namespace) -> in
 # -- argument parsing ------------------------------------------------------------------------
 
 
+def _terminal_columns() -> int:
+    """The terminal's width as :func:`shutil.get_terminal_size` finds it (``COLUMNS``, then the tty, else 80)."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, told the width: left to itself it imports shutil (and
+    with it zlib, bz2, lzma) to find it, for every command, as each argument is added."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> Any:
         # One line, exit 2 (argparse would print the whole usage first).
         print(f"otel-cancel: {_one_line(message)}", file=sys.stderr)
@@ -217,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         provider = export_if_configured()
     try:
-        return _main(args)
+        return _main(args, exporting=provider is not None)
     finally:
         if provider is not None:
             provider.shutdown()  # flush the request span before exiting
@@ -242,7 +266,7 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
         raise
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, *, exporting: bool = False) -> int:
     endpoints = os.environ.get("OTEL_CANCEL_ETCD_ENDPOINTS", "127.0.0.1:2379")
     try:
         if args.command == "demo" and args.langgraph_server:
@@ -266,6 +290,16 @@ def _main(args: argparse.Namespace) -> int:
             from .flags import watch_command
 
             return watch_command(settings, as_json=args.json)
+        if args.command == "cancel":
+            # A cancel that only writes flags goes through etcd's HTTP gateway: no gRPC,
+            # no asyncio to import (see gateway_cancel); else, or when the gateway
+            # cannot serve, through the store like every other command.
+            from .gateway_cancel import cancel_through_gateway, takes_gateway
+
+            if takes_gateway(args, settings, exporting=exporting):
+                code = cancel_through_gateway(settings, args)
+                if code is not None:
+                    return code
         return _on_io_loop(_run_store_command(settings, args))
     except ConfigurationError as error:
         return _fail(str(error), EXIT_USAGE)

@@ -33,10 +33,13 @@ import grpc
 from .._core.bulk import BulkCancel
 from .._core.io_loop import io_loop
 from .._core.records import CancelRequest, LiveRecord, Receipt, TaskRecord
-from ..exceptions import ConfigurationError, StoreError, StorePermissionError, StoreUnavailableError
+from ..exceptions import StoreError, StorePermissionError, StoreUnavailableError
 from . import DEFAULT_PREFIX, LIST_PAGE_SIZE, FlagEvent, FlagListing, FlagPage
 from ._aetcd_patches import PatchedEtcdClient
+from ._endpoints import check_connection
 from ._endpoints import parse_endpoint as parse_endpoint
+from ._flag_write import ACTION as FLAG_ACTION
+from ._flag_write import FlagCreation
 from ._grpc_errors import is_lease_not_found, is_permission_denied, is_rejected_token, raising_store_errors
 from ._keys import (
     acks_prefix,
@@ -124,19 +127,13 @@ class EtcdCancelStore:
         cert: str | None = None,
         key: str | None = None,
     ) -> None:
-        if not endpoints:
-            raise ConfigurationError("at least one etcd endpoint is needed (OTEL_CANCEL_ETCD_ENDPOINTS)")
-        self.endpoints = tuple(parse_endpoint(e) for e in endpoints)
+        self.endpoints = check_connection(
+            endpoints, timeout=timeout, username=username, password=password, cert=cert, key=key
+        )
         self.prefix = validate_prefix(prefix)
-        if timeout <= 0:
-            raise ConfigurationError(f"the etcd timeout must be positive, got {timeout}")
         self.timeout = timeout
-        if bool(username) != bool(password):
-            raise ConfigurationError("set both OTEL_CANCEL_ETCD_USERNAME and OTEL_CANCEL_ETCD_PASSWORD, or neither")
         self._username = username or None
         self._password = password or None
-        if (cert is None) != (key is None):
-            raise ConfigurationError("set both OTEL_CANCEL_ETCD_CERT and OTEL_CANCEL_ETCD_KEY, or neither")
         self._credentials = read_credentials(ca_cert, cert, key)
         self._client: PatchedEtcdClient | None = None
         self._endpoint_index = 0
@@ -224,43 +221,29 @@ class EtcdCancelStore:
     # -- CancelStore ---------------------------------------------------------------
 
     async def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]:
-        key = flag_key(self.prefix, request.root).encode()
-
-        # What each attempt wrote. An attempt can time out after etcd committed it (the
-        # leader froze before answering); the next attempt, on another endpoint, then
-        # finds a flag. When that flag is one of ours, this call created it.
-        attempted: dict[bytes, CancelRequest] = {}
+        # The key, the value and the reading of the answer are FlagCreation's (shared
+        # with the CLI's gateway client); this method speaks gRPC.
+        creation = FlagCreation(self.prefix, request)
+        key = creation.key
 
         async def create(client: PatchedEtcdClient) -> tuple[CancelRequest, bool]:
             lease = await client.lease(ttl_seconds)
-            # Stamp the flag when it is written (after connecting and granting the
-            # lease), so latencies measure flag written -> work stopped.
-            stamped = dataclasses.replace(request, requested_at=time.time_ns())
-            attempted[stamped.to_json()] = stamped
+            value = creation.stamp()
             # No revocation when the transaction fails: it may have committed (a deadline
             # that ran out after the leader applied it), and revoking the lease would
             # delete the flag. An unused lease holds nothing and expires with its TTL.
             created, responses = await client.transaction(
                 compare=[client.transactions.version(key) == 0],
-                success=[client.transactions.put(key, stamped.to_json(), lease=lease.id)],
+                success=[client.transactions.put(key, value, lease=lease.id)],
                 failure=[client.transactions.get(key)],
             )
             if created:
                 self._remember_flag_lease(request.root, lease.id)
-                return stamped, True
+                return creation.created(value)
             await client.revoke_lease(lease.id)
-            existing = responses[0][0][0] if responses and responses[0] else None
-            if existing is None:
-                return request, False
-            if existing in attempted:
-                return attempted[existing], True
-            try:
-                return CancelRequest.from_json(existing, request.root), False
-            except ValueError:
-                _log.warning("otel-cancel: flag for %s holds a malformed value; keeping it", request.root)
-                return request, False
+            return creation.found(responses[0][0][0] if responses and responses[0] else None)
 
-        result: tuple[CancelRequest, bool] = await self._call("writing a cancel flag", create)
+        result: tuple[CancelRequest, bool] = await self._call(FLAG_ACTION, create)
         return result
 
     async def get_flag(self, root: str) -> CancelRequest | None:
