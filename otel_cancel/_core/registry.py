@@ -15,6 +15,7 @@ changes that the live-work publisher (:mod:`otel_cancel._core.live`) polls.
 
 from __future__ import annotations
 
+import _asyncio
 import asyncio
 import dataclasses
 import threading
@@ -22,10 +23,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import Any
 
 from .bulk import BulkCancel
 from .outcome import Outcome
 from .records import CancelRequest, LiveEntry
+
+current_task: Callable[[], asyncio.Task[Any] | None] = getattr(_asyncio, "current_task", asyncio.current_task)
+"""The C function where there is one (``asyncio.current_task`` is Python code before 3.12): every scope asks."""
 
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
@@ -179,7 +184,7 @@ class CancelRegistry:
         task: asyncio.Task[object] | None = None
         if task_mode:
             try:
-                task = asyncio.current_task()
+                task = current_task()
             except RuntimeError:
                 task = None
         loop = task.get_loop() if task is not None else None

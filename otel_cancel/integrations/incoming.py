@@ -26,7 +26,7 @@ from opentelemetry.context import Context
 from .. import attributes
 from .._core import telemetry
 from .._core.rate_limited_log import RateLimitedLogger
-from .._core.root import is_valid_root, new_root, parse_depth, random_root, set_root
+from .._core.root import is_valid_root, new_root, parse_depth, random_root, set_root, update_root_in_place
 from .._core.signing import sign_root, verify_root
 
 _log = RateLimitedLogger(logging.getLogger("otel_cancel.incoming"))
@@ -41,6 +41,10 @@ class IncomingRoot(NamedTuple):
     root: str
     depth: int
     adopted: bool
+    kept_entries: int = 0
+    """When the root was adopted with the incoming baggage kept as it was but for the
+    depth: how many entries it has (the request's header can then be passed on with
+    only its depth replaced); else 0."""
 
 
 def _header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
@@ -121,6 +125,9 @@ def _adopt(
         _log.warning("invalid_depth", "otel-cancel: incoming depth %.20r is not valid; counting from 0", depth_value)
         incoming_depth = 0
     depth = min(incoming_depth + 1, 1000)
+    kept = update_root_in_place(incoming, depth, context, entries)
+    if kept is not None:
+        return IncomingRoot(kept, incoming, depth, adopted=True, kept_entries=len(entries))
     return IncomingRoot(set_root(incoming, depth, context, entries), incoming, depth, adopted=True)
 
 
