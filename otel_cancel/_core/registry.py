@@ -195,7 +195,9 @@ class CancelRegistry:
         early_claim: tuple[StopReport, _EarlyStop] | None = None
         with self._lock:
             self.changes += 1
-            registrations = self._live.setdefault(root, {})
+            registrations = self._live.get(root)
+            if registrations is None:
+                registrations = self._live[root] = {}
             registration = registrations.get(key)
             if registration is None:
                 registration = registrations[key] = Registration(root, depth, task, loop, thread_id, [])

@@ -404,6 +404,28 @@ class _CancellableRequest:
     recognises (``stopped_locally``) and swallows with ``Task.uncancel()``.
     """
 
+    __slots__ = (
+        "_disconnect_cancel",
+        "_listen_check",
+        "_listener",
+        "_receive",
+        "_receiving",
+        "_send",
+        "_start_headers",
+        "_task",
+        "body_received",
+        "client_gone",
+        "deadline_ms",
+        "edge",
+        "on_disconnect",
+        "response_complete",
+        "response_started",
+        "root",
+        "scope",
+        "stopped_locally",
+        "streaming",
+    )
+
     def __init__(
         self,
         scope: Scope,

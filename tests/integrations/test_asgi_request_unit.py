@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from opentelemetry import baggage
-from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
