@@ -15,6 +15,7 @@ from opentelemetry import baggage, trace
 from opentelemetry.context import Context, get_current
 
 from .. import attributes
+from .baggage_entries import with_entries
 from .root_id import MAX_DEPTH as MAX_DEPTH
 from .root_id import is_valid_root as is_valid_root
 from .root_id import random_root as random_root
@@ -134,11 +135,8 @@ def set_root(
         ours.update(extra)
     ordered: dict[str, object] = {attributes.BAGGAGE_ROOT: root, attributes.BAGGAGE_DEPTH: str(depth), **ours}
     ordered.update((key, value) for key, value in entries.items() if key not in attributes.BAGGAGE_KEYS)
-    # Setting an entry keeps its place in the dict: start from empty baggage so ours lead.
-    context = baggage.clear(context) if entries else context
-    for key, value in ordered.items():
-        context = baggage.set_baggage(key, value, context)
-    return context
+    # Ours lead: the whole baggage is replaced at once, in this order.
+    return with_entries(ordered, context)
 
 
 def update_root_in_place(
