@@ -35,7 +35,7 @@ current_task: Callable[[], asyncio.Task[Any] | None] = getattr(_asyncio, "curren
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class Registration:
     """One task (or thread) working for one root, possibly through nested scopes.
 
@@ -200,9 +200,18 @@ class CancelRegistry:
                 registrations = self._live[root] = {}
             registration = registrations.get(key)
             if registration is None:
-                registration = registrations[key] = Registration(root, depth, task, loop, thread_id, [])
-                registration.entered_at = time.time_ns()
-                registration.run_started_ms = run_started_ms or registration.entered_at // 1_000_000
+                entered_at = time.time_ns()
+                registration = registrations[key] = Registration(
+                    root,
+                    depth,
+                    task,
+                    loop,
+                    thread_id,
+                    [],
+                    entered_at=entered_at,
+                    run_started_ms=run_started_ms or entered_at // 1_000_000,
+                    labels=labels or _NO_LABELS,
+                )
             if labels and labels is not registration.labels:
                 # Shared read-only mappings: a registration's labels are replaced, never mutated.
                 registration.labels = {**registration.labels, **labels} if registration.labels else labels
