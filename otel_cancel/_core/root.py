@@ -139,6 +139,23 @@ def set_root(
     return with_entries(ordered, context)
 
 
+def set_new_root(
+    root: str, context: Context, entries: Mapping[str, object], extra: dict[str, str] | None = None
+) -> Context:
+    """:func:`set_root` at depth 0 for a run that starts now, when ``entries`` (the baggage of
+    ``context``) hold none of the ``otel_cancel.*`` entries: ours first, then the caller's."""
+    ordered: dict[str, object] = {
+        attributes.BAGGAGE_ROOT: root,
+        attributes.BAGGAGE_DEPTH: "0",
+        attributes.BAGGAGE_STARTED: str(time.time_ns() // 1_000_000),
+    }
+    if extra:
+        ordered.update(extra)
+    if entries:
+        ordered.update(entries)
+    return with_entries(ordered, context)
+
+
 def update_root_in_place(
     root: str, depth: int, context: Context, entries: Mapping[str, object], extra: dict[str, str] | None = None
 ) -> Context | None:
