@@ -385,13 +385,11 @@ def _with_depth(header: bytes, root: str, depth: int, entries: int) -> bytes | N
     """
     if header.count(b",") + 1 != entries:
         return None
-    parts = header.split(b",", 2)
-    if len(parts) < 2 or parts[0].strip() != _ROOT_MEMBER + root.encode():
+    lead = _ROOT_MEMBER + root.encode() + b"," + _DEPTH_MEMBER
+    if not header.startswith(lead):
         return None
-    if not parts[1].strip().startswith(_DEPTH_MEMBER):
-        return None
-    parts[1] = _DEPTH_MEMBER + str(depth).encode()
-    return b",".join(parts)
+    rest = header.find(b",", len(lead))
+    return lead + str(depth).encode() + (header[rest:] if rest >= 0 else b"")
 
 
 class _CancellableRequest:
