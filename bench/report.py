@@ -445,6 +445,40 @@ def _single_hops_lines(hops: dict[str, Any] | None) -> list[str]:
         "The three-hop chain without the harness's clients (an edge and two internal hops): "
         f"**{_fmt(hops['chain_loss_pct_median'], '%')}** throughput loss from CPU per request, median of the "
         f"paired rounds {hops['chain_loss_pct_paired_rounds']}.",
+        *_single_hop_split_lines(hops),
+    ]
+
+
+def _single_hop_split_lines(hops: dict[str, Any]) -> list[str]:
+    """Where a single hop's CPU goes, by thread, and the garbage collector's share."""
+    rows = [
+        {
+            "hop": role,
+            "variant": variant,
+            "main": _fmt(split["main_thread"]),
+            "other": _fmt(split["other_threads"]),
+            "gc": _fmt(split["gc"]),
+        }
+        for role, values in hops["roles"].items()
+        for variant, split in (values.get("split_us_per_request_median") or {}).items()
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "Where a single hop's CPU goes (µs per request, median of the rounds):",
+        "",
+        table(
+            rows,
+            ["hop", "variant", "main", "other", "gc"],
+            [
+                "hop",
+                "variant",
+                "serving thread",
+                "other threads (IO loop, gRPC)",
+                "garbage collector (within the serving thread)",
+            ],
+        ),
     ]
 
 

@@ -15,6 +15,7 @@ changes that the live-work publisher (:mod:`otel_cancel._core.live`) polls.
 
 from __future__ import annotations
 
+import _asyncio
 import asyncio
 import dataclasses
 import threading
@@ -22,15 +23,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import Any
 
 from .bulk import BulkCancel
 from .outcome import Outcome
 from .records import CancelRequest, LiveEntry
 
+current_task: Callable[[], asyncio.Task[Any] | None] = getattr(_asyncio, "current_task", asyncio.current_task)
+"""The C function where there is one (``asyncio.current_task`` is Python code before 3.12): every scope asks."""
+
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class Registration:
     """One task (or thread) working for one root, possibly through nested scopes.
 
@@ -179,7 +184,7 @@ class CancelRegistry:
         task: asyncio.Task[object] | None = None
         if task_mode:
             try:
-                task = asyncio.current_task()
+                task = current_task()
             except RuntimeError:
                 task = None
         loop = task.get_loop() if task is not None else None
@@ -190,12 +195,23 @@ class CancelRegistry:
         early_claim: tuple[StopReport, _EarlyStop] | None = None
         with self._lock:
             self.changes += 1
-            registrations = self._live.setdefault(root, {})
+            registrations = self._live.get(root)
+            if registrations is None:
+                registrations = self._live[root] = {}
             registration = registrations.get(key)
             if registration is None:
-                registration = registrations[key] = Registration(root, depth, task, loop, thread_id, [])
-                registration.entered_at = time.time_ns()
-                registration.run_started_ms = run_started_ms or registration.entered_at // 1_000_000
+                entered_at = time.time_ns()
+                registration = registrations[key] = Registration(
+                    root,
+                    depth,
+                    task,
+                    loop,
+                    thread_id,
+                    [],
+                    entered_at=entered_at,
+                    run_started_ms=run_started_ms or entered_at // 1_000_000,
+                    labels=labels or _NO_LABELS,
+                )
             if labels and labels is not registration.labels:
                 # Shared read-only mappings: a registration's labels are replaced, never mutated.
                 registration.labels = {**registration.labels, **labels} if registration.labels else labels

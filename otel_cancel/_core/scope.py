@@ -100,6 +100,8 @@ class CancelScope:
         self._owns_deadline_timer = False
         self._cancelling_at_enter = 0
         """How many cancellations of its task were pending at entry: not this scope's to undo."""
+        self._known: tuple[str, int, int | None, Mapping[str, str], int | None] | None = None
+        """Root, depth, run start, labels and deadline of the current context, when the caller read them already."""
 
     # -- entry ---------------------------------------------------------------------
 
@@ -108,6 +110,28 @@ class CancelScope:
             raise RuntimeError("a CancelScope can be entered only once; create a new one with otel_cancel.scope()")
         self._entered = True
         self._runtime = runtime
+        if self._known is not None:
+            # The request path read the context's baggage already (see request_scope).
+            root, depth, run_started_ms, labels, _ = self._known
+        else:
+            root, depth, run_started_ms, labels = self._enter_context(runtime)
+        self.root = root
+        self.depth = depth
+        registration, request = runtime.registry.enter(
+            root, self.depth, self.name, task_mode=task_mode, run_started_ms=run_started_ms, labels=labels
+        )
+        if request is None:
+            request = runtime.unlisted_refusal(root)
+        self._registration = registration
+        if registration.task is not None:
+            self._cancelling_at_enter = registration.task.cancelling()
+        if request is not None:
+            # A late arrival: the root was cancelled before this work started.
+            self._refuse(request)
+        self._arm_deadline(registration)
+
+    def _enter_context(self, runtime: ProcessState) -> tuple[str, int, int | None, Mapping[str, str]]:
+        """The root, depth, run start and labels to enter with; attaches the context a new root or labels need."""
         current = otel_context.get_current()
         # One read of the baggage for the root, the depth, the run's start and its labels
         # (entering a scope is the hot path).
@@ -125,20 +149,7 @@ class CancelScope:
             self._token = otel_context.attach(context)
             # Only a run started here or a labelled scope changes the baggage: read it again then.
             run_started_ms, labels = run_facts(context)
-        self.root = root
-        self.depth = depth
-        registration, request = runtime.registry.enter(
-            root, self.depth, self.name, task_mode=task_mode, run_started_ms=run_started_ms, labels=labels
-        )
-        if request is None:
-            request = runtime.unlisted_refusal(root)
-        self._registration = registration
-        if registration.task is not None:
-            self._cancelling_at_enter = registration.task.cancelling()
-        if request is not None:
-            # A late arrival: the root was cancelled before this work started.
-            self._refuse(request)
-        self._arm_deadline(registration)
+        return root, depth, run_started_ms, labels
 
     def _refuse(self, request: CancelRequest) -> None:
         """Leave at once, before the body runs: ``request`` stopped this work before it started."""
@@ -150,7 +161,7 @@ class CancelScope:
 
     def _arm_deadline(self, registration: Registration) -> None:
         """Stop this scope's work locally when the run's deadline passes (no etcd involved)."""
-        deadline_ms = current_deadline()
+        deadline_ms = self._known[4] if self._known is not None else current_deadline()
         if deadline_ms is None:
             return
         assert self._runtime is not None and self.root is not None
@@ -303,6 +314,25 @@ class CancelScope:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._finish(exc)
+
+
+def request_scope(
+    name: str,
+    root: str,
+    depth: int,
+    run_started_ms: int | None,
+    labels: Mapping[str, str],
+    deadline_ms: int | None,
+) -> CancelScope:
+    """A scope for a request whose context (already current) carries these facts, read by the caller.
+
+    For the request path (``CancelMiddleware``), which has read the root, depth, run
+    start, labels and deadline from the baggage it established: the scope enters
+    without reading the baggage again. Not public API.
+    """
+    entered = CancelScope(name=name)
+    entered._known = (root, depth, run_started_ms, labels, deadline_ms)
+    return entered
 
 
 def scope(*, name: str | None = None, root: str | None = None, labels: Mapping[str, str] | None = None) -> CancelScope:

@@ -57,12 +57,13 @@ from opentelemetry import context as otel_context
 from .. import attributes
 from .._core import telemetry
 from .._core.deadline import DEADLINE_REASON, MAX_AHEAD_SECONDS, now_ms, parse_timeout, validate_deadline
-from .._core.labels import usable_labels, validate_label, with_labels
+from .._core.labels import run_facts, usable_labels, validate_label, with_labels
 from .._core.process_state import ProcessState, get_process_state
 from .._core.rate_limited_log import RateLimitedLogger
 from .._core.records import CancelRequest
+from .._core.registry import current_task
 from .._core.root import with_root
-from .._core.scope import CancelScope, cancel
+from .._core.scope import CancelScope, cancel, request_scope
 from ..exceptions import Cancelled, ConfigurationError
 from .incoming import establish_root
 from .request_context import extract_request_context
@@ -238,7 +239,16 @@ class CancelMiddleware:
             return
         inner_scope = dict(scope)
         inner_scope[_APPLIED] = True
-        inner_scope["headers"] = _rewrite_baggage(raw_headers, headers.carrier.get("baggage"), context)
+        forwarded = None
+        if incoming.kept_entries and context is incoming.context and len(headers.baggage) == 1:
+            # The common trusted hop: only the depth changed; the header keeps the rest as it came.
+            forwarded = _with_depth(headers.baggage[0], incoming.root, incoming.depth, incoming.kept_entries)
+        if forwarded is None:
+            inner_scope["headers"] = _rewrite_baggage(raw_headers, headers.carrier.get("baggage"), context)
+        else:
+            inner_scope["headers"] = [
+                (key, forwarded if key.lower() == b"baggage" else value) for key, value in raw_headers
+            ]
         request = _CancellableRequest(
             inner_scope,
             receive,
@@ -251,7 +261,14 @@ class CancelMiddleware:
         )
         token = otel_context.attach(context)
         try:
-            await request.run(self.app, self._run_in_scope)
+            if self._run_in_scope:
+                started_ms, labels = run_facts(context)
+                name = f"{scope.get('method', 'HTTP')} {scope.get('path', '')}"
+                await request.run(
+                    self.app, request_scope(name, incoming.root, incoming.depth, started_ms, labels, deadline_ms)
+                )
+            else:
+                await request.run(self.app, None)
         finally:
             request.stop_listening()
             otel_context.detach(token)
@@ -353,6 +370,26 @@ def _rewrite_baggage(
 
 
 _OUR_PREFIX = "otel_cancel."
+_ROOT_MEMBER = attributes.BAGGAGE_ROOT.encode() + b"="
+_DEPTH_MEMBER = attributes.BAGGAGE_DEPTH.encode() + b"="
+
+
+def _with_depth(header: bytes, root: str, depth: int, entries: int) -> bytes | None:
+    """``header`` with its depth member replaced by ``depth``, when nothing else changed; else ``None``.
+
+    For a trusted hop whose root was adopted with the incoming baggage kept in place
+    (``entries`` entries, the root and depth leading, ours before the caller's): when the
+    one header has as many members as the baggage has entries, OpenTelemetry took every
+    member as it came (none malformed, repeated or in excess), so the header already
+    says what :func:`_rewrite_baggage` would rebuild, but for the depth.
+    """
+    if header.count(b",") + 1 != entries:
+        return None
+    lead = _ROOT_MEMBER + root.encode() + b"," + _DEPTH_MEMBER
+    if not header.startswith(lead):
+        return None
+    rest = header.find(b",", len(lead))
+    return lead + str(depth).encode() + (header[rest:] if rest >= 0 else b"")
 
 
 class _CancellableRequest:
@@ -364,6 +401,28 @@ class _CancellableRequest:
     internal hop) is a tagged ``task.cancel()`` of this task, which :meth:`run`
     recognises (``stopped_locally``) and swallows with ``Task.uncancel()``.
     """
+
+    __slots__ = (
+        "_disconnect_cancel",
+        "_listen_check",
+        "_listener",
+        "_receive",
+        "_receiving",
+        "_send",
+        "_start_headers",
+        "_task",
+        "body_received",
+        "client_gone",
+        "deadline_ms",
+        "edge",
+        "on_disconnect",
+        "response_complete",
+        "response_started",
+        "root",
+        "scope",
+        "stopped_locally",
+        "streaming",
+    )
 
     def __init__(
         self,
@@ -398,11 +457,11 @@ class _CancellableRequest:
         self._listener: asyncio.Task[None] | None = None
         self._disconnect_cancel: asyncio.Task[Any] | None = None
 
-    async def run(self, app: ASGIApp, run_in_scope: bool) -> None:
-        self._task = asyncio.current_task()
+    async def run(self, app: ASGIApp, cancel_scope: CancelScope | None) -> None:
+        self._task = current_task()
         try:
-            if run_in_scope:
-                async with CancelScope(name=f"{self.scope.get('method', 'HTTP')} {self.scope.get('path', '')}"):
+            if cancel_scope is not None:
+                async with cancel_scope:
                     await app(self.scope, self.receive, self.send)
             else:
                 await app(self.scope, self.receive, self.send)
