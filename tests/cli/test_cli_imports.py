@@ -64,7 +64,15 @@ def test_cancel_imports_neither_the_sdk_nor_integrations(etcd_env):
 
 
 # A plain cancel writes through etcd's HTTP gateway with the standard library: none of these.
-_NOT_FOR_A_PLAIN_CANCEL = ("grpc", "aetcd", "google.protobuf", "asyncio", "opentelemetry", "otel_cancel.store.etcd")
+_NOT_FOR_A_PLAIN_CANCEL = (
+    "grpc",
+    "aetcd",
+    "google.protobuf",
+    "asyncio",
+    "opentelemetry",
+    "otel_cancel.store.etcd",
+    "otel_cancel.store.events",
+)
 
 
 def test_a_plain_cancel_loads_no_grpc_aetcd_protobuf_asyncio_or_opentelemetry(etcd_env):
