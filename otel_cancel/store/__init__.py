@@ -3,7 +3,7 @@
 :class:`CancelStore` is the interface; :class:`~otel_cancel.store.etcd.EtcdCancelStore`
 is the one to run in production, :class:`~otel_cancel.store.memory.MemoryCancelStore`
 serves unit tests and single-process use. Every backend passes the same conformance
-suite (``tests/test_store_conformance.py``).
+suite (``tests/store/test_store_conformance.py``).
 
 Layout (etcd keys, ``prefix`` defaults to ``/otel-cancel/``)::
 
