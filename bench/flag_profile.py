@@ -71,7 +71,8 @@ async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float) -> N
         start_ns = time.time_ns() + 500_000_000
         (writer,) = start_flag_writers(etcd.endpoint, prefix, seed, count, 1, rate, start_ns)
         try:
-            writer.wait_for_line(lambda line: line.startswith("DONE"), timeout=120)
+            # Off the app's loop: blocking it would hold every stop back until the storm ends.
+            await asyncio.to_thread(writer.wait_for_line, lambda line: line.startswith("DONE"), timeout=120)
             deadline = time.monotonic() + 30
             while metrics.total(METRIC_FLAGS_APPLIED) < count and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)

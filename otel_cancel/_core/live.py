@@ -38,17 +38,22 @@ MAX_PUBLISHED_BYTES = 60_000
 """A live record stays below this (the reader's bound is 64 KiB): the oldest roots are kept."""
 PERMISSION_RETRY_SECONDS = 60.0
 _MAX_SCOPE_NAME = 80
+_SMALLEST_ENTRY_BYTES = len(json.dumps(LiveEntry("0" * 32, 0, 0, 0, (), {}).to_dict(), separators=(",", ":"))) + 1
+MAX_PUBLISHED_ROOTS = MAX_PUBLISHED_BYTES // _SMALLEST_ENTRY_BYTES
+"""More roots than this never fit in a record: the publisher reads no more from the registry."""
 
 
-def build_record(service: str, instance: str, live: list[LiveEntry]) -> LiveRecord:
+def build_record(service: str, instance: str, live: list[LiveEntry], total: int | None = None) -> LiveRecord:
     """The record to publish for ``live``, bounded to :data:`MAX_PUBLISHED_BYTES` (oldest work kept).
 
     One pass: each entry's encoded size is added up until the next would not fit (the
     publisher runs every interval while scopes change, so this is on the IO loop's budget).
+    ``total`` is how many roots are live when ``live`` holds only the oldest of them.
     """
     published_at = time.time_ns()
+    total = len(live) if total is None else total
     # The record's own fields, with room for the digits of the truncated count.
-    size = len(LiveRecord(service, instance, published_at, (), len(live)).to_json())
+    size = len(LiveRecord(service, instance, published_at, (), total).to_json())
     kept: list[LiveEntry] = []
     for item in sorted(live, key=lambda item: item.started_at):
         entry = dataclasses.replace(item, scopes=tuple(name[:_MAX_SCOPE_NAME] for name in item.scopes[:_MAX_SCOPES]))
@@ -56,14 +61,14 @@ def build_record(service: str, instance: str, live: list[LiveEntry]) -> LiveReco
         if size > MAX_PUBLISHED_BYTES:
             break
         kept.append(entry)
-    return LiveRecord(service, instance, published_at, tuple(kept), len(live) - len(kept))
+    return LiveRecord(service, instance, published_at, tuple(kept), total - len(kept))
 
 
 class LivePublisher:
     """Publishes this process's live work (see the module docstring).
 
     Args:
-        registry: the process registry (its ``changes`` counter and ``live_work()``).
+        registry: the process registry (its ``changes`` counter and ``oldest_live_work()``).
         store: returns the store, awaited on the IO loop.
         service: this process's service.
         instance: this process's instance.
@@ -120,7 +125,8 @@ class LivePublisher:
                         self.keepalives += 1
                         renewed_at = now
                     if changes != published_changes:
-                        record = build_record(self.service, self.instance, self._registry.live_work())
+                        oldest, total = self._registry.oldest_live_work(MAX_PUBLISHED_ROOTS)
+                        record = build_record(self.service, self.instance, oldest, total)
                         await store.put_live(record, self._lease)
                         self.writes += 1
                         published_changes = changes

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,9 @@ from .watcher import CancelWatcher
 
 _log = logging.getLogger("otel_cancel")
 _bulk_log = RateLimitedLogger(_log)
+
+_RECEIPTS_REMEMBERED = 1024
+"""Roots whose receipt :meth:`ProcessState.wait_receipt` can still report as written (the latest)."""
 
 UNLISTED_REASON = "the cancel store could not be listed"
 """Why work is refused when the first listing did not complete and ``OTEL_CANCEL_UNLISTED=refuse``."""
@@ -55,7 +59,10 @@ class ProcessState:
         )
         self._publisher_future: concurrent.futures.Future[None] | None = None
         self._publisher_lock = threading.Lock()
-        self._receipt_written: dict[str, threading.Event] = {}
+        # Receipts written lately (bounded, oldest forgotten first), and the events of those
+        # someone waits for: a receipt nobody waits for costs a dict entry, not an Event.
+        self._receipts_written: OrderedDict[str, None] = OrderedDict()
+        self._receipt_waiters: dict[str, threading.Event] = {}
         self._receipt_lock = threading.Lock()
         self._pending_receipts: list[Receipt] = []
         self._writing_receipts = False
@@ -212,20 +219,29 @@ class ProcessState:
         except StoreError as error:
             _log.warning("otel-cancel: could not write the receipt for %s: %s", roots, error)
             return
-        for receipt in receipts:
-            telemetry.receipt_written()
-            self._receipt_event(receipt.root).set()
-
-    def _receipt_event(self, root: str) -> threading.Event:
+        telemetry.receipts_written(len(receipts))
         with self._receipt_lock:
-            if root not in self._receipt_written and len(self._receipt_written) >= 1024:
-                # Bounded: only recent roots can be waited for.
-                self._receipt_written.pop(next(iter(self._receipt_written)))
-            return self._receipt_written.setdefault(root, threading.Event())
+            written = self._receipts_written
+            for receipt in receipts:
+                written[receipt.root] = None
+                written.move_to_end(receipt.root)
+                waiter = self._receipt_waiters.pop(receipt.root, None)
+                if waiter is not None:
+                    waiter.set()
+            while len(written) > _RECEIPTS_REMEMBERED:
+                written.popitem(last=False)
 
     async def wait_receipt(self, root: str, timeout: float) -> bool:
         """Wait until this process has written its receipt for ``root`` (tests, demo)."""
-        event = self._receipt_event(root)
+        with self._receipt_lock:
+            if root in self._receipts_written:
+                return True
+            event = self._receipt_waiters.get(root)
+            if event is None:
+                if len(self._receipt_waiters) >= _RECEIPTS_REMEMBERED:
+                    # Bounded: the oldest wait is dropped (it times out).
+                    self._receipt_waiters.pop(next(iter(self._receipt_waiters)))
+                event = self._receipt_waiters[root] = threading.Event()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, event.wait, timeout)
 

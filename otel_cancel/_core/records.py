@@ -86,8 +86,24 @@ class CancelRequest:
         return f"{_TAG}root={self.root}; kind={self.kind}; reason={self.reason}"
 
     def to_json(self) -> bytes:
-        """The flag's value in etcd."""
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+        """The flag's value in etcd (``root`` first: see :meth:`starts_as_flag_of`)."""
+        # A plain dict, not dataclasses.asdict (which deep-copies every field).
+        data = {
+            "root": self.root,
+            "reason": self.reason,
+            "requested_at": self.requested_at,
+            "requested_by": self.requested_by,
+            "kind": self.kind,
+        }
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @staticmethod
+    def starts_as_flag_of(raw: bytes, root: str) -> bool:
+        """Whether ``raw`` begins the way :meth:`to_json` writes a flag of ``root`` (a cheap check, not a parse).
+
+        A watcher that holds no work for ``root`` keeps such a value unread until it is needed.
+        """
+        return raw.startswith(b'{"root":"') and raw[9:41] == root.encode() and raw[41:43] == b'",'
 
     @classmethod
     def from_json(cls, raw: bytes, expected_root: str | None = None) -> CancelRequest:
@@ -165,8 +181,20 @@ class Receipt:
 
     def to_json(self) -> bytes:
         """The receipt's value in etcd."""
-        data = dataclasses.asdict(self)
-        data["interrupted"] = list(self.interrupted)
+        # A plain dict, not dataclasses.asdict (which deep-copies every field): a process
+        # writes one receipt per flag that stopped its work, up to thousands a second.
+        data = {
+            "root": self.root,
+            "service": self.service,
+            "instance": self.instance,
+            "depth": self.depth,
+            "seen_at": self.seen_at,
+            "stopped_at": self.stopped_at,
+            "requested_at": self.requested_at,
+            "interrupted": list(self.interrupted),
+            "tasks": self.tasks,
+            "reason": self.reason,
+        }
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod

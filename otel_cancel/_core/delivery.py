@@ -1,0 +1,76 @@
+"""Hand the stops of applied flags from the watcher's thread to each task's own loop, in batches.
+
+A task can only be cancelled on its own event loop, and waking another thread's loop
+(``call_soon_threadsafe``) costs a self-pipe write and a hand-over of the GIL. So the
+stops bound for one loop wait in that loop's mailbox, and only the first stop that
+finds the mailbox empty wakes the loop: the stops of one flag (every task of the root
+there), and of every flag that arrives while the loop has not yet drained its mailbox,
+take one wake-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+
+from .registry import Registration, deliver
+
+
+class _Mailbox:
+    """The stops waiting for one loop."""
+
+    __slots__ = ("lock", "pending")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: list[Registration] = []
+
+    def post(self, registration: Registration) -> bool:
+        """Add a stop; whether the loop must be woken (the mailbox was empty)."""
+        with self.lock:
+            self.pending.append(registration)
+            return len(self.pending) == 1
+
+    def drain(self) -> None:
+        """On the mailbox's loop: cancel every waiting task (each still in its scope)."""
+        with self.lock:
+            batch, self.pending = self.pending, []
+        for registration in batch:
+            deliver(registration)
+
+    def forget(self) -> None:
+        """The loop is closed: its stops have nobody left to stop."""
+        with self.lock:
+            self.pending = []
+
+
+class StopDelivery:
+    """Delivers the stops of applied flags to their tasks' loops (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Weak: a loop that is gone takes its mailbox with it.
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            with self._lock:
+                mailbox = self._mailboxes.get(loop)
+                if mailbox is None:
+                    mailbox = self._mailboxes[loop] = _Mailbox()
+        return mailbox
+
+    def post(self, registrations: list[Registration]) -> None:
+        """Cancel each registration's task on its own loop, if it is still in its scope then."""
+        for registration in registrations:
+            loop = registration.loop
+            if loop is None or loop.is_closed():
+                continue
+            mailbox = self._mailbox(loop)
+            if mailbox.post(registration):
+                try:
+                    loop.call_soon_threadsafe(mailbox.drain)
+                except RuntimeError:  # the loop closed between the check and the call
+                    mailbox.forget()
