@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -38,7 +37,7 @@ MAX_PUBLISHED_BYTES = 60_000
 """A live record stays below this (the reader's bound is 64 KiB): the oldest roots are kept."""
 PERMISSION_RETRY_SECONDS = 60.0
 _MAX_SCOPE_NAME = 80
-_SMALLEST_ENTRY_BYTES = len(json.dumps(LiveEntry("0" * 32, 0, 0, 0, (), {}).to_dict(), separators=(",", ":"))) + 1
+_SMALLEST_ENTRY_BYTES = len(LiveEntry("0" * 32, 0, 0, 0, (), {}).encoded) + 1
 MAX_PUBLISHED_ROOTS = MAX_PUBLISHED_BYTES // _SMALLEST_ENTRY_BYTES
 """More roots than this never fit in a record: the publisher reads no more from the registry."""
 
@@ -56,8 +55,11 @@ def build_record(service: str, instance: str, live: list[LiveEntry], total: int 
     size = len(LiveRecord(service, instance, published_at, (), total).to_json())
     kept: list[LiveEntry] = []
     for item in sorted(live, key=lambda item: item.started_at):
-        entry = dataclasses.replace(item, scopes=tuple(name[:_MAX_SCOPE_NAME] for name in item.scopes[:_MAX_SCOPES]))
-        size += len(json.dumps(entry.to_dict(), separators=(",", ":"))) + 1  # and its comma
+        entry = item
+        if len(item.scopes) > _MAX_SCOPES or any(len(name) > _MAX_SCOPE_NAME for name in item.scopes):
+            entry = dataclasses.replace(item, scopes=tuple(n[:_MAX_SCOPE_NAME] for n in item.scopes[:_MAX_SCOPES]))
+        # Encoded once: the record's JSON is built from the same text (LiveEntry.encoded).
+        size += len(entry.encoded) + 1  # and its comma
         if size > MAX_PUBLISHED_BYTES:
             break
         kept.append(entry)

@@ -545,6 +545,11 @@ class CancelRegistry:
 
 
 def _live_entry(root: str, registrations: dict[object, Registration]) -> LiveEntry:
+    if len(registrations) == 1:
+        # Nearly every root: one task works for it here.
+        (only,) = registrations.values()
+        names = tuple(dict.fromkeys(name for name in only.names if name))
+        return LiveEntry(root, only.depth, only.entered_at, only.run_started_ms, names, only.labels)
     labels: dict[str, str] = {}
     names: dict[str, None] = {}
     for registration in registrations.values():
