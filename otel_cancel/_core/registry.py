@@ -548,8 +548,8 @@ def _live_entry(root: str, registrations: dict[object, Registration]) -> LiveEnt
     if len(registrations) == 1:
         # Nearly every root: one task works for it here.
         (only,) = registrations.values()
-        names = tuple(dict.fromkeys(name for name in only.names if name))
-        return LiveEntry(root, only.depth, only.entered_at, only.run_started_ms, names, only.labels)
+        scopes = tuple(dict.fromkeys(name for name in only.names if name))
+        return LiveEntry(root, only.depth, only.entered_at, only.run_started_ms, scopes, only.labels)
     labels: dict[str, str] = {}
     names: dict[str, None] = {}
     for registration in registrations.values():
