@@ -6,6 +6,11 @@ stops bound for one loop wait in that loop's mailbox, and only the first stop th
 finds the mailbox empty wakes the loop: the stops of one flag (every task of the root
 there), and of every flag that arrives while the loop has not yet drained its mailbox,
 take one wake-up.
+
+On the IO loop (the watcher applies flags there) the wake-ups wait for the end of the
+loop's current turn: every event of one watch response is applied first, then each
+loop is woken once, and the woken loop rarely finds the IO loop's thread still holding
+the GIL it needs.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import threading
 import weakref
 
+from .io_loop import io_loop
 from .registry import Registration, deliver
 
 
@@ -52,6 +58,8 @@ class StopDelivery:
         self._lock = threading.Lock()
         # Weak: a loop that is gone takes its mailbox with it.
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+        # Mailboxes whose loops the IO loop wakes at the end of its turn (only its thread touches it).
+        self._waking: list[tuple[asyncio.AbstractEventLoop, _Mailbox]] = []
 
     def _mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
         mailbox = self._mailboxes.get(loop)
@@ -64,13 +72,29 @@ class StopDelivery:
 
     def post(self, registrations: list[Registration]) -> None:
         """Cancel each registration's task on its own loop, if it is still in its scope then."""
+        on_io_loop = io_loop().is_current()
         for registration in registrations:
             loop = registration.loop
             if loop is None or loop.is_closed():
                 continue
             mailbox = self._mailbox(loop)
-            if mailbox.post(registration):
-                try:
-                    loop.call_soon_threadsafe(mailbox.drain)
-                except RuntimeError:  # the loop closed between the check and the call
-                    mailbox.forget()
+            if not mailbox.post(registration):
+                continue  # already due to be woken
+            if on_io_loop:
+                self._waking.append((loop, mailbox))
+                if len(self._waking) == 1:
+                    asyncio.get_running_loop().call_soon(self._wake_waiting)
+            else:
+                _wake(loop, mailbox)
+
+    def _wake_waiting(self) -> None:
+        waking, self._waking = self._waking, []
+        for loop, mailbox in waking:
+            _wake(loop, mailbox)
+
+
+def _wake(loop: asyncio.AbstractEventLoop, mailbox: _Mailbox) -> None:
+    try:
+        loop.call_soon_threadsafe(mailbox.drain)
+    except RuntimeError:  # the loop closed since
+        mailbox.forget()
