@@ -32,6 +32,11 @@ from .watcher import CancelWatcher
 _log = logging.getLogger("otel_cancel")
 _bulk_log = RateLimitedLogger(_log)
 
+RECEIPT_WRITE_INTERVAL_SECONDS = 0.01
+"""Least time between two receipt writes of a process: under a flag storm the receipts due
+meanwhile go together (at most 100 etcd calls a second, whatever the rate of flags); a
+receipt due after a quiet spell is written at once."""
+
 _RECEIPTS_REMEMBERED = 1024
 """Roots whose receipt :meth:`ProcessState.wait_receipt` can still report as written (the latest)."""
 
@@ -171,8 +176,9 @@ class ProcessState:
             tasks=report.tasks,
             reason=report.request.reason,
         )
-        # Receipts due while others are being written wait for that write and then go
-        # together: one hand-over to the IO loop and, under a storm, one etcd call for many.
+        # Receipts due while others are being written (or within the pacing interval after
+        # a write) wait and then go together: one hand-over to the IO loop and, under a
+        # storm, one etcd call for many.
         with self._receipt_lock:
             self._pending_receipts.append(receipt)
             if self._writing_receipts:
@@ -182,6 +188,7 @@ class ProcessState:
 
     async def _write_pending_receipts(self) -> None:
         finished = False
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 with self._receipt_lock:
@@ -191,10 +198,16 @@ class ProcessState:
                         self._writing_receipts = False
                         finished = True
                         return
+                began = loop.time()
                 try:
                     await self._write_receipts(batch)
                 except Exception:  # a bug, not the store: say so, and keep writing the next ones
                     _log.exception("otel-cancel: failed to write %d receipt(s)", len(batch))
+                # Paced: receipts that fall due meanwhile join the next batch (one etcd call,
+                # and no hand-over to this loop for each of them).
+                rest = began + RECEIPT_WRITE_INTERVAL_SECONDS - loop.time()
+                if rest > 0:
+                    await asyncio.sleep(rest)
         finally:
             if not finished:  # stopped (the watcher shut down): the next receipt starts a writer
                 with self._receipt_lock:
