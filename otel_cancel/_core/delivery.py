@@ -72,19 +72,24 @@ class StopDelivery:
 
     def post(self, registrations: list[Registration]) -> None:
         """Cancel each registration's task on its own loop, if it is still in its scope then."""
-        on_io_loop = io_loop().is_current()
+        # Every stop is in its mailbox before any loop is woken: a woken loop that drains
+        # at once still finds all of them, so one flag takes one wake-up per loop.
+        to_wake: list[tuple[asyncio.AbstractEventLoop, _Mailbox]] = []
         for registration in registrations:
             loop = registration.loop
             if loop is None or loop.is_closed():
                 continue
             mailbox = self._mailbox(loop)
-            if not mailbox.post(registration):
-                continue  # already due to be woken
-            if on_io_loop:
-                self._waking.append((loop, mailbox))
-                if len(self._waking) == 1:
-                    asyncio.get_running_loop().call_soon(self._wake_waiting)
-            else:
+            if mailbox.post(registration):  # else already due to be woken
+                to_wake.append((loop, mailbox))
+        if not to_wake:
+            return
+        if io_loop().is_current():
+            if not self._waking:
+                asyncio.get_running_loop().call_soon(self._wake_waiting)
+            self._waking.extend(to_wake)
+        else:
+            for loop, mailbox in to_wake:
                 _wake(loop, mailbox)
 
     def _wake_waiting(self) -> None:
