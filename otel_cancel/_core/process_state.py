@@ -32,6 +32,10 @@ from .watcher import CancelWatcher
 _log = logging.getLogger("otel_cancel")
 _bulk_log = RateLimitedLogger(_log)
 
+RECEIPT_GATHER_SECONDS = 0.002
+"""How long after the watcher stopped work here its receipt writer starts, already armed (see
+:meth:`ProcessState._expect_receipts`)."""
+
 RECEIPT_WRITE_INTERVAL_SECONDS = 0.01
 """Least time between two receipt writes of a process: under a flag storm the receipts due
 meanwhile go together (at most 100 etcd calls a second, whatever the rate of flags); a
@@ -54,6 +58,7 @@ class ProcessState:
         self.watcher = CancelWatcher(self._create_store, self.registry, watchdog_seconds=settings.watchdog_seconds)
         self.registry.on_bulk_refusal = self._on_bulk_refusal
         self.watcher.on_bulk_selected = self._write_selected_flags
+        self.watcher.on_stops_delivered = self._expect_receipts
         self.publisher = LivePublisher(
             self.registry,
             self.watcher.store,
@@ -184,6 +189,24 @@ class ProcessState:
             if self._writing_receipts:
                 return
             self._writing_receipts = True
+        self.watcher.submit(self._write_pending_receipts())
+
+    def _expect_receipts(self) -> None:
+        # On the IO loop, right after the watcher handed stops to their loops: arm the
+        # receipt writer here and start it shortly after. The stopped tasks then find a
+        # writer on its way and only add their receipts; waking the IO loop from the
+        # app's thread in the middle of a stop would hand the GIL to the receipt write
+        # while the stop still runs. A writer that finds nothing yet ends, and a receipt
+        # due after it starts one as usual.
+        if not io_loop().is_current():
+            return
+        with self._receipt_lock:
+            if self._writing_receipts:
+                return
+            self._writing_receipts = True
+        asyncio.get_running_loop().call_later(RECEIPT_GATHER_SECONDS, self._start_receipt_writer)
+
+    def _start_receipt_writer(self) -> None:
         self.watcher.submit(self._write_pending_receipts())
 
     async def _write_pending_receipts(self) -> None:

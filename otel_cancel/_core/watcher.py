@@ -113,6 +113,8 @@ class CancelWatcher:
         """The last store revision this watcher has seen."""
         self.reconnects = 0
         self.listings = 0
+        self.on_stops_delivered: Callable[[], None] | None = None
+        """Called after stops were handed to their loops (on the thread that handed them over)."""
         self.on_bulk_selected: Callable[[list[CancelRequest]], object] | None = None
         """Called with the roots a bulk cancel stopped here, so their ordinary flags get written."""
         self._listed_future: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -205,6 +207,8 @@ class CancelWatcher:
         """
         if registrations:
             self._delivery.post(registrations)
+            if self.on_stops_delivered is not None:
+                self.on_stops_delivered()
 
     def apply_bulk(self, bulk: BulkCancel) -> list[CancelRequest]:
         """Keep ``bulk`` in force here and stop every live root it selects; return their requests."""
