@@ -5,7 +5,9 @@ own (``OTEL_CANCEL_LIVE_TTL_SECONDS``) that it keeps alive. A publisher task on 
 process's IO loop wakes every ``OTEL_CANCEL_LIVE_INTERVAL_MS``, and only when the
 registry's change counter moved since the last write does it rewrite the key with
 a snapshot of the live roots (service, instance, depth, scope names, when the
-work began here, labels). So the request path never waits on etcd (entering a
+work began here, labels): the oldest ones, as many as fit in a record, and a count
+of the rest, so a process with thousands of live roots reads only a few hundred of
+them under the registry's lock. So the request path never waits on etcd (entering a
 scope bumps an integer under the registry's lock it already holds), a process
 makes at most ``1000 / interval_ms`` writes a second whatever its request rate
 (plus one keep-alive every third of the lease), an idle process writes nothing,
@@ -98,6 +100,8 @@ class LivePublisher:
         """Records written (benchmarks compare it with the request count)."""
         self.keepalives = 0
         self._lease: int | None = None
+        self._published: dict[str, LiveEntry] = {}
+        """The entries of the last record, by root: an unchanged entry is not encoded again."""
         self._running = False
         self._state = threading.Condition()
 
@@ -128,7 +132,8 @@ class LivePublisher:
                         renewed_at = now
                     if changes != published_changes:
                         oldest, total = self._registry.oldest_live_work(MAX_PUBLISHED_ROOTS)
-                        record = build_record(self.service, self.instance, oldest, total)
+                        record = build_record(self.service, self.instance, self._reuse(oldest), total)
+                        self._published = {entry.root: entry for entry in record.roots}
                         await store.put_live(record, self._lease)
                         self.writes += 1
                         published_changes = changes
@@ -166,6 +171,14 @@ class LivePublisher:
                         await asyncio.wait_for(store.revoke_lease(lease), 1.0)
             finally:
                 self._set_running(False)
+
+    def _reuse(self, entries: list[LiveEntry]) -> list[LiveEntry]:
+        """``entries``, each replaced by the equal entry of the last record (its JSON text already made)."""
+        published = self._published
+        return [
+            previous if (previous := published.get(entry.root)) is not None and previous == entry else entry
+            for entry in entries
+        ]
 
     def _set_running(self, running: bool) -> None:
         with self._state:

@@ -11,7 +11,7 @@ import pytest
 
 import otel_cancel
 from otel_cancel._core.delivery import StopDelivery
-from otel_cancel._core.live import MAX_PUBLISHED_BYTES, MAX_PUBLISHED_ROOTS, build_record
+from otel_cancel._core.live import MAX_PUBLISHED_BYTES, MAX_PUBLISHED_ROOTS, LivePublisher, build_record
 from otel_cancel._core.records import CancelRequest, LiveEntry, LiveRecord, Receipt
 from otel_cancel._core.registry import CancelRegistry
 from otel_cancel._core.root import random_root
@@ -193,3 +193,14 @@ def test_a_live_record_encodes_as_a_whole_dump_would():
         "truncated": 7,
     }
     assert record.to_json() == json.dumps(whole, separators=(",", ":")).encode()
+
+
+def test_the_publisher_encodes_again_only_the_entries_that_changed():
+    """An entry equal to the one last published is reused (its text made once); a changed one is taken anew."""
+    publisher = LivePublisher(CancelRegistry(), lambda: None, service="svc", instance="i")
+    same, moved = (LiveEntry(random_root(), 0, 1, 1, ("a",), {}) for _ in range(2))
+    publisher._published = {same.root: same, moved.root: moved}
+    now_same = dataclasses.replace(same)
+    now_moved = dataclasses.replace(moved, scopes=("a", "b"))
+    reused = publisher._reuse([now_same, now_moved])
+    assert reused[0] is same and reused[1] is now_moved
