@@ -9,7 +9,9 @@
    (``bare_watcher.py``, the anchor), all watching the same prefix during the same
    storm. CPU is each process's user + system time from ``/proc/<pid>/stat`` over
    the storm, divided by the flags (the holder counts its stops instead of printing
-   a line per stop, so the harness's output is not counted). etcd's own RPC counters over the storm show
+   a line per stop, so the harness's output is not counted); the holder's is also
+   split between its main thread (the app's loop: the stops) and its other threads
+   (otel-cancel's IO loop and gRPC: the watch, receipts, live work). etcd's own RPC counters over the storm show
    what the receipts cost in etcd calls. Several rounds; medians. The holder and
    the bystander run an OpenTelemetry SDK meter provider (an in-memory reader): the
    harness reads their flags applied and receipts written from otel-cancel's own
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -93,6 +96,19 @@ class BareWatcher:
         self.process.stop()
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's main thread (the app's loop) and of all its other threads together
+    (otel-cancel's IO loop, gRPC's poller), from ``/proc/<pid>/task``."""
+    split = {"main": 0.0, "others": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            split["main" if int(tid) == pid else "others"] += (int(fields[11]) + int(fields[12])) / os.sysconf(
+                "SC_CLK_TCK"
+            )
+    return split
+
+
 def etcd_calls(etcd: EtcdServer) -> Counter[str]:
     """Every RPC etcd has started, by method (its own Prometheus counter)."""
     return etcd_grpc_calls(etcd.client_url)
@@ -120,6 +136,7 @@ async def storm_round(etcd: EtcdServer, prefix: str, count: int, rate: float) ->
             name: process_cpu_seconds(p.pid)
             for name, p in (("holder", holder), ("bystander", bystander), ("bare", bare))
         }
+        threads_before = thread_cpu_seconds(holder.process.pid)
         calls_before = await asyncio.to_thread(etcd_calls, etcd)
         start_ns = time.time_ns() + int(3e9)
         writers = start_flag_writers(etcd.endpoint, prefix, seed, count, WRITERS, rate, start_ns)
@@ -148,6 +165,7 @@ async def storm_round(etcd: EtcdServer, prefix: str, count: int, rate: float) ->
             name: process_cpu_seconds(p.pid) - cpu_before[name]
             for name, p in (("holder", holder), ("bystander", bystander), ("bare", bare))
         }
+        threads = {k: v - threads_before[k] for k, v in thread_cpu_seconds(holder.process.pid).items()}
         calls = await asyncio.to_thread(etcd_calls, etcd) - calls_before
     finally:
         for process in (holder, bystander, bare):
@@ -164,6 +182,8 @@ async def storm_round(etcd: EtcdServer, prefix: str, count: int, rate: float) ->
         "written": written,
         "write_failures": failed,
         "cpu_us_per_flag": per_flag,
+        # The holder's split: its app loop (the stops) and its other threads (watch, receipts, live work).
+        "holder_thread_cpu_us_per_flag": {name: round(1e6 * seconds / written, 1) for name, seconds in threads.items()},
         "bystander_over_bare": round(per_flag["bystander"] / per_flag["bare"], 2) if per_flag["bare"] else None,
         "holder_over_bare": round(per_flag["holder"] / per_flag["bare"], 2) if per_flag["bare"] else None,
         "etcd_calls_for_receipts": receipt_calls,
@@ -218,7 +238,10 @@ async def run(args: Any) -> dict[str, Any]:
             say(f"storm {index + 1}/{rounds}: {count:,} flags at 1,000/s ...")
             result = await storm_round(etcd, prefix, count, 1000.0)
             calls = result["etcd_calls_per_receipt"]
-            say(f"  CPU µs per flag {result['cpu_us_per_flag']}, etcd calls per receipt {calls}")
+            say(
+                f"  CPU µs per flag {result['cpu_us_per_flag']} (holder's threads "
+                f"{result['holder_thread_cpu_us_per_flag']}), etcd calls per receipt {calls}"
+            )
             storms.append(result)
         latencies = []
         for bystanders in (1, 9):
@@ -236,6 +259,10 @@ async def run(args: Any) -> dict[str, Any]:
         "storms": storms,
         "cpu_us_per_flag_median": medians,
         "bystander_over_bare_median": round(statistics.median(s["bystander_over_bare"] for s in storms), 2),
+        "holder_thread_cpu_us_per_flag_median": {
+            name: round(statistics.median(s["holder_thread_cpu_us_per_flag"][name] for s in storms), 1)
+            for name in ("main", "others")
+        },
         "etcd_calls_per_receipt_median": statistics.median(s["etcd_calls_per_receipt"] for s in storms),
         "latency": latencies,
     }
