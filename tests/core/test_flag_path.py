@@ -204,3 +204,29 @@ def test_the_publisher_encodes_again_only_the_entries_that_changed():
     now_moved = dataclasses.replace(moved, scopes=("a", "b"))
     reused = publisher._reuse([now_same, now_moved])
     assert reused[0] is same and reused[1] is now_moved
+
+
+async def test_a_stop_that_ends_after_the_armed_receipt_writer_gave_up_still_gets_its_receipt():
+    """The writer armed at the hand-over finds nothing yet; the task's late stop starts one of its own."""
+    store = MemoryCancelStore()
+    with configured(store=store, service="svc", instance="one") as runtime:
+        await runtime.ensure_listed()
+        root = random_root()
+        entered = asyncio.Event()
+
+        async def slow_to_stop() -> None:
+            async with otel_cancel.scope(root=root, name="slow"):
+                try:
+                    entered.set()
+                    await asyncio.Event().wait()
+                finally:
+                    await asyncio.sleep(0.1)  # unwinding outlasts the writer's start (2 ms)
+
+        task = asyncio.create_task(slow_to_stop())
+        await asyncio.wait_for(entered.wait(), 5)
+        await otel_cancel.cancel(root, reason="slow")
+        with pytest.raises(otel_cancel.Cancelled):
+            await asyncio.wait_for(task, 5)
+        assert await runtime.wait_receipt(root, 5)
+        (receipt,) = await store.list_receipts(root)
+        assert receipt.interrupted == ("slow",) and receipt.reason == "slow"
