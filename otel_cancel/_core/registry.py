@@ -7,7 +7,9 @@ entry) and "mark cancelled, then collect the live scopes" (flag applied) cannot
 interleave: whichever runs second sees the other's effect, and no flag slips
 between a scope's registration and its check.
 
-Entering a scope is a dict insert under that lock; it never touches the store.
+Entering a scope is a dict insert under that lock; it never touches the store. A flag
+for a root that nothing here works for is kept as the bytes that came (most processes
+hold nothing for most flags): it is decoded when a refusal first needs its reason.
 The registry also keeps the bulk cancels (``cancel --all``) in force, so that a
 scope entered for a selected run is refused like a late hop, and a counter of
 changes that the live-work publisher (:mod:`otel_cancel._core.live`) polls.
