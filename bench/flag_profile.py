@@ -39,7 +39,7 @@ def _top(profile: cProfile.Profile, title: str, lines: int) -> str:
     return f"== {title}\n{out.getvalue()}"
 
 
-async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float) -> None:
+async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float, dump: str | None = None) -> None:
     prefix = unique_prefix().replace("test", "bench")
     metrics = CancelMetrics()  # receipts are read from otel-cancel's own metric, as a service exports it
     with configured(endpoints=(etcd.endpoint,), prefix=prefix, service="flag-profile") as runtime:
@@ -91,6 +91,10 @@ async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float) -> N
         print(f"flags applied {applied:.0f}, stopped {stopped}, receipts {receipts:.0f}")
         print(_top(io_profile, "otel-cancel's IO loop (watch, receipts)", 35))
         print(_top(app_profile, "the app's loop (stops)", 25))
+        if dump:
+            # For pstats' callers/callees views, which the own-time tables above leave out.
+            io_profile.dump_stats(f"{dump}.io.prof")
+            app_profile.dump_stats(f"{dump}.app.prof")
 
 
 async def _enable(profile: cProfile.Profile) -> None:
@@ -108,9 +112,10 @@ def main() -> int:
     mode.add_argument("--bystander", action="store_true")
     parser.add_argument("--flags", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--dump", metavar="PATH", help="also write PATH.io.prof and PATH.app.prof (pstats files)")
     args = parser.parse_args()
     with EtcdServer() as etcd:
-        asyncio.run(_profile(etcd, not args.bystander, args.flags, args.rate))
+        asyncio.run(_profile(etcd, not args.bystander, args.flags, args.rate, args.dump))
     return 0
 
 

@@ -10,7 +10,10 @@ take one wake-up.
 On the IO loop (the watcher applies flags there) the wake-ups wait for the end of the
 loop's current turn: every event of one watch response is applied first, then each
 loop is woken once, and the woken loop rarely finds the IO loop's thread still holding
-the GIL it needs.
+the GIL it needs. The IO loop also wakes one loop at most once every
+:data:`STOP_WAKE_INTERVAL_SECONDS`: a flag after a quiet spell is delivered at once,
+while under a flag storm the stops due meanwhile go together, so a loop is woken a few
+hundred times a second at most, however many flags arrive.
 """
 
 from __future__ import annotations
@@ -22,15 +25,22 @@ import weakref
 from .io_loop import io_loop
 from .registry import Registration, deliver
 
+STOP_WAKE_INTERVAL_SECONDS = 0.002
+"""Least time between two wake-ups of one loop by the IO loop. Each wake-up is a self-pipe
+write, a thread switch and a hand-over of the GIL in each direction, which cost more than
+the stop itself; pacing them bounds what a flag storm adds to a stop's latency to this."""
+
 
 class _Mailbox:
     """The stops waiting for one loop."""
 
-    __slots__ = ("lock", "pending")
+    __slots__ = ("lock", "pending", "woken_at")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.pending: list[Registration] = []
+        self.woken_at = float("-inf")
+        """When the IO loop last woke this mailbox's loop (the IO loop's clock; only its thread writes it)."""
 
     def post(self, registration: Registration) -> bool:
         """Add a stop; whether the loop must be woken (the mailbox was empty)."""
@@ -85,17 +95,31 @@ class StopDelivery:
         if not to_wake:
             return
         if io_loop().is_current():
-            if not self._waking:
-                asyncio.get_running_loop().call_soon(self._wake_waiting)
-            self._waking.extend(to_wake)
+            io = asyncio.get_running_loop()
+            now = io.time()
+            for loop, mailbox in to_wake:
+                rest = mailbox.woken_at + STOP_WAKE_INTERVAL_SECONDS - now
+                if rest > 0:
+                    # Woken moments ago: the stops due until then wait in the mailbox and go together.
+                    io.call_later(rest, self._wake_paced, loop, mailbox)
+                    continue
+                if not self._waking:
+                    io.call_soon(self._wake_waiting)
+                self._waking.append((loop, mailbox))
         else:
             for loop, mailbox in to_wake:
                 _wake(loop, mailbox)
 
     def _wake_waiting(self) -> None:
         waking, self._waking = self._waking, []
+        now = asyncio.get_running_loop().time()
         for loop, mailbox in waking:
+            mailbox.woken_at = now
             _wake(loop, mailbox)
+
+    def _wake_paced(self, loop: asyncio.AbstractEventLoop, mailbox: _Mailbox) -> None:
+        mailbox.woken_at = asyncio.get_running_loop().time()
+        _wake(loop, mailbox)
 
 
 def _wake(loop: asyncio.AbstractEventLoop, mailbox: _Mailbox) -> None:

@@ -10,10 +10,12 @@ import logging
 import pytest
 
 import otel_cancel
+from otel_cancel._core import delivery
 from otel_cancel._core.delivery import StopDelivery
+from otel_cancel._core.io_loop import io_loop
 from otel_cancel._core.live import MAX_PUBLISHED_BYTES, MAX_PUBLISHED_ROOTS, LivePublisher, build_record
 from otel_cancel._core.records import CancelRequest, LiveEntry, LiveRecord, Receipt
-from otel_cancel._core.registry import CancelRegistry
+from otel_cancel._core.registry import CancelRegistry, Registration
 from otel_cancel._core.root import random_root
 from otel_cancel.store._keys import parse_flag_key
 from otel_cancel.store.memory import MemoryCancelStore
@@ -155,6 +157,53 @@ async def test_the_stops_bound_for_one_loop_take_one_wake_up():
         del loop.call_soon_threadsafe
     assert len(done) == 3 and all(task.cancelled() for task in tasks)
     assert len([wake for wake in wakes if getattr(wake, "__name__", "") == "drain"]) == 1  # (to_thread wakes too)
+
+
+async def test_the_io_loop_wakes_a_loop_again_only_after_the_pacing_interval(monkeypatch):
+    """A stop after a quiet spell is delivered at once; the next ones, due within the interval, wait and go together."""
+    monkeypatch.setattr(delivery, "STOP_WAKE_INTERVAL_SECONDS", 1.0)  # long enough to see the wait on any load
+    registry = CancelRegistry()
+    roots = [random_root() for _ in range(3)]
+    loop = asyncio.get_running_loop()
+    entered = asyncio.Event()
+    stopping: list[Registration] = []
+
+    async def hold(root: str) -> None:
+        registration, _ = registry.enter(root, 0, "held")
+        stopping.append(registration)
+        if len(stopping) == len(roots):
+            entered.set()
+        await asyncio.Event().wait()
+
+    tasks = {root: asyncio.create_task(hold(root)) for root in roots}
+    await asyncio.wait_for(entered.wait(), 5)
+    for root in roots:
+        registry.apply(CancelRequest.new(root, "r", "x"))
+    by_root = {registration.root: registration for registration in stopping}
+    wakes = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+        wakes.append(getattr(callback, "__name__", ""))
+        return original(callback, *args, **kwargs)
+
+    paced = StopDelivery()
+
+    async def post(root: str) -> None:  # on the IO loop, as the watcher posts
+        paced.post([by_root[root]])
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        await io_loop().call(post(roots[0]))
+        await asyncio.wait_for(asyncio.wait([tasks[roots[0]]]), 5)  # at once: nothing woke this loop lately
+        await io_loop().call(post(roots[1]))
+        await io_loop().call(post(roots[2]))
+        assert not tasks[roots[1]].done() and not tasks[roots[2]].done()  # within the interval: waiting
+        done, _ = await asyncio.wait([tasks[roots[1]], tasks[roots[2]]], timeout=10)
+    finally:
+        del loop.call_soon_threadsafe
+    assert len(done) == 2 and all(task.cancelled() for task in tasks.values())
+    assert wakes.count("drain") == 2  # the first stop, then the two together
 
 
 async def test_a_stop_that_reaches_a_closed_loop_is_dropped():
