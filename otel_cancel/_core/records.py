@@ -25,6 +25,10 @@ MAX_VALUE_BYTES = 64 * 1024
 MAX_TEXT = 512
 """Reasons, requesters and node names are truncated to this many characters."""
 
+# One compact encoder for the records written per flag (a flag, its receipts): json.dumps
+# with separators builds a new JSONEncoder on every call, a quarter of a receipt's encoding.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
 
 def _text(value: object, field: str) -> str:
     if not isinstance(value, str):
@@ -96,7 +100,7 @@ class CancelRequest:
             "requested_by": self.requested_by,
             "kind": self.kind,
         }
-        return json.dumps(data, separators=(",", ":")).encode()
+        return _COMPACT.encode(data).encode()
 
     @staticmethod
     def starts_as_flag_of(raw: bytes, root: str) -> bool:
@@ -196,7 +200,7 @@ class Receipt:
             "tasks": self.tasks,
             "reason": self.reason,
         }
-        return json.dumps(data, separators=(",", ":")).encode()
+        return _COMPACT.encode(data).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Receipt:
