@@ -11,7 +11,9 @@
    the storm, divided by the flags (the holder counts its stops instead of printing
    a line per stop, so the harness's output is not counted); the holder's is also
    split between its main thread (the app's loop: the stops) and its other threads
-   (otel-cancel's IO loop and gRPC: the watch, receipts, live work). etcd's own RPC counters over the storm show
+   (otel-cancel's IO loop and gRPC: the watch, receipts, live work), and the bare watcher's
+   between its main thread (its loop: the watch) and gRPC's threads; a thread that ended
+   during the storm is in its process's total only. etcd's own RPC counters over the storm show
    what the receipts cost in etcd calls. Several rounds; medians. The holder and
    the bystander run an OpenTelemetry SDK meter provider (an in-memory reader): the
    harness reads their flags applied and receipts written from otel-cancel's own
@@ -191,7 +193,9 @@ async def storm_round(etcd: EtcdServer, prefix: str, count: int, rate: float) ->
         # The holder's split: its app loop (the stops) and its other threads (watch, receipts, live work).
         "holder_thread_cpu_us_per_flag": {name: round(1e6 * seconds / written, 1) for name, seconds in threads.items()},
         # The anchor's split the same way: its main thread runs its loop, gRPC's threads the rest.
-        "bare_thread_cpu_us_per_flag": {name: round(1e6 * seconds / written, 1) for name, seconds in bare_threads.items()},
+        "bare_thread_cpu_us_per_flag": {
+            name: round(1e6 * seconds / written, 1) for name, seconds in bare_threads.items()
+        },
         "bystander_over_bare": round(per_flag["bystander"] / per_flag["bare"], 2) if per_flag["bare"] else None,
         "holder_over_bare": round(per_flag["holder"] / per_flag["bare"], 2) if per_flag["bare"] else None,
         "etcd_calls_for_receipts": receipt_calls,
