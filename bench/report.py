@@ -859,6 +859,10 @@ def flag_cost_block(result: dict[str, Any] | None) -> str:
             "storm": index,
             "flags": storm["flags"],
             **{f"{name} µs": value for name, value in storm["cpu_us_per_flag"].items()},
+            # The holder's split (absent from results older than the split): its app loop, the rest.
+            "holder's app loop µs": storm.get("holder_thread_cpu_us_per_flag", {}).get("main", "-"),
+            "holder's other threads µs": storm.get("holder_thread_cpu_us_per_flag", {}).get("others", "-"),
+            "bare's loop µs": storm.get("bare_thread_cpu_us_per_flag", {}).get("main", "-"),
             "bystander / bare": storm["bystander_over_bare"],
             "etcd calls per receipt": storm["etcd_calls_per_receipt"],
         }
@@ -879,7 +883,10 @@ def flag_cost_block(result: dict[str, Any] | None) -> str:
     return "\n".join(
         [
             "CPU per flag at 1,000 flags/s, each process of the same storm (holder: stops a scope and writes a "
-            "receipt per flag; bystander: holds nothing; bare: one aetcd watch and a JSON decode per event):",
+            "receipt per flag; bystander: holds nothing; bare: one aetcd watch and a JSON decode per event). "
+            "The holder's app loop is its main thread (the stops), its other threads are otel-cancel's IO loop "
+            "(watch, receipts, live work) and gRPC's threads still alive at the end of the storm; the bare "
+            "watcher's loop is its main thread (its watch):",
             "",
             table(storms, list(storms[0])),
             "",

@@ -49,7 +49,6 @@ from ._keys import (
     live_key,
     live_prefix,
     receipt_key,
-    root_of_flag_key,
     task_key,
     validate_prefix,
 )
@@ -138,8 +137,9 @@ class EtcdCancelStore:
         self._client: PatchedEtcdClient | None = None
         self._endpoint_index = 0
         self._receipts_on_own_lease = False
-        # The lease of every flag this store listed, saw in the watch or wrote, by root:
-        # a receipt joins its flag's lease with one put, instead of reading the flag first.
+        # The lease of every flag this store listed, saw in the watch or wrote, by the flag's
+        # key (as it came: a bystander never parses a key twice): a receipt joins its flag's
+        # lease with one put, instead of reading the flag first.
         self._flag_leases: OrderedDict[str, int] = OrderedDict()
 
     @property
@@ -238,7 +238,7 @@ class EtcdCancelStore:
                 failure=[client.transactions.get(key)],
             )
             if created:
-                self._remember_flag_lease(request.root, lease.id)
+                self._remember_flag_lease(key.decode(), lease.id)
                 return creation.created(value)
             await client.revoke_lease(lease.id)
             return creation.found(responses[0][0][0] if responses and responses[0] else None)
@@ -294,13 +294,13 @@ class EtcdCancelStore:
                 # A listing is the store's whole view: forget leases of flags gone since.
                 self._flag_leases.clear()
             kvs = response.kvs
-            for kv in kvs:
-                # Keys-only ranges carry the lease too: receipts join it with one put.
-                self._note_flag_lease(kv.key, kv.lease)
             flags = tuple(
                 FlagEvent("put", kv.key.decode("utf-8", "replace"), kv.value if values else b"", kv.mod_revision)
                 for kv in kvs
             )
+            for kv, flag in zip(kvs, flags, strict=True):
+                # Keys-only ranges carry the lease too: receipts join it with one put.
+                self._note_flag_lease(flag.key, kv.lease)
             listed += len(flags)
             yield FlagPage(flags, revision)
             if not response.more or not kvs:
@@ -318,29 +318,30 @@ class EtcdCancelStore:
                     kv = event.kv
                     key = kv.key.decode("utf-8", "replace")
                     is_put = event.kind == "PUT"
-                    self._note_flag_lease(kv.key, kv.lease if is_put else 0)
+                    self._note_flag_lease(key, kv.lease if is_put else 0)
                     yield FlagEvent("put" if is_put else "delete", key, kv.value, kv.mod_revision)
             raise StoreUnavailableError("the etcd watch stream ended")
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(watch.cancel(), self.timeout)
 
-    def _remember_flag_lease(self, root: str, lease_id: int) -> None:
+    def _remember_flag_lease(self, key: str, lease_id: int) -> None:
         leases = self._flag_leases
-        leases[root] = lease_id
-        leases.move_to_end(root)
+        leases[key] = lease_id
+        leases.move_to_end(key)
         if len(leases) > _FLAG_LEASES_REMEMBERED:
             leases.popitem(last=False)
 
-    def _note_flag_lease(self, raw_key: bytes, lease_id: int) -> None:
-        """Remember (or, with ``lease_id`` 0: a delete, a flag with no lease, forget) a flag's lease."""
-        root = root_of_flag_key(self.prefix, raw_key.decode("utf-8", "replace"))
-        if root is None:
-            return
+    def _note_flag_lease(self, key: str, lease_id: int) -> None:
+        """Remember (or, with ``lease_id`` 0: a delete, a flag with no lease, forget) the lease of the flag at ``key``.
+
+        The key is not parsed: only a receipt's own flag key is ever looked up, and the
+        watcher judges the key (a foreign key here costs one slot of a bounded memory).
+        """
         if lease_id:
-            self._remember_flag_lease(root, lease_id)
+            self._remember_flag_lease(key, lease_id)
         else:
-            self._flag_leases.pop(root, None)
+            self._flag_leases.pop(key, None)
 
     async def put_receipt(self, receipt: Receipt, ttl_seconds: int) -> None:
         flag = flag_key(self.prefix, receipt.root).encode()
@@ -368,7 +369,7 @@ class EtcdCancelStore:
             if not self._receipts_on_own_lease:
                 # The watch event (or listing) that brought the flag carried its lease:
                 # one call. Only a flag this store never saw costs a read first.
-                lease_id = self._flag_leases.get(receipt.root)
+                lease_id = self._flag_leases.get(flag_key(self.prefix, receipt.root))
                 if lease_id is None:
                     found = await client.get(flag)
                     lease_id = found.lease if found is not None and found.lease else None
@@ -384,7 +385,7 @@ class EtcdCancelStore:
         # own flag's lease (etcd caps the operations of a transaction). Anything else,
         # or a transaction that fails (a lease expired meanwhile, a role that may not
         # join leases), goes one by one, where each case is handled.
-        batch = [(r, self._flag_leases.get(r.root)) for r in receipts]
+        batch = [(r, self._flag_leases.get(flag_key(self.prefix, r.root))) for r in receipts]
         alone = [r for r, lease in batch if lease is None or self._receipts_on_own_lease]
         together: list[tuple[Receipt, int]] = [
             (r, lease) for r, lease in batch if lease is not None and not self._receipts_on_own_lease
