@@ -26,11 +26,11 @@ from opentelemetry import trace
 from .. import attributes
 from ..exceptions import Cancelled, StoreError
 from . import telemetry
+from .cancel_request import CancelRequest
 from .deadline import DEADLINE_REASON, current_deadline, now_ms
 from .labels import run_facts, scope_facts, validate_labels, with_labels
 from .outcome import Outcome
 from .process_state import ProcessState, get_process_state
-from .records import CancelRequest
 from .registry import Registration
 from .root import current_root, new_root, validate_root, with_root
 from .signing import sign_root

@@ -40,10 +40,10 @@ from ..store import CancelStore, FlagEvent
 from ..store._keys import parse_flag_key
 from . import telemetry
 from .bulk import BulkCancel
+from .cancel_request import CancelRequest
 from .delivery import StopDelivery
 from .io_loop import io_loop
 from .rate_limited_log import RateLimitedLogger
-from .records import CancelRequest
 from .registry import LISTED_REASON, CancelRegistry, Registration
 from .retry import WATCH_RECONNECT, retry_async
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._core.records import CancelRequest, Receipt
+from .._core.cancel_request import CancelRequest
 from ..exceptions import StoreError
 from ..store._keys import bulk_id_of_flag_key
 from .arguments import count_argument, label_argument, root_argument, seconds_argument
@@ -30,7 +30,7 @@ from .table import StreamingTable, format_table
 if TYPE_CHECKING:  # the CLI imports this module for every command: what only cancel runs is imported there
     from .._core.bulk import BulkCancel
     from .._core.cancel_many import BulkCancelResult
-    from .._core.records import LiveRecord
+    from .._core.records import LiveRecord, Receipt
     from .._core.settings import Settings
     from ..store import CancelStore, FlagEvent
 

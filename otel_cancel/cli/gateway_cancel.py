@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from .._core.records import CancelRequest
+from .._core.cancel_request import CancelRequest
 from .._core.settings import Settings
 from .fleet import EXIT_OK, print_flag
 from .options import requester

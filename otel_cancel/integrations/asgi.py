@@ -56,11 +56,11 @@ from opentelemetry import context as otel_context
 
 from .. import attributes
 from .._core import telemetry
+from .._core.cancel_request import CancelRequest
 from .._core.deadline import DEADLINE_REASON, MAX_AHEAD_SECONDS, now_ms, parse_timeout, validate_deadline
 from .._core.labels import run_facts, usable_labels, validate_label, with_labels
 from .._core.process_state import ProcessState, get_process_state
 from .._core.rate_limited_log import RateLimitedLogger
-from .._core.records import CancelRequest
 from .._core.registry import current_task
 from .._core.root import with_root
 from .._core.scope import CancelScope, cancel, request_scope

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from .._core.records import CancelRequest
+from .._core.cancel_request import CancelRequest
 from ._keys import flag_key
 
 ACTION = "writing a cancel flag"

@@ -46,7 +46,7 @@ from ._tls import ssl_context
 if TYPE_CHECKING:
     import ssl
 
-    from .._core.records import CancelRequest
+    from .._core.cancel_request import CancelRequest
 
 _T = TypeVar("_T")
 

@@ -72,6 +72,7 @@ _NOT_FOR_A_PLAIN_CANCEL = (
     "opentelemetry",
     "otel_cancel.store.etcd",
     "otel_cancel.store.events",
+    "otel_cancel._core.records",
 )
 
 
