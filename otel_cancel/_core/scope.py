@@ -306,6 +306,21 @@ class CancelScope:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
+        self.leave_task(exc)
+
+    def enter_task(self, runtime: ProcessState) -> None:
+        """``async with`` entry without its coroutine, for a caller that awaited the listing already.
+
+        The request path runs every request in a scope: two coroutines less per request.
+        """
+        self._bind(runtime, task_mode=True)
+
+    def leave_task(self, exc: BaseException | None) -> None:
+        """``async with`` exit without its coroutine: leave, ended by ``exc`` (or normally).
+
+        Raises:
+            Cancelled: this scope's root was cancelled (or its deadline passed) while the body ran.
+        """
         to_raise = self._finish(exc)
         if to_raise is not None:
             raise to_raise from (None if isinstance(exc, asyncio.CancelledError) else exc)
