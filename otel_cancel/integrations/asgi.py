@@ -63,7 +63,7 @@ from .._core.rate_limited_log import RateLimitedLogger
 from .._core.records import CancelRequest
 from .._core.registry import current_task
 from .._core.root import with_root
-from .._core.scope import CancelScope, cancel, request_scope
+from .._core.scope import cancel, request_scope
 from ..exceptions import Cancelled, ConfigurationError
 from .incoming import establish_root
 from .request_context import extract_request_context
@@ -260,15 +260,30 @@ class CancelMiddleware:
             body_received=not headers.has_body,
         )
         token = otel_context.attach(context)
+        request.task = current_task()
+        # The app runs here, in the server's own task: no task and no coroutine of ours per request.
         try:
             if self._run_in_scope:
                 started_ms, labels = run_facts(context)
                 name = f"{scope.get('method', 'HTTP')} {scope.get('path', '')}"
-                await request.run(
-                    self.app, request_scope(name, incoming.root, incoming.depth, started_ms, labels, deadline_ms)
-                )
+                cancel_scope = request_scope(name, incoming.root, incoming.depth, started_ms, labels, deadline_ms)
+                # What ``async with cancel_scope`` does, without its two coroutines.
+                cancel_scope.enter_task(runtime)
+                try:
+                    await self.app(inner_scope, request.receive, request.send)
+                except BaseException as exc:
+                    cancel_scope.leave_task(exc)
+                    raise
+                cancel_scope.leave_task(None)
             else:
-                await request.run(self.app, None)
+                await self.app(inner_scope, request.receive, request.send)
+        except Cancelled as error:
+            await request.end_quietly(error)
+        except asyncio.CancelledError:
+            if not request.owns_cancellation():
+                raise  # the server cancelled us (shutdown), or someone besides us did too
+            # Stopped here because the caller left: nobody is listening any more.
+            await request.end_quietly(None)
         finally:
             request.stop_listening()
             otel_context.detach(token)
@@ -396,10 +411,10 @@ class _CancellableRequest:
     """One request: it runs in the server's own task, in a scope, and ends quietly when stopped.
 
     There is no child task: the scope converts the cancel that stops the request into
-    :class:`~otel_cancel.Cancelled`, caught here, so the server never sees a bare
-    ``CancelledError``. A stop of our own that is not a flag (the caller left an
-    internal hop) is a tagged ``task.cancel()`` of this task, which :meth:`run`
-    recognises (``stopped_locally``) and swallows with ``Task.uncancel()``.
+    :class:`~otel_cancel.Cancelled`, caught by the middleware, so the server never sees
+    a bare ``CancelledError``. A stop of our own that is not a flag (the caller left an
+    internal hop) is a tagged ``task.cancel()`` of this task, which the middleware
+    recognises (:meth:`owns_cancellation`) and swallows with ``Task.uncancel()``.
     """
 
     __slots__ = (
@@ -410,7 +425,6 @@ class _CancellableRequest:
         "_receiving",
         "_send",
         "_start_headers",
-        "_task",
         "body_received",
         "client_gone",
         "deadline_ms",
@@ -422,6 +436,7 @@ class _CancellableRequest:
         "scope",
         "stopped_locally",
         "streaming",
+        "task",
     )
 
     def __init__(
@@ -452,33 +467,15 @@ class _CancellableRequest:
         self._start_headers: list[tuple[bytes, bytes]] = []
         self._receiving = 0
         """How many of the app's receive() calls are waiting: while one is, the app hears the disconnect itself."""
-        self._task: asyncio.Task[Any] | None = None
+        self.task: asyncio.Task[Any] | None = None
         self._listen_check: asyncio.Handle | None = None
         self._listener: asyncio.Task[None] | None = None
         self._disconnect_cancel: asyncio.Task[Any] | None = None
 
-    async def run(self, app: ASGIApp, cancel_scope: CancelScope | None) -> None:
-        self._task = current_task()
-        try:
-            if cancel_scope is not None:
-                # What ``async with cancel_scope`` does, without its two coroutines per request.
-                cancel_scope.enter_task(get_process_state())
-                try:
-                    await app(self.scope, self.receive, self.send)
-                except BaseException as exc:
-                    cancel_scope.leave_task(exc)
-                    raise
-                cancel_scope.leave_task(None)
-            else:
-                await app(self.scope, self.receive, self.send)
-        except Cancelled as error:
-            await self._end_quietly(error)
-        except asyncio.CancelledError:
-            task = self._task
-            if not self.stopped_locally or task is None or task.uncancel() > 0:
-                raise  # the server cancelled us (shutdown), or someone besides us did too
-            # Stopped here because the caller left: nobody is listening any more.
-            await self._end_quietly(None)
+    def owns_cancellation(self) -> bool:
+        """Whether the task's cancellation is this request's own local stop alone (then undone here)."""
+        task = self.task
+        return self.stopped_locally and task is not None and task.uncancel() == 0
 
     def stop_listening(self) -> None:
         if self._listen_check is not None:
@@ -602,7 +599,7 @@ class _CancellableRequest:
             self._stop_locally()
 
     def _stop_locally(self) -> None:
-        task = self._task
+        task = self.task
         if task is not None and not task.done() and not self.stopped_locally:
             self.stopped_locally = True
             task.cancel(self._disconnect_stop().tag())
@@ -620,7 +617,7 @@ class _CancellableRequest:
         """The local stop of this hop's work when its caller left (no flag: the caller's own scope stops it)."""
         return CancelRequest(self.root, _DISCONNECT_REASON, time.time_ns(), "", attributes.KIND_DISCONNECT)
 
-    async def _end_quietly(self, error: Cancelled | None) -> None:
+    async def end_quietly(self, error: Cancelled | None) -> None:
         stop = error if error is not None else self._disconnect_stop().error()
         # Chosen by the kind of the cancel, never by its free-text reason.
         if stop.kind == attributes.KIND_DEADLINE:
