@@ -236,9 +236,12 @@ class CancelScope:
             # (A non-converting scope leaves the CancelledError to the scope outside it.)
             registration.consumed = registration.consumed or ours
             undone = task.uncancel() <= self._cancelling_at_enter
-        outcome, request = runtime.registry.exit(
-            registration, functools.partial(self._outcome, exc, ours, deadline), self._early_recorder
+        decide = (
+            self._outcome_of_a_normal_end
+            if exc is None and not ours and not deadline  # the common case: no partial to build
+            else functools.partial(self._outcome, exc, ours, deadline)
         )
+        outcome, request = runtime.registry.exit(registration, decide, self._early_recorder)
         to_raise: Cancelled | None = None
         if outcome is Outcome.DEADLINE:
             assert self._deadline_ms is not None
@@ -272,6 +275,12 @@ class CancelScope:
             # reported the cancel. The flag, once here, still owes it a receipt.
             return Outcome.STOPPED_EARLY
         return Outcome.COMPLETED
+
+    def _outcome_of_a_normal_end(self, request: CancelRequest | None) -> Outcome:
+        """:meth:`_outcome` for a body that returned, stopped by neither our flag nor our deadline."""
+        if request is None:  # no flag reached this task: it completed
+            return Outcome.COMPLETED
+        return self._outcome(None, False, False, request)
 
     def _record_deadline(self, stop: CancelRequest) -> None:
         late_ms = now_ms() - stop.requested_at // 1_000_000

@@ -525,7 +525,9 @@ class _CancellableRequest:
                 self.response_complete = True
             else:
                 self.streaming = True
-                if self.body_received:
+                # An app already waiting in receive() hears the client itself (Starlette's
+                # streaming responses): nothing to decide a loop turn later.
+                if self.body_received and not self._receiving:
                     self._listen_soon()
         return message
 
