@@ -105,7 +105,7 @@ def _on_start_serving(runtime: ProcessState) -> None:
 class _RequestHeaders:
     """What the middleware needs from the request headers, read in one pass."""
 
-    __slots__ = ("baggage", "carrier", "continued", "has_body", "timeouts")
+    __slots__ = ("baggage", "baggage_item", "carrier", "continued", "has_body", "timeouts")
 
     def __init__(self, headers: Any, propagation_fields: frozenset[bytes]) -> None:
         self.carrier: dict[str, list[str]] = {}
@@ -114,14 +114,18 @@ class _RequestHeaders:
         """The raw ``baggage`` headers."""
         self.continued = False
         """Whether the request carries a ``traceparent`` (the caller continued its trace)."""
+        self.baggage_item: object = None
+        """The (last) ``baggage`` header's own item in the headers, to find it again without a search by name."""
         self.timeouts: list[bytes] = []
         self.has_body = False
-        for key, value in headers:
+        for item in headers:
+            key, value = item
             name = key.lower()
             if name in propagation_fields:
                 self.carrier.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
                 if name == b"baggage":
                     self.baggage.append(value)
+                    self.baggage_item = item
                 elif name == b"traceparent":
                     self.continued = True
             elif name == _TIMEOUT_HEADER:
@@ -246,9 +250,11 @@ class CancelMiddleware:
         if forwarded is None:
             inner_scope["headers"] = _rewrite_baggage(raw_headers, headers.carrier.get("baggage"), context)
         else:
-            inner_scope["headers"] = [
-                (key, forwarded if key.lower() == b"baggage" else value) for key, value in raw_headers
-            ]
+            # The one baggage header (the item the headers were read from) takes the new depth.
+            inner_headers = list(raw_headers)
+            at = inner_headers.index(headers.baggage_item)
+            inner_headers[at] = (inner_headers[at][0], forwarded)
+            inner_scope["headers"] = inner_headers
         request = _CancellableRequest(
             inner_scope,
             receive,
