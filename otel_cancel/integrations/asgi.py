@@ -524,8 +524,9 @@ class _CancellableRequest:
         """Note what ``message`` starts or ends (before a stream is under way); the message to send."""
         kind = message["type"]
         if kind == "http.response.start":
+            decorated = self._decorate_response_start(message)
             self.response_started = True
-            return self._decorate_response_start(message)
+            return decorated
         if kind == "http.response.body":
             if not message.get("more_body", False):
                 self.response_complete = True
