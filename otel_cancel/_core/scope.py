@@ -236,9 +236,12 @@ class CancelScope:
             # (A non-converting scope leaves the CancelledError to the scope outside it.)
             registration.consumed = registration.consumed or ours
             undone = task.uncancel() <= self._cancelling_at_enter
-        outcome, request = runtime.registry.exit(
-            registration, functools.partial(self._outcome, exc, ours, deadline), self._early_recorder
+        decide = (
+            self._outcome_of_a_normal_end
+            if exc is None and not ours and not deadline  # the common case: no partial to build
+            else functools.partial(self._outcome, exc, ours, deadline)
         )
+        outcome, request = runtime.registry.exit(registration, decide, self._early_recorder)
         to_raise: Cancelled | None = None
         if outcome is Outcome.DEADLINE:
             assert self._deadline_ms is not None
@@ -273,6 +276,12 @@ class CancelScope:
             return Outcome.STOPPED_EARLY
         return Outcome.COMPLETED
 
+    def _outcome_of_a_normal_end(self, request: CancelRequest | None) -> Outcome:
+        """:meth:`_outcome` for a body that returned, stopped by neither our flag nor our deadline."""
+        if request is None:  # no flag reached this task: it completed
+            return Outcome.COMPLETED
+        return self._outcome(None, False, False, request)
+
     def _record_deadline(self, stop: CancelRequest) -> None:
         late_ms = now_ms() - stop.requested_at // 1_000_000
         telemetry.mark_span_cancelled(trace.get_current_span(), stop.reason)
@@ -306,6 +315,21 @@ class CancelScope:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
+        self.leave_task(exc)
+
+    def enter_task(self, runtime: ProcessState) -> None:
+        """``async with`` entry without its coroutine, for a caller that awaited the listing already.
+
+        The request path runs every request in a scope: two coroutines less per request.
+        """
+        self._bind(runtime, task_mode=True)
+
+    def leave_task(self, exc: BaseException | None) -> None:
+        """``async with`` exit without its coroutine: leave, ended by ``exc`` (or normally).
+
+        Raises:
+            Cancelled: this scope's root was cancelled (or its deadline passed) while the body ran.
+        """
         to_raise = self._finish(exc)
         if to_raise is not None:
             raise to_raise from (None if isinstance(exc, asyncio.CancelledError) else exc)

@@ -63,7 +63,7 @@ from .._core.process_state import ProcessState, get_process_state
 from .._core.rate_limited_log import RateLimitedLogger
 from .._core.registry import current_task
 from .._core.root import with_root
-from .._core.scope import CancelScope, cancel, request_scope
+from .._core.scope import cancel, request_scope
 from ..exceptions import Cancelled, ConfigurationError
 from .incoming import establish_root
 from .request_context import extract_request_context
@@ -105,7 +105,7 @@ def _on_start_serving(runtime: ProcessState) -> None:
 class _RequestHeaders:
     """What the middleware needs from the request headers, read in one pass."""
 
-    __slots__ = ("baggage", "carrier", "continued", "has_body", "timeouts")
+    __slots__ = ("baggage", "baggage_item", "carrier", "continued", "has_body", "timeouts")
 
     def __init__(self, headers: Any, propagation_fields: frozenset[bytes]) -> None:
         self.carrier: dict[str, list[str]] = {}
@@ -114,14 +114,18 @@ class _RequestHeaders:
         """The raw ``baggage`` headers."""
         self.continued = False
         """Whether the request carries a ``traceparent`` (the caller continued its trace)."""
+        self.baggage_item: object = None
+        """The (last) ``baggage`` header's own item in the headers, to find it again without a search by name."""
         self.timeouts: list[bytes] = []
         self.has_body = False
-        for key, value in headers:
+        for item in headers:
+            key, value = item
             name = key.lower()
             if name in propagation_fields:
                 self.carrier.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
                 if name == b"baggage":
                     self.baggage.append(value)
+                    self.baggage_item = item
                 elif name == b"traceparent":
                     self.continued = True
             elif name == _TIMEOUT_HEADER:
@@ -246,9 +250,11 @@ class CancelMiddleware:
         if forwarded is None:
             inner_scope["headers"] = _rewrite_baggage(raw_headers, headers.carrier.get("baggage"), context)
         else:
-            inner_scope["headers"] = [
-                (key, forwarded if key.lower() == b"baggage" else value) for key, value in raw_headers
-            ]
+            # The one baggage header (the item the headers were read from) takes the new depth.
+            inner_headers = list(raw_headers)
+            at = inner_headers.index(headers.baggage_item)
+            inner_headers[at] = (inner_headers[at][0], forwarded)
+            inner_scope["headers"] = inner_headers
         request = _CancellableRequest(
             inner_scope,
             receive,
@@ -260,15 +266,30 @@ class CancelMiddleware:
             body_received=not headers.has_body,
         )
         token = otel_context.attach(context)
+        request.task = current_task()
+        # The app runs here, in the server's own task: no task and no coroutine of ours per request.
         try:
             if self._run_in_scope:
                 started_ms, labels = run_facts(context)
                 name = f"{scope.get('method', 'HTTP')} {scope.get('path', '')}"
-                await request.run(
-                    self.app, request_scope(name, incoming.root, incoming.depth, started_ms, labels, deadline_ms)
-                )
+                cancel_scope = request_scope(name, incoming.root, incoming.depth, started_ms, labels, deadline_ms)
+                # What ``async with cancel_scope`` does, without its two coroutines.
+                cancel_scope.enter_task(runtime)
+                try:
+                    await self.app(inner_scope, request.receive, request.send)
+                except BaseException as exc:
+                    cancel_scope.leave_task(exc)
+                    raise
+                cancel_scope.leave_task(None)
             else:
-                await request.run(self.app, None)
+                await self.app(inner_scope, request.receive, request.send)
+        except Cancelled as error:
+            await request.end_quietly(error)
+        except asyncio.CancelledError:
+            if not request.owns_cancellation():
+                raise  # the server cancelled us (shutdown), or someone besides us did too
+            # Stopped here because the caller left: nobody is listening any more.
+            await request.end_quietly(None)
         finally:
             request.stop_listening()
             otel_context.detach(token)
@@ -396,10 +417,10 @@ class _CancellableRequest:
     """One request: it runs in the server's own task, in a scope, and ends quietly when stopped.
 
     There is no child task: the scope converts the cancel that stops the request into
-    :class:`~otel_cancel.Cancelled`, caught here, so the server never sees a bare
-    ``CancelledError``. A stop of our own that is not a flag (the caller left an
-    internal hop) is a tagged ``task.cancel()`` of this task, which :meth:`run`
-    recognises (``stopped_locally``) and swallows with ``Task.uncancel()``.
+    :class:`~otel_cancel.Cancelled`, caught by the middleware, so the server never sees
+    a bare ``CancelledError``. A stop of our own that is not a flag (the caller left an
+    internal hop) is a tagged ``task.cancel()`` of this task, which the middleware
+    recognises (:meth:`owns_cancellation`) and swallows with ``Task.uncancel()``.
     """
 
     __slots__ = (
@@ -410,7 +431,6 @@ class _CancellableRequest:
         "_receiving",
         "_send",
         "_start_headers",
-        "_task",
         "body_received",
         "client_gone",
         "deadline_ms",
@@ -422,6 +442,7 @@ class _CancellableRequest:
         "scope",
         "stopped_locally",
         "streaming",
+        "task",
     )
 
     def __init__(
@@ -452,27 +473,15 @@ class _CancellableRequest:
         self._start_headers: list[tuple[bytes, bytes]] = []
         self._receiving = 0
         """How many of the app's receive() calls are waiting: while one is, the app hears the disconnect itself."""
-        self._task: asyncio.Task[Any] | None = None
+        self.task: asyncio.Task[Any] | None = None
         self._listen_check: asyncio.Handle | None = None
         self._listener: asyncio.Task[None] | None = None
         self._disconnect_cancel: asyncio.Task[Any] | None = None
 
-    async def run(self, app: ASGIApp, cancel_scope: CancelScope | None) -> None:
-        self._task = current_task()
-        try:
-            if cancel_scope is not None:
-                async with cancel_scope:
-                    await app(self.scope, self.receive, self.send)
-            else:
-                await app(self.scope, self.receive, self.send)
-        except Cancelled as error:
-            await self._end_quietly(error)
-        except asyncio.CancelledError:
-            task = self._task
-            if not self.stopped_locally or task is None or task.uncancel() > 0:
-                raise  # the server cancelled us (shutdown), or someone besides us did too
-            # Stopped here because the caller left: nobody is listening any more.
-            await self._end_quietly(None)
+    def owns_cancellation(self) -> bool:
+        """Whether the task's cancellation is this request's own local stop alone (then undone here)."""
+        task = self.task
+        return self.stopped_locally and task is not None and task.uncancel() == 0
 
     def stop_listening(self) -> None:
         if self._listen_check is not None:
@@ -499,22 +508,35 @@ class _CancellableRequest:
         return message
 
     async def send(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            message = self._decorate_response_start(message)
-            self.response_started = True
-        elif kind == "http.response.body":
-            if not message.get("more_body", False):
+        if self.streaming:
+            # A chunk of a stream under way (the most frequent send): only its end changes the state.
+            if not message.get("more_body", False) and message["type"] == "http.response.body":
                 self.response_complete = True
-            elif not self.streaming:
-                self.streaming = True
-                if self.body_received:
-                    self._listen_soon()
+        else:
+            message = self._before_sending(message)
         try:
             await self._send(message)
         except OSError:
             self._client_left()
             raise
+
+    def _before_sending(self, message: Message) -> Message:
+        """Note what ``message`` starts or ends (before a stream is under way); the message to send."""
+        kind = message["type"]
+        if kind == "http.response.start":
+            decorated = self._decorate_response_start(message)
+            self.response_started = True
+            return decorated
+        if kind == "http.response.body":
+            if not message.get("more_body", False):
+                self.response_complete = True
+            else:
+                self.streaming = True
+                # An app already waiting in receive() hears the client itself (Starlette's
+                # streaming responses): nothing to decide a loop turn later.
+                if self.body_received and not self._receiving:
+                    self._listen_soon()
+        return message
 
     def _decorate_response_start(self, message: Message) -> Message:
         headers: list[tuple[bytes, bytes]] = []
@@ -586,7 +608,7 @@ class _CancellableRequest:
             self._stop_locally()
 
     def _stop_locally(self) -> None:
-        task = self._task
+        task = self.task
         if task is not None and not task.done() and not self.stopped_locally:
             self.stopped_locally = True
             task.cancel(self._disconnect_stop().tag())
@@ -604,7 +626,7 @@ class _CancellableRequest:
         """The local stop of this hop's work when its caller left (no flag: the caller's own scope stops it)."""
         return CancelRequest(self.root, _DISCONNECT_REASON, time.time_ns(), "", attributes.KIND_DISCONNECT)
 
-    async def _end_quietly(self, error: Cancelled | None) -> None:
+    async def end_quietly(self, error: Cancelled | None) -> None:
         stop = error if error is not None else self._disconnect_stop().error()
         # Chosen by the kind of the cancel, never by its free-text reason.
         if stop.kind == attributes.KIND_DEADLINE:
