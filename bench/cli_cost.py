@@ -1,12 +1,21 @@
 """What ``otel-cancel cancel`` costs a user at the terminal, against ``etcdctl put`` in the same run.
 
-    .venv/bin/python bench/cli_cost.py [--quick]
+    .venv/bin/python bench/cli_cost.py [--quick] [--pairs N]
 
 Paired runs against one real etcd: ``etcdctl put`` of a key, then ``otel-cancel
 cancel`` of a fresh root (the console script, as a user runs it), wall time of each
 process from start to exit; the ratio of each pair, and its median. Also ``python -c
 pass`` (the interpreter's own start) and, in one extra run, the modules the command
-imported (``-X importtime``), to show that nothing it does not use is loaded.
+imported (``-X importtime``), to show that nothing it does not use is loaded: a plain
+``cancel`` writes through etcd's HTTP gateway and loads no gRPC, aetcd, protobuf,
+asyncio or OpenTelemetry.
+
+As a user runs it means with bytecode: pip compiles an installed package's modules
+(``.pyc``), while this tree is installed editable and the test environment sets
+``PYTHONDONTWRITEBYTECODE``, which would make every run compile the package from
+source. The measured commands run without that variable and with their bytecode in a
+temporary ``PYTHONPYCACHEPREFIX`` (written by the warm-up runs); each pair also times
+one ``cancel`` without bytecode, reported beside it.
 
 Writes ``bench/results/cli_cost.json``.
 """
@@ -14,9 +23,11 @@ Writes ``bench/results/cli_cost.json``.
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,12 +40,15 @@ from otel_cancel._core.root_id import random_root
 from otel_cancel.testing import EtcdServer, find_etcdctl_binary
 
 CONSOLE_SCRIPT = str(Path(PYTHON).parent / "otel-cancel")
-# What `cancel` does not use (it does use asyncio, gRPC, aetcd and OpenTelemetry's API: it
-# writes through the same store as the services and records its request span).
+# What a plain `cancel` does not use: it writes its flags through etcd's HTTP gateway with the
+# standard library (the gRPC store, asyncio and OpenTelemetry serve --wait, --all and span export).
 HEAVY = (
-    "opentelemetry.sdk",
-    "opentelemetry.exporter",
-    "opentelemetry.instrumentation",
+    "grpc",
+    "aetcd",
+    "google.protobuf",
+    "asyncio",
+    "opentelemetry",
+    "otel_cancel.store.etcd",
     "otel_cancel.asgi",
     "otel_cancel.a2a",
     "otel_cancel.langgraph",
@@ -49,9 +63,18 @@ HEAVY = (
 
 
 def _timed(command: list[str], env: dict[str, str]) -> float:
+    return _timed_with_cpu(command, env)[0]
+
+
+def _timed_with_cpu(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall time and CPU time (user + system, of the process and its children), in ms."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, capture_output=True)
-    return (time.perf_counter() - started) * 1000
+    wall = (time.perf_counter() - started) * 1000
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1000
+    return wall, cpu
 
 
 def imported_modules(env: dict[str, str]) -> dict[str, Any]:
@@ -76,15 +99,21 @@ def imported_modules(env: dict[str, str]) -> dict[str, Any]:
 
 
 def main() -> int:
-    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, help="paired runs (default 40, 10 with --quick); more on a busy machine")
+    args = parser.parse_args()
     started, load_before = time.time(), loadavg()
-    pairs = 10 if args.quick else 40
-    with EtcdServer() as etcd:
+    pairs = args.pairs or (10 if args.quick else 40)
+    with EtcdServer() as etcd, tempfile.TemporaryDirectory(prefix="otel-cancel-pyc-") as bytecode:
         env = {
             **os.environ,
             "OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint,
             "OTEL_CANCEL_PREFIX": "/otel-cancel-bench-cli/",
+            "PYTHONPYCACHEPREFIX": bytecode,
         }
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        no_bytecode_env = {**env, "PYTHONDONTWRITEBYTECODE": "1"}
+        no_bytecode_env.pop("PYTHONPYCACHEPREFIX")
         etcdctl = [find_etcdctl_binary(), "--endpoints", etcd.endpoint, "put"]
         for _ in range(3):  # warm the page cache for both
             _timed([*etcdctl, "/warm", "v"], env)
@@ -92,11 +121,20 @@ def main() -> int:
         rows = []
         for index in range(pairs):
             root = random_root()
-            put_ms = _timed([*etcdctl, f"/otel-cancel-bench-put/{root}", "v"], env)
-            cancel_ms = _timed([CONSOLE_SCRIPT, "cancel", root], env)
+            put_ms, put_cpu_ms = _timed_with_cpu([*etcdctl, f"/otel-cancel-bench-put/{root}", "v"], env)
+            cancel_ms, cancel_cpu_ms = _timed_with_cpu([CONSOLE_SCRIPT, "cancel", root], env)
             pass_ms = _timed([PYTHON, "-c", "pass"], env)
+            cold_ms = _timed([CONSOLE_SCRIPT, "cancel", random_root()], no_bytecode_env)
             rows.append(
-                {"pair": index, "etcdctl_put_ms": put_ms, "otel_cancel_ms": cancel_ms, "python_pass_ms": pass_ms}
+                {
+                    "pair": index,
+                    "etcdctl_put_ms": put_ms,
+                    "otel_cancel_ms": cancel_ms,
+                    "python_pass_ms": pass_ms,
+                    "otel_cancel_no_bytecode_ms": cold_ms,
+                    "etcdctl_put_cpu_ms": put_cpu_ms,
+                    "otel_cancel_cpu_ms": cancel_cpu_ms,
+                }
             )
         imports = imported_modules(env)
     ratios = [r["otel_cancel_ms"] / r["etcdctl_put_ms"] for r in rows]
@@ -106,8 +144,16 @@ def main() -> int:
         "etcdctl_put_ms": summary([r["etcdctl_put_ms"] for r in rows]),
         "otel_cancel_ms": summary([r["otel_cancel_ms"] for r in rows]),
         "python_pass_ms": summary([r["python_pass_ms"] for r in rows]),
+        "otel_cancel_no_bytecode_ms": summary([r["otel_cancel_no_bytecode_ms"] for r in rows]),
+        "bytecode": "PYTHONPYCACHEPREFIX (temporary), PYTHONDONTWRITEBYTECODE unset",
         "ratio": summary(ratios),
         "ratio_median": round(statistics.median(ratios), 2),
+        # CPU time is steadier than wall time on a shared machine (context, not the target).
+        "etcdctl_put_cpu_ms": summary([r["etcdctl_put_cpu_ms"] for r in rows]),
+        "otel_cancel_cpu_ms": summary([r["otel_cancel_cpu_ms"] for r in rows]),
+        "cpu_ratio_median": round(
+            statistics.median(r["otel_cancel_cpu_ms"] / max(r["etcdctl_put_cpu_ms"], 0.001) for r in rows), 2
+        ),
         "imports": imports,
         "samples": [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
     }
@@ -120,12 +166,14 @@ def main() -> int:
                     ("etcdctl put", "etcdctl_put_ms"),
                     ("otel-cancel cancel", "otel_cancel_ms"),
                     ("python -c pass", "python_pass_ms"),
+                    ("otel-cancel cancel, no bytecode", "otel_cancel_no_bytecode_ms"),
                 )
             ],
             ["command", "p50", "p90", "min", "max"],
         )
     )
     say(f"ratio otel-cancel / etcdctl, median of {pairs} pairs: {data['ratio_median']}")
+    say(f"CPU time ratio, median: {data['cpu_ratio_median']}")
     say(f"imports: {imports}")
     say(f"wrote {path}")
     return 0

@@ -9,7 +9,11 @@
    (``bare_watcher.py``, the anchor), all watching the same prefix during the same
    storm. CPU is each process's user + system time from ``/proc/<pid>/stat`` over
    the storm, divided by the flags (the holder counts its stops instead of printing
-   a line per stop, so the harness's output is not counted). etcd's own RPC counters over the storm show
+   a line per stop, so the harness's output is not counted); the holder's is also
+   split between its main thread (the app's loop: the stops) and its other threads
+   (otel-cancel's IO loop and gRPC: the watch, receipts, live work), and the bare watcher's
+   between its main thread (its loop: the watch) and gRPC's threads; a thread that ended
+   during the storm is in its process's total only. etcd's own RPC counters over the storm show
    what the receipts cost in etcd calls. Several rounds; medians. The holder and
    the bystander run an OpenTelemetry SDK meter provider (an in-memory reader): the
    harness reads their flags applied and receipts written from otel-cancel's own
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -93,6 +98,23 @@ class BareWatcher:
         self.process.stop()
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's main thread (the app's loop) and of all its other threads together
+    (otel-cancel's IO loop, gRPC's poller), from ``/proc/<pid>/task``; ``grpc`` is the part of the
+    others spent in gRPC's own threads (named ``event_engine`` and ``grpc_*``: no Python runs there)."""
+    split = {"main": 0.0, "others": 0.0, "grpc": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            name = stat.split("(", 1)[1].rsplit(")", 1)[0]
+            fields = stat.rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            split["main" if int(tid) == pid else "others"] += seconds
+            if int(tid) != pid and name.startswith(("event_engine", "grpc")):
+                split["grpc"] += seconds
+    return split
+
+
 def etcd_calls(etcd: EtcdServer) -> Counter[str]:
     """Every RPC etcd has started, by method (its own Prometheus counter)."""
     return etcd_grpc_calls(etcd.client_url)
@@ -120,6 +142,8 @@ async def storm_round(etcd: EtcdServer, prefix: str, count: int, rate: float) ->
             name: process_cpu_seconds(p.pid)
             for name, p in (("holder", holder), ("bystander", bystander), ("bare", bare))
         }
+        threads_before = thread_cpu_seconds(holder.process.pid)
+        bare_threads_before = thread_cpu_seconds(bare.pid)
         calls_before = await asyncio.to_thread(etcd_calls, etcd)
         start_ns = time.time_ns() + int(3e9)
         writers = start_flag_writers(etcd.endpoint, prefix, seed, count, WRITERS, rate, start_ns)
@@ -148,6 +172,8 @@ async def storm_round(etcd: EtcdServer, prefix: str, count: int, rate: float) ->
             name: process_cpu_seconds(p.pid) - cpu_before[name]
             for name, p in (("holder", holder), ("bystander", bystander), ("bare", bare))
         }
+        threads = {k: v - threads_before[k] for k, v in thread_cpu_seconds(holder.process.pid).items()}
+        bare_threads = {k: v - bare_threads_before[k] for k, v in thread_cpu_seconds(bare.pid).items()}
         calls = await asyncio.to_thread(etcd_calls, etcd) - calls_before
     finally:
         for process in (holder, bystander, bare):
@@ -164,6 +190,12 @@ async def storm_round(etcd: EtcdServer, prefix: str, count: int, rate: float) ->
         "written": written,
         "write_failures": failed,
         "cpu_us_per_flag": per_flag,
+        # The holder's split: its app loop (the stops) and its other threads (watch, receipts, live work).
+        "holder_thread_cpu_us_per_flag": {name: round(1e6 * seconds / written, 1) for name, seconds in threads.items()},
+        # The anchor's split the same way: its main thread runs its loop, gRPC's threads the rest.
+        "bare_thread_cpu_us_per_flag": {
+            name: round(1e6 * seconds / written, 1) for name, seconds in bare_threads.items()
+        },
         "bystander_over_bare": round(per_flag["bystander"] / per_flag["bare"], 2) if per_flag["bare"] else None,
         "holder_over_bare": round(per_flag["holder"] / per_flag["bare"], 2) if per_flag["bare"] else None,
         "etcd_calls_for_receipts": receipt_calls,
@@ -218,7 +250,11 @@ async def run(args: Any) -> dict[str, Any]:
             say(f"storm {index + 1}/{rounds}: {count:,} flags at 1,000/s ...")
             result = await storm_round(etcd, prefix, count, 1000.0)
             calls = result["etcd_calls_per_receipt"]
-            say(f"  CPU µs per flag {result['cpu_us_per_flag']}, etcd calls per receipt {calls}")
+            say(
+                f"  CPU µs per flag {result['cpu_us_per_flag']} (holder's threads "
+                f"{result['holder_thread_cpu_us_per_flag']}; bare's {result['bare_thread_cpu_us_per_flag']}), "
+                f"etcd calls per receipt {calls}"
+            )
             storms.append(result)
         latencies = []
         for bystanders in (1, 9):
@@ -236,6 +272,14 @@ async def run(args: Any) -> dict[str, Any]:
         "storms": storms,
         "cpu_us_per_flag_median": medians,
         "bystander_over_bare_median": round(statistics.median(s["bystander_over_bare"] for s in storms), 2),
+        "holder_thread_cpu_us_per_flag_median": {
+            name: round(statistics.median(s["holder_thread_cpu_us_per_flag"][name] for s in storms), 1)
+            for name in ("main", "others", "grpc")
+        },
+        "bare_thread_cpu_us_per_flag_median": {
+            name: round(statistics.median(s["bare_thread_cpu_us_per_flag"][name] for s in storms), 1)
+            for name in ("main", "others", "grpc")
+        },
         "etcd_calls_per_receipt_median": statistics.median(s["etcd_calls_per_receipt"] for s in storms),
         "latency": latencies,
     }

@@ -6,8 +6,8 @@ A diagnostic beside ``bench/flag_cost.py`` (which measures; this attributes): a 
 etcd, this process configured like ``services/scope_holder.py`` (holding one scope per
 root with ``--holder``, nothing with ``--bystander``), ``services/flag_writer.py``
 writing the flags from its own process at ``R`` per second. The profiler runs on the
-app's loop (the stops) and on otel-cancel's IO loop (watch, receipts); the top
-functions of each are printed by own time. Writes nothing to ``bench/results``.
+app's loop (the stops) and on otel-cancel's IO loop (watch, receipts), timing each
+thread's own CPU; the top functions of each are printed by own time. Writes nothing to ``bench/results``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _top(profile: cProfile.Profile, title: str, lines: int) -> str:
     return f"== {title}\n{out.getvalue()}"
 
 
-async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float) -> None:
+async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float, dump: str | None = None) -> None:
     prefix = unique_prefix().replace("test", "bench")
     metrics = CancelMetrics()  # receipts are read from otel-cancel's own metric, as a service exports it
     with configured(endpoints=(etcd.endpoint,), prefix=prefix, service="flag-profile") as runtime:
@@ -64,14 +64,17 @@ async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float) -> N
         tasks = [asyncio.create_task(hold(root)) for root in wanted] if holder else []
         if holder:
             await entered.wait()
-        io_profile = cProfile.Profile()
+        # CPU time of the profiled thread, not wall time: a function that waits for the GIL
+        # (a self-pipe write while the other loop runs) is not charged for the wait.
+        io_profile = cProfile.Profile(time.thread_time)
         io_loop().submit(_enable(io_profile)).result()
-        app_profile = cProfile.Profile()
+        app_profile = cProfile.Profile(time.thread_time)
         app_profile.enable()
         start_ns = time.time_ns() + 500_000_000
         (writer,) = start_flag_writers(etcd.endpoint, prefix, seed, count, 1, rate, start_ns)
         try:
-            writer.wait_for_line(lambda line: line.startswith("DONE"), timeout=120)
+            # Off the app's loop: blocking it would hold every stop back until the storm ends.
+            await asyncio.to_thread(writer.wait_for_line, lambda line: line.startswith("DONE"), timeout=120)
             deadline = time.monotonic() + 30
             while metrics.total(METRIC_FLAGS_APPLIED) < count and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -88,6 +91,10 @@ async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float) -> N
         print(f"flags applied {applied:.0f}, stopped {stopped}, receipts {receipts:.0f}")
         print(_top(io_profile, "otel-cancel's IO loop (watch, receipts)", 35))
         print(_top(app_profile, "the app's loop (stops)", 25))
+        if dump:
+            # For pstats' callers/callees views, which the own-time tables above leave out.
+            io_profile.dump_stats(f"{dump}.io.prof")
+            app_profile.dump_stats(f"{dump}.app.prof")
 
 
 async def _enable(profile: cProfile.Profile) -> None:
@@ -105,9 +112,10 @@ def main() -> int:
     mode.add_argument("--bystander", action="store_true")
     parser.add_argument("--flags", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--dump", metavar="PATH", help="also write PATH.io.prof and PATH.app.prof (pstats files)")
     args = parser.parse_args()
     with EtcdServer() as etcd:
-        asyncio.run(_profile(etcd, not args.bystander, args.flags, args.rate))
+        asyncio.run(_profile(etcd, not args.bystander, args.flags, args.rate, args.dump))
     return 0
 
 

@@ -610,6 +610,11 @@ def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
         for _, process in processes.values():
             process.wait_for_line(lambda line: "Application startup complete" in line, timeout=120)
         samples: dict[str, dict[str, list[float]]] = {role: {v: [] for v in variants} for role in roles}
+        # Where a hop's CPU goes: the serving thread, the others (otel-cancel's IO loop and
+        # gRPC's), and the garbage collector's pauses (on the serving thread, within its CPU).
+        parts: dict[str, dict[str, dict[str, list[float]]]] = {
+            role: {v: {"main_thread": [], "other_threads": [], "gc": []} for v in variants} for role in roles
+        }
         for (role, _), (url, _) in processes.items():
             wrk_with(url, 2, connections, roles[role][1])  # warm-up
         for index in range(rounds):
@@ -617,11 +622,19 @@ def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
                 order = list(variants) if index % 2 == 0 else list(reversed(variants))
                 for variant in order:
                     url, process = processes[(role, variant)]
-                    before = _process_cpu(process.pid)
+                    since = time.time()
+                    before, main_before = _process_cpu(process.pid), _thread_cpu(process.pid, process.pid)
                     result = wrk_with(url, seconds, connections, headers)
                     used = _process_cpu(process.pid) - before
+                    main = _thread_cpu(process.pid, process.pid) - main_before
                     if result.get("requests"):
-                        samples[role][variant].append(round(1e6 * used / result["requests"], 1))
+                        requests = result["requests"]
+                        samples[role][variant].append(round(1e6 * used / requests, 1))
+                        gc_ms = httpx.get(url.replace("/hop", f"/debug/loop-lag?since={since}")).json()["gc_total_ms"]
+                        split = parts[role][variant]
+                        split["main_thread"].append(round(1e6 * main / requests, 1))
+                        split["other_threads"].append(round(1e6 * (used - main) / requests, 1))
+                        split["gc"].append(round(1e3 * gc_ms / requests, 1))
             say(f"  single hops round {index + 1}/{rounds}")
     finally:
         for _, process in processes.values():
@@ -638,6 +651,10 @@ def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
             "both_median": statistics.median(both) if both else None,
             "added_us_paired": paired,
             "added_us_median": statistics.median(paired) if paired else None,
+            "split_us_per_request_median": {
+                variant: {part: statistics.median(values) if values else None for part, values in split.items()}
+                for variant, split in parts[role].items()
+            },
         }
     out["roles"] = per_role
     # The three-hop chain without its harness: an edge and two internal hops, server work only.
@@ -657,6 +674,11 @@ def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
 
 def _process_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _thread_cpu(pid: int, tid: int) -> float:
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 

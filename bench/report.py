@@ -445,6 +445,40 @@ def _single_hops_lines(hops: dict[str, Any] | None) -> list[str]:
         "The three-hop chain without the harness's clients (an edge and two internal hops): "
         f"**{_fmt(hops['chain_loss_pct_median'], '%')}** throughput loss from CPU per request, median of the "
         f"paired rounds {hops['chain_loss_pct_paired_rounds']}.",
+        *_single_hop_split_lines(hops),
+    ]
+
+
+def _single_hop_split_lines(hops: dict[str, Any]) -> list[str]:
+    """Where a single hop's CPU goes, by thread, and the garbage collector's share."""
+    rows = [
+        {
+            "hop": role,
+            "variant": variant,
+            "main": _fmt(split["main_thread"]),
+            "other": _fmt(split["other_threads"]),
+            "gc": _fmt(split["gc"]),
+        }
+        for role, values in hops["roles"].items()
+        for variant, split in (values.get("split_us_per_request_median") or {}).items()
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "Where a single hop's CPU goes (µs per request, median of the rounds):",
+        "",
+        table(
+            rows,
+            ["hop", "variant", "main", "other", "gc"],
+            [
+                "hop",
+                "variant",
+                "serving thread",
+                "other threads (IO loop, gRPC)",
+                "garbage collector (within the serving thread)",
+            ],
+        ),
     ]
 
 
@@ -765,7 +799,7 @@ def cost_targets_block(results: dict[str, dict[str, Any] | None]) -> str:
         rows.append(
             _cost_row(
                 "nothing imported that `cancel` does not use",
-                f"{cli['imports']['modules']} modules, none of OpenTelemetry's SDK, the integrations, the demo"
+                f"{cli['imports']['modules']} modules, none of gRPC, aetcd, asyncio, OpenTelemetry, the integrations"
                 if not heavy
                 else f"imports {', '.join(heavy)}",
                 not heavy,
@@ -825,6 +859,10 @@ def flag_cost_block(result: dict[str, Any] | None) -> str:
             "storm": index,
             "flags": storm["flags"],
             **{f"{name} µs": value for name, value in storm["cpu_us_per_flag"].items()},
+            # The holder's split (absent from results older than the split): its app loop, the rest.
+            "holder's app loop µs": storm.get("holder_thread_cpu_us_per_flag", {}).get("main", "-"),
+            "holder's other threads µs": storm.get("holder_thread_cpu_us_per_flag", {}).get("others", "-"),
+            "bare's loop µs": storm.get("bare_thread_cpu_us_per_flag", {}).get("main", "-"),
             "bystander / bare": storm["bystander_over_bare"],
             "etcd calls per receipt": storm["etcd_calls_per_receipt"],
         }
@@ -845,7 +883,10 @@ def flag_cost_block(result: dict[str, Any] | None) -> str:
     return "\n".join(
         [
             "CPU per flag at 1,000 flags/s, each process of the same storm (holder: stops a scope and writes a "
-            "receipt per flag; bystander: holds nothing; bare: one aetcd watch and a JSON decode per event):",
+            "receipt per flag; bystander: holds nothing; bare: one aetcd watch and a JSON decode per event). "
+            "The holder's app loop is its main thread (the stops), its other threads are otel-cancel's IO loop "
+            "(watch, receipts, live work) and gRPC's threads still alive at the end of the storm; the bare "
+            "watcher's loop is its main thread (its watch):",
             "",
             table(storms, list(storms[0])),
             "",
@@ -866,7 +907,9 @@ def cli_cost_block(result: dict[str, Any] | None) -> str:
             ("etcdctl put", "etcdctl_put_ms"),
             ("otel-cancel cancel", "otel_cancel_ms"),
             ("python -c pass", "python_pass_ms"),
+            ("otel-cancel cancel, no bytecode", "otel_cancel_no_bytecode_ms"),
         )
+        if key in result
     ]
     ratio = result["ratio"]
     imports = result["imports"]
@@ -877,8 +920,14 @@ def cli_cost_block(result: dict[str, Any] | None) -> str:
             f"Ratio `otel-cancel cancel` / `etcdctl put` over {result['pairs']} pairs: median "
             f"**{_fmt(result['ratio_median'])}x** (p90 {_fmt(ratio['p90'])}x, min {_fmt(ratio['min'])}x). "
             f"One `cancel` imports {imports['modules']} modules in {_fmt(imports['import_ms'], ' ms')} "
-            f"(`-X importtime`); among them, of what it does not use (OpenTelemetry's SDK, the integrations, "
-            f"the demo): {', '.join(imports['heavy']) or 'none'}.",
+            f"(`-X importtime`); among them, of what it does not use (gRPC, aetcd, protobuf, asyncio, "
+            f"OpenTelemetry, the integrations, the demo): {', '.join(imports['heavy']) or 'none'}."
+            + (
+                f" CPU time (user + system) p50: {_fmt(result['otel_cancel_cpu_ms']['p50'], ' ms')} against "
+                f"{_fmt(result['etcdctl_put_cpu_ms']['p50'], ' ms')}, median ratio {_fmt(result['cpu_ratio_median'])}x."
+                if "cpu_ratio_median" in result
+                else ""
+            ),
         ]
     )
 

@@ -1,6 +1,6 @@
 """Instructions per request, counted by callgrind: the per-hop cost without the machine's noise.
 
-    .venv/bin/python bench/request_instructions.py [--quick]
+    .venv/bin/python bench/request_instructions.py [--quick] [--case BODY:STACK ...]
 
 Timing a request in process on a shared 2-core machine moves with everybody else's
 load; counting the instructions it executes does not. Each case (a bare ASGI app,
@@ -15,7 +15,9 @@ then converted to microseconds at the rate the anchor itself runs at: the OTel
 ASGI middleware's instructions per request against its microseconds per request
 measured in ``bench/overhead.py``'s in-process run, when there is one.
 
-Writes ``bench/results/request_instructions.json``.
+Writes ``bench/results/request_instructions.json``; with ``--case`` (for example
+``--case internal --case "stream x10:otel+internal"``: a stack alone means every body
+that has it) only the chosen cases run and their counts are printed, nothing is written.
 """
 
 from __future__ import annotations
@@ -103,11 +105,27 @@ def _instructions(body: str, stack: str, requests: int, workdir: str) -> int:
     return int(match.group(1))
 
 
-def measure(quick: bool) -> dict[str, Any]:
+def selected_cases(wanted: list[str] | None) -> dict[str, tuple[str, ...]]:
+    """The cases ``--case`` names (``body:stack`` or a stack alone), or all of them."""
+    if not wanted:
+        return CASES
+    chosen: dict[str, tuple[str, ...]] = {}
+    for body, stacks in CASES.items():
+        picked = tuple(s for s in stacks if s in wanted or f"{body}:{s}" in wanted)
+        if picked:
+            chosen[body] = picked
+    known = {s for stacks in CASES.values() for s in stacks} | {f"{b}:{s}" for b, ss in CASES.items() for s in ss}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; known: {sorted(known)}")
+    return chosen
+
+
+def measure(quick: bool, cases: dict[str, tuple[str, ...]] = CASES) -> dict[str, Any]:
     requests = 200 if quick else 1000
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        for body, stacks in CASES.items():
+        for body, stacks in cases.items():
             for stack in stacks:
                 started = time.monotonic()
                 per_request = _instructions(body, stack, requests, workdir) / requests
@@ -151,10 +169,18 @@ def main() -> int:
     if len(sys.argv) == 5 and sys.argv[1] == "--drive":
         asyncio.run(drive(sys.argv[2], sys.argv[3], int(sys.argv[4])))
         return 0
-    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--case", action="append", help="run only this case, 'body:stack' or a stack for every body (repeatable)"
+    )
+    args = parser.parse_args()
     if shutil.which("valgrind") is None:
         say("valgrind is not installed (Debian: apt-get install -y valgrind)")
         return 1
+    if args.case:
+        say("instructions per request under callgrind (chosen cases; nothing written) ...")
+        measure(args.quick, selected_cases(args.case))
+        return 0
     started, load_before = time.time(), loadavg()
     say("instructions per request under callgrind ...")
     data = {"quick": args.quick, **measure(args.quick)}

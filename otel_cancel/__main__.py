@@ -1,5 +1,5 @@
 """``python -m otel_cancel`` runs the CLI."""
 
-from .cli import main
+from .cli import console_main
 
-raise SystemExit(main())
+raise SystemExit(console_main())

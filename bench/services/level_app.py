@@ -32,7 +32,7 @@ Routes:
         overhead benchmarks measure only what the service's own setup records.
     ``GET /debug/loop-lag?since=EPOCH_S``  how late the event loop ran a 20 ms
         timer since then (p50, p99, max in ms): how overloaded this process was;
-        and the garbage collector's pauses since then (longest, and per generation).
+        and the garbage collector's pauses since then (longest, total, and per generation).
     ``GET /healthz``
 
 Log lines (stdout), times from ``time.time_ns()`` (one clock for every process on
@@ -205,6 +205,7 @@ async def loop_lag(request: Request) -> JSONResponse:
     pauses = [(generation, ms) for at, generation, ms in list(_gc_pauses) if at >= since]
     collected = {
         "gc_max_ms": round(max((ms for _, ms in pauses), default=0.0), 3),
+        "gc_total_ms": round(sum(ms for _, ms in pauses), 3),
         "gc_collections": [sum(1 for g, _ in pauses if g == generation) for generation in range(3)],
         "gc_gen2_max_ms": round(max((ms for g, ms in pauses if g == 2), default=0.0), 3),
     }

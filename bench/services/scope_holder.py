@@ -16,6 +16,9 @@ With ``BENCH_RECEIPTS=off`` (a diagnostic, not a supported setting) the worker
 detaches the runtime's receipt writer, to show what receipts cost under load. With
 ``BENCH_QUIET_STOPS=1`` it only counts its stops (``stats``: ``stopped``) instead of
 printing a line for each: a CPU measurement then leaves out the harness's own output.
+With ``BENCH_STOP_TELEMETRY=off`` (a diagnostic too) a stop records no span and no
+metrics, to show what the stop's telemetry costs under load; ``BENCH_STOP_WAKE_MS=N``
+sets the least time between two wake-ups of the app's loop by the watcher (default 2).
 
 Each task whose scope raises ``Cancelled`` prints ``STOPPED <root> <t_ns>``
 (``time.time_ns()`` right after the scope exits). Prints ``READY`` when the
@@ -70,6 +73,14 @@ async def main() -> None:
     runtime = get_process_state()
     if os.environ.get("BENCH_RECEIPTS") == "off":
         runtime.registry.on_stopped = None
+    if os.environ.get("BENCH_STOP_TELEMETRY") == "off":
+        from otel_cancel._core import telemetry
+
+        telemetry.work_cancelled = lambda **_: None  # type: ignore[assignment]
+    if "BENCH_STOP_WAKE_MS" in os.environ:
+        from otel_cancel._core import delivery
+
+        delivery.STOP_WAKE_INTERVAL_SECONDS = float(os.environ["BENCH_STOP_WAKE_MS"]) / 1000
     await runtime.ensure_listed()
     _say("READY")
     loop = asyncio.get_running_loop()

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..attributes import KIND_BULK
+from .cancel_request import MAX_TEXT, CancelRequest, int_field, load_object, text_field
 from .labels import validate_label, validate_labels
-from .records import MAX_TEXT, CancelRequest, _int, _load_object, _text
 
 _BULK_ID_LENGTH = 16
 
@@ -97,7 +97,7 @@ class BulkCancel:
         Raises:
             ValueError: the value is not a bulk flag, or names another id than its key.
         """
-        data = _load_object(raw)
+        data = load_object(raw)
         bulk_id = data.get("id")
         if not is_bulk_id(bulk_id):
             raise ValueError(f"bulk flag id must be {_BULK_ID_LENGTH} hex digits")
@@ -109,11 +109,11 @@ class BulkCancel:
             raise ValueError("labels must be an object")
         return cls(
             id=str(bulk_id),
-            service=None if service is None else _text(service, "service"),
+            service=None if service is None else text_field(service, "service"),
             labels=dict(validate_label(key, value) for key, value in labels.items()),
-            reason=_text(data.get("reason", ""), "reason"),
-            requested_at=_int(data.get("requested_at"), "requested_at"),
-            requested_by=_text(data.get("requested_by", ""), "requested_by"),
+            reason=text_field(data.get("reason", ""), "reason"),
+            requested_at=int_field(data.get("requested_at"), "requested_at"),
+            requested_by=text_field(data.get("requested_by", ""), "requested_by"),
         )
 
 

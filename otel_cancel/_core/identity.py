@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Mapping
 
 SERVICE_INSTANCE_ID = "service.instance.id"
 
 
 def _from_tracer_provider() -> str | None:
+    if "opentelemetry.trace" not in sys.modules and not os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"):
+        # No code imported the API, so none set a provider (nor will the variable name
+        # one): there is none to ask, and importing the API costs a CLI command its start.
+        return None
     from opentelemetry import trace
 
     resource = getattr(trace.get_tracer_provider(), "resource", None)  # only the SDK's provider has one
@@ -26,11 +31,11 @@ def _from_tracer_provider() -> str | None:
 
 def _from_resource_attributes(environ: Mapping[str, str]) -> str | None:
     # OTEL_RESOURCE_ATTRIBUTES is key=value pairs separated by commas (values may be %-encoded).
-    from urllib.parse import unquote
-
     for pair in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
         key, _, value = pair.partition("=")
         if key.strip() == SERVICE_INSTANCE_ID and value.strip():
+            from urllib.parse import unquote  # only here: it costs a CLI command its start
+
             return unquote(value.strip())
     return None
 

@@ -5,7 +5,9 @@ own (``OTEL_CANCEL_LIVE_TTL_SECONDS``) that it keeps alive. A publisher task on 
 process's IO loop wakes every ``OTEL_CANCEL_LIVE_INTERVAL_MS``, and only when the
 registry's change counter moved since the last write does it rewrite the key with
 a snapshot of the live roots (service, instance, depth, scope names, when the
-work began here, labels). So the request path never waits on etcd (entering a
+work began here, labels): the oldest ones, as many as fit in a record, and a count
+of the rest, so a process with thousands of live roots reads only a few hundred of
+them under the registry's lock. So the request path never waits on etcd (entering a
 scope bumps an integer under the registry's lock it already holds), a process
 makes at most ``1000 / interval_ms`` writes a second whatever its request rate
 (plus one keep-alive every third of the lease), an idle process writes nothing,
@@ -17,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -38,32 +39,40 @@ MAX_PUBLISHED_BYTES = 60_000
 """A live record stays below this (the reader's bound is 64 KiB): the oldest roots are kept."""
 PERMISSION_RETRY_SECONDS = 60.0
 _MAX_SCOPE_NAME = 80
+_SMALLEST_ENTRY_BYTES = len(LiveEntry("0" * 32, 0, 0, 0, (), {}).encoded) + 1
+MAX_PUBLISHED_ROOTS = MAX_PUBLISHED_BYTES // _SMALLEST_ENTRY_BYTES
+"""More roots than this never fit in a record: the publisher reads no more from the registry."""
 
 
-def build_record(service: str, instance: str, live: list[LiveEntry]) -> LiveRecord:
+def build_record(service: str, instance: str, live: list[LiveEntry], total: int | None = None) -> LiveRecord:
     """The record to publish for ``live``, bounded to :data:`MAX_PUBLISHED_BYTES` (oldest work kept).
 
     One pass: each entry's encoded size is added up until the next would not fit (the
     publisher runs every interval while scopes change, so this is on the IO loop's budget).
+    ``total`` is how many roots are live when ``live`` holds only the oldest of them.
     """
     published_at = time.time_ns()
+    total = len(live) if total is None else total
     # The record's own fields, with room for the digits of the truncated count.
-    size = len(LiveRecord(service, instance, published_at, (), len(live)).to_json())
+    size = len(LiveRecord(service, instance, published_at, (), total).to_json())
     kept: list[LiveEntry] = []
     for item in sorted(live, key=lambda item: item.started_at):
-        entry = dataclasses.replace(item, scopes=tuple(name[:_MAX_SCOPE_NAME] for name in item.scopes[:_MAX_SCOPES]))
-        size += len(json.dumps(entry.to_dict(), separators=(",", ":"))) + 1  # and its comma
+        entry = item
+        if len(item.scopes) > _MAX_SCOPES or any(len(name) > _MAX_SCOPE_NAME for name in item.scopes):
+            entry = dataclasses.replace(item, scopes=tuple(n[:_MAX_SCOPE_NAME] for n in item.scopes[:_MAX_SCOPES]))
+        # Encoded once: the record's JSON is built from the same text (LiveEntry.encoded).
+        size += len(entry.encoded) + 1  # and its comma
         if size > MAX_PUBLISHED_BYTES:
             break
         kept.append(entry)
-    return LiveRecord(service, instance, published_at, tuple(kept), len(live) - len(kept))
+    return LiveRecord(service, instance, published_at, tuple(kept), total - len(kept))
 
 
 class LivePublisher:
     """Publishes this process's live work (see the module docstring).
 
     Args:
-        registry: the process registry (its ``changes`` counter and ``live_work()``).
+        registry: the process registry (its ``changes`` counter and ``oldest_live_work()``).
         store: returns the store, awaited on the IO loop.
         service: this process's service.
         instance: this process's instance.
@@ -91,6 +100,8 @@ class LivePublisher:
         """Records written (benchmarks compare it with the request count)."""
         self.keepalives = 0
         self._lease: int | None = None
+        self._published: dict[str, LiveEntry] = {}
+        """The entries of the last record, by root: an unchanged entry is not encoded again."""
         self._running = False
         self._state = threading.Condition()
 
@@ -120,7 +131,9 @@ class LivePublisher:
                         self.keepalives += 1
                         renewed_at = now
                     if changes != published_changes:
-                        record = build_record(self.service, self.instance, self._registry.live_work())
+                        oldest, total = self._registry.oldest_live_work(MAX_PUBLISHED_ROOTS)
+                        record = build_record(self.service, self.instance, self._reuse(oldest), total)
+                        self._published = {entry.root: entry for entry in record.roots}
                         await store.put_live(record, self._lease)
                         self.writes += 1
                         published_changes = changes
@@ -158,6 +171,14 @@ class LivePublisher:
                         await asyncio.wait_for(store.revoke_lease(lease), 1.0)
             finally:
                 self._set_running(False)
+
+    def _reuse(self, entries: list[LiveEntry]) -> list[LiveEntry]:
+        """``entries``, each replaced by the equal entry of the last record (its JSON text already made)."""
+        published = self._published
+        return [
+            previous if (previous := published.get(entry.root)) is not None and previous == entry else entry
+            for entry in entries
+        ]
 
     def _set_running(self, running: bool) -> None:
         with self._state:

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,18 @@ from .watcher import CancelWatcher
 _log = logging.getLogger("otel_cancel")
 _bulk_log = RateLimitedLogger(_log)
 
+RECEIPT_GATHER_SECONDS = 0.002
+"""How long after the watcher stopped work here its receipt writer starts, already armed (see
+:meth:`ProcessState._expect_receipts`)."""
+
+RECEIPT_WRITE_INTERVAL_SECONDS = 0.01
+"""Least time between two receipt writes of a process: under a flag storm the receipts due
+meanwhile go together (at most 100 etcd calls a second, whatever the rate of flags); a
+receipt due after a quiet spell is written at once."""
+
+_RECEIPTS_REMEMBERED = 1024
+"""Roots whose receipt :meth:`ProcessState.wait_receipt` can still report as written (the latest)."""
+
 UNLISTED_REASON = "the cancel store could not be listed"
 """Why work is refused when the first listing did not complete and ``OTEL_CANCEL_UNLISTED=refuse``."""
 
@@ -45,6 +58,7 @@ class ProcessState:
         self.watcher = CancelWatcher(self._create_store, self.registry, watchdog_seconds=settings.watchdog_seconds)
         self.registry.on_bulk_refusal = self._on_bulk_refusal
         self.watcher.on_bulk_selected = self._write_selected_flags
+        self.watcher.on_stops_delivered = self._expect_receipts
         self.publisher = LivePublisher(
             self.registry,
             self.watcher.store,
@@ -55,7 +69,10 @@ class ProcessState:
         )
         self._publisher_future: concurrent.futures.Future[None] | None = None
         self._publisher_lock = threading.Lock()
-        self._receipt_written: dict[str, threading.Event] = {}
+        # Receipts written lately (bounded, oldest forgotten first), and the events of those
+        # someone waits for: a receipt nobody waits for costs a dict entry, not an Event.
+        self._receipts_written: OrderedDict[str, None] = OrderedDict()
+        self._receipt_waiters: dict[str, threading.Event] = {}
         self._receipt_lock = threading.Lock()
         self._pending_receipts: list[Receipt] = []
         self._writing_receipts = False
@@ -164,8 +181,9 @@ class ProcessState:
             tasks=report.tasks,
             reason=report.request.reason,
         )
-        # Receipts due while others are being written wait for that write and then go
-        # together: one hand-over to the IO loop and, under a storm, one etcd call for many.
+        # Receipts due while others are being written (or within the pacing interval after
+        # a write) wait and then go together: one hand-over to the IO loop and, under a
+        # storm, one etcd call for many.
         with self._receipt_lock:
             self._pending_receipts.append(receipt)
             if self._writing_receipts:
@@ -173,8 +191,27 @@ class ProcessState:
             self._writing_receipts = True
         self.watcher.submit(self._write_pending_receipts())
 
+    def _expect_receipts(self) -> None:
+        # On the IO loop, right after the watcher handed stops to their loops: arm the
+        # receipt writer here and start it shortly after. The stopped tasks then find a
+        # writer on its way and only add their receipts; waking the IO loop from the
+        # app's thread in the middle of a stop would hand the GIL to the receipt write
+        # while the stop still runs. A writer that finds nothing yet ends, and a receipt
+        # due after it starts one as usual.
+        if not io_loop().is_current():
+            return
+        with self._receipt_lock:
+            if self._writing_receipts:
+                return
+            self._writing_receipts = True
+        asyncio.get_running_loop().call_later(RECEIPT_GATHER_SECONDS, self._start_receipt_writer)
+
+    def _start_receipt_writer(self) -> None:
+        self.watcher.submit(self._write_pending_receipts())
+
     async def _write_pending_receipts(self) -> None:
         finished = False
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 with self._receipt_lock:
@@ -184,10 +221,16 @@ class ProcessState:
                         self._writing_receipts = False
                         finished = True
                         return
+                began = loop.time()
                 try:
                     await self._write_receipts(batch)
                 except Exception:  # a bug, not the store: say so, and keep writing the next ones
                     _log.exception("otel-cancel: failed to write %d receipt(s)", len(batch))
+                # Paced: receipts that fall due meanwhile join the next batch (one etcd call,
+                # and no hand-over to this loop for each of them).
+                rest = began + RECEIPT_WRITE_INTERVAL_SECONDS - loop.time()
+                if rest > 0:
+                    await asyncio.sleep(rest)
         finally:
             if not finished:  # stopped (the watcher shut down): the next receipt starts a writer
                 with self._receipt_lock:
@@ -212,20 +255,29 @@ class ProcessState:
         except StoreError as error:
             _log.warning("otel-cancel: could not write the receipt for %s: %s", roots, error)
             return
-        for receipt in receipts:
-            telemetry.receipt_written()
-            self._receipt_event(receipt.root).set()
-
-    def _receipt_event(self, root: str) -> threading.Event:
+        telemetry.receipts_written(len(receipts))
         with self._receipt_lock:
-            if root not in self._receipt_written and len(self._receipt_written) >= 1024:
-                # Bounded: only recent roots can be waited for.
-                self._receipt_written.pop(next(iter(self._receipt_written)))
-            return self._receipt_written.setdefault(root, threading.Event())
+            written = self._receipts_written
+            for receipt in receipts:
+                written[receipt.root] = None
+                written.move_to_end(receipt.root)
+                waiter = self._receipt_waiters.pop(receipt.root, None)
+                if waiter is not None:
+                    waiter.set()
+            while len(written) > _RECEIPTS_REMEMBERED:
+                written.popitem(last=False)
 
     async def wait_receipt(self, root: str, timeout: float) -> bool:
         """Wait until this process has written its receipt for ``root`` (tests, demo)."""
-        event = self._receipt_event(root)
+        with self._receipt_lock:
+            if root in self._receipts_written:
+                return True
+            event = self._receipt_waiters.get(root)
+            if event is None:
+                if len(self._receipt_waiters) >= _RECEIPTS_REMEMBERED:
+                    # Bounded: the oldest wait is dropped (it times out).
+                    self._receipt_waiters.pop(next(iter(self._receipt_waiters)))
+                event = self._receipt_waiters[root] = threading.Event()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, event.wait, timeout)
 

@@ -1,133 +1,25 @@
-"""What a cancel flag, a receipt, a task record and a live-work record hold, (de)serialised in one place.
+"""What a receipt, a task record and a live-work record hold, (de)serialised in one place.
 
-All are JSON objects in etcd. Parsing is strict: anything else under the prefix
-(garbage, wrong JSON, a root that does not match its key) raises ``ValueError``,
-which the watcher logs once and ignores.
+All are JSON objects in etcd, parsed as strictly as a flag
+(:mod:`otel_cancel._core.cancel_request`, whose field rules they share and whose
+:class:`CancelRequest` is named here too): anything else raises ``ValueError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..attributes import CANCEL_KINDS, KIND_EXPLICIT
-from ..exceptions import Cancelled
-from .labels import validate_label
+from .cancel_request import COMPACT_JSON, int_field, load_object, text_field
+from .cancel_request import MAX_TEXT as MAX_TEXT
+from .cancel_request import MAX_VALUE_BYTES as MAX_VALUE_BYTES
+from .cancel_request import CancelRequest as CancelRequest
+from .cancel_request import read_tag as read_tag
 from .root_id import validate_root
-
-MAX_VALUE_BYTES = 64 * 1024
-"""Values larger than this under the prefix are not ours and are ignored."""
-MAX_TEXT = 512
-"""Reasons, requesters and node names are truncated to this many characters."""
-
-
-def _text(value: object, field: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{field} must be a string, got {type(value).__name__}")
-    return value[:MAX_TEXT]
-
-
-def _int(value: object, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{field} must be an integer, got {type(value).__name__}")
-    return value
-
-
-def _load_object(raw: bytes) -> dict[str, Any]:
-    if len(raw) > MAX_VALUE_BYTES:
-        raise ValueError(f"value of {len(raw)} bytes is larger than {MAX_VALUE_BYTES}")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"value is not JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"value is JSON {type(data).__name__}, not an object")
-    return data
-
-
-@dataclasses.dataclass(frozen=True)
-class CancelRequest:
-    """The content of a cancel flag.
-
-    Also what a local stop (a deadline passing, a caller leaving) is described by, though
-    no flag is written for those.
-
-    Attributes:
-        root: the cancelled root.
-        reason: why (free text, shown to people; never decided on).
-        requested_at: when the flag was written, epoch nanoseconds.
-        requested_by: who wrote it (``service/instance`` or ``cli@host``).
-        kind: what kind of cancel this is (:data:`otel_cancel.attributes.CANCEL_KINDS`);
-            what code decides on (a 504 for a deadline, a 409 otherwise).
-    """
-
-    root: str
-    reason: str
-    requested_at: int
-    requested_by: str
-    kind: str = KIND_EXPLICIT
-
-    @classmethod
-    def new(cls, root: str, reason: str, requested_by: str, kind: str = KIND_EXPLICIT) -> CancelRequest:
-        """A request for ``root`` made now."""
-        validate_root(root)
-        return cls(root, reason[:MAX_TEXT], time.time_ns(), requested_by[:MAX_TEXT], kind)
-
-    def error(self) -> Cancelled:
-        """The :class:`~otel_cancel.Cancelled` that work stopped by this request raises."""
-        return Cancelled(self.root, self.reason, self.kind)
-
-    def tag(self) -> str:
-        """The message of the ``task.cancel()`` that delivers this request (see :func:`read_tag`)."""
-        return f"{_TAG}root={self.root}; kind={self.kind}; reason={self.reason}"
-
-    def to_json(self) -> bytes:
-        """The flag's value in etcd."""
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes, expected_root: str | None = None) -> CancelRequest:
-        """Parse a flag's value.
-
-        Raises:
-            ValueError: the value is not a flag, or names another root than its key.
-        """
-        data = _load_object(raw)
-        root = data.get("root")
-        validate_root(root)
-        if expected_root is not None and root != expected_root:
-            raise ValueError(f"flag for {expected_root} names root {root!r}")
-        kind = data.get("kind", KIND_EXPLICIT)
-        return cls(
-            root=str(root),
-            reason=_text(data.get("reason", ""), "reason"),
-            requested_at=_int(data.get("requested_at", 0), "requested_at"),
-            requested_by=_text(data.get("requested_by", ""), "requested_by"),
-            # A kind this release does not know (a newer writer's) is an explicit cancel here.
-            kind=kind if kind in CANCEL_KINDS else KIND_EXPLICIT,
-        )
-
-
-_TAG = "otel_cancel: "
-
-
-def read_tag(message: object) -> tuple[str, str] | None:
-    """The root and kind of a cancellation otel-cancel delivered, from its message; else ``None``.
-
-    ``CancelledError.args[0]`` carries the message given to ``task.cancel()`` (anyio tags its
-    cancellations the same way and recognises its own).
-    """
-    if not isinstance(message, str) or not message.startswith(_TAG):
-        return None
-    fields = dict(part.partition("=")[::2] for part in message[len(_TAG) :].split("; ", 2))
-    root, kind = fields.get("root", ""), fields.get("kind", "")
-    if kind not in CANCEL_KINDS:
-        return None
-    return root, kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,9 +57,21 @@ class Receipt:
 
     def to_json(self) -> bytes:
         """The receipt's value in etcd."""
-        data = dataclasses.asdict(self)
-        data["interrupted"] = list(self.interrupted)
-        return json.dumps(data, separators=(",", ":")).encode()
+        # A plain dict, not dataclasses.asdict (which deep-copies every field): a process
+        # writes one receipt per flag that stopped its work, up to thousands a second.
+        data = {
+            "root": self.root,
+            "service": self.service,
+            "instance": self.instance,
+            "depth": self.depth,
+            "seen_at": self.seen_at,
+            "stopped_at": self.stopped_at,
+            "requested_at": self.requested_at,
+            "interrupted": list(self.interrupted),
+            "tasks": self.tasks,
+            "reason": self.reason,
+        }
+        return COMPACT_JSON.encode(data).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Receipt:
@@ -176,21 +80,21 @@ class Receipt:
         Raises:
             ValueError: the value is not a receipt.
         """
-        data = _load_object(raw)
+        data = load_object(raw)
         interrupted = data.get("interrupted", [])
         if not isinstance(interrupted, list):
             raise ValueError("interrupted must be a list")
         return cls(
             root=validate_root(data.get("root")),
-            service=_text(data.get("service"), "service"),
-            instance=_text(data.get("instance"), "instance"),
-            depth=_int(data.get("depth", 0), "depth"),
-            seen_at=_int(data.get("seen_at"), "seen_at"),
-            stopped_at=_int(data.get("stopped_at"), "stopped_at"),
-            requested_at=_int(data.get("requested_at", 0), "requested_at"),
-            interrupted=tuple(_text(name, "interrupted") for name in interrupted[:100]),
-            tasks=_int(data.get("tasks", 0), "tasks"),
-            reason=_text(data.get("reason", ""), "reason"),
+            service=text_field(data.get("service"), "service"),
+            instance=text_field(data.get("instance"), "instance"),
+            depth=int_field(data.get("depth", 0), "depth"),
+            seen_at=int_field(data.get("seen_at"), "seen_at"),
+            stopped_at=int_field(data.get("stopped_at"), "stopped_at"),
+            requested_at=int_field(data.get("requested_at", 0), "requested_at"),
+            interrupted=tuple(text_field(name, "interrupted") for name in interrupted[:100]),
+            tasks=int_field(data.get("tasks", 0), "tasks"),
+            reason=text_field(data.get("reason", ""), "reason"),
         )
 
 
@@ -228,17 +132,17 @@ class TaskRecord:
         Raises:
             ValueError: the value is not a task record, or names another task than its key.
         """
-        data = _load_object(raw)
-        task_id = _text(data.get("task_id"), "task_id")
+        data = load_object(raw)
+        task_id = text_field(data.get("task_id"), "task_id")
         if expected_task_id is not None and task_id != expected_task_id:
             raise ValueError(f"record for task {expected_task_id!r} names task {task_id!r}")
         return cls(
             task_id=task_id,
             root=validate_root(data.get("root")),
-            context_id=_text(data.get("context_id", ""), "context_id"),
-            service=_text(data.get("service", ""), "service"),
-            instance=_text(data.get("instance", ""), "instance"),
-            started_at=_int(data.get("started_at", 0), "started_at"),
+            context_id=text_field(data.get("context_id", ""), "context_id"),
+            service=text_field(data.get("service", ""), "service"),
+            instance=text_field(data.get("instance", ""), "instance"),
+            started_at=int_field(data.get("started_at", 0), "started_at"),
         )
 
 
@@ -276,6 +180,11 @@ class LiveEntry:
             "labels": dict(self.labels),
         }
 
+    @functools.cached_property
+    def encoded(self) -> str:
+        """The entry as JSON text, encoded once (a record's size is counted from it, then it is written)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
     @classmethod
     def from_dict(cls, data: object) -> LiveEntry:
         if not isinstance(data, dict):
@@ -284,12 +193,16 @@ class LiveEntry:
         labels = data.get("labels", {})
         if not isinstance(scopes, list) or not isinstance(labels, dict):
             raise ValueError("scopes must be a list and labels an object")
+        # Imported here: labels load OpenTelemetry, and a flag (this module's other
+        # records) is read and written without it (the CLI's quick cancel).
+        from .labels import validate_label
+
         return cls(
             root=validate_root(data.get("root")),
-            depth=_int(data.get("depth", 0), "depth"),
-            started_at=_int(data.get("started_at", 0), "started_at"),
-            run_started_ms=_int(data.get("run_started_ms", 0), "run_started_ms"),
-            scopes=tuple(_text(name, "scope") for name in scopes[:MAX_LIVE_SCOPES]),
+            depth=int_field(data.get("depth", 0), "depth"),
+            started_at=int_field(data.get("started_at", 0), "started_at"),
+            run_started_ms=int_field(data.get("run_started_ms", 0), "run_started_ms"),
+            scopes=tuple(text_field(name, "scope") for name in scopes[:MAX_LIVE_SCOPES]),
             labels=dict(validate_label(key, value) for key, value in list(labels.items())[:16]),
         )
 
@@ -313,16 +226,13 @@ class LiveRecord:
     truncated: int = 0
 
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "service": self.service,
-                "instance": self.instance,
-                "published_at": self.published_at,
-                "roots": [entry.to_dict() for entry in self.roots],
-                "truncated": self.truncated,
-            },
+        # What json.dumps of the whole record gives, from each entry's own (cached) text.
+        head = json.dumps(
+            {"service": self.service, "instance": self.instance, "published_at": self.published_at},
             separators=(",", ":"),
-        ).encode()
+        )
+        roots = ",".join(entry.encoded for entry in self.roots)
+        return f'{head[:-1]},"roots":[{roots}],"truncated":{self.truncated}}}'.encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> LiveRecord:
@@ -331,7 +241,7 @@ class LiveRecord:
         Raises:
             ValueError: the value is not a live record.
         """
-        data = _load_object(raw)
+        data = load_object(raw)
         roots = data.get("roots", [])
         if not isinstance(roots, list):
             raise ValueError("roots must be a list")
@@ -340,9 +250,9 @@ class LiveRecord:
             with contextlib.suppress(ValueError):
                 entries.append(LiveEntry.from_dict(item))
         return cls(
-            service=_text(data.get("service"), "service"),
-            instance=_text(data.get("instance"), "instance"),
-            published_at=_int(data.get("published_at", 0), "published_at"),
+            service=text_field(data.get("service"), "service"),
+            instance=text_field(data.get("instance"), "instance"),
+            published_at=int_field(data.get("published_at", 0), "published_at"),
             roots=tuple(entries),
-            truncated=_int(data.get("truncated", 0), "truncated"),
+            truncated=int_field(data.get("truncated", 0), "truncated"),
         )

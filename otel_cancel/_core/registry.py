@@ -7,7 +7,9 @@ entry) and "mark cancelled, then collect the live scopes" (flag applied) cannot
 interleave: whichever runs second sees the other's effect, and no flag slips
 between a scope's registration and its check.
 
-Entering a scope is a dict insert under that lock; it never touches the store.
+Entering a scope is a dict insert under that lock; it never touches the store. A flag
+for a root that nothing here works for is kept as the bytes that came (most processes
+hold nothing for most flags): it is decoded when a refusal first needs its reason.
 The registry also keeps the bulk cancels (``cancel --all``) in force, so that a
 scope entered for a selected run is refused like a late hop, and a counter of
 changes that the live-work publisher (:mod:`otel_cancel._core.live`) polls.
@@ -15,6 +17,7 @@ changes that the live-work publisher (:mod:`otel_cancel._core.live`) polls.
 
 from __future__ import annotations
 
+import _asyncio
 import asyncio
 import dataclasses
 import threading
@@ -22,15 +25,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
+from typing import Any
 
 from .bulk import BulkCancel
 from .outcome import Outcome
 from .records import CancelRequest, LiveEntry
 
+current_task: Callable[[], asyncio.Task[Any] | None] = getattr(_asyncio, "current_task", asyncio.current_task)
+"""The C function where there is one (``asyncio.current_task`` is Python code before 3.12): every scope asks."""
+
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class Registration:
     """One task (or thread) working for one root, possibly through nested scopes.
 
@@ -146,6 +153,12 @@ class CancelRegistry:
         # process listing 100,000 flags holds 100,000 roots and nothing else. The flag's
         # value (reason, requester) is fetched when a refusal first needs it.
         self._listed: set[str] = set()
+        # Roots cancelled by a flag that arrived while nothing here worked for them: the
+        # flag's bytes, decoded (``decode_flag``) when a refusal first needs the reason.
+        # Bytes are no garbage-collector work, and most flags are never read again.
+        self._unread: dict[str, bytes] = {}
+        self.decode_flag: Callable[[str, bytes], CancelRequest] = _decode_flag
+        """Decodes a flag kept unread (the watcher's: it logs a malformed one, rate-limited)."""
         self.on_stopped = on_stopped
         self.on_details_wanted: Callable[[str], None] | None = None
         """Called (outside the lock) when a scope is refused for a root known only by its key."""
@@ -179,7 +192,7 @@ class CancelRegistry:
         task: asyncio.Task[object] | None = None
         if task_mode:
             try:
-                task = asyncio.current_task()
+                task = current_task()
             except RuntimeError:
                 task = None
         loop = task.get_loop() if task is not None else None
@@ -190,18 +203,31 @@ class CancelRegistry:
         early_claim: tuple[StopReport, _EarlyStop] | None = None
         with self._lock:
             self.changes += 1
-            registrations = self._live.setdefault(root, {})
+            registrations = self._live.get(root)
+            if registrations is None:
+                registrations = self._live[root] = {}
             registration = registrations.get(key)
             if registration is None:
-                registration = registrations[key] = Registration(root, depth, task, loop, thread_id, [])
-                registration.entered_at = time.time_ns()
-                registration.run_started_ms = run_started_ms or registration.entered_at // 1_000_000
+                entered_at = time.time_ns()
+                registration = registrations[key] = Registration(
+                    root,
+                    depth,
+                    task,
+                    loop,
+                    thread_id,
+                    [],
+                    entered_at=entered_at,
+                    run_started_ms=run_started_ms or entered_at // 1_000_000,
+                    labels=labels or _NO_LABELS,
+                )
             if labels and labels is not registration.labels:
                 # Shared read-only mappings: a registration's labels are replaced, never mutated.
                 registration.labels = {**registration.labels, **labels} if registration.labels else labels
             registration.count += 1
             registration.names.append(name or "")
             state = self._cancelled.get(root)
+            if state is None and self._unread:
+                state = self._read_locked(root)
             if state is None and self._bulk:
                 bulk = self._selecting_bulk(registration)
                 if bulk is not None:
@@ -330,6 +356,9 @@ class CancelRegistry:
     def is_cancelled(self, root: str) -> CancelRequest | None:
         """The cancel request of ``root`` if it is cancelled here, else ``None``."""
         state = self._cancelled.get(root)
+        if state is None and root in self._unread:
+            with self._lock:
+                state = self._cancelled.get(root) or self._read_locked(root)
         if state is not None:
             return state.request
         if root in self._listed:
@@ -337,7 +366,37 @@ class CancelRegistry:
             return CancelRequest(root, LISTED_REASON, 0, "")
         return None
 
+    def _read_locked(self, root: str) -> _CancelState | None:
+        """Decode the unread flag of ``root``, if there is one, into its cancel state (under the lock)."""
+        raw = self._unread.pop(root, None)
+        if raw is None:
+            return None
+        state = self._cancelled[root] = _CancelState(self.decode_flag(root, raw), time.time_ns())
+        return state
+
     # -- watcher side --------------------------------------------------------------
+
+    def apply_unread(self, root: str, raw: bytes) -> bool:
+        """Mark ``root`` cancelled by the flag ``raw``, kept unread, if nothing here needs it now.
+
+        Returns:
+            ``True`` when done: the root was already cancelled here, or nothing here works
+            (or stopped early) for it, so its flag's bytes are kept until a refusal reads
+            them. ``False`` when work for ``root`` is live here: the caller must decode the
+            flag and :meth:`apply` it, which stops that work and yields its receipt.
+        """
+        with self._lock:
+            if root in self._cancelled or root in self._unread:
+                return True
+            if root in self._live or root in self._early_stops:
+                return False
+            if root in self._listed:
+                # Known from a keys-only listing (its scopes refused from then on): now with its value.
+                self._listed.discard(root)
+            else:
+                self.applied += 1
+            self._unread[root] = raw
+            return True
 
     def apply_listed(self, root: str) -> bool:
         """Mark ``root`` cancelled from a keys-only listing (from now on its scopes are refused).
@@ -348,7 +407,7 @@ class CancelRegistry:
             stops that work and yields its receipt.
         """
         with self._lock:
-            if root in self._cancelled or root in self._listed:
+            if root in self._cancelled or root in self._listed or root in self._unread:
                 return False
             self._listed.add(root)
             return bool(self._live.get(root)) or root in self._early_stops
@@ -360,7 +419,7 @@ class CancelRegistry:
         (listing and watch, or a re-list after compaction) stops work once.
         """
         with self._lock:
-            if request.root in self._cancelled:
+            if request.root in self._cancelled or request.root in self._unread:
                 return False, []
             listed = request.root in self._listed
             self._listed.discard(request.root)
@@ -423,7 +482,7 @@ class CancelRegistry:
             if len(self._bulk) > _BULK_LIMIT:
                 self._bulk.popitem(last=False)
             for root, registrations in list(self._live.items()):
-                if root in self._cancelled or not registrations:
+                if root in self._cancelled or root in self._unread or not registrations:
                     continue
                 run_started_ms = min(h.run_started_ms for h in registrations.values())
                 labels: dict[str, str] = {}
@@ -452,6 +511,7 @@ class CancelRegistry:
         """Drop a cancelled root (its flag expired); new work for it may run again."""
         with self._lock:
             self._cancelled.pop(root, None)
+            self._unread.pop(root, None)
             self._listed.discard(root)
 
     def retain_only(self, roots: set[str]) -> None:
@@ -459,6 +519,8 @@ class CancelRegistry:
         with self._lock:
             for root in [r for r in self._cancelled if r not in roots]:
                 del self._cancelled[root]
+            for root in [r for r in self._unread if r not in roots]:
+                del self._unread[root]
             self._listed &= roots
 
     # -- introspection -------------------------------------------------------------
@@ -476,31 +538,57 @@ class CancelRegistry:
     def live_work(self) -> list[LiveEntry]:
         """This process's live work, one entry per root, unbounded (the live-work publisher bounds it)."""
         with self._lock:
-            entries = []
+            return [_live_entry(root, registrations) for root, registrations in self._live.items() if registrations]
+
+    def oldest_live_work(self, limit: int) -> tuple[list[LiveEntry], int]:
+        """The live work of at most ``limit`` roots, those whose work here began first, and how many roots are live.
+
+        What the live-work publisher reads: its record holds only the oldest few hundred
+        roots, so it never pays (under this lock) for the thousands after them. Roots are
+        kept in the order their work here began, so the walk stops after ``limit``.
+        """
+        with self._lock:
+            entries: list[LiveEntry] = []
             for root, registrations in self._live.items():
-                if not registrations:
-                    continue
-                labels: dict[str, str] = {}
-                names: dict[str, None] = {}
-                for registration in registrations.values():
-                    labels.update(registration.labels)
-                    names.update((name, None) for name in registration.names if name)
-                entries.append(
-                    LiveEntry(
-                        root=root,
-                        depth=min(h.depth for h in registrations.values()),
-                        started_at=min(h.entered_at for h in registrations.values()),
-                        run_started_ms=min(h.run_started_ms for h in registrations.values()),
-                        scopes=tuple(names),
-                        labels=labels,
-                    )
-                )
-            return entries
+                if len(entries) >= limit:
+                    break
+                if registrations:
+                    entries.append(_live_entry(root, registrations))
+            return entries, len(self._live)
 
     def cancelled_roots(self) -> int:
         """How many cancelled roots this process remembers."""
         with self._lock:
-            return len(self._cancelled) + len(self._listed)
+            return len(self._cancelled) + len(self._listed) + len(self._unread)
+
+
+def _live_entry(root: str, registrations: dict[object, Registration]) -> LiveEntry:
+    if len(registrations) == 1:
+        # Nearly every root: one task works for it here.
+        (only,) = registrations.values()
+        scopes = tuple(dict.fromkeys(name for name in only.names if name))
+        return LiveEntry(root, only.depth, only.entered_at, only.run_started_ms, scopes, only.labels)
+    labels: dict[str, str] = {}
+    names: dict[str, None] = {}
+    for registration in registrations.values():
+        labels.update(registration.labels)
+        names.update((name, None) for name in registration.names if name)
+    return LiveEntry(
+        root=root,
+        depth=min(h.depth for h in registrations.values()),
+        started_at=min(h.entered_at for h in registrations.values()),
+        run_started_ms=min(h.run_started_ms for h in registrations.values()),
+        scopes=tuple(names),
+        labels=labels,
+    )
+
+
+def _decode_flag(root: str, raw: bytes) -> CancelRequest:
+    """A flag's request; a malformed value still cancels its root, with an unknown reason."""
+    try:
+        return CancelRequest.from_json(raw, root)
+    except ValueError:
+        return CancelRequest(root, "unknown (malformed flag)", 0, "")
 
 
 def deliver(registration: Registration) -> None:

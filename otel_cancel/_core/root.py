@@ -15,6 +15,7 @@ from opentelemetry import baggage, trace
 from opentelemetry.context import Context, get_current
 
 from .. import attributes
+from .baggage_entries import with_entries
 from .root_id import MAX_DEPTH as MAX_DEPTH
 from .root_id import is_valid_root as is_valid_root
 from .root_id import random_root as random_root
@@ -115,19 +116,9 @@ def set_root(
     ``entries`` must be the baggage of ``context`` (``baggage.get_all(context)``): the
     request path reads it once and shares it.
     """
-    if _updatable_in_place(entries, root, extra) and parse_started(entries.get(attributes.BAGGAGE_STARTED)) is not None:
-        # A hop that adopts its caller's root: the root already leads the baggage (with
-        # the run's start, labels kept as they are), and setting an existing entry keeps
-        # its place, so only what changed is set (a new context per entry is what makes
-        # the general path below cost).
-        depth_value = str(depth)
-        if entries[attributes.BAGGAGE_DEPTH] != depth_value:
-            context = baggage.set_baggage(attributes.BAGGAGE_DEPTH, depth_value, context)
-        if extra:
-            for extra_key, extra_value in extra.items():
-                if entries.get(extra_key) != extra_value:
-                    context = baggage.set_baggage(extra_key, extra_value, context)
-        return context
+    updated = update_root_in_place(root, depth, context, entries, extra)
+    if updated is not None:
+        return updated
     ours = {
         key: entries[key]
         for key in attributes.BAGGAGE_KEYS
@@ -144,10 +135,47 @@ def set_root(
         ours.update(extra)
     ordered: dict[str, object] = {attributes.BAGGAGE_ROOT: root, attributes.BAGGAGE_DEPTH: str(depth), **ours}
     ordered.update((key, value) for key, value in entries.items() if key not in attributes.BAGGAGE_KEYS)
-    # Setting an entry keeps its place in the dict: start from empty baggage so ours lead.
-    context = baggage.clear(context) if entries else context
-    for key, value in ordered.items():
-        context = baggage.set_baggage(key, value, context)
+    # Ours lead: the whole baggage is replaced at once, in this order.
+    return with_entries(ordered, context)
+
+
+def set_new_root(
+    root: str, context: Context, entries: Mapping[str, object], extra: dict[str, str] | None = None
+) -> Context:
+    """:func:`set_root` at depth 0 for a run that starts now, when ``entries`` (the baggage of
+    ``context``) hold none of the ``otel_cancel.*`` entries: ours first, then the caller's."""
+    ordered: dict[str, object] = {
+        attributes.BAGGAGE_ROOT: root,
+        attributes.BAGGAGE_DEPTH: "0",
+        attributes.BAGGAGE_STARTED: str(time.time_ns() // 1_000_000),
+    }
+    if extra:
+        ordered.update(extra)
+    if entries:
+        ordered.update(entries)
+    return with_entries(ordered, context)
+
+
+def update_root_in_place(
+    root: str, depth: int, context: Context, entries: Mapping[str, object], extra: dict[str, str] | None = None
+) -> Context | None:
+    """:func:`set_root` when the baggage already leads with ``root`` and keeps its order; else ``None``.
+
+    Then no entry moves and no other entry changes: only the depth and ``extra`` are set.
+    """
+    if not _updatable_in_place(entries, root, extra) or parse_started(entries.get(attributes.BAGGAGE_STARTED)) is None:
+        return None
+    # A hop that adopts its caller's root: the root already leads the baggage (with
+    # the run's start, labels kept as they are), and setting an existing entry keeps
+    # its place, so only what changed is set (a new context per entry is what makes
+    # the general path of set_root cost).
+    depth_value = str(depth)
+    if entries[attributes.BAGGAGE_DEPTH] != depth_value:
+        context = baggage.set_baggage(attributes.BAGGAGE_DEPTH, depth_value, context)
+    if extra:
+        for extra_key, extra_value in extra.items():
+            if entries.get(extra_key) != extra_value:
+                context = baggage.set_baggage(extra_key, extra_value, context)
     return context
 
 

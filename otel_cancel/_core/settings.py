@@ -79,6 +79,8 @@ def parse_label_headers(raw: str) -> tuple[tuple[str, str], ...]:
     Raises:
         ConfigurationError: a pair is not ``header=label`` or the label key is not allowed.
     """
+    if not raw.strip():
+        return ()  # the usual case, without loading labels (and OpenTelemetry with them)
     from ..exceptions import InvalidLabelError
     from .labels import validate_label
 
@@ -181,9 +183,9 @@ class Settings:
                 # Now, not when the watcher first connects on its own thread: fail fast.
                 parse_endpoint(endpoint)
             # The TLS files too: a wrong one would otherwise surface as "etcd unavailable".
-            from ..store._tls import read_credentials
+            from ..store._tls import read_tls_files
 
-            read_credentials(settings.ca_cert, settings.cert, settings.key)
+            read_tls_files(settings.ca_cert, settings.cert, settings.key)
         return settings
 
     def create_store(self) -> CancelStore:

@@ -25,11 +25,6 @@ _MAX_DEPTH_LABEL = 16
 _tracer = trace.get_tracer(_SCOPE_NAME)
 _meter = metrics.get_meter(_SCOPE_NAME)
 
-_cancellations = _meter.create_counter(
-    attributes.METRIC_CANCELLATIONS,
-    unit="{cancellation}",
-    description="Roots whose work stopped in this process, by reason and kind (explicit or deadline).",
-)
 _latency = _meter.create_histogram(
     attributes.METRIC_PROPAGATION_LATENCY,
     unit="ms",
@@ -69,6 +64,9 @@ _bulk_cancels = _meter.create_counter(
 _MAX_COUNTED_ROOTS = 4096
 _counted_roots: OrderedDict[str, None] = OrderedDict()
 _counted_lock = threading.Lock()
+# otel_cancel.cancellations by (reason label, kind, depth label): counted here under the
+# lock above and observed at collection time, rather than an SDK counter's add per stop.
+_cancellation_counts: dict[tuple[str, str, int], int] = {}
 
 _connected_sources: list[Callable[[], bool]] = []
 _live_sources: list[Callable[[], int]] = []
@@ -76,6 +74,23 @@ _flags_applied_sources: list[Callable[[], int]] = []
 _scope_sources: list[Callable[[], int]] = []
 _reason_labels: set[str] = set()
 _reason_lock = threading.Lock()
+
+
+def _observe_cancellations(options: CallbackOptions) -> Iterable[Observation]:
+    with _counted_lock:
+        counts = list(_cancellation_counts.items())
+    for (reason, kind, depth), count in counts:
+        yield Observation(count, {attributes.REASON: reason, attributes.KIND: kind, attributes.DEPTH: depth})
+
+
+# Observed, not added to: a flag storm stops thousands of roots a second, and an SDK
+# counter's add costs microseconds per stop where a count read at collection costs nothing.
+_meter.create_observable_counter(
+    attributes.METRIC_CANCELLATIONS,
+    callbacks=[_observe_cancellations],
+    unit="{cancellation}",
+    description="Roots whose work stopped in this process, by reason and kind (explicit or deadline).",
+)
 
 
 def _observe_connected(options: CallbackOptions) -> Iterable[Observation]:
@@ -148,8 +163,8 @@ def reason_label(reason: str) -> str:
         return label
 
 
-def _first_stop_of(root: str) -> bool:
-    """Whether this is the first stop of ``root`` counted in this process (and note it)."""
+def _count_first_stop(root: str, reason: str, kind: str, depth: int) -> bool:
+    """Count the stop of ``root`` in ``otel_cancel.cancellations`` if it is the root's first here; whether it was."""
     with _counted_lock:
         if root in _counted_roots:
             _counted_roots.move_to_end(root)
@@ -157,7 +172,10 @@ def _first_stop_of(root: str) -> bool:
         _counted_roots[root] = None
         if len(_counted_roots) > _MAX_COUNTED_ROOTS:
             _counted_roots.popitem(last=False)
-        return True
+    key = (reason_label(reason), kind, _depth_label(depth))
+    with _counted_lock:
+        _cancellation_counts[key] = _cancellation_counts.get(key, 0) + 1
+    return True
 
 
 def _depth_label(depth: int) -> int:
@@ -168,8 +186,9 @@ def watch_reconnected() -> None:
     _reconnects.add(1)
 
 
-def receipt_written() -> None:
-    _receipts.add(1)
+def receipts_written(count: int) -> None:
+    """Count ``count`` receipts written (one add per batch written together)."""
+    _receipts.add(count)
 
 
 def _observe_flags_applied(options: CallbackOptions) -> Iterable[Observation]:
@@ -255,17 +274,10 @@ def work_cancelled(
     ``end_ns`` (default: now). Every stopped scope gets its span; the metrics count
     the root once per process (its first stop), as their help text says.
     """
-    if _first_stop_of(root):
-        labels: dict[str, str | int] = {
-            attributes.REASON: reason_label(reason),
-            attributes.KIND: kind,
-            attributes.DEPTH: _depth_label(depth),
-        }
-        _cancellations.add(1, labels)
-        if latency_ms is not None:
-            # A process that stopped its own work first and then wrote the flag (LangGraph's
-            # runs.cancel on LangGraph Server) stopped before the flag: 0, never negative.
-            _latency.record(max(latency_ms, 0.0), {attributes.KIND: kind, attributes.DEPTH: _depth_label(depth)})
+    if _count_first_stop(root, reason, kind, depth) and latency_ms is not None:
+        # A process that stopped its own work first and then wrote the flag (LangGraph's
+        # runs.cancel on LangGraph Server) stopped before the flag: 0, never negative.
+        _latency.record(max(latency_ms, 0.0), {attributes.KIND: kind, attributes.DEPTH: _depth_label(depth)})
     span_attributes: dict[str, str | int | float] = {
         attributes.ROOT: root,
         attributes.REASON: reason,

@@ -37,13 +37,14 @@ from typing import Any, TypeVar
 
 from ..exceptions import RevisionCompactedError, StoreError, StoreUnavailableError
 from ..store import CancelStore, FlagEvent
-from ..store._keys import bulk_id_of_flag_key, root_of_flag_key
+from ..store._keys import parse_flag_key
 from . import telemetry
 from .bulk import BulkCancel
+from .cancel_request import CancelRequest
+from .delivery import StopDelivery
 from .io_loop import io_loop
 from .rate_limited_log import RateLimitedLogger
-from .records import CancelRequest
-from .registry import LISTED_REASON, CancelRegistry, Registration, deliver
+from .registry import LISTED_REASON, CancelRegistry, Registration
 from .retry import WATCH_RECONNECT, retry_async
 
 _log = logging.getLogger("otel_cancel.watcher")
@@ -98,6 +99,8 @@ class CancelWatcher:
         self._fetching: set[str] = set()
         self._fetching_lock = threading.Lock()
         registry.on_details_wanted = self._details_wanted
+        registry.decode_flag = self._decode_unread
+        self._delivery = StopDelivery()
         self._start_lock = threading.Lock()
         self._future: concurrent.futures.Future[None] | None = None
         self._stopped = threading.Event()
@@ -110,6 +113,8 @@ class CancelWatcher:
         """The last store revision this watcher has seen."""
         self.reconnects = 0
         self.listings = 0
+        self.on_stops_delivered: Callable[[], None] | None = None
+        """Called after stops were handed to their loops (on the thread that handed them over)."""
         self.on_bulk_selected: Callable[[list[CancelRequest]], object] | None = None
         """Called with the roots a bulk cancel stopped here, so their ordinary flags get written."""
         self._listed_future: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -195,12 +200,15 @@ class CancelWatcher:
         self.deliver(registrations)
 
     def deliver(self, registrations: list[Registration]) -> None:
-        """Cancel each registration's task on its own loop (registrations whose root was just cancelled)."""
-        for registration in registrations:
-            if registration.loop is not None and not registration.loop.is_closed():
-                # RuntimeError: the loop closed between the check and the call.
-                with contextlib.suppress(RuntimeError):
-                    registration.loop.call_soon_threadsafe(deliver, registration)
+        """Cancel each registration's task on its own loop (registrations whose root was just cancelled).
+
+        One wake-up per loop for all the stops that reach it together (see
+        :class:`~otel_cancel._core.delivery.StopDelivery`).
+        """
+        if registrations:
+            self._delivery.post(registrations)
+            if self.on_stops_delivered is not None:
+                self.on_stops_delivered()
 
     def apply_bulk(self, bulk: BulkCancel) -> list[CancelRequest]:
         """Keep ``bulk`` in force here and stop every live root it selects; return their requests."""
@@ -226,15 +234,16 @@ class CancelWatcher:
     # A listing logs bad keys and values rate-limited (it may meet thousands at once); the
     # watch logs each one, as it arrives.
 
-    def _root_of(self, event: FlagEvent, prefix: str, *, limited: bool = False) -> str | None:
-        root = root_of_flag_key(prefix, event.key)
-        if root is None:
+    def _target_of(self, event: FlagEvent, prefix: str, *, limited: bool = False) -> tuple[str, str] | None:
+        """What the event's key names (``("root", root)`` or ``("bulk", id)``); a bad key is logged."""
+        target = parse_flag_key(prefix, event.key)
+        if target is None:
             message = "otel-cancel: ignoring key %r under the flags prefix: not a valid root"
             if limited:
                 self._bad_input.warning("key", message, event.key[:200])
             else:
                 _log.warning(message, event.key[:200])
-        return root
+        return target
 
     def _parse(self, root: str, value: bytes, *, limited: bool = False) -> CancelRequest:
         try:
@@ -248,18 +257,32 @@ class CancelWatcher:
             # The key still says this root was cancelled; honour it with an unknown reason.
             return CancelRequest(root, "unknown (malformed flag)", 0, "")
 
+    def _decode_unread(self, root: str, value: bytes) -> CancelRequest:
+        # Called by the registry when a flag it kept unread is first needed (a refusal).
+        return self._parse(root, value, limited=True)
+
+    def _apply_flag(self, root: str, value: bytes, *, limited: bool = False) -> None:
+        """Apply the flag of ``root`` whose value is ``value``; decode it only if work here needs it."""
+        # Every process applies every flag, and most hold nothing for its root (a
+        # bystander): when the value starts the way a flag of this root does, the
+        # registry keeps the bytes and decodes them when a refusal first shows the
+        # reason. Anything else is decoded now, so a malformed flag is logged when it
+        # arrives; its key alone still cancels the root.
+        if CancelRequest.starts_as_flag_of(value, root) and self._registry.apply_unread(root, value):
+            return
+        self.apply(self._parse(root, value, limited=limited))
+
     def _apply_event(self, event: FlagEvent, prefix: str) -> None:
-        bulk_id = bulk_id_of_flag_key(prefix, event.key)
-        if bulk_id is not None:
-            self._apply_bulk_event(event, bulk_id)
+        target = self._target_of(event, prefix)
+        if target is None:
             return
-        root = self._root_of(event, prefix)
-        if root is None:
-            return
-        if event.kind == "delete":
-            self._registry.forget(root)
-            return
-        self.apply(self._parse(root, event.value))
+        kind, name = target
+        if kind == "bulk":
+            self._apply_bulk_event(event, name)
+        elif event.kind == "delete":
+            self._registry.forget(name)
+        else:
+            self._apply_flag(name, event.value)
 
     # -- fetching what only a message needs --------------------------------------------
 
@@ -286,7 +309,7 @@ class CancelWatcher:
 
     async def _apply_listed(self, store: CancelStore, root: str, value: bytes) -> None:
         if value or not self._keys_only:
-            self.apply(self._parse(root, value, limited=True))
+            self._apply_flag(root, value, limited=True)
             return
         if not self._registry.apply_listed(root):
             return
@@ -310,14 +333,14 @@ class CancelWatcher:
         async for page in store.list_flag_pages(values_for_first=values_for_first):
             revision = page.revision
             for event in page.flags:
-                bulk_id = bulk_id_of_flag_key(store.prefix, event.key)
-                if bulk_id is not None:
-                    # Bulk flags are few (bounded in force): fetch one listed keys-only.
-                    bulk_ids.add(bulk_id)
-                    await self._apply_listed_bulk(store, event, bulk_id)
+                target = self._target_of(event, store.prefix, limited=True)
+                if target is None:
                     continue
-                root = self._root_of(event, store.prefix, limited=True)
-                if root is None:
+                kind, root = target
+                if kind == "bulk":
+                    # Bulk flags are few (bounded in force): fetch one listed keys-only.
+                    bulk_ids.add(root)
+                    await self._apply_listed_bulk(store, event, root)
                     continue
                 if seen is not None:
                     seen.add(root)

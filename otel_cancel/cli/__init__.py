@@ -26,6 +26,7 @@ confirmation is missing).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -135,7 +136,31 @@ async def _run_store_command(settings: Settings, args: argparse.Namespace) -> in
 # -- argument parsing ------------------------------------------------------------------------
 
 
+def _terminal_columns() -> int:
+    """The terminal's width as :func:`shutil.get_terminal_size` finds it (``COLUMNS``, then the tty, else 80)."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, told the width: left to itself it imports shutil (and
+    with it zlib, bz2, lzma) to find it, for every command, as each argument is added."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> Any:
         # One line, exit 2 (argparse would print the whole usage first).
         print(f"otel-cancel: {_one_line(message)}", file=sys.stderr)
@@ -199,8 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def console_main() -> int:
+    """The ``otel-cancel`` console script (and ``python -m otel_cancel``): :func:`main`, then a quick exit."""
+    code = main()
+    # The process ends next. The interpreter's last garbage collection would walk every
+    # object the imports made, about a tenth of a plain cancel's run, to free memory the
+    # OS frees anyway; frozen objects are left out of it.
+    gc.freeze()
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``otel-cancel`` console script."""
+    """Run one ``otel-cancel`` command with ``argv`` (default: the process's arguments); its exit code."""
     # gRPC's core logs failed connections (a TLS handshake refused, say) to stderr
     # at info level, before our one-line reason; keep its errors only, unless asked.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -217,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         provider = export_if_configured()
     try:
-        return _main(args)
+        return _main(args, exporting=provider is not None)
     finally:
         if provider is not None:
             provider.shutdown()  # flush the request span before exiting
@@ -242,7 +277,7 @@ def _on_io_loop(command: Coroutine[Any, Any, int]) -> int:
         raise
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, *, exporting: bool = False) -> int:
     endpoints = os.environ.get("OTEL_CANCEL_ETCD_ENDPOINTS", "127.0.0.1:2379")
     try:
         if args.command == "demo" and args.langgraph_server:
@@ -266,6 +301,16 @@ def _main(args: argparse.Namespace) -> int:
             from .flags import watch_command
 
             return watch_command(settings, as_json=args.json)
+        if args.command == "cancel":
+            # A cancel that only writes flags goes through etcd's HTTP gateway: no gRPC,
+            # no asyncio to import (see gateway_cancel); else, or when the gateway
+            # cannot serve, through the store like every other command.
+            from .gateway_cancel import cancel_through_gateway, takes_gateway
+
+            if takes_gateway(args, settings, exporting=exporting):
+                code = cancel_through_gateway(settings, args)
+                if code is not None:
+                    return code
         return _on_io_loop(_run_store_command(settings, args))
     except ConfigurationError as error:
         return _fail(str(error), EXIT_USAGE)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-from .._core.labels import validate_label
 from .._core.root_id import validate_root
 from ..exceptions import InvalidLabelError, InvalidRootError
 
@@ -27,6 +26,8 @@ def root_argument(value: str) -> str:
 
 def label_argument(value: str) -> tuple[str, str]:
     """A label selector, ``KEY=VALUE``, validated like labels themselves."""
+    from .._core.labels import validate_label  # here: labels load OpenTelemetry, which a plain cancel does without
+
     key, sep, label = value.partition("=")
     try:
         if not sep:

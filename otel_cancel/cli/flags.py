@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from .._core.records import CancelRequest
+from .._core.cancel_request import CancelRequest
 from .._core.registry import CancelRegistry, Registration
 from .._core.settings import Settings
 from .._core.watcher import CancelWatcher

@@ -12,7 +12,6 @@ did not answer in time.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import sys
@@ -20,8 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._core.bulk import BulkCancel
-from .._core.records import CancelRequest, Receipt
+from .._core.cancel_request import CancelRequest
 from ..exceptions import StoreError
 from ..store._keys import bulk_id_of_flag_key
 from .arguments import count_argument, label_argument, root_argument, seconds_argument
@@ -30,8 +28,9 @@ from .render import format_age, iso, receipt_row, request_dict
 from .table import StreamingTable, format_table
 
 if TYPE_CHECKING:  # the CLI imports this module for every command: what only cancel runs is imported there
+    from .._core.bulk import BulkCancel
     from .._core.cancel_many import BulkCancelResult
-    from .._core.records import LiveRecord
+    from .._core.records import LiveRecord, Receipt
     from .._core.settings import Settings
     from ..store import CancelStore, FlagEvent
 
@@ -171,7 +170,8 @@ async def ps_command(store: CancelStore, settings: Settings, args: argparse.Name
 # -- cancel -------------------------------------------------------------------------------
 
 
-def _print_flag(request: CancelRequest, created: bool, as_json: bool) -> None:
+def print_flag(request: CancelRequest, created: bool, as_json: bool) -> None:
+    """One flag a cancel wrote or found, as ``cancel`` prints it (both of its paths)."""
     if as_json:
         print(json.dumps({"created": created, "flag": request_dict(request)}), flush=True)
     elif created:
@@ -252,6 +252,8 @@ def bulk_dict(bulk: BulkCancel) -> dict[str, Any]:
 
 def bulk_flags(prefix: str, events: Sequence[FlagEvent]) -> list[BulkCancel]:
     """The well-formed bulk cancels among listed flags (``otel-cancel list``)."""
+    from .._core.bulk import BulkCancel
+
     found = []
     for event in events:
         bulk_id = bulk_id_of_flag_key(prefix, event.key)
@@ -290,7 +292,7 @@ def _print_result(result: BulkCancelResult, as_json: bool) -> None:
                 flush=True,
             )
     for request, created in result.flags:
-        _print_flag(request, created, as_json)
+        print_flag(request, created, as_json)
 
 
 class _Expected:
@@ -335,6 +337,8 @@ class _Expected:
 
 async def _wait_for_receipts(store: CancelStore, result: BulkCancelResult, args: argparse.Namespace) -> None:
     """Print receipts as they arrive; return when every expected process answered or the time is up."""
+    import asyncio  # here: a plain cancel (the gateway path) loads no asyncio
+
     deadline = time.monotonic() + args.wait
     expected = _Expected(dict(result.holders))
     roots = result.roots

@@ -10,7 +10,6 @@ the root of its latest run.
 from __future__ import annotations
 
 import argparse
-import uuid
 
 from ..exceptions import InvalidTaskIdError
 from ..store import CancelStore
@@ -22,6 +21,8 @@ class UnknownLangGraphIdError(LookupError):
 
 
 def _langgraph_id(value: str) -> str:
+    import uuid  # only when --thread/--run is given: uuid costs every command start-up time
+
     try:
         return str(uuid.UUID(value))
     except ValueError:

@@ -7,9 +7,11 @@ a receipt reads the same in ``status``, ``cancel --wait``, ``list`` and ``ps``, 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._core.records import CancelRequest, Receipt
+if TYPE_CHECKING:  # annotations only: a plain cancel loads no receipt record
+    from .._core.cancel_request import CancelRequest
+    from .._core.records import Receipt
 
 
 def iso(epoch_ns: int) -> str:

@@ -9,10 +9,8 @@ instead of the exporter's log of every retry.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import threading
 from typing import Any
 
 # Above this, the cancel (already written) would wait on a collector that does not answer.
@@ -20,23 +18,32 @@ _DEFAULT_EXPORT_TIMEOUT_SECONDS = 1.0
 _EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp", "opentelemetry.sdk.trace.export", "opentelemetry.sdk.metrics")
 
 
-class _OneLineReport(logging.Handler):
-    """Collapses the exporters' failure logs into one line on stderr."""
+def _report_export_failures_in_one_line() -> None:
+    """Collapse the exporters' failure logs into one line on stderr."""
+    # logging is imported here, when telemetry is exported: it costs every command start-up time.
+    import logging
 
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-        self.reported = False
+    class OneLineReport(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(level=logging.WARNING)
+            self.reported = False
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.reported:
-            return
-        self.reported = True
-        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "the default OTLP endpoint")
-        print(
-            f"otel-cancel: could not export telemetry to {endpoint} (the cancel itself is done)",
-            file=sys.stderr,
-            flush=True,
-        )
+        def emit(self, record: logging.LogRecord) -> None:
+            if self.reported:
+                return
+            self.reported = True
+            endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "the default OTLP endpoint")
+            print(
+                f"otel-cancel: could not export telemetry to {endpoint} (the cancel itself is done)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    report = OneLineReport()
+    for name in _EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(report)
+        logger.propagate = False
 
 
 class CliTelemetry:
@@ -48,6 +55,8 @@ class CliTelemetry:
 
     def shutdown(self) -> None:
         """Flush and close both providers side by side, each within the export deadline."""
+        import threading
+
         tracer_provider, meter_provider = self._providers
         threads = [
             # Its exporter already holds the deadline (TracerProvider.shutdown takes none).
@@ -86,11 +95,7 @@ def export_if_configured() -> CliTelemetry | None:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         return None
-    report = _OneLineReport()
-    for name in _EXPORTER_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.addHandler(report)
-        logger.propagate = False
+    _report_export_failures_in_one_line()
     timeout = _export_timeout()
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "otel-cancel-cli"})
     tracer_provider = TracerProvider(resource=resource)

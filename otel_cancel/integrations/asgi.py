@@ -56,13 +56,14 @@ from opentelemetry import context as otel_context
 
 from .. import attributes
 from .._core import telemetry
+from .._core.cancel_request import CancelRequest
 from .._core.deadline import DEADLINE_REASON, MAX_AHEAD_SECONDS, now_ms, parse_timeout, validate_deadline
-from .._core.labels import usable_labels, validate_label, with_labels
+from .._core.labels import run_facts, usable_labels, validate_label, with_labels
 from .._core.process_state import ProcessState, get_process_state
 from .._core.rate_limited_log import RateLimitedLogger
-from .._core.records import CancelRequest
+from .._core.registry import current_task
 from .._core.root import with_root
-from .._core.scope import CancelScope, cancel
+from .._core.scope import cancel, request_scope
 from ..exceptions import Cancelled, ConfigurationError
 from .incoming import establish_root
 from .request_context import extract_request_context
@@ -104,7 +105,7 @@ def _on_start_serving(runtime: ProcessState) -> None:
 class _RequestHeaders:
     """What the middleware needs from the request headers, read in one pass."""
 
-    __slots__ = ("baggage", "carrier", "continued", "has_body", "timeouts")
+    __slots__ = ("baggage", "baggage_item", "carrier", "continued", "has_body", "timeouts")
 
     def __init__(self, headers: Any, propagation_fields: frozenset[bytes]) -> None:
         self.carrier: dict[str, list[str]] = {}
@@ -113,14 +114,18 @@ class _RequestHeaders:
         """The raw ``baggage`` headers."""
         self.continued = False
         """Whether the request carries a ``traceparent`` (the caller continued its trace)."""
+        self.baggage_item: object = None
+        """The (last) ``baggage`` header's own item in the headers, to find it again without a search by name."""
         self.timeouts: list[bytes] = []
         self.has_body = False
-        for key, value in headers:
+        for item in headers:
+            key, value = item
             name = key.lower()
             if name in propagation_fields:
                 self.carrier.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
                 if name == b"baggage":
                     self.baggage.append(value)
+                    self.baggage_item = item
                 elif name == b"traceparent":
                     self.continued = True
             elif name == _TIMEOUT_HEADER:
@@ -238,7 +243,18 @@ class CancelMiddleware:
             return
         inner_scope = dict(scope)
         inner_scope[_APPLIED] = True
-        inner_scope["headers"] = _rewrite_baggage(raw_headers, headers.carrier.get("baggage"), context)
+        forwarded = None
+        if incoming.kept_entries and context is incoming.context and len(headers.baggage) == 1:
+            # The common trusted hop: only the depth changed; the header keeps the rest as it came.
+            forwarded = _with_depth(headers.baggage[0], incoming.root, incoming.depth, incoming.kept_entries)
+        if forwarded is None:
+            inner_scope["headers"] = _rewrite_baggage(raw_headers, headers.carrier.get("baggage"), context)
+        else:
+            # The one baggage header (the item the headers were read from) takes the new depth.
+            inner_headers = list(raw_headers)
+            at = inner_headers.index(headers.baggage_item)
+            inner_headers[at] = (inner_headers[at][0], forwarded)
+            inner_scope["headers"] = inner_headers
         request = _CancellableRequest(
             inner_scope,
             receive,
@@ -250,8 +266,30 @@ class CancelMiddleware:
             body_received=not headers.has_body,
         )
         token = otel_context.attach(context)
+        request.task = current_task()
+        # The app runs here, in the server's own task: no task and no coroutine of ours per request.
         try:
-            await request.run(self.app, self._run_in_scope)
+            if self._run_in_scope:
+                started_ms, labels = run_facts(context)
+                name = f"{scope.get('method', 'HTTP')} {scope.get('path', '')}"
+                cancel_scope = request_scope(name, incoming.root, incoming.depth, started_ms, labels, deadline_ms)
+                # What ``async with cancel_scope`` does, without its two coroutines.
+                cancel_scope.enter_task(runtime)
+                try:
+                    await self.app(inner_scope, request.receive, request.send)
+                except BaseException as exc:
+                    cancel_scope.leave_task(exc)
+                    raise
+                cancel_scope.leave_task(None)
+            else:
+                await self.app(inner_scope, request.receive, request.send)
+        except Cancelled as error:
+            await request.end_quietly(error)
+        except asyncio.CancelledError:
+            if not request.owns_cancellation():
+                raise  # the server cancelled us (shutdown), or someone besides us did too
+            # Stopped here because the caller left: nobody is listening any more.
+            await request.end_quietly(None)
         finally:
             request.stop_listening()
             otel_context.detach(token)
@@ -353,17 +391,59 @@ def _rewrite_baggage(
 
 
 _OUR_PREFIX = "otel_cancel."
+_ROOT_MEMBER = attributes.BAGGAGE_ROOT.encode() + b"="
+_DEPTH_MEMBER = attributes.BAGGAGE_DEPTH.encode() + b"="
+
+
+def _with_depth(header: bytes, root: str, depth: int, entries: int) -> bytes | None:
+    """``header`` with its depth member replaced by ``depth``, when nothing else changed; else ``None``.
+
+    For a trusted hop whose root was adopted with the incoming baggage kept in place
+    (``entries`` entries, the root and depth leading, ours before the caller's): when the
+    one header has as many members as the baggage has entries, OpenTelemetry took every
+    member as it came (none malformed, repeated or in excess), so the header already
+    says what :func:`_rewrite_baggage` would rebuild, but for the depth.
+    """
+    if header.count(b",") + 1 != entries:
+        return None
+    lead = _ROOT_MEMBER + root.encode() + b"," + _DEPTH_MEMBER
+    if not header.startswith(lead):
+        return None
+    rest = header.find(b",", len(lead))
+    return lead + str(depth).encode() + (header[rest:] if rest >= 0 else b"")
 
 
 class _CancellableRequest:
     """One request: it runs in the server's own task, in a scope, and ends quietly when stopped.
 
     There is no child task: the scope converts the cancel that stops the request into
-    :class:`~otel_cancel.Cancelled`, caught here, so the server never sees a bare
-    ``CancelledError``. A stop of our own that is not a flag (the caller left an
-    internal hop) is a tagged ``task.cancel()`` of this task, which :meth:`run`
-    recognises (``stopped_locally``) and swallows with ``Task.uncancel()``.
+    :class:`~otel_cancel.Cancelled`, caught by the middleware, so the server never sees
+    a bare ``CancelledError``. A stop of our own that is not a flag (the caller left an
+    internal hop) is a tagged ``task.cancel()`` of this task, which the middleware
+    recognises (:meth:`owns_cancellation`) and swallows with ``Task.uncancel()``.
     """
+
+    __slots__ = (
+        "_disconnect_cancel",
+        "_listen_check",
+        "_listener",
+        "_receive",
+        "_receiving",
+        "_send",
+        "_start_headers",
+        "body_received",
+        "client_gone",
+        "deadline_ms",
+        "edge",
+        "on_disconnect",
+        "response_complete",
+        "response_started",
+        "root",
+        "scope",
+        "stopped_locally",
+        "streaming",
+        "task",
+    )
 
     def __init__(
         self,
@@ -393,27 +473,15 @@ class _CancellableRequest:
         self._start_headers: list[tuple[bytes, bytes]] = []
         self._receiving = 0
         """How many of the app's receive() calls are waiting: while one is, the app hears the disconnect itself."""
-        self._task: asyncio.Task[Any] | None = None
+        self.task: asyncio.Task[Any] | None = None
         self._listen_check: asyncio.Handle | None = None
         self._listener: asyncio.Task[None] | None = None
         self._disconnect_cancel: asyncio.Task[Any] | None = None
 
-    async def run(self, app: ASGIApp, run_in_scope: bool) -> None:
-        self._task = asyncio.current_task()
-        try:
-            if run_in_scope:
-                async with CancelScope(name=f"{self.scope.get('method', 'HTTP')} {self.scope.get('path', '')}"):
-                    await app(self.scope, self.receive, self.send)
-            else:
-                await app(self.scope, self.receive, self.send)
-        except Cancelled as error:
-            await self._end_quietly(error)
-        except asyncio.CancelledError:
-            task = self._task
-            if not self.stopped_locally or task is None or task.uncancel() > 0:
-                raise  # the server cancelled us (shutdown), or someone besides us did too
-            # Stopped here because the caller left: nobody is listening any more.
-            await self._end_quietly(None)
+    def owns_cancellation(self) -> bool:
+        """Whether the task's cancellation is this request's own local stop alone (then undone here)."""
+        task = self.task
+        return self.stopped_locally and task is not None and task.uncancel() == 0
 
     def stop_listening(self) -> None:
         if self._listen_check is not None:
@@ -440,22 +508,35 @@ class _CancellableRequest:
         return message
 
     async def send(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            message = self._decorate_response_start(message)
-            self.response_started = True
-        elif kind == "http.response.body":
-            if not message.get("more_body", False):
+        if self.streaming:
+            # A chunk of a stream under way (the most frequent send): only its end changes the state.
+            if not message.get("more_body", False) and message["type"] == "http.response.body":
                 self.response_complete = True
-            elif not self.streaming:
-                self.streaming = True
-                if self.body_received:
-                    self._listen_soon()
+        else:
+            message = self._before_sending(message)
         try:
             await self._send(message)
         except OSError:
             self._client_left()
             raise
+
+    def _before_sending(self, message: Message) -> Message:
+        """Note what ``message`` starts or ends (before a stream is under way); the message to send."""
+        kind = message["type"]
+        if kind == "http.response.start":
+            decorated = self._decorate_response_start(message)
+            self.response_started = True
+            return decorated
+        if kind == "http.response.body":
+            if not message.get("more_body", False):
+                self.response_complete = True
+            else:
+                self.streaming = True
+                # An app already waiting in receive() hears the client itself (Starlette's
+                # streaming responses): nothing to decide a loop turn later.
+                if self.body_received and not self._receiving:
+                    self._listen_soon()
+        return message
 
     def _decorate_response_start(self, message: Message) -> Message:
         headers: list[tuple[bytes, bytes]] = []
@@ -527,7 +608,7 @@ class _CancellableRequest:
             self._stop_locally()
 
     def _stop_locally(self) -> None:
-        task = self._task
+        task = self.task
         if task is not None and not task.done() and not self.stopped_locally:
             self.stopped_locally = True
             task.cancel(self._disconnect_stop().tag())
@@ -545,7 +626,7 @@ class _CancellableRequest:
         """The local stop of this hop's work when its caller left (no flag: the caller's own scope stops it)."""
         return CancelRequest(self.root, _DISCONNECT_REASON, time.time_ns(), "", attributes.KIND_DISCONNECT)
 
-    async def _end_quietly(self, error: Cancelled | None) -> None:
+    async def end_quietly(self, error: Cancelled | None) -> None:
         stop = error if error is not None else self._disconnect_stop().error()
         # Chosen by the kind of the cancel, never by its free-text reason.
         if stop.kind == attributes.KIND_DEADLINE:

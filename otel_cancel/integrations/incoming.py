@@ -26,7 +26,7 @@ from opentelemetry.context import Context
 from .. import attributes
 from .._core import telemetry
 from .._core.rate_limited_log import RateLimitedLogger
-from .._core.root import is_valid_root, new_root, parse_depth, random_root, set_root
+from .._core.root import is_valid_root, parse_depth, random_root, set_new_root, set_root, update_root_in_place
 from .._core.signing import sign_root, verify_root
 
 _log = RateLimitedLogger(logging.getLogger("otel_cancel.incoming"))
@@ -41,6 +41,10 @@ class IncomingRoot(NamedTuple):
     root: str
     depth: int
     adopted: bool
+    kept_entries: int = 0
+    """When the root was adopted with the incoming baggage kept as it was but for the
+    depth: how many entries it has (the request's header can then be passed on with
+    only its depth replaced); else 0."""
 
 
 def _header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
@@ -89,7 +93,8 @@ def establish_root(
         entries = baggage.get_all(context)
     root = _root_started_here(context, continued)
     extra = {attributes.BAGGAGE_SIGNATURE: sign_root(signing_key, root)} if signing_key else None
-    return IncomingRoot(set_root(root, 0, context, entries, extra), root, 0, adopted=False)
+    # None of ours is left in ``entries``: the run starts here, with the caller's entries after ours.
+    return IncomingRoot(set_new_root(root, context, entries, extra), root, 0, adopted=False)
 
 
 def _adopt(
@@ -121,12 +126,15 @@ def _adopt(
         _log.warning("invalid_depth", "otel-cancel: incoming depth %.20r is not valid; counting from 0", depth_value)
         incoming_depth = 0
     depth = min(incoming_depth + 1, 1000)
+    kept = update_root_in_place(incoming, depth, context, entries)
+    if kept is not None:
+        return IncomingRoot(kept, incoming, depth, adopted=True, kept_entries=len(entries))
     return IncomingRoot(set_root(incoming, depth, context, entries), incoming, depth, adopted=True)
 
 
 def _root_started_here(context: Context, continued: bool) -> str:
     span_context = trace.get_current_span(context).get_span_context()
     if span_context.is_valid and not continued:
-        return new_root(context)
+        return trace.format_trace_id(span_context.trace_id)  # what new_root gives: the trace starts here
     # The caller chose this trace id (or there is no trace): never let it pick the root.
     return random_root()

@@ -17,6 +17,8 @@ from opentelemetry import baggage
 from opentelemetry.context import Context, get_current
 from opentelemetry.propagators.textmap import TextMapPropagator
 
+from .._core.baggage_entries import with_entries
+
 _DEFAULT_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
 """What ``OTEL_PROPAGATORS=tracecontext,baggage`` (the default) reads: the only set-up taken on the fast path."""
 
@@ -68,9 +70,12 @@ def extract_request_context(textmap: TextMapPropagator, carrier: dict[str, list[
         context = textmap.extract({name: value for name, value in carrier.items() if name != "baggage"})
     else:
         context = get_current()
+    entries: dict[str, object] = {}
     for member in header.split(","):
         name, value = member.split("=", 1)
         if "%" in value or "+" in value:
             value = unquote_plus(value).strip()
-        context = baggage.set_baggage(name, value, context)
-    return context
+        entries[name] = value  # a repeated name keeps its place and takes the last value, as set_baggage does
+    # The propagator sets each member on the baggage the context has already.
+    existing = baggage.get_all(context)
+    return with_entries({**existing, **entries} if existing else entries, context)

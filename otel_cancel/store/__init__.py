@@ -3,7 +3,7 @@
 :class:`CancelStore` is the interface; :class:`~otel_cancel.store.etcd.EtcdCancelStore`
 is the one to run in production, :class:`~otel_cancel.store.memory.MemoryCancelStore`
 serves unit tests and single-process use. Every backend passes the same conformance
-suite (``tests/test_store_conformance.py``).
+suite (``tests/store/test_store_conformance.py``).
 
 Layout (etcd keys, ``prefix`` defaults to ``/otel-cancel/``)::
 
@@ -16,53 +16,18 @@ Layout (etcd keys, ``prefix`` defaults to ``/otel-cancel/``)::
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # at run time only annotations name them: importing the store stays light
     from .._core.bulk import BulkCancel
     from .._core.records import CancelRequest, LiveRecord, Receipt, TaskRecord
+    from .events import FlagEvent as FlagEvent
+    from .events import FlagListing as FlagListing
+    from .events import FlagPage as FlagPage
 
 DEFAULT_PREFIX = "/otel-cancel/"
 DEFAULT_TTL_SECONDS = 3600
-
-
-@dataclasses.dataclass(frozen=True)
-class FlagEvent:
-    """A change under ``{prefix}flags/``, as the store saw it.
-
-    Attributes:
-        kind: ``put`` (a flag was written) or ``delete`` (it expired or was removed).
-        key: the full key.
-        value: the raw value (empty for deletes); the watcher parses it.
-        revision: the store revision of the change.
-    """
-
-    kind: Literal["put", "delete"]
-    key: str
-    value: bytes
-    revision: int
-
-
-@dataclasses.dataclass(frozen=True)
-class FlagListing:
-    """Every flag present at ``revision``."""
-
-    flags: tuple[FlagEvent, ...]
-    revision: int
-
-
-@dataclasses.dataclass(frozen=True)
-class FlagPage:
-    """One page of a listing: some of the flags present at ``revision``.
-
-    Every page of one listing carries the same revision, so together they are one
-    consistent snapshot. Pages of a keys-only listing have empty values.
-    """
-
-    flags: tuple[FlagEvent, ...]
-    revision: int
 
 
 LIST_PAGE_SIZE = 2000
@@ -213,3 +178,17 @@ __all__ = (
     "FlagListing",
     "FlagPage",
 )
+
+
+_EVENTS = frozenset({"FlagEvent", "FlagListing", "FlagPage"})
+
+
+def __getattr__(name: str) -> Any:
+    # The event records load on first use: a plain ``otel-cancel cancel`` imports this
+    # package (for its prefix and the gateway client) and never needs them, and every
+    # dataclass defined at import costs start-up time.
+    if name in _EVENTS:
+        from . import events
+
+        return getattr(events, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,13 @@
-"""Parse etcd endpoints (``host:port``), without importing the etcd client.
+"""Parse etcd endpoints (``host:port``) and check a client's connection options, without importing the etcd client.
 
 Settings validate ``OTEL_CANCEL_ETCD_ENDPOINTS`` with it at start-up; the etcd
-store uses it to connect.
+store and the CLI's gateway client check their options with it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from ..exceptions import ConfigurationError
 
@@ -43,3 +44,31 @@ def grpc_target(host: str, port: int) -> str:
     :func:`parse_endpoint` strips them; ``::1:2379`` is no address gRPC can dial.
     """
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_connection(
+    endpoints: Sequence[str],
+    *,
+    timeout: float,
+    username: str | None,
+    password: str | None,
+    cert: str | None,
+    key: str | None,
+) -> tuple[tuple[str, int], ...]:
+    """Check the connection options every etcd client of otel-cancel takes; the endpoints parsed.
+
+    Raises:
+        ConfigurationError: no endpoint, a malformed one, a deadline that is not
+            positive, a user without a password (or the reverse), a certificate
+            without its key (or the reverse).
+    """
+    if not endpoints:
+        raise ConfigurationError("at least one etcd endpoint is needed (OTEL_CANCEL_ETCD_ENDPOINTS)")
+    parsed = tuple(parse_endpoint(e) for e in endpoints)
+    if timeout <= 0:
+        raise ConfigurationError(f"the etcd timeout must be positive, got {timeout}")
+    if bool(username) != bool(password):
+        raise ConfigurationError("set both OTEL_CANCEL_ETCD_USERNAME and OTEL_CANCEL_ETCD_PASSWORD, or neither")
+    if (cert is None) != (key is None):
+        raise ConfigurationError("set both OTEL_CANCEL_ETCD_CERT and OTEL_CANCEL_ETCD_KEY, or neither")
+    return parsed

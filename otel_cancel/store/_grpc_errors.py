@@ -1,25 +1,11 @@
 """How an etcd client error becomes a :class:`~otel_cancel.exceptions.StoreError`: one mapping on gRPC status codes.
 
 etcd answers every failed call with a gRPC status, and its code says what kind of
-failure it was; :func:`store_error_for` is the one place that maps it, and
+failure it was; :func:`store_error_for` finds the status behind a client error and
+maps it with :func:`~otel_cancel.store._status.store_error_for_status` (the table is
+there, free of gRPC, shared with the CLI's HTTP gateway client), and
 :func:`raising_store_errors` raises the result *from* the client error, so the
-gRPC status stays on ``__cause__`` for whoever debugs it. Where one code covers
-several etcd errors (``INVALID_ARGUMENT`` is both a wrong password and an empty
-key), etcd's own error constant tells them apart: the exact description etcd's
-``rpctypes`` gives it, which etcd's Go client also matches to recognise its errors.
-
-=======================================  ===========================================
-gRPC status (etcd error)                 raised
-=======================================  ===========================================
-``UNAVAILABLE``, ``DEADLINE_EXCEEDED``,  :class:`~otel_cancel.exceptions.StoreUnavailableError`
-``CANCELLED`` (the channel closed)       (the store fails over to the next endpoint)
-``PERMISSION_DENIED``                    :class:`~otel_cancel.exceptions.StorePermissionError` (role)
-``UNAUTHENTICATED`` (invalid token),     :class:`~otel_cancel.exceptions.StorePermissionError` (credentials)
-``INVALID_ARGUMENT`` (authentication
-failed, user name is empty)
-``OUT_OF_RANGE`` (revision compacted)    :class:`~otel_cancel.exceptions.RevisionCompactedError`
-any other code                           :class:`~otel_cancel.exceptions.StoreError`
-=======================================  ===========================================
+gRPC status stays on ``__cause__`` for whoever debugs it.
 """
 
 from __future__ import annotations
@@ -32,16 +18,10 @@ import grpc
 
 from ..exceptions import RevisionCompactedError, StoreError, StorePermissionError, StoreUnavailableError
 from ._aetcd_patches import WatchRefusedError
-
-# etcd's error descriptions (go.etcd.io/etcd/api/v3rpc/rpctypes) for the errors that
-# share a code with others.
-ETCD_AUTH_FAILED = "etcdserver: authentication failed, invalid user ID or password"
-ETCD_USER_EMPTY = "etcdserver: user name is empty"
-ETCD_COMPACTED = "etcdserver: mvcc: required revision has been compacted"
-
-_UNAVAILABLE_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-)
+from ._status import ETCD_AUTH_FAILED as ETCD_AUTH_FAILED
+from ._status import ETCD_COMPACTED as ETCD_COMPACTED
+from ._status import ETCD_USER_EMPTY as ETCD_USER_EMPTY
+from ._status import store_error_for_os_error, store_error_for_status
 
 # aetcd turns a gRPC error into one of these (chaining the gRPC error). When one comes
 # without that cause, the code aetcd saw is the one its class stands for.
@@ -96,13 +76,6 @@ def is_rejected_token(error: BaseException) -> bool:
     return bool(status_code(error) == grpc.StatusCode.UNAUTHENTICATED)
 
 
-def _credentials_refused(action: str, detail: str) -> StorePermissionError:
-    return StorePermissionError(
-        f"etcd refused the credentials while {action}: {detail}; "
-        "check OTEL_CANCEL_ETCD_USERNAME / OTEL_CANCEL_ETCD_PASSWORD"
-    )
-
-
 def store_error_for(error: BaseException, action: str) -> StoreError | None:
     """The :class:`~otel_cancel.exceptions.StoreError` that stands for a client error.
 
@@ -130,25 +103,11 @@ def store_error_for(error: BaseException, action: str) -> StoreError | None:
         code, details = status
         # aetcd's message is etcd's description; a raw gRPC error is named by its code too.
         detail = f"{code.name} {details}" if isinstance(error, grpc.aio.AioRpcError) else str(error)
-        if code in _UNAVAILABLE_CODES:
-            return StoreUnavailableError(f"etcd unavailable while {action}: {detail}")
-        if code == grpc.StatusCode.PERMISSION_DENIED:
-            return StorePermissionError(
-                f"etcd denied {action}: {detail}; the etcd role of this user lacks the permission"
-            )
-        if code == grpc.StatusCode.UNAUTHENTICATED or (
-            code == grpc.StatusCode.INVALID_ARGUMENT and details in (ETCD_AUTH_FAILED, ETCD_USER_EMPTY)
-        ):
-            return _credentials_refused(action, detail)
-        if code == grpc.StatusCode.OUT_OF_RANGE and details == ETCD_COMPACTED:
-            return RevisionCompactedError(0)  # a range names no compaction revision
-        return StoreError(f"etcd failed while {action}: {detail}")
+        return store_error_for_status(int(code.value[0]), details, detail, action)
     if isinstance(error, aetcd.exceptions.ClientError):
         return StoreError(f"etcd failed while {action}: {error}")
-    if isinstance(error, TimeoutError):
-        return StoreUnavailableError(f"etcd did not answer in time while {action}")
     if isinstance(error, OSError):
-        return StoreUnavailableError(f"etcd unreachable while {action}: {error}")
+        return store_error_for_os_error(error, action)
     return None
 
 

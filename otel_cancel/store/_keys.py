@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import Literal
 
 from .._core.root_id import is_valid_root, validate_root
 from ..exceptions import ConfigurationError, InvalidTaskIdError
@@ -32,8 +34,12 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+@functools.lru_cache(maxsize=256)
 def key_segment(value: str) -> str:
-    """``value`` made safe as one key segment (service and instance names)."""
+    """``value`` made safe as one key segment (service and instance names).
+
+    Cached: a process has one service and one instance, and names them in every receipt.
+    """
     cleaned = "".join(c if _SEGMENT.fullmatch(c) else "_" for c in value)[:128]
     if cleaned in (".", ".."):
         # Harmless to etcd (keys are flat), but a key must read as a plain path, like the prefix.
@@ -64,6 +70,30 @@ def root_of_flag_key(prefix: str, key: str) -> str | None:
         return None
     root = key[len(head) :]
     return root if is_valid_root(root) else None
+
+
+FLAG_KIND_ROOT = "root"
+FLAG_KIND_BULK = "bulk"
+
+
+def parse_flag_key(prefix: str, key: str) -> tuple[Literal["root", "bulk"], str] | None:
+    """What a key under ``{prefix}flags/`` names, read once: a root's flag, a bulk cancel's, or neither.
+
+    Returns:
+        ``("root", root)``, ``("bulk", bulk_id)``, or ``None`` when the key is neither.
+    """
+    head = flags_prefix(prefix)
+    if not key.startswith(head):
+        return None
+    name = key[len(head) :]
+    if name.startswith("bulk/"):
+        # Imported here: bulk cancelling loads OpenTelemetry's baggage, which `otel-cancel
+        # status` never needs; a root's flag (every flag but a few) never gets here.
+        from .._core.bulk import is_bulk_id
+
+        bulk_id = name[5:]
+        return ("bulk", bulk_id) if is_bulk_id(bulk_id) else None
+    return ("root", name) if is_valid_root(name) else None
 
 
 def validate_task_id(task_id: object) -> str:

@@ -3,23 +3,30 @@
 gRPC accepts any bytes as a CA bundle or certificate and fails only when it
 connects, with a vague "unavailable" and lines of its own C-core output. Each
 file is checked here instead, so a wrong one is a configuration error naming its
-variable.
+variable. The same files give the gRPC store its channel credentials
+(:func:`read_credentials`) and the CLI's gateway client its SSL context
+(:func:`ssl_context`); checking them (:func:`read_tls_files`) imports neither
+gRPC nor, without TLS, ``ssl``.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
-import grpc
+from typing import TYPE_CHECKING
 
 from .. import environment_variables as env
 from ..exceptions import ConfigurationError
 
+if TYPE_CHECKING:
+    import ssl
+
+    import grpc
+
 
 def _read(path: str, variable: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as file:  # not pathlib: its import costs every CLI command start-up time
+            return file.read()
     except OSError as error:
         raise ConfigurationError(f"{variable}: cannot read {path!r}: {error.strerror}") from None
     except ValueError:  # a path no file system can hold (a NUL byte, a lone surrogate)
@@ -44,8 +51,9 @@ def _check_pair(cert: bytes, key: bytes, cert_path: str, key_path: str) -> None:
     with tempfile.TemporaryDirectory(prefix="otel-cancel-tls-") as directory:
         cert_copy = os.path.join(directory, "cert.pem")
         key_copy = os.path.join(directory, "key.pem")
-        Path(cert_copy).write_bytes(cert)
-        Path(key_copy).write_bytes(key)
+        for copy, data in ((cert_copy, cert), (key_copy, key)):
+            with open(copy, "wb") as file:
+                file.write(data)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:
             context.load_cert_chain(cert_copy, key_copy)
@@ -64,8 +72,29 @@ def _check_pair(cert: bytes, key: bytes, cert_path: str, key_path: str) -> None:
             ) from None
 
 
-def read_credentials(ca_cert: str | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:
-    """The channel credentials the TLS settings describe, or ``None`` for a plain channel.
+class TlsFiles:
+    """The checked contents (PEM) of the TLS files, and where the client pair lives."""
+
+    # A plain class: a dataclass costs every CLI command about a millisecond to define.
+    __slots__ = ("ca_pem", "cert_path", "cert_pem", "key_path", "key_pem")
+
+    def __init__(
+        self,
+        ca_pem: bytes | None,
+        cert_pem: bytes | None,
+        key_pem: bytes | None,
+        cert_path: str | None,
+        key_path: str | None,
+    ) -> None:
+        self.ca_pem = ca_pem
+        self.cert_pem = cert_pem
+        self.key_pem = key_pem
+        self.cert_path = cert_path
+        self.key_path = key_path
+
+
+def read_tls_files(ca_cert: str | None, cert: str | None, key: str | None) -> TlsFiles | None:
+    """Read and check the TLS files, or ``None`` when TLS is off (no CA bundle, no client certificate).
 
     Raises:
         ConfigurationError: a file cannot be read or does not hold what its variable
@@ -83,4 +112,44 @@ def read_credentials(ca_cert: str | None, cert: str | None, key: str | None) -> 
         cert_pem = _read(cert, env.OTEL_CANCEL_ETCD_CERT)
         key_pem = _read(key, env.OTEL_CANCEL_ETCD_KEY)
         _check_pair(cert_pem, key_pem, cert, key)
-    return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
+    return TlsFiles(ca_pem, cert_pem, key_pem, cert if cert_pem else None, key if key_pem else None)
+
+
+def read_credentials(ca_cert: str | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:
+    """The gRPC channel credentials the TLS settings describe, or ``None`` for a plain channel.
+
+    Raises:
+        ConfigurationError: as :func:`read_tls_files`.
+    """
+    files = read_tls_files(ca_cert, cert, key)
+    if files is None:
+        return None
+    import grpc
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=files.ca_pem, private_key=files.key_pem, certificate_chain=files.cert_pem
+    )
+
+
+def ssl_context(ca_cert: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The client SSL context the TLS settings describe (for HTTPS to etcd), or ``None`` for plain HTTP.
+
+    Verifies etcd's certificate against the CA bundle (the system's without one)
+    and its name, as gRPC does, and presents the client certificate when one is set.
+
+    Raises:
+        ConfigurationError: as :func:`read_tls_files`.
+    """
+    files = read_tls_files(ca_cert, cert, key)
+    if files is None:
+        return None
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cadata=files.ca_pem.decode("ascii") if files.ca_pem else None)
+        if files.cert_path and files.key_path:
+            # Checked above (read_tls_files); loaded from the files as ssl requires.
+            context.load_cert_chain(files.cert_path, files.key_path)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError: a file changed since it was checked
+        raise ConfigurationError(f"cannot use the etcd TLS files: {error}") from None
+    return context

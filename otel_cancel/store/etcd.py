@@ -33,10 +33,13 @@ import grpc
 from .._core.bulk import BulkCancel
 from .._core.io_loop import io_loop
 from .._core.records import CancelRequest, LiveRecord, Receipt, TaskRecord
-from ..exceptions import ConfigurationError, StoreError, StorePermissionError, StoreUnavailableError
+from ..exceptions import StoreError, StorePermissionError, StoreUnavailableError
 from . import DEFAULT_PREFIX, LIST_PAGE_SIZE, FlagEvent, FlagListing, FlagPage
 from ._aetcd_patches import PatchedEtcdClient
+from ._endpoints import check_connection
 from ._endpoints import parse_endpoint as parse_endpoint
+from ._flag_write import ACTION as FLAG_ACTION
+from ._flag_write import FlagCreation
 from ._grpc_errors import is_lease_not_found, is_permission_denied, is_rejected_token, raising_store_errors
 from ._keys import (
     acks_prefix,
@@ -46,7 +49,6 @@ from ._keys import (
     live_key,
     live_prefix,
     receipt_key,
-    root_of_flag_key,
     task_key,
     validate_prefix,
 )
@@ -124,25 +126,20 @@ class EtcdCancelStore:
         cert: str | None = None,
         key: str | None = None,
     ) -> None:
-        if not endpoints:
-            raise ConfigurationError("at least one etcd endpoint is needed (OTEL_CANCEL_ETCD_ENDPOINTS)")
-        self.endpoints = tuple(parse_endpoint(e) for e in endpoints)
+        self.endpoints = check_connection(
+            endpoints, timeout=timeout, username=username, password=password, cert=cert, key=key
+        )
         self.prefix = validate_prefix(prefix)
-        if timeout <= 0:
-            raise ConfigurationError(f"the etcd timeout must be positive, got {timeout}")
         self.timeout = timeout
-        if bool(username) != bool(password):
-            raise ConfigurationError("set both OTEL_CANCEL_ETCD_USERNAME and OTEL_CANCEL_ETCD_PASSWORD, or neither")
         self._username = username or None
         self._password = password or None
-        if (cert is None) != (key is None):
-            raise ConfigurationError("set both OTEL_CANCEL_ETCD_CERT and OTEL_CANCEL_ETCD_KEY, or neither")
         self._credentials = read_credentials(ca_cert, cert, key)
         self._client: PatchedEtcdClient | None = None
         self._endpoint_index = 0
         self._receipts_on_own_lease = False
-        # The lease of every flag this store listed, saw in the watch or wrote, by root:
-        # a receipt joins its flag's lease with one put, instead of reading the flag first.
+        # The lease of every flag this store listed, saw in the watch or wrote, by the flag's
+        # key (as it came: a bystander never parses a key twice): a receipt joins its flag's
+        # lease with one put, instead of reading the flag first.
         self._flag_leases: OrderedDict[str, int] = OrderedDict()
 
     @property
@@ -224,43 +221,29 @@ class EtcdCancelStore:
     # -- CancelStore ---------------------------------------------------------------
 
     async def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]:
-        key = flag_key(self.prefix, request.root).encode()
-
-        # What each attempt wrote. An attempt can time out after etcd committed it (the
-        # leader froze before answering); the next attempt, on another endpoint, then
-        # finds a flag. When that flag is one of ours, this call created it.
-        attempted: dict[bytes, CancelRequest] = {}
+        # The key, the value and the reading of the answer are FlagCreation's (shared
+        # with the CLI's gateway client); this method speaks gRPC.
+        creation = FlagCreation(self.prefix, request)
+        key = creation.key
 
         async def create(client: PatchedEtcdClient) -> tuple[CancelRequest, bool]:
             lease = await client.lease(ttl_seconds)
-            # Stamp the flag when it is written (after connecting and granting the
-            # lease), so latencies measure flag written -> work stopped.
-            stamped = dataclasses.replace(request, requested_at=time.time_ns())
-            attempted[stamped.to_json()] = stamped
+            value = creation.stamp()
             # No revocation when the transaction fails: it may have committed (a deadline
             # that ran out after the leader applied it), and revoking the lease would
             # delete the flag. An unused lease holds nothing and expires with its TTL.
             created, responses = await client.transaction(
                 compare=[client.transactions.version(key) == 0],
-                success=[client.transactions.put(key, stamped.to_json(), lease=lease.id)],
+                success=[client.transactions.put(key, value, lease=lease.id)],
                 failure=[client.transactions.get(key)],
             )
             if created:
-                self._remember_flag_lease(request.root, lease.id)
-                return stamped, True
+                self._remember_flag_lease(key.decode(), lease.id)
+                return creation.created(value)
             await client.revoke_lease(lease.id)
-            existing = responses[0][0][0] if responses and responses[0] else None
-            if existing is None:
-                return request, False
-            if existing in attempted:
-                return attempted[existing], True
-            try:
-                return CancelRequest.from_json(existing, request.root), False
-            except ValueError:
-                _log.warning("otel-cancel: flag for %s holds a malformed value; keeping it", request.root)
-                return request, False
+            return creation.found(responses[0][0][0] if responses and responses[0] else None)
 
-        result: tuple[CancelRequest, bool] = await self._call("writing a cancel flag", create)
+        result: tuple[CancelRequest, bool] = await self._call(FLAG_ACTION, create)
         return result
 
     async def get_flag(self, root: str) -> CancelRequest | None:
@@ -311,13 +294,13 @@ class EtcdCancelStore:
                 # A listing is the store's whole view: forget leases of flags gone since.
                 self._flag_leases.clear()
             kvs = response.kvs
-            for kv in kvs:
-                # Keys-only ranges carry the lease too: receipts join it with one put.
-                self._note_flag_lease(kv.key, kv.lease)
             flags = tuple(
                 FlagEvent("put", kv.key.decode("utf-8", "replace"), kv.value if values else b"", kv.mod_revision)
                 for kv in kvs
             )
+            for kv, flag in zip(kvs, flags, strict=True):
+                # Keys-only ranges carry the lease too: receipts join it with one put.
+                self._note_flag_lease(flag.key, kv.lease)
             listed += len(flags)
             yield FlagPage(flags, revision)
             if not response.more or not kvs:
@@ -335,29 +318,30 @@ class EtcdCancelStore:
                     kv = event.kv
                     key = kv.key.decode("utf-8", "replace")
                     is_put = event.kind == "PUT"
-                    self._note_flag_lease(kv.key, kv.lease if is_put else 0)
+                    self._note_flag_lease(key, kv.lease if is_put else 0)
                     yield FlagEvent("put" if is_put else "delete", key, kv.value, kv.mod_revision)
             raise StoreUnavailableError("the etcd watch stream ended")
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(watch.cancel(), self.timeout)
 
-    def _remember_flag_lease(self, root: str, lease_id: int) -> None:
+    def _remember_flag_lease(self, key: str, lease_id: int) -> None:
         leases = self._flag_leases
-        leases[root] = lease_id
-        leases.move_to_end(root)
+        leases[key] = lease_id
+        leases.move_to_end(key)
         if len(leases) > _FLAG_LEASES_REMEMBERED:
             leases.popitem(last=False)
 
-    def _note_flag_lease(self, raw_key: bytes, lease_id: int) -> None:
-        """Remember (or, with ``lease_id`` 0: a delete, a flag with no lease, forget) a flag's lease."""
-        root = root_of_flag_key(self.prefix, raw_key.decode("utf-8", "replace"))
-        if root is None:
-            return
+    def _note_flag_lease(self, key: str, lease_id: int) -> None:
+        """Remember (or, with ``lease_id`` 0: a delete, a flag with no lease, forget) the lease of the flag at ``key``.
+
+        The key is not parsed: only a receipt's own flag key is ever looked up, and the
+        watcher judges the key (a foreign key here costs one slot of a bounded memory).
+        """
         if lease_id:
-            self._remember_flag_lease(root, lease_id)
+            self._remember_flag_lease(key, lease_id)
         else:
-            self._flag_leases.pop(root, None)
+            self._flag_leases.pop(key, None)
 
     async def put_receipt(self, receipt: Receipt, ttl_seconds: int) -> None:
         flag = flag_key(self.prefix, receipt.root).encode()
@@ -385,7 +369,7 @@ class EtcdCancelStore:
             if not self._receipts_on_own_lease:
                 # The watch event (or listing) that brought the flag carried its lease:
                 # one call. Only a flag this store never saw costs a read first.
-                lease_id = self._flag_leases.get(receipt.root)
+                lease_id = self._flag_leases.get(flag_key(self.prefix, receipt.root))
                 if lease_id is None:
                     found = await client.get(flag)
                     lease_id = found.lease if found is not None and found.lease else None
@@ -401,7 +385,7 @@ class EtcdCancelStore:
         # own flag's lease (etcd caps the operations of a transaction). Anything else,
         # or a transaction that fails (a lease expired meanwhile, a role that may not
         # join leases), goes one by one, where each case is handled.
-        batch = [(r, self._flag_leases.get(r.root)) for r in receipts]
+        batch = [(r, self._flag_leases.get(flag_key(self.prefix, r.root))) for r in receipts]
         alone = [r for r, lease in batch if lease is None or self._receipts_on_own_lease]
         together: list[tuple[Receipt, int]] = [
             (r, lease) for r, lease in batch if lease is not None and not self._receipts_on_own_lease

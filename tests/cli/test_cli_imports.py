@@ -1,4 +1,4 @@
-"""Each `otel-cancel` command imports what it uses: no OpenTelemetry SDK, no integrations, no demo."""
+"""Each `otel-cancel` command imports what it uses: no SDK, no integrations, no demo; no gRPC for a plain cancel."""
 
 from __future__ import annotations
 
@@ -61,6 +61,31 @@ def test_cancel_imports_neither_the_sdk_nor_integrations(etcd_env):
     code, modules, stdout = _run_and_list_modules(etcd_env, "cancel", root, "--wait", "0.1", "--json")
     assert code == 0 and '"created": false' in stdout and '"reason": "light"' in stdout
     assert _unused(modules) == []
+
+
+# A plain cancel writes through etcd's HTTP gateway with the standard library: none of these.
+_NOT_FOR_A_PLAIN_CANCEL = (
+    "grpc",
+    "aetcd",
+    "google.protobuf",
+    "asyncio",
+    "opentelemetry",
+    "otel_cancel.store.etcd",
+    "otel_cancel.store.events",
+    "otel_cancel._core.records",
+)
+
+
+def test_a_plain_cancel_loads_no_grpc_aetcd_protobuf_asyncio_or_opentelemetry(etcd_env):
+    """`cancel ROOT [ROOT...]` (no --wait, no --all) writes its flags without any of the gRPC store's imports."""
+    roots = [random_root(), random_root()]
+    code, modules, stdout = _run_and_list_modules(etcd_env, "cancel", *roots, "--reason", "quick")
+    assert code == 0 and all(f"cancelled {root}" in stdout for root in roots)
+    loaded = [m for m in modules if any(m == name or m.startswith(name + ".") for name in _NOT_FOR_A_PLAIN_CANCEL)]
+    assert loaded == []
+    assert "otel_cancel.store.etcd_gateway" in modules and _unused(modules) == []
+    code, modules, stdout = _run_and_list_modules(etcd_env, "cancel", roots[0])
+    assert code == 0 and "already cancelled" in stdout and "grpc" not in modules
 
 
 def test_status_imports_neither_the_runtime_nor_bulk_cancelling(etcd_env):

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from opentelemetry import baggage
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -193,3 +194,47 @@ def test_with_root_puts_ours_first_whatever_the_incoming_order():
         "tenant",
     ]
     assert baggage.get_all(deadline)["otel_cancel.depth"] == "1"
+
+
+_STARTED = "otel_cancel.started=1700000000000"
+
+
+@pytest.mark.parametrize(
+    ("incoming", "forwarded"),
+    [
+        # Kept as it came but for the depth: ours first, the caller's after, properties and all.
+        (
+            f"otel_cancel.root={ROOT},otel_cancel.depth=2,{_STARTED},otel_cancel.labels=team%3Dx,a=1;p,b=c%2Cd",
+            f"otel_cancel.root={ROOT},otel_cancel.depth=3,{_STARTED},otel_cancel.labels=team%3Dx,a=1;p,b=c%2Cd",
+        ),
+        # A member OpenTelemetry drops is not passed on.
+        (
+            f"otel_cancel.root={ROOT},otel_cancel.depth=2,{_STARTED},a=1,b c=2",
+            f"otel_cancel.root={ROOT},otel_cancel.depth=3,{_STARTED},a=1",
+        ),
+        # A repeated entry: the header means the value OpenTelemetry kept.
+        (f"otel_cancel.root={ROOT},otel_cancel.depth=2,{_STARTED},a=1,a=2", None),
+        # A run start that is not a time is replaced (the hop's context has the new one).
+        (f"otel_cancel.root={ROOT},otel_cancel.depth=2,otel_cancel.started=soon,a=1", None),
+        # The caller's entries before ours: ours are moved first.
+        (f"otel_cancel.root={ROOT},otel_cancel.depth=2,a=1,{_STARTED}", None),
+    ],
+)
+async def test_a_trusted_hop_passes_on_the_baggage_it_runs_with(runtime, incoming, forwarded):
+    """The inner app's baggage header says exactly what the hop's context carries, at depth + 1."""
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["headers"] = [value.decode() for key, value in scope["headers"] if key == b"baggage"]
+        seen["baggage"] = dict(baggage.get_all())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    client = _Client()
+    await CancelMiddleware(app, trust_incoming=True)(_scope(baggage_header=incoming), client.receive, client.send)
+    [header] = seen["headers"]
+    if forwarded is not None:
+        assert header == forwarded
+    assert seen["baggage"]["otel_cancel.depth"] == "3"
+    assert header.startswith(f"otel_cancel.root={ROOT},otel_cancel.depth=3,")
+    assert dict(baggage.get_all(W3CBaggagePropagator().extract({"baggage": header}))) == seen["baggage"]

@@ -108,7 +108,20 @@ def _apply_and_say(self: CancelRegistry, request: CancelRequest) -> object:
     return result
 
 
+_apply_unread = CancelRegistry.apply_unread
+
+
+def _apply_unread_and_say(self: CancelRegistry, root: str, raw: bytes) -> bool:
+    """The same for a flag kept unread (nothing here works for its root)."""
+    applied = self.applied
+    handled = _apply_unread(self, root, raw)
+    if self.applied > applied:
+        _log("APPLIED", root)
+    return handled
+
+
 CancelRegistry.apply = _apply_and_say  # type: ignore[method-assign,assignment]
+CancelRegistry.apply_unread = _apply_unread_and_say  # type: ignore[method-assign]
 
 
 async def stream(request: Request) -> StreamingResponse:

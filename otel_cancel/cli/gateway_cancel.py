@@ -1,0 +1,74 @@
+"""``otel-cancel cancel ROOT [ROOT...]`` through etcd's HTTP gateway: a cancel as quick as ``etcdctl put``.
+
+A plain cancel (roots, no ``--wait``, no ``--all``, no ``--thread``/``--run``) only
+writes flags, and the gRPC store's imports alone (grpc, aetcd, asyncio) cost
+several times what ``etcdctl put`` takes. So such a cancel writes its flags with
+:class:`~otel_cancel.store.etcd_gateway.EtcdGatewayClient` and loads none of them.
+The flags, the settings and the output are the same code as the gRPC path's
+(:class:`~otel_cancel.store._flag_write.FlagCreation`, :class:`Settings`,
+:func:`~otel_cancel.cli.fleet.print_flag`); only the transport differs. When spans
+are exported (``OTEL_EXPORTER_OTLP_ENDPOINT``) the command records its
+``otel_cancel.request`` spans on the gRPC path, and when etcd's gateway cannot serve
+(turned off, or unable to reach etcd behind mutual TLS) it falls back to that path.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .._core.cancel_request import CancelRequest
+from .._core.settings import Settings
+from .fleet import EXIT_OK, print_flag
+from .options import requester
+
+
+def takes_gateway(args: argparse.Namespace, settings: Settings, *, exporting: bool) -> bool:
+    """Whether this ``cancel`` only writes flags for listed roots, so the gateway can carry it."""
+    return (
+        settings.store == "etcd"
+        and not exporting
+        and bool(args.roots)
+        and not args.all_runs
+        and args.service is None
+        and not args.label
+        and not args.wait
+        and not getattr(args, "thread", None)
+        and not getattr(args, "run", None)
+    )
+
+
+def cancel_through_gateway(settings: Settings, args: argparse.Namespace) -> int | None:
+    """Write the flag of every listed root through etcd's gateway and print each as the gRPC path does.
+
+    Returns:
+        The exit code, or ``None`` when the gateway cannot serve before any flag
+        was written (the caller then takes the gRPC path).
+
+    Raises:
+        StoreError: etcd could not be reached on any endpoint, or refused a write.
+    """
+    from ..store.etcd_gateway import EtcdGatewayClient, GatewayUnusableError
+
+    requested_by = requester()
+    written = 0
+    with EtcdGatewayClient(
+        settings.endpoints,
+        prefix=settings.prefix,
+        timeout=settings.timeout_seconds,
+        username=settings.username,
+        password=settings.password,
+        ca_cert=settings.ca_cert,
+        cert=settings.cert,
+        key=settings.key,
+    ) as client:
+        for root in dict.fromkeys(args.roots):  # each root once, in the order given
+            request = CancelRequest.new(root, args.reason, requested_by)
+            try:
+                stored, created = client.create_flag(request, settings.ttl_seconds)
+            except GatewayUnusableError:
+                if written:
+                    raise
+                return None
+            print_flag(stored, created, args.json)
+            written += 1
+    return EXIT_OK

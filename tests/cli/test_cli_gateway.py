@@ -1,0 +1,136 @@
+"""`otel-cancel cancel ROOT...` through etcd's HTTP gateway, as a user runs it: same output, same flags, same errors.
+
+A plain cancel (no --wait, no --all) takes the gateway; ``--wait`` takes the gRPC
+store, so the two are compared on the same etcd. TLS and the client's own error
+cases are in ``tests/store/test_etcd_gateway.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from conftest import cli
+from otlp_receiver import OtlpReceiver
+
+from otel_cancel._core.root import random_root
+from otel_cancel.testing import EtcdServer, find_etcdctl_binary, free_port
+
+
+def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cli(*args), env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+def _status(root: str, env: dict[str, str]) -> dict[str, object]:
+    result = run("status", root, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    status: dict[str, object] = json.loads(result.stdout)
+    return status
+
+
+def test_a_plain_cancel_prints_exactly_what_the_grpc_path_prints(etcd_env):
+    """Created, then already cancelled: the gateway's lines (JSON and text) are the gRPC path's, for the stored flag."""
+    root = random_root()
+    created = run("cancel", root, "--reason", "first", "--json", env=etcd_env)
+    assert created.returncode == 0 and created.stderr == ""
+    stored = _status(root, etcd_env)["flag"]
+    assert json.loads(created.stdout) == {"created": True, "flag": stored}
+    for extra in ((), ("--json",)):
+        through_gateway = run("cancel", root, "--reason", "second", *extra, env=etcd_env)
+        through_grpc = run("cancel", root, "--reason", "second", "--wait", "0.01", *extra, env=etcd_env)
+        assert through_gateway.returncode == through_grpc.returncode == 0
+        # --wait adds its summary after the flag's line.
+        assert through_gateway.stdout.splitlines() == through_grpc.stdout.splitlines()[:1]
+        if not extra:
+            assert through_gateway.stdout.startswith(f"{root} was already cancelled at ")
+            assert through_gateway.stdout.endswith("(reason: first)\n")
+
+
+def test_several_roots_are_each_flagged_once_in_the_order_given(etcd_env):
+    """`cancel A B A C` writes three flags and prints one line per root, in order."""
+    a, b, c = (random_root() for _ in range(3))
+    result = run("cancel", a, b, a, c, "--reason", "many", env=etcd_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"cancelled {root} (reason: many)" for root in (a, b, c)]
+    for root in (a, b, c):
+        assert _status(root, etcd_env)["cancelled"] is True
+
+
+def test_a_dead_first_endpoint_fails_over_to_the_next(etcd_env):
+    """With the first endpoint refusing connections the flag is written through the second, exit 0."""
+    root = random_root()
+    endpoints = f"127.0.0.1:{free_port()},{etcd_env['OTEL_CANCEL_ETCD_ENDPOINTS']}"
+    result = run("cancel", root, env={**etcd_env, "OTEL_CANCEL_ETCD_ENDPOINTS": endpoints})
+    assert result.returncode == 0, result.stderr
+    assert _status(root, etcd_env)["cancelled"] is True
+
+
+def test_with_the_gateway_turned_off_the_cancel_goes_through_grpc(prefix):
+    """etcd started with --enable-grpc-gateway=false: the same cancel still writes its flag (the gRPC store)."""
+    with EtcdServer(extra_args=["--enable-grpc-gateway=false"]) as etcd:
+        env = {"OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint, "OTEL_CANCEL_PREFIX": prefix}
+        root = random_root()
+        result = run("cancel", root, "--json", env=env)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert json.loads(result.stdout)["created"] is True
+        assert _status(root, env)["cancelled"] is True
+
+
+def test_with_spans_exported_the_cancel_records_its_request_span(etcd_env):
+    """With OTEL_EXPORTER_OTLP_ENDPOINT set, cancel records `otel_cancel.request` in the root's trace (gRPC path)."""
+    receiver = OtlpReceiver().start()
+    try:
+        root = random_root()
+        result = run("cancel", root, env={**etcd_env, **receiver.env()})
+        assert result.returncode == 0, result.stderr
+        receiver.wait_for(
+            lambda got: any(s.name == "otel_cancel.request" and s.trace_id == root for s in got.spans),
+            what="the cancel's request span",
+        )
+    finally:
+        receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_etcd() -> Iterator[EtcdServer]:
+    """etcd with authentication on and a user `canceller` that may write under every prefix."""
+    with EtcdServer() as etcd:
+
+        def etcdctl(*args: str) -> None:
+            command = [find_etcdctl_binary(), f"--endpoints={etcd.endpoint}", "--user=root:root-password", *args]
+            subprocess.run(command, check=True, capture_output=True, timeout=30)
+
+        subprocess.run(
+            [find_etcdctl_binary(), f"--endpoints={etcd.endpoint}", "user", "add", "root:root-password"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        etcdctl("user", "grant-role", "root", "root")
+        etcdctl("role", "add", "canceller")
+        etcdctl("role", "grant-permission", "canceller", "readwrite", "/", "--prefix=true")
+        etcdctl("user", "add", "canceller:canceller-password")
+        etcdctl("user", "grant-role", "canceller", "canceller")
+        etcdctl("auth", "enable")
+        yield etcd
+
+
+def test_with_etcd_auth_the_right_password_cancels_and_a_wrong_one_is_one_line(auth_etcd, prefix):
+    """etcd user and password: exit 0 with the right password; exit 1, one line, no traceback, with a wrong one."""
+    env = {
+        "OTEL_CANCEL_ETCD_ENDPOINTS": auth_etcd.endpoint,
+        "OTEL_CANCEL_PREFIX": prefix,
+        "OTEL_CANCEL_ETCD_USERNAME": "canceller",
+        "OTEL_CANCEL_ETCD_PASSWORD": "canceller-password",
+    }
+    root = random_root()
+    allowed = run("cancel", root, env=env)
+    assert allowed.returncode == 0 and allowed.stdout == f"cancelled {root} (reason: cancelled by operator)\n"
+    assert _status(root, env)["cancelled"] is True
+    refused = run("cancel", random_root(), env={**env, "OTEL_CANCEL_ETCD_PASSWORD": "wrong"})
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("otel-cancel: etcd refused the credentials while writing a cancel flag")
+    assert "OTEL_CANCEL_ETCD_PASSWORD" in refused.stderr and auth_etcd.endpoint in refused.stderr
