@@ -184,6 +184,10 @@ async def test_the_guardrail_cancels_its_sibling_and_the_downstream_service(etcd
                         async with client.stream("GET", f"{url}/stream", params=params) as response:
                             async for _ in response.aiter_lines():
                                 pass
+                        # The downstream service may end its stream (with the cancel event)
+                        # before the flag reaches this task: the agent goes on working on
+                        # what it read, and only the cancel can stop it.
+                        await asyncio.Event().wait()
                 except asyncio.CancelledError:
                     agent_stopped.set()
                     raise
