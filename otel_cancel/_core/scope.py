@@ -235,6 +235,11 @@ class CancelScope:
             # someone else delivered too (a caller leaving) is theirs: it propagates.
             # (A non-converting scope leaves the CancelledError to the scope outside it.)
             registration.consumed = registration.consumed or ours
+            # The flag's stop and the deadline's timer can both reach the task in one turn
+            # (a flag arriving as the deadline passes): two cancellations of ours, undo both.
+            delivered = int(ours) + int(self._deadline_fired)
+            for _ in range(delivered - 1):
+                task.uncancel()
             undone = task.uncancel() <= self._cancelling_at_enter
         decide = (
             self._outcome_of_a_normal_end

@@ -72,3 +72,33 @@ async def test_a_scope_entered_while_its_task_is_cancelling_still_converts_its_o
         await asyncio.wait_for(task, 5)
     assert (caught.value.root, caught.value.reason, caught.value.kind) == (root, "user", "explicit")
     assert (await _receipt(runtime, root)).interrupted == ("clean-up",)
+
+
+async def test_a_flag_and_the_deadline_stopping_the_task_together_leak_no_cancelled_error(runtime):
+    """The flag's stop and the deadline's timer cancel the task in the same turn: one Cancelled, no CancelledError."""
+    from otel_cancel._core.cancel_request import CancelRequest
+    from otel_cancel._core.registry import deliver
+
+    root = random_root()
+    inside = asyncio.Event()
+    scopes = []
+
+    async def work():
+        with otel_cancel.deadline(30):
+            async with otel_cancel.scope(root=root, name="work") as scope:
+                scopes.append(scope)
+                inside.set()
+                await asyncio.Event().wait()
+
+    task = asyncio.get_running_loop().create_task(work())
+    await asyncio.wait_for(inside.wait(), 5)
+    # Both in one turn, before the task runs again: what a flag arriving as the deadline passes does.
+    _, registrations = runtime.registry.apply(CancelRequest.new(root, "user", "test"))
+    for registration in registrations:
+        deliver(registration)
+    scopes[0]._deadline_passed()
+    with pytest.raises(otel_cancel.Cancelled) as caught:
+        await asyncio.wait_for(task, 5)
+    assert (caught.value.root, caught.value.reason, caught.value.kind) == (root, "user", "explicit")
+    assert not task.cancelled() and task.get_loop() is asyncio.get_running_loop()
+    assert (await _receipt(runtime, root)).interrupted == ("work",)
