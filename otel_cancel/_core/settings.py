@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from .. import environment_variables as env
 from ..exceptions import ConfigurationError
@@ -196,13 +197,16 @@ class Settings:
             return MemoryCancelStore(self.prefix)
         from ..store.etcd import EtcdCancelStore
 
-        return EtcdCancelStore(
-            self.endpoints,
-            prefix=self.prefix,
-            timeout=self.timeout_seconds,
-            username=self.username,
-            password=self.password,
-            ca_cert=self.ca_cert,
-            cert=self.cert,
-            key=self.key,
-        )
+        return EtcdCancelStore(self.endpoints, **self.etcd_options())
+
+    def etcd_options(self) -> dict[str, Any]:
+        """The keyword arguments of an etcd client for these settings (the gRPC store and the CLI's gateway client)."""
+        return {
+            "prefix": self.prefix,
+            "timeout": self.timeout_seconds,
+            "username": self.username,
+            "password": self.password,
+            "ca_cert": self.ca_cert,
+            "cert": self.cert,
+            "key": self.key,
+        }

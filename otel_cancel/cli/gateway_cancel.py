@@ -51,16 +51,7 @@ def cancel_through_gateway(settings: Settings, args: argparse.Namespace) -> int 
 
     requested_by = requester()
     written = 0
-    with EtcdGatewayClient(
-        settings.endpoints,
-        prefix=settings.prefix,
-        timeout=settings.timeout_seconds,
-        username=settings.username,
-        password=settings.password,
-        ca_cert=settings.ca_cert,
-        cert=settings.cert,
-        key=settings.key,
-    ) as client:
+    with EtcdGatewayClient(settings.endpoints, **settings.etcd_options()) as client:
         for root in dict.fromkeys(args.roots):  # each root once, in the order given
             request = CancelRequest.new(root, args.reason, requested_by)
             try:
