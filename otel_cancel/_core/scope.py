@@ -290,14 +290,17 @@ class CancelScope:
     def _record_deadline(self, stop: CancelRequest) -> None:
         late_ms = now_ms() - stop.requested_at // 1_000_000
         telemetry.mark_span_cancelled(trace.get_current_span(), stop.reason)
-        telemetry.work_cancelled(
-            root=stop.root,
-            reason=stop.reason,
-            kind=stop.kind,
-            depth=self.depth,
-            node=self.name,
-            start_ns=time.time_ns(),
-            latency_ms=float(late_ms),
+        self._record_after_the_stop(
+            functools.partial(
+                telemetry.work_cancelled,
+                root=stop.root,
+                reason=stop.reason,
+                kind=stop.kind,
+                depth=self.depth,
+                node=self.name,
+                start_ns=time.time_ns(),
+                latency_ms=float(late_ms),
+            )
         )
 
     def _early_recorder(self) -> Callable[[CancelRequest], None]:
@@ -315,7 +318,23 @@ class CancelScope:
 
     def _record(self, request: CancelRequest) -> None:
         telemetry.mark_span_cancelled(trace.get_current_span(), request.reason)
-        _record_stop(request, depth=self.depth, node=self.name, stopped_at=time.time_ns())
+        self._record_after_the_stop(
+            functools.partial(_record_stop, request, depth=self.depth, node=self.name, stopped_at=time.time_ns())
+        )
+
+    def _record_after_the_stop(self, record: Callable[[], None]) -> None:
+        """Record a stop (its span and metrics, timed already): in a task, a loop turn later.
+
+        The stopped work's caller (the middleware's 409, the handler's ``except``) gets
+        control back first: recording costs more than the stop itself. ``call_soon``
+        carries the current context, with the interrupted work's span, so the stop's
+        span still lands under it.
+        """
+        task = self._registration.task if self._registration is not None else None
+        if task is None:
+            record()
+        else:
+            task.get_loop().call_soon(record)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None

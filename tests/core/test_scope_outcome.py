@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_cancel
+from otel_cancel import attributes
+from otel_cancel._core import telemetry
 from otel_cancel._core.root import random_root
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
@@ -102,3 +107,39 @@ async def test_a_flag_and_the_deadline_stopping_the_task_together_leak_no_cancel
     assert (caught.value.root, caught.value.reason, caught.value.kind) == (root, "user", "explicit")
     assert not task.cancelled() and task.get_loop() is asyncio.get_running_loop()
     assert (await _receipt(runtime, root)).interrupted == ("work",)
+
+
+async def test_the_stopped_works_caller_runs_before_the_stop_is_recorded(runtime, monkeypatch):
+    """The stop's span comes a loop turn after the stop (the caller runs first), still under the work's span."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(telemetry, "_tracer", provider.get_tracer("otel-cancel-test"))
+    root = random_root()
+    inside = asyncio.Event()
+    recorded_when_stopped: list[list[str]] = []
+
+    async def work():
+        with provider.get_tracer("app").start_as_current_span("work"):
+            try:
+                async with otel_cancel.scope(root=root, name="work"):
+                    inside.set()
+                    await asyncio.Event().wait()
+            except otel_cancel.Cancelled:
+                recorded_when_stopped.append([span.name for span in exporter.get_finished_spans()])
+                raise
+
+    task = asyncio.get_running_loop().create_task(work())
+    await asyncio.wait_for(inside.wait(), 5)
+    await otel_cancel.cancel(root, reason="user")
+    with pytest.raises(otel_cancel.Cancelled):
+        await asyncio.wait_for(task, 5)
+    assert recorded_when_stopped == [[]]
+    for _ in range(100):  # loop turns, not time: the record was scheduled with call_soon
+        if any(span.name == attributes.SPAN_CANCELLED for span in exporter.get_finished_spans()):
+            break
+        await asyncio.sleep(0)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    stop, work_span = spans[attributes.SPAN_CANCELLED], spans["work"]
+    assert stop.parent is not None and stop.parent.span_id == work_span.context.span_id
+    assert stop.attributes[attributes.ROOT] == root and stop.attributes[attributes.NODE] == "work"
