@@ -209,6 +209,11 @@ async def test_every_dashboard_query_returns_its_series_from_a_direct_scrape(cha
         cancellations = prometheus.query("sum(otel_cancel_cancellations_total)")
         # Each process that reported stopping a root counted that root once.
         assert _total(cancellations) == len(_receipts(roots, env))
+        # Every replica applies every flag, held work or not: the slowest has applied them all,
+        # and the flags-applied panel shows each instance.
+        await prometheus.until("min(otel_cancel_flags_applied_total)", lambda r: _total(r) >= len(roots))
+        applied = prometheus.query(_substitute(_panel_expr(24)))
+        assert {s["metric"]["service_instance_id"] for s in applied} == instances
     finally:
         prometheus.process.stop()
 
