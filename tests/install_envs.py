@@ -28,6 +28,7 @@ _CONTRIB = (
     "opentelemetry-instrumentation",
     "opentelemetry-instrumentation-asgi",
     "opentelemetry-instrumentation-starlette",
+    "opentelemetry-instrumentation-fastapi",
     "opentelemetry-instrumentation-httpx",
     "opentelemetry-util-http",
     "opentelemetry-distro",

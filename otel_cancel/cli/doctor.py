@@ -89,6 +89,8 @@ _SERVICE_KINDS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ),
         "http",
     ),
+    # OpenTelemetry's Starlette instrumentation gives FastAPI apps no server span.
+    "FastAPI": ("fastapi", ("opentelemetry-instrumentation-fastapi",), "http"),
     "LangGraph": ("langgraph", (), "langgraph"),
     "A2A": ("a2a", ("a2a-sdk", "opentelemetry-instrumentation-httpx"), "a2a"),
 }

@@ -8,7 +8,8 @@ on an app that never imports otel_cancel gets:
 
 - :class:`~otel_cancel.integrations.asgi.CancelMiddleware` on every Starlette / FastAPI app,
   placed right inside OpenTelemetry's ASGI middleware (added once, even when the
-  app also adds it explicitly);
+  app also adds it explicitly). FastAPI builds its middleware stack in a method of its
+  own, which gets the same wrapper when ``fastapi`` is imported;
 - outgoing baggage on httpx calls (the httpx instrumentation is switched on if
   it is installed and not yet on);
 - the watcher started when the app starts serving (ASGI lifespan) or at the
@@ -41,6 +42,7 @@ import sys
 from collections.abc import Collection
 from typing import Any
 
+import wrapt
 from opentelemetry.instrumentation.dependencies import DependencyConflictError, get_dependency_conflicts
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 
@@ -147,6 +149,25 @@ class _MiddlewareInserter:
         return wrapped(*args, **kwargs)
 
 
+_FASTAPI_MODULE = "fastapi.applications"
+_fastapi_hook: dict[str, Any] = {"registered": False, "inserter": None}
+"""The post-import hook for FastAPI is registered once per process; it wraps with the inserter in use, if any."""
+
+
+def _fastapi_class() -> Any:
+    """FastAPI's app class, if it is imported and builds its middleware stack itself."""
+    module = sys.modules.get(_FASTAPI_MODULE)
+    cls = getattr(module, "FastAPI", None)
+    return cls if cls is not None and "build_middleware_stack" in vars(cls) else None
+
+
+def _wrap_fastapi(module: Any) -> None:
+    inserter = _fastapi_hook["inserter"]
+    cls = getattr(module, "FastAPI", None)
+    if inserter is not None and cls is not None and "build_middleware_stack" in vars(cls):
+        wrap(cls, "build_middleware_stack", inserter)
+
+
 class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """The otel-cancel instrumentor (see the module docstring)."""
 
@@ -210,7 +231,10 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             from starlette.applications import Starlette
 
             unwrap(Starlette, "build_middleware_stack", self._middleware_inserter)
-            self._middleware_inserter = None
+            fastapi = _fastapi_class()
+            if fastapi is not None:
+                unwrap(fastapi, "build_middleware_stack", self._middleware_inserter)
+            self._middleware_inserter = _fastapi_hook["inserter"] = None
         # Each undone on its own: one that cannot be imported does not keep the other wrapped.
         try:
             from .langgraph_server import uninstrument_langgraph_server
@@ -232,8 +256,15 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             return
         if self._middleware_inserter is not None:
             return
-        self._middleware_inserter = _MiddlewareInserter(a2a_supported)
+        self._middleware_inserter = _fastapi_hook["inserter"] = _MiddlewareInserter(a2a_supported)
         wrap(Starlette, "build_middleware_stack", self._middleware_inserter)
+        # FastAPI replaces Starlette's method without calling it: its own is wrapped too, once
+        # the application imports FastAPI (importing it here would slow every other service).
+        if not _fastapi_hook["registered"]:
+            _fastapi_hook["registered"] = True
+            wrapt.register_post_import_hook(_wrap_fastapi, _FASTAPI_MODULE)
+        elif _FASTAPI_MODULE in sys.modules:
+            _wrap_fastapi(sys.modules[_FASTAPI_MODULE])
 
     @staticmethod
     def _instrument_langgraph() -> None:

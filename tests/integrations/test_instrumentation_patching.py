@@ -15,6 +15,7 @@ from typing import TypedDict
 
 import pytest
 import wrapt
+from fastapi import FastAPI
 from langgraph.graph import END, START, StateGraph
 from langgraph.pregel import Pregel
 from langgraph.pregel import _retry as pregel_retry
@@ -43,6 +44,7 @@ _PATCHED = (
     (pregel_runner, "arun_with_retry"),
     (pregel_runner, "run_with_retry"),
     (Starlette, "build_middleware_stack"),
+    (FastAPI, "build_middleware_stack"),
 )
 
 
@@ -123,6 +125,14 @@ def test_a_starlette_app_built_after_uninstrument_has_no_cancel_middleware(instr
     assert _cancel_middleware_count(Starlette()) == 0
 
 
+def test_a_fastapi_app_gets_cancel_middleware_once_while_instrumented(instrumentor):
+    """FastAPI builds its stack without Starlette's method: its own is wrapped too, and undone."""
+    instrumentor.instrument()
+    assert _cancel_middleware_count(FastAPI()) == 1
+    instrumentor.uninstrument()
+    assert _cancel_middleware_count(FastAPI()) == 0
+
+
 def test_without_starlette_uninstrument_still_undoes_langgraph(instrumentor, monkeypatch):
     """In a process where Starlette cannot be imported, uninstrument still puts LangGraph's functions back."""
     monkeypatch.setitem(sys.modules, "starlette.applications", None)  # import raises ImportError
@@ -188,6 +198,12 @@ def test_the_starlette_names_wrapped_exist():
     """Starlette still builds its middleware stack in build_middleware_stack, from the user_middleware list."""
     assert inspect.isfunction(vars(Starlette)["build_middleware_stack"])
     assert Starlette().user_middleware == []
+
+
+def test_the_fastapi_names_wrapped_exist():
+    """FastAPI still builds its middleware stack in a build_middleware_stack of its own, from user_middleware."""
+    assert inspect.isfunction(vars(FastAPI)["build_middleware_stack"])
+    assert FastAPI().user_middleware == []
 
 
 # -- declared dependencies ---------------------------------------------------------------
