@@ -17,9 +17,9 @@ changes that the live-work publisher (:mod:`otel_cancel._core.live`) polls.
 
 from __future__ import annotations
 
-import _asyncio
 import asyncio
 import dataclasses
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -31,7 +31,12 @@ from .bulk import BulkCancel
 from .outcome import Outcome
 from .records import CancelRequest, LiveEntry
 
-current_task: Callable[[], asyncio.Task[Any] | None] = getattr(_asyncio, "current_task", asyncio.current_task)
+# asyncio loads its C accelerator itself. Importing ``_asyncio`` before asyncio would leave
+# asyncio half pure Python: C tasks that its ``current_task()`` cannot see (``wait_for`` and
+# ``asyncio.timeout`` then fail in every task of the process from Python 3.12 on).
+current_task: Callable[[], asyncio.Task[Any] | None] = getattr(
+    sys.modules.get("_asyncio"), "current_task", asyncio.current_task
+)
 """The C function where there is one (``asyncio.current_task`` is Python code before 3.12): every scope asks."""
 
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})

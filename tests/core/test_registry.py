@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 from otel_cancel._core.bulk import BulkCancel
@@ -67,3 +69,18 @@ def test_the_registry_refuses_a_late_scope_of_a_selected_run_and_admits_a_run_be
     )
     assert request is None
     registry.exit(fresh)
+
+
+def test_importing_otel_cancel_first_leaves_asyncio_whole():
+    """Imported before asyncio (as in the CLI), the registry leaves asyncio's current_task() and wait_for working."""
+    probe = (
+        "import otel_cancel._core.registry, asyncio\n"
+        "async def main():\n"
+        "    seen = asyncio.current_task()\n"
+        "    await asyncio.wait_for(asyncio.sleep(0), 1)\n"
+        "    return seen is not None\n"
+        "print(asyncio.run(main()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
