@@ -81,7 +81,8 @@ def build_wheel(directory: Path) -> Path:
 def venv_with(wheel: Path, extras: str, requirements: list[str]) -> Path:
     """A venv (cached) with ``wheel[extras]`` beside ``requirements``; returns its python."""
     pyproject = (ROOT / "pyproject.toml").read_text()
-    key = hashlib.sha256("\n".join([pyproject, extras, *requirements]).encode()).hexdigest()[:16]
+    # The interpreter is part of the key: a venv is built on (and runs) the Python that made it.
+    key = hashlib.sha256("\n".join([sys.version, pyproject, extras, *requirements]).encode()).hexdigest()[:16]
     home = CACHE / key
     python = home / "bin" / "python"
     marker = home / ".complete"
