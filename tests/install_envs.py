@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,19 @@ _CONTRIB = (
     "opentelemetry-distro",
     "opentelemetry-semantic-conventions",
 )
+
+
+def newest_python() -> str:
+    """The newest Python 3 on this machine's PATH that otel-cancel supports (else the one running the tests)."""
+    running = sys.version_info[:2]
+    for minor in range(20, running[1], -1):
+        found = shutil.which(f"python3.{minor}")
+        if found is None:
+            continue
+        probe = subprocess.run([found, "-c", "import sys, venv"], capture_output=True, timeout=60)
+        if probe.returncode == 0:  # a pyenv shim of a version not installed fails here
+            return found
+    return sys.executable
 
 
 def newest_release_set() -> dict[str, str] | None:
@@ -78,16 +92,19 @@ def build_wheel(directory: Path) -> Path:
     return next(directory.glob("otel_cancel-*.whl"))
 
 
-def venv_with(wheel: Path, extras: str, requirements: list[str]) -> Path:
-    """A venv (cached) with ``wheel[extras]`` beside ``requirements``; returns its python."""
+def venv_with(wheel: Path, extras: str, requirements: list[str], interpreter: str = sys.executable) -> Path:
+    """A venv (cached) on ``interpreter`` with ``wheel[extras]`` beside ``requirements``; returns its python."""
     pyproject = (ROOT / "pyproject.toml").read_text()
-    # The interpreter is part of the key: a venv is built on (and runs) the Python that made it.
-    key = hashlib.sha256("\n".join([sys.version, pyproject, extras, *requirements]).encode()).hexdigest()[:16]
+    # The interpreter is part of the key: a venv runs on the Python that made it.
+    version = subprocess.run(
+        [interpreter, "-c", "import sys; print(sys.version)"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    key = hashlib.sha256("\n".join([version, pyproject, extras, *requirements]).encode()).hexdigest()[:16]
     home = CACHE / key
     python = home / "bin" / "python"
     marker = home / ".complete"
     if not marker.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(home)], check=True, timeout=300)
+        subprocess.run([interpreter, "-m", "venv", "--clear", str(home)], check=True, timeout=300)
         # Python's bundled pip (23.x) gives up on OpenTelemetry's partial patch releases; a current pip resolves them.
         upgrade = [str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip>=24"]
         subprocess.run(upgrade, check=True, capture_output=True, timeout=300)

@@ -2,14 +2,16 @@
 
 The wheel is built from this tree and installed (with the ``http`` and ``sdk``
 extras, Starlette and uvicorn) into a venv pinned to the oldest release set
-pyproject.toml claims, and into one pinned to the newest release set on the
-package index. Two auto-instrumented services in that venv, edge and internal,
-carry a streamed request; the venv's own CLI cancels it and both stop.
+pyproject.toml claims, and into one with the newest release set on the package
+index, built on the newest Python on the machine's PATH. Two auto-instrumented
+services in that venv, edge and internal, carry a streamed request; the venv's own
+CLI cancels it and both stop; its `watch` prints the flag.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -22,11 +24,15 @@ from install_envs import (
     OLDEST_OTHERS,
     build_wheel,
     installed_version,
+    newest_python,
     newest_release_set,
     pins,
     temporary_directory,
     venv_with,
 )
+
+from otel_cancel._core.root import random_root
+from otel_cancel.testing import ManagedProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -46,11 +52,12 @@ async def _until(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 
 def _venv(which: str, wheel: Path) -> Path:
-    """The venv of the oldest claimed or the newest released set (the same one for every test here)."""
+    """The venv of the oldest claimed set (on this Python) or of the newest (on the newest Python here)."""
     if which == "oldest":
         others = [f"{name}=={version}" for name, version in OLDEST_OTHERS.items()]
         return venv_with(wheel, "http,sdk", [*pins(OLDEST, every_package=True), *others, *_SERVICE_PACKAGES])
-    return venv_with(wheel, "http,sdk", _SERVICE_PACKAGES)
+    # The newest set on the newest Python here: what a new deployment runs.
+    return venv_with(wheel, "http,sdk", _SERVICE_PACKAGES, newest_python())
 
 
 @pytest.mark.parametrize("which", ["oldest", "newest"])
@@ -75,6 +82,19 @@ async def test_a_cancel_runs_beside_a_release_set(which, wheel, chain, etcd_env)
         await response.aclose()
     await _until(lambda: len(chain.lines("STOPPED", root)) == 2)
     assert not [line for p in chain.processes() for line in p.lines if "Traceback" in line]
+
+
+@pytest.mark.parametrize("which", ["oldest", "newest"])
+def test_the_cli_watches_flags_on_each_sets_python(which, wheel, etcd_env):
+    """The venv's `otel-cancel watch` (the etcd watch on the CLI's IO loop) prints the flag its `cancel` writes."""
+    python = _venv(which, wheel)
+    otel_cancel = str(python.parent / "otel-cancel")
+    root = random_root()
+    with ManagedProcess([otel_cancel, "watch", "--json"], env=etcd_env, name=f"watch-{which}") as watch:
+        watch.wait_for_line(lambda line: "otel-cancel: watching" in line, timeout=60)
+        env = {**os.environ, **etcd_env}
+        subprocess.run([otel_cancel, "cancel", root], env=env, check=True, capture_output=True, timeout=60)
+        assert json.loads(watch.wait_for_line(lambda line: root in line, timeout=30))["root"] == root
 
 
 _RETRY_PROBE = """
