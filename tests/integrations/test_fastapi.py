@@ -42,3 +42,24 @@ async def test_a_fastapi_chain_under_opentelemetry_instrument_is_cancelled_at_ev
         late = await client.get(f"{chain.urls(1)[0]}/work", headers={"baggage": f"otel_cancel.root={root}"})
         assert late.status_code == 409
         assert not chain.lines("RAN", root)
+
+
+async def test_a_fastapi_handler_cancelled_mid_request_answers_409(chain, etcd_env):
+    """A FastAPI JSON handler still working when its root is cancelled: the client gets 409 with the reason."""
+    chain.start(etcd_env, levels=("A",), module="fastapi_app", auto_instrument=True, replicas=1)
+    async with httpx.AsyncClient(timeout=60) as client:
+        call = asyncio.create_task(client.get(f"{chain.urls(0)[0]}/work", params={"seconds": 60}))
+        line = await asyncio.to_thread(chain.levels[0][0][1].wait_for_line, "RAN ", 30)
+        root = line.split()[1]
+        result = subprocess.run(
+            cli("cancel", root, "--reason", "user left"),
+            env={**os.environ, **etcd_env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        response = await asyncio.wait_for(call, 30)
+    assert response.status_code == 409
+    assert response.json() == {"error": "cancelled", "root": root, "reason": "user left"}
+    assert response.headers["otel-cancel-root"] == root
