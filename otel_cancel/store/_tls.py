@@ -147,6 +147,10 @@ def ssl_context(ca_cert: str | None, cert: str | None, key: str | None) -> ssl.S
 
     try:
         context = ssl.create_default_context(cadata=files.ca_pem.decode("ascii") if files.ca_pem else None)
+        # The certificates gRPC accepts (the chain and the name, verified the same): Python 3.13
+        # also demands RFC 5280's form by default (key identifiers...), which gRPC does not, and
+        # the same TLS settings must serve both paths to etcd.
+        context.verify_flags &= ~ssl.VERIFY_X509_STRICT
         if files.cert_path and files.key_path:
             # Checked above (read_tls_files); loaded from the files as ssl requires.
             context.load_cert_chain(files.cert_path, files.key_path)

@@ -210,7 +210,12 @@ class EtcdServer:
             )
             log.close()
             if wait:
-                self.wait_healthy(timeout)
+                try:
+                    self.wait_healthy(timeout)
+                except BaseException:
+                    # A start that fails leaves no etcd behind (``with`` never reaches its exit).
+                    self._signal_and_wait(signal.SIGKILL)
+                    raise
             return self
 
         def lost_a_port(error: Exception) -> bool:

@@ -37,6 +37,7 @@ from .._core.process_state import ProcessState, configure, reset
 from ..demo.processes import ChildProcess, output_changed
 from ..store import CancelStore
 from ..store import embedded_etcd as _etcd_server
+from ..store._tls import ssl_context
 from ..store.embedded_etcd import find_etcd_binary as find_etcd_binary
 from ..store.embedded_etcd import find_etcdctl_binary as find_etcdctl_binary
 from ..store.embedded_etcd import free_port as free_port
@@ -201,10 +202,8 @@ class EtcdServer(_etcd_server.EtcdServer):
     def _health_check_context(self) -> ssl.SSLContext | None:
         if self.tls is None:
             return None
-        context = ssl.create_default_context(cafile=self.tls.ca_cert)
-        if self.tls.client_cert is not None:
-            context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
-        return context
+        # Verified as otel-cancel's own HTTPS calls to etcd verify it.
+        return ssl_context(self.tls.ca_cert, self.tls.client_cert, self.tls.client_key)
 
     def start(self, timeout: float = 20.0, wait: bool = True) -> EtcdServer:
         """Start etcd and wait until it answers its health endpoint (see the embedded etcd's ``start``)."""

@@ -7,21 +7,15 @@ flags written through the gateway are read back through the gRPC store and
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from tls_pki import make_pki
 
 from otel_cancel._core.records import CancelRequest
 from otel_cancel._core.root_id import random_root
@@ -233,71 +227,10 @@ def test_a_role_that_may_not_write_flags_is_denied(auth_server, prefix):
 # -- TLS ----------------------------------------------------------------------------------------
 
 
-def _pem(path: Path, *objects: object) -> str:
-    data = b""
-    for item in objects:
-        if isinstance(item, x509.Certificate):
-            data += item.public_bytes(serialization.Encoding.PEM)
-        else:
-            data += item.private_bytes(  # type: ignore[attr-defined]
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-    path.write_bytes(data)
-    return str(path)
-
-
-def _pki(directory: Path, *, server_may_be_client: bool) -> EtcdTls:
-    """A CA, a server certificate for 127.0.0.1 (also for client use, or not) and a client certificate."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(usages: list[x509.ObjectIdentifier], san: list[x509.GeneralName]) -> tuple[x509.Certificate, object]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        )
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(ca_key, hashes.SHA256()), key
-
-    usages = [ExtendedKeyUsageOID.SERVER_AUTH]
-    if server_may_be_client:
-        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
-    server, server_key = leaf(usages, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    client, client_key = leaf([ExtendedKeyUsageOID.CLIENT_AUTH], [])
-    return EtcdTls(
-        ca_cert=_pem(directory / "ca.pem", ca),
-        cert=_pem(directory / "server.pem", server),
-        key=_pem(directory / "server-key.pem", server_key),
-        client_cert_auth=True,
-        client_cert=_pem(directory / "client.pem", client),
-        client_key=_pem(directory / "client-key.pem", client_key),
-    )
-
-
 @pytest.fixture(scope="module")
 def mtls_server(tmp_path_factory) -> Iterator[EtcdServer]:
     """etcd over mutual TLS whose server certificate also allows client use (its gateway can reach it)."""
-    with EtcdServer(tls=_pki(tmp_path_factory.mktemp("pki"), server_may_be_client=True)) as etcd:
+    with EtcdServer(tls=make_pki(tmp_path_factory.mktemp("pki"), server_may_be_client=True)) as etcd:
         yield etcd
 
 
@@ -317,6 +250,15 @@ async def test_over_mutual_tls_the_flag_is_written_with_the_client_certificate(m
     assert created and value == stored.to_json() and ttl == TTL
 
 
+def test_certificates_without_key_identifiers_serve_as_they_do_for_grpc(tmp_path, prefix):
+    """A PKI without key identifiers (gRPC accepts it; Python 3.13's strict default would not): the flag is written."""
+    tls = make_pki(tmp_path, server_may_be_client=True, key_identifiers=False)
+    with EtcdServer(tls=tls) as etcd:
+        client = _client(etcd, prefix, **_tls_options(tls))
+        _, created = client.create_flag(CancelRequest.new(random_root(), "home-made pki", "tests"), TTL)
+    assert created
+
+
 def test_without_the_client_certificate_mutual_tls_refuses_with_one_error(mtls_server, prefix):
     """No client certificate: etcd ends the handshake, a StoreUnavailableError (exit 1 in the CLI)."""
     client = _client(mtls_server, prefix, timeout=1, **_tls_options(mtls_server.tls, with_client_cert=False))
@@ -326,7 +268,7 @@ def test_without_the_client_certificate_mutual_tls_refuses_with_one_error(mtls_s
 
 def test_a_certificate_the_ca_did_not_sign_is_not_trusted(mtls_server, prefix, tmp_path):
     """etcd's certificate is verified against OTEL_CANCEL_ETCD_CA_CERT: another CA fails the call."""
-    other = _pki(tmp_path, server_may_be_client=False)
+    other = make_pki(tmp_path)
     options = {"ca_cert": other.ca_cert, "cert": other.client_cert, "key": other.client_key}
     client = _client(mtls_server, prefix, timeout=1, **options)
     with pytest.raises(StoreUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
@@ -335,7 +277,7 @@ def test_a_certificate_the_ca_did_not_sign_is_not_trusted(mtls_server, prefix, t
 
 def test_when_the_gateway_cannot_reach_etcd_the_cli_cancels_through_grpc(tmp_path, prefix):
     """Server certificate for server use only: the gateway is unusable, and the CLI's cancel falls back to gRPC."""
-    tls = _pki(tmp_path, server_may_be_client=False)
+    tls = make_pki(tmp_path)
     with EtcdServer(tls=tls) as etcd:
         client = _client(etcd, prefix, timeout=1, **_tls_options(tls))
         with pytest.raises(GatewayUnusableError, match="could not reach etcd"):

@@ -54,6 +54,28 @@ _DEMO_MODULES = (
 )
 
 
+def test_an_etcd_that_never_becomes_healthy_is_not_left_running(monkeypatch):
+    """A start whose health check times out kills the etcd it launched: a failed ``with`` leaves no process."""
+    launched = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        launched.append(real_popen(*args, **kwargs))
+        return launched[-1]
+
+    def never_healthy(self, timeout=20.0):
+        raise TimeoutError(f"etcd on port {self.client_port} not healthy after {timeout}s")
+
+    monkeypatch.setattr(_etcd_server.subprocess, "Popen", popen)
+    monkeypatch.setattr(EtcdServer, "wait_healthy", never_healthy)
+    try:
+        with EtcdServer():
+            raise AssertionError("a start that failed ran the body")
+    except TimeoutError:
+        pass
+    assert len(launched) == 1 and launched[0].poll() is not None
+
+
 def test_the_demo_and_its_embedded_etcd_load_no_test_machinery():
     """Importing every demo module and running the embedded etcd leaves otel_cancel.testing unloaded."""
     probe = (

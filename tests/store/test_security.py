@@ -9,24 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
-import ipaddress
 import json
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import aetcd
 import httpx
 import pytest
 from chain import Chain
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from debug_service import EVENT_TIMEOUT, open_gated_stream, run_cli, state, until, write_flags
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tls_pki import make_pki
 
 from otel_cancel._core.io_loop import io_loop
 from otel_cancel._core.records import CancelRequest, Receipt
@@ -196,102 +190,23 @@ async def test_a_watch_that_etcd_refuses_raises_instead_of_waiting_forever(auth_
 # -- TLS ---------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Pki:
-    ca: str
-    server_cert: str
-    server_key: str
-    client_cert: str
-    client_key: str
-
-
-def _write_pem(path: Path, *objects: object) -> str:
-    data = b""
-    for item in objects:
-        if isinstance(item, x509.Certificate):
-            data += item.public_bytes(serialization.Encoding.PEM)
-        else:
-            data += item.private_bytes(  # type: ignore[attr-defined]
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-    path.write_bytes(data)
-    return str(path)
-
-
-def _make_pki(directory: Path) -> Pki:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "otel-cancel test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(name: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName]) -> tuple[x509.Certificate, object]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)] if name else []))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(ca_key, hashes.SHA256()), key
-
-    server, server_key = leaf(
-        "etcd", ExtendedKeyUsageOID.SERVER_AUTH, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    )
-    # No common name: with etcd auth on, a client certificate's CN logs in as that user,
-    # so etcd grpc-proxy refuses to present a certificate that has one.
-    client, client_key = leaf("", ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    return Pki(
-        ca=_write_pem(directory / "ca.pem", ca),
-        server_cert=_write_pem(directory / "server.pem", server),
-        server_key=_write_pem(directory / "server-key.pem", server_key),
-        client_cert=_write_pem(directory / "client.pem", client),
-        client_key=_write_pem(directory / "client-key.pem", client_key),
-    )
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> EtcdTls:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Pki:
-    return _make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def tls_etcd(pki: Pki) -> Iterator[EtcdServer]:
+def tls_etcd(pki: EtcdTls) -> Iterator[EtcdServer]:
     """etcd serving clients over mutual TLS only."""
-    tls = EtcdTls(
-        ca_cert=pki.ca,
-        cert=pki.server_cert,
-        key=pki.server_key,
-        client_cert_auth=True,
-        client_cert=pki.client_cert,
-        client_key=pki.client_key,
-    )
-    with EtcdServer(tls=tls) as server:
+    with EtcdServer(tls=pki) as server:
         yield server
 
 
-def _tls_env(tls_etcd: EtcdServer, pki: Pki, prefix: str) -> dict[str, str]:
+def _tls_env(tls_etcd: EtcdServer, pki: EtcdTls, prefix: str) -> dict[str, str]:
     return {
         "OTEL_CANCEL_ETCD_ENDPOINTS": tls_etcd.endpoint,
         "OTEL_CANCEL_PREFIX": prefix,
-        "OTEL_CANCEL_ETCD_CA_CERT": pki.ca,
+        "OTEL_CANCEL_ETCD_CA_CERT": pki.ca_cert,
         "OTEL_CANCEL_ETCD_CERT": pki.client_cert,
         "OTEL_CANCEL_ETCD_KEY": pki.client_key,
         "OTEL_CANCEL_STARTUP_WAIT_SECONDS": str(EVENT_TIMEOUT),
@@ -330,7 +245,7 @@ async def test_a_grpc_proxy_sidecar_terminates_tls_for_a_service_that_speaks_pla
             "grpc-proxy",
             "start",
             f"--endpoints={tls_etcd.client_url}",
-            f"--cacert={pki.ca}",
+            f"--cacert={pki.ca_cert}",
             f"--cert={pki.client_cert}",
             f"--key={pki.client_key}",
             f"--listen-addr={sidecar}",
