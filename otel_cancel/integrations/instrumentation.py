@@ -154,17 +154,16 @@ _fastapi_hook: dict[str, Any] = {"registered": False, "inserter": None}
 """The post-import hook for FastAPI is registered once per process; it wraps with the inserter in use, if any."""
 
 
-def _fastapi_class() -> Any:
-    """FastAPI's app class, if it is imported and builds its middleware stack itself."""
-    module = sys.modules.get(_FASTAPI_MODULE)
+def _fastapi_class(module: Any = None) -> Any:
+    """FastAPI's app class (of ``module``, else of the one imported), if it builds its middleware stack itself."""
+    module = module if module is not None else sys.modules.get(_FASTAPI_MODULE)
     cls = getattr(module, "FastAPI", None)
     return cls if cls is not None and "build_middleware_stack" in vars(cls) else None
 
 
 def _wrap_fastapi(module: Any) -> None:
-    inserter = _fastapi_hook["inserter"]
-    cls = getattr(module, "FastAPI", None)
-    if inserter is not None and cls is not None and "build_middleware_stack" in vars(cls):
+    inserter, cls = _fastapi_hook["inserter"], _fastapi_class(module)
+    if inserter is not None and cls is not None:
         wrap(cls, "build_middleware_stack", inserter)
 
 
