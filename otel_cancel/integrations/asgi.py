@@ -56,6 +56,7 @@ from opentelemetry import context as otel_context
 
 from .. import attributes
 from .._core import telemetry
+from .._core.baggage_entries import entries_of
 from .._core.cancel_request import CancelRequest
 from .._core.deadline import DEADLINE_REASON, MAX_AHEAD_SECONDS, now_ms, parse_timeout, validate_deadline
 from .._core.labels import run_facts, usable_labels, validate_label, with_labels
@@ -225,7 +226,7 @@ class CancelMiddleware:
         if headers.carrier and not trace.get_current_span(current).get_span_context().is_valid:
             # No OpenTelemetry ASGI middleware in front (it would have extracted the
             # context already): extract it ourselves, once.
-            current = extract_request_context(textmap, headers.carrier)
+            current = extract_request_context(textmap, headers.carrier, current)
         incoming = establish_root(
             current,
             raw_headers,
@@ -234,8 +235,11 @@ class CancelMiddleware:
             baggage_header=b",".join(headers.baggage),
             continued=headers.continued,
         )
-        context, deadline_ms = self._narrow_deadline(incoming.context, incoming.root, incoming.depth, headers)
-        context = self._labelled(context, raw_headers, settings.label_headers)
+        context, deadline_ms = incoming.context, None
+        if attributes.BAGGAGE_DEADLINE in entries_of(context) or headers.timeouts or self._deadline_seconds is not None:
+            context, deadline_ms = self._narrow_deadline(context, incoming.root, incoming.depth, headers)
+        if self._label_headers is not None or settings.label_headers:
+            context = self._labelled(context, raw_headers, settings.label_headers)
         if self._run_in_scope and deadline_ms is not None and deadline_ms <= now_ms():
             # The budget ran out before this hop: do no work.
             telemetry.late_arrival(incoming.root, DEADLINE_REASON, attributes.KIND_DEADLINE, context)
@@ -260,10 +264,10 @@ class CancelMiddleware:
             receive,
             send,
             incoming.root,
-            edge=not trusted,
-            on_disconnect=self._on_disconnect or settings.on_disconnect,
-            deadline_ms=deadline_ms,
-            body_received=not headers.has_body,
+            not trusted,  # an edge
+            self._on_disconnect or settings.on_disconnect,
+            deadline_ms,
+            not headers.has_body,  # the body is received (there is none)
         )
         token = otel_context.attach(context)
         request.task = current_task()
@@ -297,10 +301,11 @@ class CancelMiddleware:
     def _narrow_deadline(
         self, context: otel_context.Context, root: str, depth: int, headers: _RequestHeaders
     ) -> tuple[otel_context.Context, int | None]:
-        """The request's deadline: the incoming one, narrowed by the header and this hop's budget."""
-        raw = baggage.get_baggage(attributes.BAGGAGE_DEADLINE, context)
-        if raw is None and not headers.timeouts and self._deadline_seconds is None:
-            return context, None  # the common case: no deadline anywhere
+        """The request's deadline: the incoming one, narrowed by the header and this hop's budget.
+
+        Called only when one of the three is there (the common request has none).
+        """
+        raw = entries_of(context).get(attributes.BAGGAGE_DEADLINE)
         deadline_ms = validate_deadline(raw)
         if raw is not None and deadline_ms is None:
             context = baggage.remove_baggage(attributes.BAGGAGE_DEADLINE, context)
@@ -423,27 +428,20 @@ class _CancellableRequest:
     recognises (:meth:`owns_cancellation`) and swallows with ``Task.uncancel()``.
     """
 
-    __slots__ = (
-        "_disconnect_cancel",
-        "_listen_check",
-        "_listener",
-        "_receive",
-        "_receiving",
-        "_send",
-        "_start_headers",
-        "body_received",
-        "client_gone",
-        "deadline_ms",
-        "edge",
-        "on_disconnect",
-        "response_complete",
-        "response_started",
-        "root",
-        "scope",
-        "stopped_locally",
-        "streaming",
-        "task",
-    )
+    # The state a request starts with, as class attributes: a request sets on itself only
+    # what it was given and what changes while it runs (most of these never do).
+    response_started = False
+    response_complete = False
+    streaming = False
+    client_gone = False
+    stopped_locally = False
+    _start_headers: list[tuple[bytes, bytes]] = []  # noqa: RUF012 - replaced, never changed
+    _receiving = 0
+    """How many of the app's receive() calls are waiting: while one is, the app hears the disconnect itself."""
+    task: asyncio.Task[Any] | None = None
+    _listen_check: asyncio.Handle | None = None
+    _listener: asyncio.Task[None] | None = None
+    _disconnect_cancel: asyncio.Task[Any] | None = None
 
     def __init__(
         self,
@@ -451,7 +449,6 @@ class _CancellableRequest:
         receive: Receive,
         send: Send,
         root: str,
-        *,
         edge: bool,
         on_disconnect: str,
         deadline_ms: int | None,
@@ -465,18 +462,6 @@ class _CancellableRequest:
         self.on_disconnect = on_disconnect
         self.deadline_ms = deadline_ms
         self.body_received = body_received
-        self.response_started = False
-        self.response_complete = False
-        self.streaming = False
-        self.client_gone = False
-        self.stopped_locally = False
-        self._start_headers: list[tuple[bytes, bytes]] = []
-        self._receiving = 0
-        """How many of the app's receive() calls are waiting: while one is, the app hears the disconnect itself."""
-        self.task: asyncio.Task[Any] | None = None
-        self._listen_check: asyncio.Handle | None = None
-        self._listener: asyncio.Task[None] | None = None
-        self._disconnect_cancel: asyncio.Task[Any] | None = None
 
     def owns_cancellation(self) -> bool:
         """Whether the task's cancellation is this request's own local stop alone (then undone here)."""

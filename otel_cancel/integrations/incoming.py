@@ -20,11 +20,12 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
-from opentelemetry import baggage, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 
 from .. import attributes
 from .._core import telemetry
+from .._core.baggage_entries import entries_of
 from .._core.rate_limited_log import RateLimitedLogger
 from .._core.root import is_valid_root, parse_depth, random_root, set_new_root, set_root, update_root_in_place
 from .._core.signing import sign_root, verify_root
@@ -78,19 +79,17 @@ def establish_root(
         headers = list(headers)
         baggage_header = b",".join(_header_values(headers, b"baggage"))
         continued = bool(_header_values(headers, b"traceparent"))
-    entries = baggage.get_all(context)  # one read of the baggage, then dict lookups
+    entries = entries_of(context)  # one read of the baggage, then dict lookups
     if trusted:
         adopted = _adopt(context, entries, baggage_header, signing_key)
         if adopted is not None:
             return adopted
     elif attributes.BAGGAGE_ROOT in entries:
         telemetry.baggage_rejected("untrusted")
-    # Only the otel_cancel.* entries are dropped; the rest of the caller's baggage is kept.
-    ours = [key for key in attributes.BAGGAGE_KEYS if key in entries]
-    if ours:
-        for key in ours:
-            context = baggage.remove_baggage(key, context)
-        entries = baggage.get_all(context)
+    # Only the otel_cancel.* entries are dropped; the rest of the caller's baggage is kept
+    # (set_new_root replaces the whole baggage).
+    if entries and not entries.keys().isdisjoint(attributes.BAGGAGE_KEYS):
+        entries = {key: value for key, value in entries.items() if key not in attributes.BAGGAGE_KEYS}
     root = _root_started_here(context, continued)
     extra = {attributes.BAGGAGE_SIGNATURE: sign_root(signing_key, root)} if signing_key else None
     # None of ours is left in ``entries``: the run starts here, with the caller's entries after ours.

@@ -13,11 +13,10 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_plus
 
-from opentelemetry import baggage
 from opentelemetry.context import Context, get_current
 from opentelemetry.propagators.textmap import TextMapPropagator
 
-from .._core.baggage_entries import with_entries
+from .._core.baggage_entries import entries_of, with_entries
 
 _DEFAULT_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
 """What ``OTEL_PROPAGATORS=tracecontext,baggage`` (the default) reads: the only set-up taken on the fast path."""
@@ -47,35 +46,46 @@ def _reads_the_default_fields(textmap: TextMapPropagator) -> bool:
     return default
 
 
-def extract_request_context(textmap: TextMapPropagator, carrier: dict[str, list[str]]) -> Context:
-    """What ``textmap.extract(carrier)`` returns, cheaper for a plain ``baggage`` header.
+def extract_request_context(
+    textmap: TextMapPropagator, carrier: dict[str, list[str]], current: Context | None = None
+) -> Context:
+    """What ``textmap.extract(carrier, current)`` returns, cheaper for a plain ``baggage`` header.
 
     Args:
         textmap: the global propagator (``propagate.get_global_textmap()``).
         carrier: the request's propagation headers, name (lowercase) -> values.
+        current: the context to extract into, for a caller that has it at hand
+            (default: the current context).
     """
     values = carrier.get("baggage")
     if not values or not _reads_the_default_fields(textmap):
-        return textmap.extract(carrier)
+        return textmap.extract(carrier, current)
     header = values[0]  # OpenTelemetry's propagator reads the first baggage header only
     if (
         len(header) > _MAX_PLAIN_LENGTH
         or header.count(",") >= _MAX_PLAIN_MEMBERS
         or _PLAIN_HEADER.fullmatch(header) is None
     ):
-        return textmap.extract(carrier)
+        return textmap.extract(carrier, current)
     if len(carrier) > 1:
         # The trace context: the propagators see every header but the baggage, which
         # the baggage propagator would have read and which is read here instead.
-        context = textmap.extract({name: value for name, value in carrier.items() if name != "baggage"})
+        context = textmap.extract({name: value for name, value in carrier.items() if name != "baggage"}, current)
     else:
-        context = get_current()
-    entries: dict[str, object] = {}
-    for member in header.split(","):
-        name, value = member.split("=", 1)
-        if "%" in value or "+" in value:
-            value = unquote_plus(value).strip()
-        entries[name] = value  # a repeated name keeps its place and takes the last value, as set_baggage does
+        context = current if current is not None else get_current()
+    # Keys hold no '=': when no value does either, the header splits into key, value, key, ...
+    # A repeated name keeps its place and takes the last value, as set_baggage does.
+    members = header.count(",") + 1
+    flat = header.replace(",", "=").split("=")
+    entries: dict[str, str]
+    if len(flat) == 2 * members:
+        entries = dict(zip(flat[::2], flat[1::2], strict=True))
+    else:
+        entries = dict(member.split("=", 1) for member in header.split(","))
+    if "%" in header or "+" in header:
+        for name, value in entries.items():
+            if "%" in value or "+" in value:
+                entries[name] = unquote_plus(value).strip()
     # The propagator sets each member on the baggage the context has already.
-    existing = baggage.get_all(context)
-    return with_entries({**existing, **entries} if existing else entries, context)
+    existing = entries_of(context)
+    return with_entries({**existing, **entries} if existing else entries, context, copy=False)
