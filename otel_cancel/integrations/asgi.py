@@ -67,7 +67,7 @@ from .._core.root import with_root
 from .._core.scope import cancel, request_scope
 from ..exceptions import Cancelled, ConfigurationError
 from .incoming import establish_root
-from .request_context import extract_request_context
+from .request_context import extract_request_baggage
 from .upstream_logs import limit_client_input_logs
 
 Scope = MutableMapping[str, Any]
@@ -223,10 +223,12 @@ class CancelMiddleware:
         textmap = propagate.get_global_textmap()
         headers = _RequestHeaders(raw_headers, _fields_of(textmap))
         current = otel_context.get_current()
+        request_baggage = None
         if headers.carrier and not trace.get_current_span(current).get_span_context().is_valid:
             # No OpenTelemetry ASGI middleware in front (it would have extracted the
-            # context already): extract it ourselves, once.
-            current = extract_request_context(textmap, headers.carrier, current)
+            # context already): extract it ourselves, once; establishing the root sets
+            # the whole baggage, so the header's entries are set on the context there.
+            current, request_baggage = extract_request_baggage(textmap, headers.carrier, current)
         incoming = establish_root(
             current,
             raw_headers,
@@ -234,6 +236,7 @@ class CancelMiddleware:
             signing_key=settings.signing_key,
             baggage_header=b",".join(headers.baggage),
             continued=headers.continued,
+            entries=request_baggage,
         )
         context, deadline_ms = incoming.context, None
         if attributes.BAGGAGE_DEADLINE in entries_of(context) or headers.timeouts or self._deadline_seconds is not None:

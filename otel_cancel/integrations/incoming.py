@@ -60,6 +60,7 @@ def establish_root(
     signing_key: bytes | None = None,
     baggage_header: bytes | None = None,
     continued: bool | None = None,
+    entries: Mapping[str, object] | None = None,
 ) -> IncomingRoot:
     """The root of a request whose extracted context is ``context``.
 
@@ -74,12 +75,17 @@ def establish_root(
             from ``headers``.
         continued: whether the request carries a ``traceparent`` (the caller
             continued its own trace), for a caller that read the headers already.
+        entries: the request's baggage, for a caller that read it and did not set it
+            on ``context`` (see :func:`~otel_cancel.integrations.request_context.extract_request_baggage`);
+            else the baggage of ``context``. The returned context carries the
+            established baggage either way (it replaces the whole baggage).
     """
     if baggage_header is None or continued is None:
         headers = list(headers)
         baggage_header = b",".join(_header_values(headers, b"baggage"))
         continued = bool(_header_values(headers, b"traceparent"))
-    entries = entries_of(context)  # one read of the baggage, then dict lookups
+    if entries is None:
+        entries = entries_of(context)  # one read of the baggage, then dict lookups
     if trusted:
         adopted = _adopt(context, entries, baggage_header, signing_key)
         if adopted is not None:

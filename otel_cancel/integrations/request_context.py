@@ -57,35 +57,44 @@ def extract_request_context(
         current: the context to extract into, for a caller that has it at hand
             (default: the current context).
     """
+    context, entries = extract_request_baggage(textmap, carrier, current)
+    return context if entries is None else with_entries(entries, context, copy=False)
+
+
+def extract_request_baggage(
+    textmap: TextMapPropagator, carrier: dict[str, list[str]], current: Context | None = None
+) -> tuple[Context, dict[str, object] | None]:
+    """:func:`extract_request_context` in two parts, for a caller that replaces the baggage anyway.
+
+    Returns:
+        The extracted context and, when the header was read on the fast path, the
+        baggage entries it gives (the context's own baggage first), not set on the
+        context yet: setting them with :func:`~otel_cancel._core.baggage_entries.with_entries`
+        gives what :func:`extract_request_context` returns. ``None`` when the
+        propagators read the baggage themselves (the context carries it).
+    """
     values = carrier.get("baggage")
     if not values or not _reads_the_default_fields(textmap):
-        return textmap.extract(carrier, current)
+        return textmap.extract(carrier, current), None
     header = values[0]  # OpenTelemetry's propagator reads the first baggage header only
     if (
         len(header) > _MAX_PLAIN_LENGTH
         or header.count(",") >= _MAX_PLAIN_MEMBERS
         or _PLAIN_HEADER.fullmatch(header) is None
     ):
-        return textmap.extract(carrier, current)
+        return textmap.extract(carrier, current), None
     if len(carrier) > 1:
         # The trace context: the propagators see every header but the baggage, which
         # the baggage propagator would have read and which is read here instead.
         context = textmap.extract({name: value for name, value in carrier.items() if name != "baggage"}, current)
     else:
         context = current if current is not None else get_current()
-    # Keys hold no '=': when no value does either, the header splits into key, value, key, ...
-    # A repeated name keeps its place and takes the last value, as set_baggage does.
-    members = header.count(",") + 1
-    flat = header.replace(",", "=").split("=")
-    entries: dict[str, str]
-    if len(flat) == 2 * members:
-        entries = dict(zip(flat[::2], flat[1::2], strict=True))
-    else:
-        entries = dict(member.split("=", 1) for member in header.split(","))
-    if "%" in header or "+" in header:
-        for name, value in entries.items():
-            if "%" in value or "+" in value:
-                entries[name] = unquote_plus(value).strip()
+    entries: dict[str, object] = {}
+    for member in header.split(","):
+        name, value = member.split("=", 1)
+        if "%" in value or "+" in value:
+            value = unquote_plus(value).strip()
+        entries[name] = value  # a repeated name keeps its place and takes the last value, as set_baggage does
     # The propagator sets each member on the baggage the context has already.
     existing = entries_of(context)
-    return with_entries({**existing, **entries} if existing else entries, context, copy=False)
+    return context, ({**existing, **entries} if existing else entries)
