@@ -130,7 +130,7 @@ class CancelScope:
         registration, request = runtime.registry.enter(
             root, depth, self.name, task_mode=task_mode, run_started_ms=run_started_ms, labels=labels
         )
-        if request is None:
+        if request is None and runtime.settings.unlisted == "refuse":
             request = runtime.unlisted_refusal(root)
         self._registration = registration
         task = registration.task
@@ -371,7 +371,12 @@ def request_scope(
     start, labels and deadline from the baggage it established: the scope enters
     without reading the baggage again. Not public API.
     """
-    entered = CancelScope(name=name)
+    # What CancelScope(name=name) builds, without its keyword call and checks (nothing to check).
+    entered = CancelScope.__new__(CancelScope)
+    entered.name = name
+    entered._convert = True
+    entered._explicit_root = None
+    entered._labels = None
     entered._known = (root, depth, run_started_ms, labels, deadline_ms)
     return entered
 

@@ -103,54 +103,80 @@ def _on_start_serving(runtime: ProcessState) -> None:
     runtime.start_serving()
 
 
+# What the middleware does with a request header, by lowercase name (see _kinds_of).
+_PROPAGATED = 1
+"""Read by the propagators (into the carrier)."""
+_PROPAGATED_BAGGAGE = 2
+_PROPAGATED_TRACEPARENT = 3
+_TRACEPARENT = 4
+"""A ``traceparent`` the propagators do not read: it still tells a continued trace."""
+_TIMEOUT = 5
+_BODY = 6
+_CONTENT_LENGTH = 7
+
+
 class _RequestHeaders:
     """What the middleware needs from the request headers, read in one pass."""
 
-    __slots__ = ("baggage", "baggage_item", "carrier", "continued", "has_body", "timeouts")
+    # A request without any of these headers (most have none but the baggage): each
+    # field is set on the instance only when a header gives it.
+    carrier: dict[str, list[str]] = {}  # noqa: RUF012 - replaced, never changed
+    """The headers the propagators read (name -> values), for ``propagate.extract``."""
+    baggage: tuple[bytes, ...] = ()
+    """The raw ``baggage`` headers."""
+    continued = False
+    """Whether the request carries a ``traceparent`` (the caller continued its trace)."""
+    baggage_item: object = None
+    """The (last) ``baggage`` header's own item in the headers, to find it again without a search by name."""
+    timeouts: tuple[bytes, ...] = ()
+    has_body = False
 
-    def __init__(self, headers: Any, propagation_fields: frozenset[bytes]) -> None:
-        self.carrier: dict[str, list[str]] = {}
-        """The headers the propagators read (name -> values), for ``propagate.extract``."""
-        self.baggage: list[bytes] = []
-        """The raw ``baggage`` headers."""
-        self.continued = False
-        """Whether the request carries a ``traceparent`` (the caller continued its trace)."""
-        self.baggage_item: object = None
-        """The (last) ``baggage`` header's own item in the headers, to find it again without a search by name."""
-        self.timeouts: list[bytes] = []
-        self.has_body = False
+    def __init__(self, headers: Any, kinds: Mapping[bytes, int]) -> None:
+        carrier: dict[str, list[str]] | None = None
         for item in headers:
             key, value = item
-            name = key.lower()
-            if name in propagation_fields:
-                self.carrier.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
-                if name == b"baggage":
-                    self.baggage.append(value)
+            kind = kinds.get(key.lower())
+            if kind is None:
+                continue  # most headers: nothing to do
+            if kind <= _PROPAGATED_TRACEPARENT:
+                if carrier is None:
+                    carrier = self.carrier = {}
+                carrier.setdefault(key.lower().decode("latin-1"), []).append(value.decode("latin-1"))
+                if kind == _PROPAGATED_BAGGAGE:
+                    self.baggage += (value,)
                     self.baggage_item = item
-                elif name == b"traceparent":
+                elif kind == _PROPAGATED_TRACEPARENT:
                     self.continued = True
-            elif name == _TIMEOUT_HEADER:
-                self.timeouts.append(value)
-            elif name == b"traceparent":
+            elif kind == _TRACEPARENT:
                 self.continued = True
-            elif name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            elif kind == _TIMEOUT:
+                self.timeouts += (value,)
+            elif kind == _BODY or value.strip() not in (b"", b"0"):
                 self.has_body = True
 
 
 _TIMEOUT_HEADER = attributes.HEADER_TIMEOUT.encode()
 _ROOT_HEADER = attributes.HEADER_ROOT.encode()
-_propagation_fields: tuple[object, frozenset[bytes]] = (None, frozenset())
+_header_kinds: tuple[object, Mapping[bytes, int]] = (None, {})
 
 
-def _fields_of(textmap: object) -> frozenset[bytes]:
-    """The header names the global propagator reads, lowercased bytes (cached per propagator)."""
-    global _propagation_fields
-    cached_for, fields = _propagation_fields
+def _kinds_of(textmap: object) -> Mapping[bytes, int]:
+    """What the middleware does with each request header it reads, for the global propagator (cached per propagator)."""
+    global _header_kinds
+    cached_for, kinds = _header_kinds
     if cached_for is not textmap:
         names = getattr(textmap, "fields", ())
-        fields = frozenset(name.lower().encode("latin-1") for name in names) | {b"baggage"}
-        _propagation_fields = (textmap, fields)
-    return fields
+        fields = {name.lower().encode("latin-1") for name in names} | {b"baggage"}
+        built = {b"traceparent": _TRACEPARENT, _TIMEOUT_HEADER: _TIMEOUT}
+        built.update({b"transfer-encoding": _BODY, b"content-length": _CONTENT_LENGTH})
+        # The propagators' own headers first: they take precedence over the rest.
+        built.update((name, _PROPAGATED) for name in fields)
+        built[b"baggage"] = _PROPAGATED_BAGGAGE
+        if b"traceparent" in fields:
+            built[b"traceparent"] = _PROPAGATED_TRACEPARENT
+        kinds = built  # a plain dict: read for every header of every request, and never changed
+        _header_kinds = (textmap, kinds)
+    return kinds
 
 
 class CancelMiddleware:
@@ -221,10 +247,11 @@ class CancelMiddleware:
 
         raw_headers = scope.get("headers", [])
         textmap = propagate.get_global_textmap()
-        headers = _RequestHeaders(raw_headers, _fields_of(textmap))
+        headers = _RequestHeaders(raw_headers, _kinds_of(textmap))
         current = otel_context.get_current()
         request_baggage = None
-        if headers.carrier and not trace.get_current_span(current).get_span_context().is_valid:
+        # An empty context has no span: the common plain service is told without asking for one.
+        if headers.carrier and (not current or not trace.get_current_span(current).get_span_context().is_valid):
             # No OpenTelemetry ASGI middleware in front (it would have extracted the
             # context already): extract it ourselves, once; establishing the root sets
             # the whole baggage, so the header's entries are set on the context there.
@@ -298,7 +325,8 @@ class CancelMiddleware:
             # Stopped here because the caller left: nobody is listening any more.
             await request.end_quietly(None)
         finally:
-            request.stop_listening()
+            if request._listen_check is not None or request._listener is not None:
+                request.stop_listening()
             otel_context.detach(token)
 
     def _narrow_deadline(

@@ -99,7 +99,7 @@ def establish_root(
     root = _root_started_here(context, continued)
     extra = {attributes.BAGGAGE_SIGNATURE: sign_root(signing_key, root)} if signing_key else None
     # None of ours is left in ``entries``: the run starts here, with the caller's entries after ours.
-    return IncomingRoot(set_new_root(root, context, entries, extra), root, 0, adopted=False)
+    return IncomingRoot(set_new_root(root, context, entries, extra), root, 0, False)
 
 
 def _adopt(
@@ -133,8 +133,8 @@ def _adopt(
     depth = min(incoming_depth + 1, 1000)
     kept = update_root_in_place(incoming, depth, context, entries)
     if kept is not None:
-        return IncomingRoot(kept, incoming, depth, adopted=True, kept_entries=len(entries))
-    return IncomingRoot(set_root(incoming, depth, context, entries), incoming, depth, adopted=True)
+        return IncomingRoot(kept, incoming, depth, True, len(entries))
+    return IncomingRoot(set_root(incoming, depth, context, entries), incoming, depth, True)
 
 
 def _root_started_here(context: Context, continued: bool) -> str:
