@@ -529,30 +529,26 @@ class _CancellableRequest:
             if not message.get("more_body", False) and message["type"] == "http.response.body":
                 self.response_complete = True
         else:
-            message = self._before_sending(message)
+            # Before a stream is under way: note what ``message`` starts or ends (in line:
+            # every response sends two of these).
+            kind = message["type"]
+            if kind == "http.response.start":
+                message = self._decorate_response_start(message)
+                self.response_started = True
+            elif kind == "http.response.body":
+                if not message.get("more_body", False):
+                    self.response_complete = True
+                else:
+                    self.streaming = True
+                    # An app already waiting in receive() hears the client itself (Starlette's
+                    # streaming responses): nothing to decide a loop turn later.
+                    if self.body_received and not self._receiving:
+                        self._listen_soon()
         try:
             await self._send(message)
         except OSError:
             self._client_left()
             raise
-
-    def _before_sending(self, message: Message) -> Message:
-        """Note what ``message`` starts or ends (before a stream is under way); the message to send."""
-        kind = message["type"]
-        if kind == "http.response.start":
-            decorated = self._decorate_response_start(message)
-            self.response_started = True
-            return decorated
-        if kind == "http.response.body":
-            if not message.get("more_body", False):
-                self.response_complete = True
-            else:
-                self.streaming = True
-                # An app already waiting in receive() hears the client itself (Starlette's
-                # streaming responses): nothing to decide a loop turn later.
-                if self.body_received and not self._receiving:
-                    self._listen_soon()
-        return message
 
     def _decorate_response_start(self, message: Message) -> Message:
         headers: list[tuple[bytes, bytes]] = []
