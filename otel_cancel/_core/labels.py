@@ -22,6 +22,7 @@ from opentelemetry.context import Context, get_current
 
 from .. import attributes
 from ..exceptions import InvalidLabelError
+from .baggage_entries import entries_of
 from .rate_limited_log import RateLimitedLogger
 from .root import is_valid_root, parse_depth, parse_started
 
@@ -135,7 +136,7 @@ def run_facts(context: Context | None = None) -> tuple[int | None, Mapping[str, 
     What every scope entry records for live work; kept cheap (one baggage read, the
     labels decoded once per distinct value and shared, read-only).
     """
-    return _facts_of(baggage.get_all(context))
+    return _facts_of(entries_of(context if context is not None else get_current()))
 
 
 def scope_facts(context: Context | None = None) -> tuple[str | None, int, int | None, Mapping[str, str]]:
@@ -143,7 +144,7 @@ def scope_facts(context: Context | None = None) -> tuple[str | None, int, int | 
 
     One read of the baggage for everything a scope entry needs (the hot path of every hop).
     """
-    entries = baggage.get_all(context)
+    entries = entries_of(context if context is not None else get_current())
     root = entries.get(attributes.BAGGAGE_ROOT)
     depth = parse_depth(entries.get(attributes.BAGGAGE_DEPTH)) or 0
     started, labels = _facts_of(entries)

@@ -40,6 +40,12 @@ current_task: Callable[[], asyncio.Task[Any] | None] = getattr(
 """The C function where there is one (``asyncio.current_task`` is Python code before 3.12): every scope asks."""
 
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
+# Read on every scope's entry and exit: module globals are read faster than an enum's
+# members (an attribute of the enum class) or a module's functions.
+_STOPPED = Outcome.STOPPED
+_STOPPED_EARLY = Outcome.STOPPED_EARLY
+_time_ns = time.time_ns
+_get_ident = threading.get_ident
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -201,35 +207,40 @@ class CancelRegistry:
             except RuntimeError:
                 task = None
         loop = task.get_loop() if task is not None else None
-        thread_id = threading.get_ident()
+        thread_id = _get_ident()
         key: object = task if task is not None else thread_id
         refused: CancelRequest | None = None
         others: list[Registration] = []
         early_claim: tuple[StopReport, _EarlyStop] | None = None
-        with self._lock:
+        # acquire/release: cheaper than a with block, and run on every scope entry and exit
+        self._lock.acquire()
+        try:
             self.changes += 1
             registrations = self._live.get(root)
             if registrations is None:
                 registrations = self._live[root] = {}
             registration = registrations.get(key)
             if registration is None:
-                entered_at = time.time_ns()
+                # The common case: the task's first scope for this root.
+                entered_at = _time_ns()
                 registration = registrations[key] = Registration(
                     root,
                     depth,
                     task,
                     loop,
                     thread_id,
-                    [],
+                    [name or ""],
+                    1,
                     entered_at=entered_at,
                     run_started_ms=run_started_ms or entered_at // 1_000_000,
                     labels=labels or _NO_LABELS,
                 )
-            if labels and labels is not registration.labels:
-                # Shared read-only mappings: a registration's labels are replaced, never mutated.
-                registration.labels = {**registration.labels, **labels} if registration.labels else labels
-            registration.count += 1
-            registration.names.append(name or "")
+            else:
+                if labels and labels is not registration.labels:
+                    # Shared read-only mappings: a registration's labels are replaced, never mutated.
+                    registration.labels = {**registration.labels, **labels} if registration.labels else labels
+                registration.count += 1
+                registration.names.append(name or "")
             state = self._cancelled.get(root)
             if state is None and self._unread:
                 state = self._read_locked(root)
@@ -245,6 +256,8 @@ class CancelRegistry:
                     state = self._cancelled[root]
             request = state.request if state is not None else None
             listed = request is None and root in self._listed
+        finally:
+            self._lock.release()
         if refused is not None:
             self._claim_early_stop(refused, early_claim)
             if self.on_bulk_refusal is not None:
@@ -301,18 +314,20 @@ class CancelRegistry:
             The outcome, and the cancel request applied to ``registration`` (``None`` if none was).
         """
         report: StopReport | None = None
-        with self._lock:
+        # acquire/release: cheaper than a with block, and run on every scope entry and exit
+        self._lock.acquire()
+        try:
             self.changes += 1
             request = registration.cancel_requested
             ended = outcome(request) if callable(outcome) else outcome
             name = registration.names.pop() if registration.names else ""
             registration.count -= 1
-            if ended is Outcome.STOPPED:
+            if ended is _STOPPED:
                 registration.interrupted = True
             state = self._cancelled.get(registration.root)
             if state is not None and request is not None and registration.interrupted and name:
                 state.interrupted.append(name)
-            early = state is None and ended is Outcome.STOPPED_EARLY
+            early = state is None and ended is _STOPPED_EARLY
             if early:
                 # Kept per scope: nested scopes share the registration, and only the last
                 # one out decides whether the stop is remembered.
@@ -341,6 +356,8 @@ class CancelRegistry:
                     interrupted=tuple(dict.fromkeys(n for n in state.interrupted if n)),
                     tasks=state.tasks,
                 )
+        finally:
+            self._lock.release()
         if report is not None and self.on_stopped is not None:
             self.on_stopped(report)
         return ended, request

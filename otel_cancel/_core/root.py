@@ -15,7 +15,7 @@ from opentelemetry import baggage, trace
 from opentelemetry.context import Context, get_current
 
 from .. import attributes
-from .baggage_entries import with_entries
+from .baggage_entries import entries_of, with_entries
 from .root_id import MAX_DEPTH as MAX_DEPTH
 from .root_id import is_valid_root as is_valid_root
 from .root_id import random_root as random_root
@@ -105,7 +105,7 @@ def with_root(
     if not 0 <= depth <= MAX_DEPTH:
         raise ValueError(f"depth must be between 0 and {MAX_DEPTH}, got {depth}")
     context = context if context is not None else get_current()
-    return set_root(root, depth, context, baggage.get_all(context), extra)
+    return set_root(root, depth, context, entries_of(context), extra)
 
 
 def set_root(
@@ -136,14 +136,17 @@ def set_root(
     ordered: dict[str, object] = {attributes.BAGGAGE_ROOT: root, attributes.BAGGAGE_DEPTH: str(depth), **ours}
     ordered.update((key, value) for key, value in entries.items() if key not in attributes.BAGGAGE_KEYS)
     # Ours lead: the whole baggage is replaced at once, in this order.
-    return with_entries(ordered, context)
+    return with_entries(ordered, context, copy=False)
 
 
 def set_new_root(
     root: str, context: Context, entries: Mapping[str, object], extra: dict[str, str] | None = None
 ) -> Context:
-    """:func:`set_root` at depth 0 for a run that starts now, when ``entries`` (the baggage of
-    ``context``) hold none of the ``otel_cancel.*`` entries: ours first, then the caller's."""
+    """:func:`set_root` at depth 0 for a run that starts now: ours first, then ``entries``.
+
+    ``entries`` are the caller's entries to keep (the baggage of ``context`` without any
+    ``otel_cancel.*`` entry); they replace the whole baggage of ``context``.
+    """
     ordered: dict[str, object] = {
         attributes.BAGGAGE_ROOT: root,
         attributes.BAGGAGE_DEPTH: "0",
@@ -153,7 +156,7 @@ def set_new_root(
         ordered.update(extra)
     if entries:
         ordered.update(entries)
-    return with_entries(ordered, context)
+    return with_entries(ordered, context, copy=False)
 
 
 def update_root_in_place(
@@ -167,16 +170,12 @@ def update_root_in_place(
         return None
     # A hop that adopts its caller's root: the root already leads the baggage (with
     # the run's start, labels kept as they are), and setting an existing entry keeps
-    # its place, so only what changed is set (a new context per entry is what makes
-    # the general path of set_root cost).
-    depth_value = str(depth)
-    if entries[attributes.BAGGAGE_DEPTH] != depth_value:
-        context = baggage.set_baggage(attributes.BAGGAGE_DEPTH, depth_value, context)
+    # its place, so only the depth and ``extra`` are set, in one copy of the baggage
+    # (an entry new to it goes last, as set_baggage puts it).
+    updated = {**entries, attributes.BAGGAGE_DEPTH: str(depth)}
     if extra:
-        for extra_key, extra_value in extra.items():
-            if entries.get(extra_key) != extra_value:
-                context = baggage.set_baggage(extra_key, extra_value, context)
-    return context
+        updated.update(extra)
+    return with_entries(updated, context, copy=False)
 
 
 def _updatable_in_place(entries: Mapping[str, object], root: str, extra: dict[str, str] | None) -> bool:

@@ -35,6 +35,11 @@ from .registry import Registration
 from .root import current_root, new_root, validate_root, with_root
 from .signing import sign_root
 
+# Read on every scope's exit: module globals are read faster than an enum's members.
+_COMPLETED = Outcome.COMPLETED
+_DEADLINE = Outcome.DEADLINE
+_STOPPED = Outcome.STOPPED
+
 
 def _record_stop(
     request: CancelRequest,
@@ -74,6 +79,25 @@ class CancelScope:
     ``with`` (threads and sync code: stop cooperatively at :func:`check`).
     """
 
+    # The state a scope starts with, as class attributes: a new scope (one per request)
+    # sets only what its caller chose, and each field is set on the instance when it changes.
+    root: str | None = None
+    """The root this scope is bound to (set on entry)."""
+    depth = 0
+    _runtime: ProcessState | None = None
+    _registration: Registration | None = None
+    _token: object | None = None
+    _entered = False
+    _exited = False
+    _deadline_ms: int | None = None
+    _deadline_handle: asyncio.TimerHandle | None = None
+    _deadline_fired = False
+    _owns_deadline_timer = False
+    _cancelling_at_enter = 0
+    """How many cancellations of its task were pending at entry: not this scope's to undo."""
+    _known: tuple[str, int, int | None, Mapping[str, str], int | None] | None = None
+    """Root, depth, run start, labels and deadline of the current context, when the caller read them already."""
+
     def __init__(
         self,
         *,
@@ -86,22 +110,6 @@ class CancelScope:
         self._convert = convert
         self._explicit_root = validate_root(root) if root is not None else None
         self._labels = validate_labels(labels) if labels else None
-        self.root: str | None = None
-        """The root this scope is bound to (set on entry)."""
-        self.depth = 0
-        self._runtime: ProcessState | None = None
-        self._registration: Registration | None = None
-        self._token: object | None = None
-        self._entered = False
-        self._exited = False
-        self._deadline_ms: int | None = None
-        self._deadline_handle: asyncio.TimerHandle | None = None
-        self._deadline_fired = False
-        self._owns_deadline_timer = False
-        self._cancelling_at_enter = 0
-        """How many cancellations of its task were pending at entry: not this scope's to undo."""
-        self._known: tuple[str, int, int | None, Mapping[str, str], int | None] | None = None
-        """Root, depth, run start, labels and deadline of the current context, when the caller read them already."""
 
     # -- entry ---------------------------------------------------------------------
 
@@ -110,25 +118,31 @@ class CancelScope:
             raise RuntimeError("a CancelScope can be entered only once; create a new one with otel_cancel.scope()")
         self._entered = True
         self._runtime = runtime
-        if self._known is not None:
+        known = self._known
+        if known is not None:
             # The request path read the context's baggage already (see request_scope).
-            root, depth, run_started_ms, labels, _ = self._known
+            root, depth, run_started_ms, labels, deadline_ms = known
         else:
             root, depth, run_started_ms, labels = self._enter_context(runtime)
+            deadline_ms = current_deadline()
         self.root = root
         self.depth = depth
         registration, request = runtime.registry.enter(
-            root, self.depth, self.name, task_mode=task_mode, run_started_ms=run_started_ms, labels=labels
+            root, depth, self.name, task_mode=task_mode, run_started_ms=run_started_ms, labels=labels
         )
-        if request is None:
+        if request is None and runtime.settings.unlisted == "refuse":
             request = runtime.unlisted_refusal(root)
         self._registration = registration
-        if registration.task is not None:
-            self._cancelling_at_enter = registration.task.cancelling()
+        task = registration.task
+        if task is not None:
+            cancelling = task.cancelling()
+            if cancelling:
+                self._cancelling_at_enter = cancelling
         if request is not None:
             # A late arrival: the root was cancelled before this work started.
             self._refuse(request)
-        self._arm_deadline(registration)
+        if deadline_ms is not None:
+            self._arm_deadline(registration, deadline_ms)
 
     def _enter_context(self, runtime: ProcessState) -> tuple[str, int, int | None, Mapping[str, str]]:
         """The root, depth, run start and labels to enter with; attaches the context a new root or labels need."""
@@ -159,11 +173,8 @@ class CancelScope:
         self._detach()
         raise request.error()
 
-    def _arm_deadline(self, registration: Registration) -> None:
-        """Stop this scope's work locally when the run's deadline passes (no etcd involved)."""
-        deadline_ms = self._known[4] if self._known is not None else current_deadline()
-        if deadline_ms is None:
-            return
+    def _arm_deadline(self, registration: Registration, deadline_ms: int) -> None:
+        """Stop this scope's work locally when the run's deadline (epoch ms) passes (no etcd involved)."""
         assert self._runtime is not None and self.root is not None
         self._deadline_ms = deadline_ms
         remaining = (deadline_ms - now_ms()) / 1000
@@ -248,15 +259,16 @@ class CancelScope:
         )
         outcome, request = runtime.registry.exit(registration, decide, self._early_recorder)
         to_raise: Cancelled | None = None
-        if outcome is Outcome.DEADLINE:
+        if outcome is _DEADLINE:
             assert self._deadline_ms is not None
             stop = _deadline_request(self.root, self._deadline_ms)
             self._record_deadline(stop)
             to_raise = stop.error() if undone else None
-        elif outcome is Outcome.STOPPED and request is not None:
+        elif outcome is _STOPPED and request is not None:
             self._record(request)
             to_raise = request.error() if ours and undone else None
-        self._detach()
+        if self._token is not None:
+            self._detach()
         return to_raise
 
     def _outcome(self, exc: BaseException | None, ours: bool, deadline: bool, request: CancelRequest | None) -> Outcome:
@@ -284,7 +296,7 @@ class CancelScope:
     def _outcome_of_a_normal_end(self, request: CancelRequest | None) -> Outcome:
         """:meth:`_outcome` for a body that returned, stopped by neither our flag nor our deadline."""
         if request is None:  # no flag reached this task: it completed
-            return Outcome.COMPLETED
+            return _COMPLETED
         return self._outcome(None, False, False, request)
 
     def _record_deadline(self, stop: CancelRequest) -> None:
@@ -378,7 +390,12 @@ def request_scope(
     start, labels and deadline from the baggage it established: the scope enters
     without reading the baggage again. Not public API.
     """
-    entered = CancelScope(name=name)
+    # What CancelScope(name=name) builds, without its keyword call and checks (nothing to check).
+    entered = CancelScope.__new__(CancelScope)
+    entered.name = name
+    entered._convert = True
+    entered._explicit_root = None
+    entered._labels = None
     entered._known = (root, depth, run_started_ms, labels, deadline_ms)
     return entered
 

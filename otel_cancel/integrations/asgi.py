@@ -56,6 +56,7 @@ from opentelemetry import context as otel_context
 
 from .. import attributes
 from .._core import telemetry
+from .._core.baggage_entries import entries_of
 from .._core.cancel_request import CancelRequest
 from .._core.deadline import DEADLINE_REASON, MAX_AHEAD_SECONDS, now_ms, parse_timeout, validate_deadline
 from .._core.labels import run_facts, usable_labels, validate_label, with_labels
@@ -66,7 +67,7 @@ from .._core.root import with_root
 from .._core.scope import cancel, request_scope
 from ..exceptions import Cancelled, ConfigurationError
 from .incoming import establish_root
-from .request_context import extract_request_context
+from .request_context import extract_request_baggage
 from .upstream_logs import limit_client_input_logs
 
 Scope = MutableMapping[str, Any]
@@ -102,54 +103,80 @@ def _on_start_serving(runtime: ProcessState) -> None:
     runtime.start_serving()
 
 
+# What the middleware does with a request header, by lowercase name (see _kinds_of).
+_PROPAGATED = 1
+"""Read by the propagators (into the carrier)."""
+_PROPAGATED_BAGGAGE = 2
+_PROPAGATED_TRACEPARENT = 3
+_TRACEPARENT = 4
+"""A ``traceparent`` the propagators do not read: it still tells a continued trace."""
+_TIMEOUT = 5
+_BODY = 6
+_CONTENT_LENGTH = 7
+
+
 class _RequestHeaders:
     """What the middleware needs from the request headers, read in one pass."""
 
-    __slots__ = ("baggage", "baggage_item", "carrier", "continued", "has_body", "timeouts")
+    # A request without any of these headers (most have none but the baggage): each
+    # field is set on the instance only when a header gives it.
+    carrier: dict[str, list[str]] = {}  # noqa: RUF012 - replaced, never changed
+    """The headers the propagators read (name -> values), for ``propagate.extract``."""
+    baggage: tuple[bytes, ...] = ()
+    """The raw ``baggage`` headers."""
+    continued = False
+    """Whether the request carries a ``traceparent`` (the caller continued its trace)."""
+    baggage_item: object = None
+    """The (last) ``baggage`` header's own item in the headers, to find it again without a search by name."""
+    timeouts: tuple[bytes, ...] = ()
+    has_body = False
 
-    def __init__(self, headers: Any, propagation_fields: frozenset[bytes]) -> None:
-        self.carrier: dict[str, list[str]] = {}
-        """The headers the propagators read (name -> values), for ``propagate.extract``."""
-        self.baggage: list[bytes] = []
-        """The raw ``baggage`` headers."""
-        self.continued = False
-        """Whether the request carries a ``traceparent`` (the caller continued its trace)."""
-        self.baggage_item: object = None
-        """The (last) ``baggage`` header's own item in the headers, to find it again without a search by name."""
-        self.timeouts: list[bytes] = []
-        self.has_body = False
+    def __init__(self, headers: Any, kinds: Mapping[bytes, int]) -> None:
+        carrier: dict[str, list[str]] | None = None
         for item in headers:
             key, value = item
-            name = key.lower()
-            if name in propagation_fields:
-                self.carrier.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
-                if name == b"baggage":
-                    self.baggage.append(value)
+            kind = kinds.get(key.lower())
+            if kind is None:
+                continue  # most headers: nothing to do
+            if kind <= _PROPAGATED_TRACEPARENT:
+                if carrier is None:
+                    carrier = self.carrier = {}
+                carrier.setdefault(key.lower().decode("latin-1"), []).append(value.decode("latin-1"))
+                if kind == _PROPAGATED_BAGGAGE:
+                    self.baggage += (value,)
                     self.baggage_item = item
-                elif name == b"traceparent":
+                elif kind == _PROPAGATED_TRACEPARENT:
                     self.continued = True
-            elif name == _TIMEOUT_HEADER:
-                self.timeouts.append(value)
-            elif name == b"traceparent":
+            elif kind == _TRACEPARENT:
                 self.continued = True
-            elif name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            elif kind == _TIMEOUT:
+                self.timeouts += (value,)
+            elif kind == _BODY or value.strip() not in (b"", b"0"):
                 self.has_body = True
 
 
 _TIMEOUT_HEADER = attributes.HEADER_TIMEOUT.encode()
 _ROOT_HEADER = attributes.HEADER_ROOT.encode()
-_propagation_fields: tuple[object, frozenset[bytes]] = (None, frozenset())
+_header_kinds: tuple[object, Mapping[bytes, int]] = (None, {})
 
 
-def _fields_of(textmap: object) -> frozenset[bytes]:
-    """The header names the global propagator reads, lowercased bytes (cached per propagator)."""
-    global _propagation_fields
-    cached_for, fields = _propagation_fields
+def _kinds_of(textmap: object) -> Mapping[bytes, int]:
+    """What the middleware does with each request header it reads, for the global propagator (cached per propagator)."""
+    global _header_kinds
+    cached_for, kinds = _header_kinds
     if cached_for is not textmap:
         names = getattr(textmap, "fields", ())
-        fields = frozenset(name.lower().encode("latin-1") for name in names) | {b"baggage"}
-        _propagation_fields = (textmap, fields)
-    return fields
+        fields = {name.lower().encode("latin-1") for name in names} | {b"baggage"}
+        built = {b"traceparent": _TRACEPARENT, _TIMEOUT_HEADER: _TIMEOUT}
+        built.update({b"transfer-encoding": _BODY, b"content-length": _CONTENT_LENGTH})
+        # The propagators' own headers first: they take precedence over the rest.
+        built.update((name, _PROPAGATED) for name in fields)
+        built[b"baggage"] = _PROPAGATED_BAGGAGE
+        if b"traceparent" in fields:
+            built[b"traceparent"] = _PROPAGATED_TRACEPARENT
+        kinds = built  # a plain dict: read for every header of every request, and never changed
+        _header_kinds = (textmap, kinds)
+    return kinds
 
 
 class CancelMiddleware:
@@ -220,12 +247,15 @@ class CancelMiddleware:
 
         raw_headers = scope.get("headers", [])
         textmap = propagate.get_global_textmap()
-        headers = _RequestHeaders(raw_headers, _fields_of(textmap))
+        headers = _RequestHeaders(raw_headers, _kinds_of(textmap))
         current = otel_context.get_current()
-        if headers.carrier and not trace.get_current_span(current).get_span_context().is_valid:
+        request_baggage = None
+        # An empty context has no span: the common plain service is told without asking for one.
+        if headers.carrier and (not current or not trace.get_current_span(current).get_span_context().is_valid):
             # No OpenTelemetry ASGI middleware in front (it would have extracted the
-            # context already): extract it ourselves, once.
-            current = extract_request_context(textmap, headers.carrier)
+            # context already): extract it ourselves, once; establishing the root sets
+            # the whole baggage, so the header's entries are set on the context there.
+            current, request_baggage = extract_request_baggage(textmap, headers.carrier, current)
         incoming = establish_root(
             current,
             raw_headers,
@@ -233,9 +263,13 @@ class CancelMiddleware:
             signing_key=settings.signing_key,
             baggage_header=b",".join(headers.baggage),
             continued=headers.continued,
+            entries=request_baggage,
         )
-        context, deadline_ms = self._narrow_deadline(incoming.context, incoming.root, incoming.depth, headers)
-        context = self._labelled(context, raw_headers, settings.label_headers)
+        context, deadline_ms = incoming.context, None
+        if attributes.BAGGAGE_DEADLINE in entries_of(context) or headers.timeouts or self._deadline_seconds is not None:
+            context, deadline_ms = self._narrow_deadline(context, incoming.root, incoming.depth, headers)
+        if self._label_headers is not None or settings.label_headers:
+            context = self._labelled(context, raw_headers, settings.label_headers)
         if self._run_in_scope and deadline_ms is not None and deadline_ms <= now_ms():
             # The budget ran out before this hop: do no work.
             telemetry.late_arrival(incoming.root, DEADLINE_REASON, attributes.KIND_DEADLINE, context)
@@ -260,10 +294,10 @@ class CancelMiddleware:
             receive,
             send,
             incoming.root,
-            edge=not trusted,
-            on_disconnect=self._on_disconnect or settings.on_disconnect,
-            deadline_ms=deadline_ms,
-            body_received=not headers.has_body,
+            not trusted,  # an edge
+            self._on_disconnect or settings.on_disconnect,
+            deadline_ms,
+            not headers.has_body,  # the body is received (there is none)
         )
         token = otel_context.attach(context)
         request.task = current_task()
@@ -291,16 +325,18 @@ class CancelMiddleware:
             # Stopped here because the caller left: nobody is listening any more.
             await request.end_quietly(None)
         finally:
-            request.stop_listening()
+            if request._listen_check is not None or request._listener is not None:
+                request.stop_listening()
             otel_context.detach(token)
 
     def _narrow_deadline(
         self, context: otel_context.Context, root: str, depth: int, headers: _RequestHeaders
     ) -> tuple[otel_context.Context, int | None]:
-        """The request's deadline: the incoming one, narrowed by the header and this hop's budget."""
-        raw = baggage.get_baggage(attributes.BAGGAGE_DEADLINE, context)
-        if raw is None and not headers.timeouts and self._deadline_seconds is None:
-            return context, None  # the common case: no deadline anywhere
+        """The request's deadline: the incoming one, narrowed by the header and this hop's budget.
+
+        Called only when one of the three is there (the common request has none).
+        """
+        raw = entries_of(context).get(attributes.BAGGAGE_DEADLINE)
         deadline_ms = validate_deadline(raw)
         if raw is not None and deadline_ms is None:
             context = baggage.remove_baggage(attributes.BAGGAGE_DEADLINE, context)
@@ -423,27 +459,20 @@ class _CancellableRequest:
     recognises (:meth:`owns_cancellation`) and swallows with ``Task.uncancel()``.
     """
 
-    __slots__ = (
-        "_disconnect_cancel",
-        "_listen_check",
-        "_listener",
-        "_receive",
-        "_receiving",
-        "_send",
-        "_start_headers",
-        "body_received",
-        "client_gone",
-        "deadline_ms",
-        "edge",
-        "on_disconnect",
-        "response_complete",
-        "response_started",
-        "root",
-        "scope",
-        "stopped_locally",
-        "streaming",
-        "task",
-    )
+    # The state a request starts with, as class attributes: a request sets on itself only
+    # what it was given and what changes while it runs (most of these never do).
+    response_started = False
+    response_complete = False
+    streaming = False
+    client_gone = False
+    stopped_locally = False
+    _start_headers: list[tuple[bytes, bytes]] = []  # noqa: RUF012 - replaced, never changed
+    _receiving = 0
+    """How many of the app's receive() calls are waiting: while one is, the app hears the disconnect itself."""
+    task: asyncio.Task[Any] | None = None
+    _listen_check: asyncio.Handle | None = None
+    _listener: asyncio.Task[None] | None = None
+    _disconnect_cancel: asyncio.Task[Any] | None = None
 
     def __init__(
         self,
@@ -451,7 +480,6 @@ class _CancellableRequest:
         receive: Receive,
         send: Send,
         root: str,
-        *,
         edge: bool,
         on_disconnect: str,
         deadline_ms: int | None,
@@ -465,18 +493,6 @@ class _CancellableRequest:
         self.on_disconnect = on_disconnect
         self.deadline_ms = deadline_ms
         self.body_received = body_received
-        self.response_started = False
-        self.response_complete = False
-        self.streaming = False
-        self.client_gone = False
-        self.stopped_locally = False
-        self._start_headers: list[tuple[bytes, bytes]] = []
-        self._receiving = 0
-        """How many of the app's receive() calls are waiting: while one is, the app hears the disconnect itself."""
-        self.task: asyncio.Task[Any] | None = None
-        self._listen_check: asyncio.Handle | None = None
-        self._listener: asyncio.Task[None] | None = None
-        self._disconnect_cancel: asyncio.Task[Any] | None = None
 
     def owns_cancellation(self) -> bool:
         """Whether the task's cancellation is this request's own local stop alone (then undone here)."""
@@ -513,30 +529,26 @@ class _CancellableRequest:
             if not message.get("more_body", False) and message["type"] == "http.response.body":
                 self.response_complete = True
         else:
-            message = self._before_sending(message)
+            # Before a stream is under way: note what ``message`` starts or ends (in line:
+            # every response sends two of these).
+            kind = message["type"]
+            if kind == "http.response.start":
+                message = self._decorate_response_start(message)
+                self.response_started = True
+            elif kind == "http.response.body":
+                if not message.get("more_body", False):
+                    self.response_complete = True
+                else:
+                    self.streaming = True
+                    # An app already waiting in receive() hears the client itself (Starlette's
+                    # streaming responses): nothing to decide a loop turn later.
+                    if self.body_received and not self._receiving:
+                        self._listen_soon()
         try:
             await self._send(message)
         except OSError:
             self._client_left()
             raise
-
-    def _before_sending(self, message: Message) -> Message:
-        """Note what ``message`` starts or ends (before a stream is under way); the message to send."""
-        kind = message["type"]
-        if kind == "http.response.start":
-            decorated = self._decorate_response_start(message)
-            self.response_started = True
-            return decorated
-        if kind == "http.response.body":
-            if not message.get("more_body", False):
-                self.response_complete = True
-            else:
-                self.streaming = True
-                # An app already waiting in receive() hears the client itself (Starlette's
-                # streaming responses): nothing to decide a loop turn later.
-                if self.body_received and not self._receiving:
-                    self._listen_soon()
-        return message
 
     def _decorate_response_start(self, message: Message) -> Message:
         headers: list[tuple[bytes, bytes]] = []

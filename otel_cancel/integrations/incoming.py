@@ -20,11 +20,12 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
-from opentelemetry import baggage, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 
 from .. import attributes
 from .._core import telemetry
+from .._core.baggage_entries import entries_of
 from .._core.rate_limited_log import RateLimitedLogger
 from .._core.root import is_valid_root, parse_depth, random_root, set_new_root, set_root, update_root_in_place
 from .._core.signing import sign_root, verify_root
@@ -59,6 +60,7 @@ def establish_root(
     signing_key: bytes | None = None,
     baggage_header: bytes | None = None,
     continued: bool | None = None,
+    entries: Mapping[str, object] | None = None,
 ) -> IncomingRoot:
     """The root of a request whose extracted context is ``context``.
 
@@ -73,28 +75,31 @@ def establish_root(
             from ``headers``.
         continued: whether the request carries a ``traceparent`` (the caller
             continued its own trace), for a caller that read the headers already.
+        entries: the request's baggage, for a caller that read it and did not set it
+            on ``context`` (see :func:`~otel_cancel.integrations.request_context.extract_request_baggage`);
+            else the baggage of ``context``. The returned context carries the
+            established baggage either way (it replaces the whole baggage).
     """
     if baggage_header is None or continued is None:
         headers = list(headers)
         baggage_header = b",".join(_header_values(headers, b"baggage"))
         continued = bool(_header_values(headers, b"traceparent"))
-    entries = baggage.get_all(context)  # one read of the baggage, then dict lookups
+    if entries is None:
+        entries = entries_of(context)  # one read of the baggage, then dict lookups
     if trusted:
         adopted = _adopt(context, entries, baggage_header, signing_key)
         if adopted is not None:
             return adopted
     elif attributes.BAGGAGE_ROOT in entries:
         telemetry.baggage_rejected("untrusted")
-    # Only the otel_cancel.* entries are dropped; the rest of the caller's baggage is kept.
-    ours = [key for key in attributes.BAGGAGE_KEYS if key in entries]
-    if ours:
-        for key in ours:
-            context = baggage.remove_baggage(key, context)
-        entries = baggage.get_all(context)
+    # Only the otel_cancel.* entries are dropped; the rest of the caller's baggage is kept
+    # (set_new_root replaces the whole baggage).
+    if entries and not entries.keys().isdisjoint(attributes.BAGGAGE_KEYS):
+        entries = {key: value for key, value in entries.items() if key not in attributes.BAGGAGE_KEYS}
     root = _root_started_here(context, continued)
     extra = {attributes.BAGGAGE_SIGNATURE: sign_root(signing_key, root)} if signing_key else None
     # None of ours is left in ``entries``: the run starts here, with the caller's entries after ours.
-    return IncomingRoot(set_new_root(root, context, entries, extra), root, 0, adopted=False)
+    return IncomingRoot(set_new_root(root, context, entries, extra), root, 0, False)
 
 
 def _adopt(
@@ -128,8 +133,8 @@ def _adopt(
     depth = min(incoming_depth + 1, 1000)
     kept = update_root_in_place(incoming, depth, context, entries)
     if kept is not None:
-        return IncomingRoot(kept, incoming, depth, adopted=True, kept_entries=len(entries))
-    return IncomingRoot(set_root(incoming, depth, context, entries), incoming, depth, adopted=True)
+        return IncomingRoot(kept, incoming, depth, True, len(entries))
+    return IncomingRoot(set_root(incoming, depth, context, entries), incoming, depth, True)
 
 
 def _root_started_here(context: Context, continued: bool) -> str:

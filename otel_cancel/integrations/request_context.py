@@ -13,11 +13,10 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_plus
 
-from opentelemetry import baggage
 from opentelemetry.context import Context, get_current
 from opentelemetry.propagators.textmap import TextMapPropagator
 
-from .._core.baggage_entries import with_entries
+from .._core.baggage_entries import entries_of, with_entries
 
 _DEFAULT_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
 """What ``OTEL_PROPAGATORS=tracecontext,baggage`` (the default) reads: the only set-up taken on the fast path."""
@@ -47,29 +46,49 @@ def _reads_the_default_fields(textmap: TextMapPropagator) -> bool:
     return default
 
 
-def extract_request_context(textmap: TextMapPropagator, carrier: dict[str, list[str]]) -> Context:
-    """What ``textmap.extract(carrier)`` returns, cheaper for a plain ``baggage`` header.
+def extract_request_context(
+    textmap: TextMapPropagator, carrier: dict[str, list[str]], current: Context | None = None
+) -> Context:
+    """What ``textmap.extract(carrier, current)`` returns, cheaper for a plain ``baggage`` header.
 
     Args:
         textmap: the global propagator (``propagate.get_global_textmap()``).
         carrier: the request's propagation headers, name (lowercase) -> values.
+        current: the context to extract into, for a caller that has it at hand
+            (default: the current context).
+    """
+    context, entries = extract_request_baggage(textmap, carrier, current)
+    return context if entries is None else with_entries(entries, context, copy=False)
+
+
+def extract_request_baggage(
+    textmap: TextMapPropagator, carrier: dict[str, list[str]], current: Context | None = None
+) -> tuple[Context, dict[str, object] | None]:
+    """:func:`extract_request_context` in two parts, for a caller that replaces the baggage anyway.
+
+    Returns:
+        The extracted context and, when the header was read on the fast path, the
+        baggage entries it gives (the context's own baggage first), not set on the
+        context yet: setting them with :func:`~otel_cancel._core.baggage_entries.with_entries`
+        gives what :func:`extract_request_context` returns. ``None`` when the
+        propagators read the baggage themselves (the context carries it).
     """
     values = carrier.get("baggage")
     if not values or not _reads_the_default_fields(textmap):
-        return textmap.extract(carrier)
+        return textmap.extract(carrier, current), None
     header = values[0]  # OpenTelemetry's propagator reads the first baggage header only
     if (
         len(header) > _MAX_PLAIN_LENGTH
         or header.count(",") >= _MAX_PLAIN_MEMBERS
         or _PLAIN_HEADER.fullmatch(header) is None
     ):
-        return textmap.extract(carrier)
+        return textmap.extract(carrier, current), None
     if len(carrier) > 1:
         # The trace context: the propagators see every header but the baggage, which
         # the baggage propagator would have read and which is read here instead.
-        context = textmap.extract({name: value for name, value in carrier.items() if name != "baggage"})
+        context = textmap.extract({name: value for name, value in carrier.items() if name != "baggage"}, current)
     else:
-        context = get_current()
+        context = current if current is not None else get_current()
     entries: dict[str, object] = {}
     for member in header.split(","):
         name, value = member.split("=", 1)
@@ -77,5 +96,5 @@ def extract_request_context(textmap: TextMapPropagator, carrier: dict[str, list[
             value = unquote_plus(value).strip()
         entries[name] = value  # a repeated name keeps its place and takes the last value, as set_baggage does
     # The propagator sets each member on the baggage the context has already.
-    existing = baggage.get_all(context)
-    return with_entries({**existing, **entries} if existing else entries, context)
+    existing = entries_of(context)
+    return context, ({**existing, **entries} if existing else entries)

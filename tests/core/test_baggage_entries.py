@@ -28,3 +28,12 @@ def test_setting_all_entries_at_once_equals_clearing_and_setting_each():
     wanted["tenant"] = "changed"
     assert baggage.get_baggage("tenant", got) == "acme"
     assert baggage.get_all(start) == {"old": "x"}
+
+
+def test_reading_all_entries_at_once_equals_get_all():
+    """entries_of gives what baggage.get_all gives (in order, or nothing); copy=False hands the dict over."""
+    assert dict(baggage_entries.entries_of(otel_context.Context())) == {}
+    context = baggage.set_baggage("b", "2", baggage.set_baggage("a", "1", otel_context.Context()))
+    assert list(baggage_entries.entries_of(context).items()) == list(baggage.get_all(context).items())
+    owned = {"c": "3"}
+    assert baggage_entries.entries_of(baggage_entries.with_entries(owned, context, copy=False)) is owned

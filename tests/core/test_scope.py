@@ -11,6 +11,7 @@ from opentelemetry import context as otel_context
 
 import otel_cancel
 from otel_cancel._core.root import random_root, with_root
+from otel_cancel._core.scope import CancelScope, request_scope
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
 
@@ -276,3 +277,11 @@ async def test_work_stopped_by_a_departing_caller_before_the_flag_still_gets_a_r
     store = runtime.watcher.submit(runtime.watcher.store()).result(5)
     (receipt,) = await store.list_receipts(root)
     assert receipt.interrupted == ("relay",) and receipt.tasks == 1
+
+
+def test_a_request_scope_has_every_field_a_constructed_scope_has():
+    """request_scope skips the constructor: it sets every field the constructor sets, and only its facts besides."""
+    built = CancelScope(name="GET /hop")
+    fast = request_scope("GET /hop", "ab" * 16, 1, None, {}, None)
+    assert set(vars(fast)) == set(vars(built)) | {"_known"}
+    assert {key: vars(fast)[key] for key in vars(built)} == vars(built)

@@ -10,9 +10,11 @@ import pytest
 from opentelemetry import baggage
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -20,6 +22,7 @@ from starlette.routing import Route
 
 from otel_cancel._core.root import random_root, with_root
 from otel_cancel.asgi import CancelMiddleware
+from otel_cancel.integrations import asgi as cancel_asgi
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
 
@@ -238,3 +241,33 @@ async def test_a_trusted_hop_passes_on_the_baggage_it_runs_with(runtime, incomin
     assert seen["baggage"]["otel_cancel.depth"] == "3"
     assert header.startswith(f"otel_cancel.root={ROOT},otel_cancel.depth=3,")
     assert dict(baggage.get_all(W3CBaggagePropagator().extract({"baggage": header}))) == seen["baggage"]
+
+
+@pytest.mark.parametrize(
+    ("textmap", "propagated"),
+    [
+        (CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()]), {"traceparent", "baggage"}),
+        (W3CBaggagePropagator(), {"baggage"}),  # a traceparent the propagators do not read still continues the trace
+    ],
+    ids=["default", "baggage-only"],
+)
+def test_the_request_headers_are_read_for_what_the_middleware_needs(textmap, propagated):
+    """One pass gives the propagators' carrier, the baggage headers, a continued trace, the timeouts and a body."""
+    baggage_item = (b"Baggage", b"b=2")
+    raw = [
+        (b"host", b"t"),
+        (b"baggage", b"a=1"),
+        (b"TraceParent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        (b"otel-cancel-timeout", b"5s"),
+        (b"content-length", b"0"),
+        baggage_item,
+    ]
+    headers = cancel_asgi._RequestHeaders(raw, cancel_asgi._kinds_of(textmap))
+    assert set(headers.carrier) == propagated
+    assert headers.carrier["baggage"] == ["a=1", "b=2"]
+    assert headers.baggage == (b"a=1", b"b=2") and headers.baggage_item is baggage_item
+    assert headers.continued and headers.timeouts == (b"5s",) and not headers.has_body
+    for body_header in ((b"content-length", b"12"), (b"Transfer-Encoding", b"chunked")):
+        assert cancel_asgi._RequestHeaders([body_header], cancel_asgi._kinds_of(textmap)).has_body
+    plain = cancel_asgi._RequestHeaders([(b"host", b"t")], cancel_asgi._kinds_of(textmap))
+    assert (plain.carrier, plain.baggage, plain.continued, plain.timeouts, plain.has_body) == ({}, (), False, (), False)

@@ -13,7 +13,8 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from otel_cancel.integrations.request_context import extract_request_context
+from otel_cancel.integrations.incoming import establish_root
+from otel_cancel.integrations.request_context import extract_request_baggage, extract_request_context
 
 DEFAULT = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -90,3 +91,33 @@ def test_the_global_default_propagators_take_the_fast_path(monkeypatch):
     assert baggage.get_all(context) == {"a": "1"}
     assert all("baggage" not in carrier for carrier in calls)
     assert isinstance(context, Context)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "otel_cancel.root=4bf92f3577b34da6a3ce929d0e0e4736,otel_cancel.depth=1,otel_cancel.started=1764990000000",
+        "tenant=acme,otel_cancel.depth=3,otel_cancel.root=4bf92f3577b34da6a3ce929d0e0e4736",  # ours not leading
+        "otel_cancel.root=not-a-root,tenant=acme",
+        "tenant=acme",
+    ],
+    ids=["in-place", "reordered", "bad-root", "foreign-only"],
+)
+@pytest.mark.parametrize("trusted", [True, False])
+def test_the_root_established_from_entries_not_set_yet_is_the_one_from_the_context(header, trusted):
+    """Handing the header's entries to establish_root unset gives the baggage it gives from the extracted context."""
+    carrier = {"baggage": [header]}
+    raw = [(b"baggage", header.encode())]
+    base, entries = extract_request_baggage(DEFAULT, carrier, Context())
+    assert entries is not None  # the fast path
+    given = establish_root(base, raw, trusted=trusted, entries=entries)
+    expected = establish_root(extract_request_context(DEFAULT, carrier, Context()), raw, trusted=trusted)
+    assert (given.depth, given.adopted, given.kept_entries) == (expected.depth, expected.adopted, expected.kept_entries)
+    got, wanted = baggage.get_all(given.context), baggage.get_all(expected.context)
+    assert list(got) == list(wanted)
+    if expected.adopted:
+        assert given.root == expected.root and dict(got) == dict(wanted)
+    else:  # a new root (random here): the same entries but for the root and the run's start
+        assert {k: v for k, v in got.items() if k not in ("otel_cancel.root", "otel_cancel.started")} == {
+            k: v for k, v in wanted.items() if k not in ("otel_cancel.root", "otel_cancel.started")
+        }
