@@ -13,7 +13,7 @@ from opentelemetry import baggage
 import otel_cancel
 from otel_cancel._core.deadline import MAX_AHEAD_SECONDS, now_ms, parse_timeout
 from otel_cancel.store.memory import MemoryCancelStore
-from otel_cancel.testing import configured
+from otel_cancel.testing import configured, wait_for_output
 
 pytestmark = pytest.mark.anyio
 
@@ -138,6 +138,9 @@ async def test_malformed_or_absurd_deadlines_are_ignored_with_one_log_line(leaf,
             response = await client.get(f"{leaf.urls(0)[0]}/work", headers=headers)
             assert response.status_code == 200
             assert "otel_cancel.deadline" not in response.json()["baggage"]
+    # A request's log lines come before its handler's RAN line on the one output: read up to
+    # the third (the output is read by another thread, which may lag behind the responses).
+    await asyncio.to_thread(wait_for_output, lambda: len(leaf.lines("RAN", root)) == 3, 30, "the three requests ran")
     process = leaf.processes()[0]
     warnings = [line for line in process.lines if "deadline" in line.lower() or "otel-cancel-timeout" in line]
     assert len(warnings) == 1, warnings
