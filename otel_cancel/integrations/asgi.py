@@ -314,7 +314,7 @@ class CancelMiddleware:
                 except BaseException as exc:
                     cancel_scope.leave_task(exc)
                     raise
-                cancel_scope.leave_task(None)
+                cancel_scope.leave_task(request.departure())
             else:
                 await self.app(inner_scope, request.receive, request.send)
         except Cancelled as error:
@@ -633,6 +633,19 @@ class _CancellableRequest:
             self._stop_locally()
 
     # -- ending a cancelled response ------------------------------------------------------
+
+    def departure(self) -> Cancelled | None:
+        """What ended the app's work, when the app returned after its caller left an unfinished response.
+
+        An app that listens for the disconnect itself (Starlette's streaming responses) stops
+        and returns normally: its work was cut short by the root's cancel all the same (the
+        flag an edge writes for it, or the calling service's own stop), so its scope reports a
+        stop and owes the root its receipt. ``None`` when the caller stayed, or when work may
+        outlive it (``on_disconnect="continue"``).
+        """
+        if not self.client_gone or self.response_complete or self.on_disconnect != "cancel":
+            return None
+        return self._disconnect_stop().error()
 
     def _disconnect_stop(self) -> CancelRequest:
         """The local stop of this hop's work when its caller left (no flag: the caller's own scope stops it)."""

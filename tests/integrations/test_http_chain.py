@@ -133,6 +133,14 @@ async def test_closing_the_root_stream_stops_every_level_of_that_run_only(chain,
     await asyncio.to_thread(wait_for_output, lambda: len(chain.lines("DONE", kept_root)) == 3, 20)
     status = json.loads(_run_cli("status", closed_root, "--json", env=etcd_env).stdout)
     assert status["flag"]["reason"] == "client disconnected"
+    # Every level reports its stop, the edge too: its app stopped on the disconnect by itself
+    # (Starlette's streaming response listens for it) before the edge's own flag came back.
+    await asyncio.to_thread(
+        wait_for_output,
+        lambda: len(json.loads(_run_cli("status", closed_root, "--json", env=etcd_env).stdout)["receipts"]) == 3,
+        20,
+        "a receipt from every level",
+    )
 
 
 async def test_a_plain_chunked_stream_cancelled_midway_ends_without_an_event(chain, etcd_env):
