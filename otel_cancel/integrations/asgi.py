@@ -325,8 +325,7 @@ class CancelMiddleware:
             # Stopped here because the caller left: nobody is listening any more.
             await request.end_quietly(None)
         finally:
-            if request._listen_check is not None or request._listener is not None:
-                request.stop_listening()
+            request.stop_listening()
             otel_context.detach(token)
 
     def _narrow_deadline(

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
-from typing import Any
 
 import httpx
 import pytest
 from chain import SERVICES
-from conftest import cli
+from debug_service import run_cli
 
 from otel_cancel.testing import free_port, wait_for_output
 
@@ -68,26 +66,14 @@ async def test_workers_forked_from_a_preloaded_app_stop_their_streams_and_write_
             response = await client.send(request, stream=True)
             root = response.headers["otel-cancel-root"]
             await asyncio.to_thread(wait_for_output, lambda r=root: f"START {r} A" in server.lines, 30, "started")
-            result = subprocess.run(
-                cli("cancel", root, "--wait", "10", "--expect", "1", "--json"),
-                env={**os.environ, **etcd_env},
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            result = await run_cli("cancel", root, "--wait", "10", "--expect", "1", env=etcd_env)
             assert result.returncode == 0, result.stdout + result.stderr
             lines = [line async for line in response.aiter_lines() if line]
             await response.aclose()
             assert lines[-2] == "event: otel-cancel"
             await asyncio.to_thread(wait_for_output, lambda r=root: f"STOPPED {r} A" in server.lines, 30, "stopped")
-            instances |= {receipt["instance"] for receipt in _status(root, etcd_env)["receipts"]}
+            status = json.loads((await run_cli("status", root, "--json", env=etcd_env)).stdout)
+            instances |= {receipt["instance"] for receipt in status["receipts"]}
     # Each receipt names the worker process that stopped the work (hostname-pid by default).
     assert 1 <= len(instances) <= WORKERS
     assert not [line for line in server.lines if "Traceback" in line]
-
-
-def _status(root: str, env: dict[str, str]) -> dict[str, Any]:
-    result = subprocess.run(
-        cli("status", root, "--json"), env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=True
-    )
-    return dict(json.loads(result.stdout))

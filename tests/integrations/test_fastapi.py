@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 
 import httpx
 import pytest
-from conftest import cli
+from debug_service import run_cli
 
 from otel_cancel.testing import wait_for_output
 
@@ -24,13 +22,7 @@ async def test_a_fastapi_chain_under_opentelemetry_instrument_is_cancelled_at_ev
         response = await client.send(request, stream=True)
         root = response.headers["otel-cancel-root"]
         await asyncio.to_thread(wait_for_output, lambda: len(chain.lines("START", root)) == 2, 30, "both started")
-        result = subprocess.run(
-            cli("cancel", root, "--reason", "fastapi", "--wait", "2", "--expect", "2"),
-            env={**os.environ, **etcd_env},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = await run_cli("cancel", root, "--reason", "fastapi", "--wait", "2", "--expect", "2", env=etcd_env)
         assert result.returncode == 0, result.stdout + result.stderr
         lines = [line async for line in response.aiter_lines() if line]
         await response.aclose()
@@ -51,13 +43,7 @@ async def test_a_fastapi_handler_cancelled_mid_request_answers_409(chain, etcd_e
         call = asyncio.create_task(client.get(f"{chain.urls(0)[0]}/work", params={"seconds": 60}))
         line = await asyncio.to_thread(chain.levels[0][0][1].wait_for_line, "RAN ", 30)
         root = line.split()[1]
-        result = subprocess.run(
-            cli("cancel", root, "--reason", "user left"),
-            env={**os.environ, **etcd_env},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = await run_cli("cancel", root, "--reason", "user left", env=etcd_env)
         assert result.returncode == 0, result.stdout + result.stderr
         response = await asyncio.wait_for(call, 30)
     assert response.status_code == 409
