@@ -564,6 +564,9 @@ def _throughput(etcd: EtcdServer, chain_etcd: EtcdServer, quick: bool, cpu: CpuS
 
 # -- 3b. one hop at a time, wrk its only client ----------------------------------------------------------
 
+RUNTIME_ONLY = "OpenTelemetry + otel-cancel's runtime, no middleware"
+"""The single-hop variant that measures what a process pays for being cancellable at all."""
+
 HOP_TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -576,8 +579,10 @@ def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
     harness's, not the service's. Here each hop is a leaf (``level_app`` with no next
     level) driven by ``wrk`` from outside, so the process's CPU is the server's work
     alone: an edge (no incoming baggage, untrusted) and an internal hop (trusted, the
-    ``traceparent`` and ``baggage`` an otel-cancel edge sends). The two variants of a
-    role run back to back in each round (order alternating) and are compared per round.
+    ``traceparent`` and ``baggage`` an otel-cancel edge sends). A third variant runs
+    otel-cancel's runtime (imports, watch, IO loop, live-work publisher) with no
+    middleware: the floor no request path can go under. The variants of a role run
+    back to back in each round (order alternating) and are compared per round.
     """
     if shutil.which("wrk") is None:
         return {"ran": False, "reason": "wrk is not installed (Debian: apt-get install -y wrk)"}
@@ -586,6 +591,9 @@ def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
     variants: dict[str, dict[str, str]] = {
         "OpenTelemetry": {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel"},
         "OpenTelemetry + otel-cancel": {},
+        # The floor no request path can go under: otel-cancel's runtime running (its
+        # imports, the watch, the IO loop and the live-work publisher), no middleware.
+        RUNTIME_ONLY: {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel", "BENCH_RUNTIME_ONLY": "1"},
     }
     roles = {
         "edge": ({"LEVEL": "0", "OTEL_CANCEL_TRUST_INCOMING": "false"}, []),
@@ -651,6 +659,8 @@ def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
             "both_median": statistics.median(both) if both else None,
             "added_us_paired": paired,
             "added_us_median": statistics.median(paired) if paired else None,
+            "cpu_us_per_request_runtime_only": samples[role][RUNTIME_ONLY],
+            "runtime_only_added_us_median": _paired_median(otel, samples[role][RUNTIME_ONLY]),
             "split_us_per_request_median": {
                 variant: {part: statistics.median(values) if values else None for part, values in split.items()}
                 for variant, split in parts[role].items()
@@ -669,7 +679,23 @@ def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
         losses.append(round(100 * (1 - (e_o + 2 * i_o) / (e_b + 2 * i_b)), 2))
     out["chain_loss_pct_paired_rounds"] = losses
     out["chain_loss_pct_median"] = statistics.median(losses) if losses else None
+    floor = [
+        round(100 * (1 - (e_o + 2 * i_o) / (e_r + 2 * i_r)), 2)
+        for e_o, e_r, i_o, i_r in zip(
+            per_role["edge"]["cpu_us_per_request_otel"],
+            per_role["edge"]["cpu_us_per_request_runtime_only"],
+            per_role["internal"]["cpu_us_per_request_otel"],
+            per_role["internal"]["cpu_us_per_request_runtime_only"],
+            strict=False,
+        )
+    ]
+    out["runtime_only_chain_loss_pct_median"] = statistics.median(floor) if floor else None
     return out
+
+
+def _paired_median(anchor: list[float], variant: list[float]) -> float | None:
+    paired = [b - a for a, b in zip(anchor, variant, strict=False)]
+    return round(statistics.median(paired), 1) if paired else None
 
 
 def _process_cpu(pid: int) -> float:

@@ -422,6 +422,7 @@ def _single_hops_lines(hops: dict[str, Any] | None) -> list[str]:
             "both": _fmt(values["both_median"]),
             "added": _fmt(values["added_us_median"]),
             "paired": ", ".join(_fmt(v) for v in values["added_us_paired"]),
+            "runtime": _fmt(values.get("runtime_only_added_us_median")),
         }
         for role, values in hops["roles"].items()
     ]
@@ -432,19 +433,30 @@ def _single_hops_lines(hops: dict[str, Any] | None) -> list[str]:
         "",
         table(
             rows,
-            ["hop", "otel", "both", "added", "paired"],
+            ["hop", "otel", "both", "added", "paired", "runtime"],
             [
                 "hop",
                 "OpenTelemetry, CPU µs per request (median)",
                 "OpenTelemetry + otel-cancel",
                 "added µs (median of paired rounds)",
                 "added per round µs",
+                "added by the runtime alone, no middleware (µs, median of paired rounds)",
             ],
         ),
         "",
         "The three-hop chain without the harness's clients (an edge and two internal hops): "
         f"**{_fmt(hops['chain_loss_pct_median'], '%')}** throughput loss from CPU per request, median of the "
         f"paired rounds {hops['chain_loss_pct_paired_rounds']}.",
+        *(
+            [
+                "With otel-cancel's runtime running (its imports, the watch, the IO loop, the live-work "
+                "publisher) and no middleware, the same chain loses "
+                f"{_fmt(hops['runtime_only_chain_loss_pct_median'], '%')}: what a process pays for being "
+                "cancellable at all, before any request is."
+            ]
+            if hops.get("runtime_only_chain_loss_pct_median") is not None
+            else []
+        ),
         *_single_hop_split_lines(hops),
     ]
 
@@ -745,6 +757,10 @@ def cost_targets_block(results: dict[str, dict[str, Any] | None]) -> str:
                 f"{_fmt(roles['internal']['otel_median'], ' µs')} CPU per request, median of paired rounds); "
                 f"chain with its clients: {_fmt(net.get('loss_pct_from_cpu_per_request_with_harness'), '%')}"
             )
+            if hops.get("runtime_only_chain_loss_pct_median") is not None:
+                measured += (
+                    f"; the runtime alone, no middleware: {_fmt(hops['runtime_only_chain_loss_pct_median'], '%')}"
+                )
         else:
             measured = f"{_fmt(loss, '%')} ({_fmt(net.get('cpu_us_per_hop_added'), ' µs')} CPU per hop)"
         rows.append(

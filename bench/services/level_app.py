@@ -16,6 +16,12 @@ Environment:
     BENCH_DISCONNECT_LISTENER=off
                 a diagnostic, not a setting: stub out CancelMiddleware's
                 disconnect listener, to measure what it costs under OpenTelemetry
+    BENCH_RUNTIME_ONLY=1
+                a diagnostic, not a setting: start otel-cancel's runtime (the
+                watcher on etcd, the IO loop, the live-work publisher) as the app
+                starts, with no middleware: run it with otel-cancel's instrumentation
+                disabled to measure what a process pays for being cancellable
+                before any request is
 
 Routes:
     ``GET /stream?tokens=N&interval=S&run=ID``  server-sent events: the next
@@ -224,6 +230,10 @@ async def loop_lag(request: Request) -> JSONResponse:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette):
+    if os.environ.get("BENCH_RUNTIME_ONLY") == "1":
+        from otel_cancel._core.process_state import get_process_state
+
+        get_process_state().start_serving()
     probe = asyncio.create_task(_probe_loop_lag())
     try:
         yield
