@@ -33,11 +33,17 @@ def _read(path: str, variable: str) -> bytes:
         raise ConfigurationError(f"{variable}: cannot read {path!r}: not a valid path") from None
 
 
+def _pem_text(pem: bytes) -> str:
+    """A PEM file as ``ssl`` takes it: its blocks are ASCII, and bytes outside them (a bundle's
+    comments in UTF-8) are left out, as gRPC's and etcd's PEM readers skip them."""
+    return pem.decode("ascii", "ignore")
+
+
 def _check_ca(pem: bytes, path: str) -> None:
     import ssl  # only where TLS is configured: ssl costs every CLI command start-up time
 
     try:
-        ssl.create_default_context(cadata=pem.decode("ascii"))
+        ssl.create_default_context(cadata=_pem_text(pem))
     except (ssl.SSLError, UnicodeDecodeError, ValueError):
         raise ConfigurationError(f"{env.OTEL_CANCEL_ETCD_CA_CERT}: {path!r} holds no PEM CA certificate") from None
 
@@ -54,13 +60,19 @@ def _check_pair(cert: bytes, key: bytes, cert_path: str, key_path: str) -> None:
         for copy, data in ((cert_copy, cert), (key_copy, key)):
             with open(copy, "wb") as file:
                 file.write(data)
+        if b"ENCRYPTED" in key:  # PKCS#8's "BEGIN ENCRYPTED PRIVATE KEY", or the older "Proc-Type: 4,ENCRYPTED"
+            raise ConfigurationError(
+                f"{env.OTEL_CANCEL_ETCD_KEY}: {key_path!r} is encrypted (a pass phrase protects it); "
+                "give the key unencrypted, as gRPC needs it"
+            )
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:
-            context.load_cert_chain(cert_copy, key_copy)
+            # A password, even empty, keeps OpenSSL from prompting on the terminal for one.
+            context.load_cert_chain(cert_copy, key_copy, password=b"")
         except ssl.SSLError as error:
             if "PEM" in str(error) or "NO_START_LINE" in str(error):
                 try:
-                    context.load_verify_locations(cadata=cert.decode("ascii"))
+                    context.load_verify_locations(cadata=_pem_text(cert))
                 except (ssl.SSLError, UnicodeDecodeError, ValueError):
                     raise ConfigurationError(
                         f"{env.OTEL_CANCEL_ETCD_CERT}: {cert_path!r} holds no PEM certificate"
@@ -146,14 +158,14 @@ def ssl_context(ca_cert: str | None, cert: str | None, key: str | None) -> ssl.S
     import ssl
 
     try:
-        context = ssl.create_default_context(cadata=files.ca_pem.decode("ascii") if files.ca_pem else None)
+        context = ssl.create_default_context(cadata=_pem_text(files.ca_pem) if files.ca_pem else None)
         # The certificates gRPC accepts (the chain and the name, verified the same): Python 3.13
         # also demands RFC 5280's form by default (key identifiers...), which gRPC does not, and
         # the same TLS settings must serve both paths to etcd.
         context.verify_flags &= ~ssl.VERIFY_X509_STRICT
         if files.cert_path and files.key_path:
             # Checked above (read_tls_files); loaded from the files as ssl requires.
-            context.load_cert_chain(files.cert_path, files.key_path)
+            context.load_cert_chain(files.cert_path, files.key_path, password=b"")
     except (OSError, ValueError) as error:  # ssl.SSLError is an OSError: a file changed since it was checked
         raise ConfigurationError(f"cannot use the etcd TLS files: {error}") from None
     return context

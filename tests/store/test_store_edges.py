@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from unittest import mock
 
 import aetcd.exceptions
 import pytest
 from conftest import cli
 from debug_service import EVENT_TIMEOUT
+from tls_pki import make_pki
 
 from otel_cancel._core.io_loop import io_loop
 from otel_cancel._core.records import CancelRequest
@@ -71,6 +73,54 @@ def test_a_tls_file_that_holds_no_certificate_is_a_configuration_error_naming_it
     assert len(lines) == 1 and lines[0].startswith("otel-cancel: ") and variable in lines[0], result.stderr
     with pytest.raises(ConfigurationError, match=variable):
         Settings.from_environment(env)
+
+
+def test_an_encrypted_client_key_is_a_configuration_error_not_a_pass_phrase_prompt(tmp_path, etcd_env):
+    """A key under a pass phrase: exit 2 with one line naming OTEL_CANCEL_ETCD_KEY; OpenSSL never prompts."""
+    from cryptography.hazmat.primitives import serialization
+
+    tls = make_pki(tmp_path)
+    key = serialization.load_pem_private_key(Path(tls.client_key).read_bytes(), None)
+    encrypted = tmp_path / "encrypted-key.pem"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    env = {
+        **etcd_env,
+        "OTEL_CANCEL_ETCD_CA_CERT": tls.ca_cert,
+        "OTEL_CANCEL_ETCD_CERT": str(tls.client_cert),
+        "OTEL_CANCEL_ETCD_KEY": str(encrypted),
+    }
+    result = _run("list", env=env)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line]
+    assert len(lines) == 1 and "OTEL_CANCEL_ETCD_KEY" in lines[0] and "encrypted" in lines[0], result.stderr
+    with pytest.raises(ConfigurationError, match="encrypted"):
+        Settings.from_environment(env)
+
+
+def test_a_ca_bundle_with_utf8_comments_serves_both_paths_to_etcd(tmp_path, prefix):
+    """Bytes outside the PEM blocks (a bundle's UTF-8 comments), as gRPC and etcdctl accept: cancel and status work."""
+    tls = make_pki(tmp_path, server_may_be_client=True)
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes("# Autorité de certification interne\n".encode() + Path(tls.ca_cert).read_bytes())
+    root = random_root()
+    with EtcdServer(tls=tls) as etcd:
+        env = {
+            "OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint,
+            "OTEL_CANCEL_PREFIX": prefix,
+            "OTEL_CANCEL_ETCD_CA_CERT": str(bundle),
+            "OTEL_CANCEL_ETCD_CERT": str(tls.client_cert),
+            "OTEL_CANCEL_ETCD_KEY": str(tls.client_key),
+        }
+        cancelled = _run("cancel", root, "--reason", "behind a commented bundle", env=env)  # the gateway path
+        assert cancelled.returncode == 0, cancelled.stderr
+        status = _run("status", root, env=env)  # the gRPC path
+        assert status.returncode == 0 and "behind a commented bundle" in status.stdout, status.stderr
 
 
 async def test_a_create_that_timed_out_after_committing_reports_that_it_created_the_flag(etcd, prefix):
