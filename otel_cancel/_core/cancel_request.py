@@ -26,6 +26,9 @@ MAX_TEXT = 512
 
 # One compact encoder for the records written per flag (a flag, its receipts): json.dumps
 # with separators builds a new JSONEncoder on every call, a quarter of a receipt's encoding.
+MALFORMED_FLAG_REASON = "unknown (malformed flag)"
+"""The reason of a flag whose value does not decode: its root is cancelled all the same."""
+
 COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
@@ -95,6 +98,19 @@ class CancelRequest:
         """A request for ``root`` made now."""
         validate_root(root)
         return cls(root, reason[:MAX_TEXT], time.time_ns(), requested_by[:MAX_TEXT], kind)
+
+    @classmethod
+    def of_malformed_flag(cls, root: str) -> CancelRequest:
+        """What a flag whose value does not decode stands for: its key still says ``root`` is cancelled."""
+        return cls(root, MALFORMED_FLAG_REASON, 0, "")
+
+    @classmethod
+    def of_flag(cls, root: str, raw: bytes) -> CancelRequest:
+        """The request the value of ``root``'s flag holds, or :meth:`of_malformed_flag` when it does not decode."""
+        try:
+            return cls.from_json(raw, root)
+        except ValueError:
+            return cls.of_malformed_flag(root)
 
     def error(self) -> Cancelled:
         """The :class:`~otel_cancel.Cancelled` that work stopped by this request raises."""

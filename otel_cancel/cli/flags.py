@@ -27,13 +27,6 @@ from .render import iso, request_dict
 from .table import format_table
 
 
-def _parse_flag(root: str, value: bytes) -> CancelRequest:
-    try:
-        return CancelRequest.from_json(value, root)
-    except ValueError:
-        return CancelRequest(root, "unknown (malformed flag)", 0, "")
-
-
 async def list_command(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:
     """``otel-cancel list``: print every flag, one page at a time."""
     from .fleet import bulk_dict, bulk_flags, bulk_lines
@@ -48,7 +41,7 @@ async def list_command(store: CancelStore, settings: Settings, args: argparse.Na
         for event in page.flags:
             root = root_of_flag_key(store.prefix, event.key)
             if root is not None:
-                flags.append(_parse_flag(root, event.value))
+                flags.append(CancelRequest.of_flag(root, event.value))
         if as_json:
             # One JSON document, {"revision": R, "flags": [...]}, written as it is read.
             if not header_printed:
@@ -119,7 +112,7 @@ class _EventPrinter:
         seen_at = _now()
         record: dict[str, Any]
         if event.kind == "put":
-            flag = _parse_flag(root, event.value)
+            flag = CancelRequest.of_flag(root, event.value)
             record = {"event": "cancelled", "root": root, "reason": flag.reason}
             written = iso(flag.requested_at) if flag.requested_at else "-"
             record.update(time=seen_at, replayed=replayed, requested_at=flag.requested_at)

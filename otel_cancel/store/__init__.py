@@ -56,7 +56,8 @@ class CancelStore(Protocol):
         ...
 
     async def get_flag(self, root: str) -> CancelRequest | None:
-        """The flag for ``root``, or ``None``."""
+        """The flag for ``root``, or ``None``; a value that does not decode still cancels ``root``
+        (:meth:`CancelRequest.of_malformed_flag <otel_cancel._core.cancel_request.CancelRequest.of_malformed_flag>`)."""
         ...
 
     async def list_flags(self) -> FlagListing:

@@ -253,7 +253,7 @@ class EtcdCancelStore:
             return await client.get(key)
 
         found = await self._call("reading a cancel flag", get)
-        return None if found is None else CancelRequest.from_json(found.value, root)
+        return None if found is None else CancelRequest.of_flag(root, found.value)
 
     async def list_flags(self) -> FlagListing:
         flags: list[FlagEvent] = []

@@ -107,7 +107,7 @@ class MemoryCancelStore:
         with self._lock:
             self._expire_locked()
             entry = self._data.get(key)
-        return None if entry is None else CancelRequest.from_json(entry.value, root)
+        return None if entry is None else CancelRequest.of_flag(root, entry.value)
 
     async def list_flags(self) -> FlagListing:
         head = flags_prefix(self.prefix)

@@ -87,6 +87,21 @@ def test_watch_prints_cancels_as_they_happen(spawn, etcd_env):
     assert json.loads(watcher.wait_for_line(lambda line: after in line))["reason"] == "later"
 
 
+def test_status_of_a_malformed_flag_says_the_root_is_cancelled(etcd, etcd_env):
+    """A flag a foreign writer left malformed: `status` (and `--json`) show the root cancelled, no traceback."""
+    from otel_cancel.testing import find_etcdctl_binary
+
+    root = random_root()
+    key = f"{etcd_env['OTEL_CANCEL_PREFIX']}flags/{root}"
+    put = [find_etcdctl_binary(), f"--endpoints={etcd.endpoint}", "put", key, "not json"]
+    subprocess.run(put, check=True, capture_output=True, timeout=30)
+    text = run("status", root, env=etcd_env)
+    assert text.returncode == 0 and "unknown (malformed flag)" in text.stdout, text.stderr
+    as_json = run("status", root, "--json", env=etcd_env)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["cancelled"] is True
+
+
 def test_status_of_a_root_nobody_cancelled(etcd_env):
     """`status` of an uncancelled root says so and exits 0."""
     result = run("status", random_root(), env=etcd_env)

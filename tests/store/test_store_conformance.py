@@ -63,6 +63,20 @@ async def test_get_flag_of_an_uncancelled_root_is_none(store):
 
 
 @on_io_loop
+async def test_get_flag_of_a_malformed_value_still_says_the_root_is_cancelled(store):
+    """A value no decoder accepts (a foreign writer's): the key still cancels the root; no error but StoreError."""
+    root = random_root()
+    key = f"{store.prefix}flags/{root}"
+    if isinstance(store, MemoryCancelStore):
+        store.put_raw(key, b"\xff not json")
+    else:
+        assert isinstance(store, EtcdCancelStore)
+        await store._connection().put(key.encode(), b"\xff not json")
+    flag = await store.get_flag(root)
+    assert flag == CancelRequest.of_malformed_flag(root)
+
+
+@on_io_loop
 async def test_list_flags_returns_every_flag_and_a_revision(store):
     """The listing holds each flag under {prefix}flags/{root} and the revision it was taken at."""
     roots = {random_root() for _ in range(3)}
