@@ -48,3 +48,16 @@ def resource_instance_id(environ: Mapping[str, str]) -> str | None:
 def default_instance(environ: Mapping[str, str]) -> str:
     """The instance name when ``OTEL_CANCEL_INSTANCE`` is unset: the resource's id, else ``{hostname}-{pid}``."""
     return resource_instance_id(environ) or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def forked_instance(environ: Mapping[str, str], inherited: str) -> str:
+    """The default instance name of a forked child whose parent had named itself ``inherited``.
+
+    A child forked from a process that had set up otel-cancel (gunicorn ``--preload``)
+    inherits its parent's tracer provider, and with it the parent's
+    ``service.instance.id``, which its siblings share too: the resource's id names the
+    child only when the SDK was set up again in it (a ``post_fork`` hook); otherwise
+    ``{hostname}-{pid}``, so each child writes its own receipts and live-work record.
+    """
+    own = resource_instance_id(environ)
+    return own if own and own != inherited else f"{socket.gethostname()}-{os.getpid()}"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from typing import Any
 from ..exceptions import StoreError, StorePermissionError, StoreUnavailableError
 from ..store import CancelStore
 from . import telemetry
+from .identity import default_instance, forked_instance
 from .io_loop import io_loop
 from .live import LivePublisher
 from .rate_limited_log import RateLimitedLogger
@@ -53,6 +56,8 @@ class ProcessState:
 
     def __init__(self, settings: Settings, store: CancelStore | None = None) -> None:
         self.settings = settings
+        self.instance_is_default = settings.instance == default_instance(os.environ)
+        """Whether the instance name is the default one (else configured): a forked child replaces only a default."""
         self.registry = CancelRegistry(on_stopped=self._on_stopped, service=settings.service)
         self._given_store = store
         self.watcher = CancelWatcher(self._create_store, self.registry, watchdog_seconds=settings.watchdog_seconds)
@@ -310,18 +315,56 @@ def configure(settings: Settings | None = None, *, store: CancelStore | None = N
     Raises:
         ConfigurationError: a setting is invalid.
     """
-    global _runtime
+    global _runtime, _forked_from
     new = ProcessState(settings or Settings.from_environment(**overrides), store)
     with _lock:
         old, _runtime = _runtime, new
+        parent, _forked_from = _forked_from, None
+    # Hooks the instrumentor deferred to the start of serving belong to the process's
+    # instrumentation, not to a configuration: an application that configures
+    # otel-cancel after `opentelemetry-instrument` loaded it (in this process or in the
+    # parent it was forked from) must still get them.
+    previous = old or parent
+    if previous is not None and not previous.serving:
+        new.start_hooks.extend(previous.start_hooks)
     if old is not None:
-        # Hooks the instrumentor deferred to the start of serving belong to the process's
-        # instrumentation, not to a configuration: an application that configures
-        # otel-cancel after `opentelemetry-instrument` loaded it must still get them.
-        if not old.serving:
-            new.start_hooks.extend(old.start_hooks)
         old.shutdown()
     return new
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (a gunicorn --preload worker) must not use its parent's state: the
+    # parent's watcher and publisher do not run here, its locks may have been held by
+    # threads the fork did not copy, and its instance name is every sibling's too. The
+    # child's state is built at its first use (after any post-fork set-up) from the parent's.
+    global _lock, _runtime, _forked_from
+    _lock = threading.Lock()
+    if _runtime is not None:
+        _forked_from, _runtime = _runtime, None
+
+
+def _state_of_a_forked_child(parent: ProcessState) -> ProcessState:
+    """The parent's configuration, with an instance name of the child's own unless one was configured."""
+    if parent.watcher.started:
+        _log.warning(
+            "otel-cancel: this process was forked while its parent's cancel watch ran; gRPC cannot serve a "
+            "child forked during its calls, so cancels may not reach it: fork before otel-cancel starts "
+            "(pre-fork servers do) or start processes with 'spawn'"
+        )
+    settings = parent.settings
+    if parent.instance_is_default:
+        settings = dataclasses.replace(settings, instance=forked_instance(os.environ, settings.instance))
+    child = ProcessState(settings, parent._given_store)
+    child.instance_is_default = parent.instance_is_default
+    if not parent.serving:
+        child.start_hooks.extend(parent.start_hooks)
+    return child
+
+
+_forked_from: ProcessState | None = None
+"""In a forked child until its first use of otel-cancel: the state it inherited from its parent."""
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def configured_process_state() -> ProcessState | None:
@@ -334,18 +377,22 @@ def get_process_state() -> ProcessState:
     runtime = _runtime
     if runtime is not None:
         return runtime
+    global _forked_from
     with _lock:
         if _runtime is None:
-            globals()["_runtime"] = ProcessState(Settings.from_environment())
+            parent, _forked_from = _forked_from, None
+            new = ProcessState(Settings.from_environment()) if parent is None else _state_of_a_forked_child(parent)
+            globals()["_runtime"] = new
         assert _runtime is not None
         return _runtime
 
 
 def reset() -> None:
     """Stop the watcher and forget the configuration (tests)."""
-    global _runtime
+    global _runtime, _forked_from
     with _lock:
         old, _runtime = _runtime, None
+        _forked_from = None
     if old is not None:
         old.shutdown()
 
