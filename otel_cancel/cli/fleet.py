@@ -200,11 +200,13 @@ async def cancel_command(store: CancelStore, settings: Settings, args: argparse.
     from .._core.scope import parent_in_root_trace
 
     requested_by = requester()
-    spans = [telemetry.start_request_span(root, args.reason, parent_in_root_trace(root)) for root in args.roots]
+    # One span per root, as one flag per root: a root given twice is cancelled once.
+    roots = list(dict.fromkeys(args.roots))
+    spans = [telemetry.start_request_span(root, args.reason, parent_in_root_trace(root)) for root in roots]
     try:
         result = await cancel_many_in_store(
             store,
-            roots=args.roots,
+            roots=roots,
             service=args.service,
             labels=labels,
             everything=args.all_runs and args.service is None and not labels,

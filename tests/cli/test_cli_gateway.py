@@ -94,6 +94,23 @@ def test_with_spans_exported_the_cancel_records_its_request_span(etcd_env):
         receiver.stop()
 
 
+def test_a_root_given_twice_records_one_request_span(etcd_env):
+    """`cancel A A` with spans exported writes one flag and records one `otel_cancel.request` span for it."""
+    receiver = OtlpReceiver().start()
+    try:
+        root = random_root()
+        result = run("cancel", root, root, env={**etcd_env, **receiver.env()})
+        assert result.returncode == 0 and result.stdout.splitlines() == [
+            f"cancelled {root} (reason: cancelled by operator)"
+        ]
+        # The command flushed its spans before it exited: all of them are in.
+        receiver.wait_for(lambda got: any(s.trace_id == root for s in got.spans), what="the cancel's request span")
+        spans = [s for s in receiver.received.spans if s.name == "otel_cancel.request" and s.trace_id == root]
+        assert len(spans) == 1
+    finally:
+        receiver.stop()
+
+
 @pytest.fixture(scope="module")
 def auth_etcd() -> Iterator[EtcdServer]:
     """etcd with authentication on and a user `canceller` that may write under every prefix."""
