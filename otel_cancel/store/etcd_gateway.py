@@ -64,7 +64,15 @@ class GatewayUnusableError(StoreUnavailableError):
     client with the *server's* certificate, which etcd refuses when that
     certificate is not made for client use. The gRPC store works in both cases:
     the caller uses it instead.
+
+    Attributes:
+        attempted: raised by :meth:`EtcdGatewayClient.create_flag`, the flags its
+            transactions put, as stamped. An endpoint may have committed one and lost
+            its answer before the gateway turned out unusable: the flag the gRPC store
+            then finds is this same cancel's when it is one of these.
     """
+
+    attempted: tuple[CancelRequest, ...] = ()
 
 
 class _GatewayError(Exception):
@@ -179,7 +187,11 @@ class EtcdGatewayClient:
             kvs = responses[0].get("response_range", {}).get("kvs") or []
             return creation.found(_from_b64(kvs[0].get("value", "")) if kvs else None)
 
-        return self._call(FLAG_ACTION, create)
+        try:
+            return self._call(FLAG_ACTION, create)
+        except GatewayUnusableError as error:
+            error.attempted = creation.attempts
+            raise
 
     def close(self) -> None:
         """Close the connection (a later call opens another)."""

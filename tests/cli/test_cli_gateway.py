@@ -241,6 +241,25 @@ def test_a_gateway_lost_after_some_flags_leaves_the_other_roots_to_grpc(etcd, pr
         assert _status(root, {"OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint, "OTEL_CANCEL_PREFIX": prefix})["cancelled"]
 
 
+def test_a_flag_the_gateway_stored_but_never_heard_back_about_is_reported_as_created(etcd, prefix):
+    """One endpoint stores the flag and loses the answer, the next has no gateway: the gRPC path says `created`."""
+
+    def lose_the_transactions_answer(path: str, forward: Callable[[], bytes]) -> bytes | None:
+        answer = forward()
+        return None if path == "/v3/kv/txn" else answer
+
+    root = random_root()
+    with (
+        GatewayFront(etcd, lose_the_transactions_answer) as lossy,
+        GatewayFront(etcd, lambda path, forward: _NOT_ETCDS_JSON) as gateway_off,
+    ):
+        env = {"OTEL_CANCEL_ETCD_ENDPOINTS": f"{lossy.endpoint},{gateway_off.endpoint}", "OTEL_CANCEL_PREFIX": prefix}
+        result = run("cancel", root, "--json", env=env)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    stored = _status(root, {"OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint, "OTEL_CANCEL_PREFIX": prefix})["flag"]
+    assert json.loads(result.stdout) == {"created": True, "flag": stored}
+
+
 @pytest.fixture(scope="module")
 def auth_etcd() -> Iterator[EtcdServer]:
     """etcd with authentication on and a user `canceller` that may write under every prefix."""
@@ -281,3 +300,32 @@ def test_with_etcd_auth_the_right_password_cancels_and_a_wrong_one_is_one_line(a
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.startswith("otel-cancel: etcd refused the credentials while writing a cancel flag")
     assert "OTEL_CANCEL_ETCD_PASSWORD" in refused.stderr and auth_etcd.endpoint in refused.stderr
+
+
+def test_a_refused_root_does_not_hide_the_flags_written_for_the_others(auth_etcd, prefix):
+    """etcd refuses one root's flag: both paths print every flag they wrote, in order, then one error line, exit 1."""
+    # A user that may write the flags of roots beginning with 0-7, not those beginning with 8-f.
+    admin = [find_etcdctl_binary(), f"--endpoints={auth_etcd.endpoint}", "--user=root:root-password"]
+    for command in (
+        ("role", "add", "lower-half"),
+        ("role", "grant-permission", "lower-half", "readwrite", f"{prefix}flags/0", f"{prefix}flags/8"),
+        ("user", "add", "lower-half:lower-half-password"),
+        ("user", "grant-role", "lower-half", "lower-half"),
+    ):
+        subprocess.run([*admin, *command], check=True, capture_output=True, timeout=30)
+    env = {
+        "OTEL_CANCEL_ETCD_ENDPOINTS": auth_etcd.endpoint,
+        "OTEL_CANCEL_PREFIX": prefix,
+        "OTEL_CANCEL_ETCD_USERNAME": "lower-half",
+        "OTEL_CANCEL_ETCD_PASSWORD": "lower-half-password",
+    }
+    receiver = OtlpReceiver().start()  # exported spans: the gRPC path
+    try:
+        for path_env in ({}, receiver.env()):
+            refused, first, second = "9" + random_root()[1:], "1" + random_root()[1:], "2" + random_root()[1:]
+            result = run("cancel", first, refused, second, "--reason", "half", env={**env, **path_env})
+            assert result.returncode == 1, result.stderr
+            assert result.stdout.splitlines() == [f"cancelled {root} (reason: half)" for root in (first, second)]
+            assert result.stderr.count("\n") == 1 and result.stderr.startswith("otel-cancel: etcd denied writing")
+    finally:
+        receiver.stop()
