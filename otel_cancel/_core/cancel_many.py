@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from ..exceptions import StoreError, StorePermissionError
 from ..store import CancelStore
@@ -88,11 +88,23 @@ async def cancel_many_in_store(
     requested_by: str,
     ttl_seconds: int,
     read_live: bool = True,
+    on_flag: Callable[[CancelRequest, bool], object] | None = None,
+    attempted: Collection[CancelRequest] = (),
 ) -> BulkCancelResult:
     """Cancel listed roots, or every run a selector picks, through ``store`` (see :func:`cancel_many`).
 
-    With ``read_live=False`` listed roots are flagged without reading live work first
-    (``holders`` is then empty): one etcd call less for a caller that will not wait.
+    Every root's flag is tried, also when another's cannot be written; the first
+    failure (in the roots' order) is raised once all are done.
+
+    Args:
+        read_live: with ``False`` listed roots are flagged without reading live work
+            first (``holders`` is then empty): one etcd call less for a caller that
+            will not wait.
+        on_flag: called with each flag as it is written (and whether this call
+            created it), so a caller can report those written when another fails.
+        attempted: flags an earlier try of this same cancel may have stored without
+            learning it (the CLI's gateway, whose answer was lost): found in the
+            store, they count as created by this call.
     """
     listed, checked = check_selection(roots, service=service, labels=labels, everything=everything)
     # Who holds what, read before any flag: the processes a waiting caller expects to hear from.
@@ -119,9 +131,18 @@ async def cancel_many_in_store(
             stored, created = await store.create_flag(request, ttl_seconds)
             # A process the bulk flag reached may have written this root's flag first, for
             # this same bulk cancel: that is this call's flag too, not an earlier cancel.
-            return stored, created or (bulk is not None and stored.requested_by == request.requested_by)
+            ours = created or stored in attempted or (bulk is not None and stored.requested_by == request.requested_by)
+            if on_flag is not None:
+                on_flag(stored, ours)
+            return stored, ours
 
-    flags = tuple(await asyncio.gather(*(flag(root) for root in picked)))
+    # Not the first failure at once: the other writes still run, and each flag they
+    # write is a cancel done that the caller must hear of (through on_flag).
+    outcomes = await asyncio.gather(*(flag(root) for root in picked), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    flags = tuple(outcome for outcome in outcomes if not isinstance(outcome, BaseException))
     holders = {
         root: tuple(
             dict.fromkeys(
@@ -177,7 +198,8 @@ async def cancel_many(
         InvalidRootError: a root is not valid.
         InvalidLabelError: a label selector is not valid.
         ValueError: nothing is selected, or roots are combined with a selector.
-        StoreError: the store could not be written (work in this process is still stopped).
+        StoreError: the store could not be written (work in this process is still stopped);
+            with several roots, the first root's failure, once every root's flag was tried.
     """
     roots = list(roots)
     listed, checked = check_selection(roots, service=service, labels=labels, everything=everything)

@@ -86,6 +86,8 @@ def add_cancel_arguments(cancel: argparse.ArgumentParser) -> None:
         "--expect", type=count_argument, default=0, metavar="N", help="with --wait: return after N receipts"
     )
     cancel.add_argument("--json", action="store_true", help="print JSON (one object per line) instead of text")
+    # Not an option: the flags the gateway path tried for the roots it hands over (see gateway_cancel).
+    cancel.set_defaults(gateway_attempted=())
 
 
 def add_ps_arguments(ps: argparse.ArgumentParser) -> None:
@@ -200,11 +202,14 @@ async def cancel_command(store: CancelStore, settings: Settings, args: argparse.
     from .._core.scope import parent_in_root_trace
 
     requested_by = requester()
-    spans = [telemetry.start_request_span(root, args.reason, parent_in_root_trace(root)) for root in args.roots]
+    # One span per root, as one flag per root: a root given twice is cancelled once.
+    roots = list(dict.fromkeys(args.roots))
+    spans = [telemetry.start_request_span(root, args.reason, parent_in_root_trace(root)) for root in roots]
+    flagged: dict[str, tuple[CancelRequest, bool]] = {}
     try:
         result = await cancel_many_in_store(
             store,
-            roots=args.roots,
+            roots=roots,
             service=args.service,
             labels=labels,
             everything=args.all_runs and args.service is None and not labels,
@@ -212,7 +217,17 @@ async def cancel_command(store: CancelStore, settings: Settings, args: argparse.
             requested_by=requested_by,
             ttl_seconds=settings.ttl_seconds,
             read_live=bool(args.wait),
+            on_flag=lambda request, created: flagged.setdefault(request.root, (request, created)),
+            attempted=args.gateway_attempted,
         )
+    except StoreError:
+        # A root whose flag could not be written fails the command (the error is its
+        # last line), but the flags written for the others are cancels done: say so.
+        # Listed roots in the order given, as on success (a selector's in the order written).
+        for request, created in [flagged[root] for root in roots if root in flagged] or flagged.values():
+            telemetry.cancel_requested(request.root, request.reason, created)
+            print_flag(request, created, args.json)
+        raise
     finally:
         for span in spans:
             span.end()

@@ -9,7 +9,8 @@ The flags, the settings and the output are the same code as the gRPC path's
 :func:`~otel_cancel.cli.fleet.print_flag`); only the transport differs. When spans
 are exported (``OTEL_EXPORTER_OTLP_ENDPOINT``) the command records its
 ``otel_cancel.request`` spans on the gRPC path, and when etcd's gateway cannot serve
-(turned off, or unable to reach etcd behind mutual TLS) it falls back to that path.
+(turned off, or unable to reach etcd behind mutual TLS), from the start or after some
+flags, the roots not flagged yet go that path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 
 from .._core.cancel_request import CancelRequest
 from .._core.settings import Settings
+from ..exceptions import StoreError, StoreUnavailableError
 from .fleet import EXIT_OK, print_flag
 from .options import requester
 
@@ -40,9 +42,14 @@ def takes_gateway(args: argparse.Namespace, settings: Settings, *, exporting: bo
 def cancel_through_gateway(settings: Settings, args: argparse.Namespace) -> int | None:
     """Write the flag of every listed root through etcd's gateway and print each as the gRPC path does.
 
+    As on the gRPC path, a root etcd refuses does not stop the others: every flag
+    written is printed, then the first refusal is raised.
+
     Returns:
-        The exit code, or ``None`` when the gateway cannot serve before any flag
-        was written (the caller then takes the gRPC path).
+        The exit code, or ``None`` when the gateway cannot serve (turned off, or gone
+        unusable after some flags): ``args.roots`` then holds the roots it did not
+        flag, and ``args.gateway_attempted`` the flag it may have stored unawares,
+        for the caller to cancel through the gRPC path.
 
     Raises:
         StoreError: etcd could not be reached on any endpoint, or refused a write.
@@ -50,16 +57,28 @@ def cancel_through_gateway(settings: Settings, args: argparse.Namespace) -> int 
     from ..store.etcd_gateway import EtcdGatewayClient, GatewayUnusableError
 
     requested_by = requester()
-    written = 0
+    roots = list(dict.fromkeys(args.roots))  # each root once, in the order given
+    refused: dict[str, StoreError] = {}
     with EtcdGatewayClient(settings.endpoints, **settings.etcd_options()) as client:
-        for root in dict.fromkeys(args.roots):  # each root once, in the order given
+        for index, root in enumerate(roots):
             request = CancelRequest.new(root, args.reason, requested_by)
             try:
                 stored, created = client.create_flag(request, settings.ttl_seconds)
-            except GatewayUnusableError:
-                if written:
-                    raise
+            except GatewayUnusableError as error:
+                # etcd may still serve gRPC (a member with its gateway off, say): the
+                # roots not flagged yet go that way (the refused ones again, so their
+                # error is reported there), the ones printed stay done. An endpoint may
+                # have stored this root's flag and lost the answer: the gRPC path then
+                # finds it, and must know it for this cancel's own.
+                args.roots = [*refused, *roots[index:]]
+                args.gateway_attempted = error.attempted
                 return None
+            except StoreUnavailableError:
+                raise  # etcd unreachable: each further root would only wait out the same deadlines
+            except StoreError as error:
+                refused[root] = error
+                continue
             print_flag(stored, created, args.json)
-            written += 1
+    if refused:
+        raise next(iter(refused.values()))
     return EXIT_OK

@@ -2,19 +2,21 @@
 
 Set up only when the environment asks for OTLP export and the SDK is installed.
 A CLI must not hang on a collector that is down: each export gets a short
-deadline (``OTEL_EXPORTER_OTLP_TIMEOUT`` when set, else one second), traces and
-metrics are flushed side by side, and export failures become one line on stderr
-instead of the exporter's log of every retry.
+deadline (``OTEL_EXPORTER_OTLP_TIMEOUT`` when set to a positive number of seconds,
+at most a day; else one second), traces and metrics are flushed side by side, and
+export failures become one line on stderr instead of the exporter's log of every retry.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any
 
 # Above this, the cancel (already written) would wait on a collector that does not answer.
 _DEFAULT_EXPORT_TIMEOUT_SECONDS = 1.0
+_LONGEST_EXPORT_TIMEOUT_SECONDS = 86400.0
 _EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp", "opentelemetry.sdk.trace.export", "opentelemetry.sdk.metrics")
 
 
@@ -74,9 +76,16 @@ def _export_timeout() -> float:
     raw = os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT")
     try:
         # The OpenTelemetry variable is in seconds in the Python exporters.
-        return float(raw) if raw else _DEFAULT_EXPORT_TIMEOUT_SECONDS
+        timeout = float(raw) if raw else _DEFAULT_EXPORT_TIMEOUT_SECONDS
     except ValueError:
         return _DEFAULT_EXPORT_TIMEOUT_SECONDS
+    # float() also reads "inf", "nan" and numbers no deadline can be: waiting on them
+    # would raise (inf, nan) or fail the exporter's thread (0 and below) after the
+    # cancel was written. Such a value counts as unset; a finite one past what a
+    # thread can wait for (about 292 years) is held to a day.
+    if not math.isfinite(timeout) or timeout <= 0:
+        return _DEFAULT_EXPORT_TIMEOUT_SECONDS
+    return min(timeout, _LONGEST_EXPORT_TIMEOUT_SECONDS)
 
 
 def export_if_configured() -> CliTelemetry | None:

@@ -48,6 +48,11 @@ class FlagCreation:
         self._attempted[value] = stamped
         return value
 
+    @property
+    def attempts(self) -> tuple[CancelRequest, ...]:
+        """The flag each attempt so far put, as stamped: any of them may be stored, its answer lost."""
+        return tuple(self._attempted.values())
+
     def created(self, value: bytes) -> tuple[CancelRequest, bool]:
         """The result when the transaction put ``value`` (the flag did not exist)."""
         return self._attempted[value], True

@@ -64,7 +64,15 @@ class GatewayUnusableError(StoreUnavailableError):
     client with the *server's* certificate, which etcd refuses when that
     certificate is not made for client use. The gRPC store works in both cases:
     the caller uses it instead.
+
+    Attributes:
+        attempted: raised by :meth:`EtcdGatewayClient.create_flag`, the flags its
+            transactions put, as stamped. An endpoint may have committed one and lost
+            its answer before the gateway turned out unusable: the flag the gRPC store
+            then finds is this same cancel's when it is one of these.
     """
+
+    attempted: tuple[CancelRequest, ...] = ()
 
 
 class _GatewayError(Exception):
@@ -179,7 +187,11 @@ class EtcdGatewayClient:
             kvs = responses[0].get("response_range", {}).get("kvs") or []
             return creation.found(_from_b64(kvs[0].get("value", "")) if kvs else None)
 
-        return self._call(FLAG_ACTION, create)
+        try:
+            return self._call(FLAG_ACTION, create)
+        except GatewayUnusableError as error:
+            error.attempted = creation.attempts
+            raise
 
     def close(self) -> None:
         """Close the connection (a later call opens another)."""
@@ -308,7 +320,7 @@ class _Connection:
             sock.close()
             raise
         self._socket = sock
-        self._reader = sock.makefile("rb")
+        self._received = bytearray()  # what the server sent and no read has taken yet
         self.reusable = True
         """Whether another request may follow on this connection (the server did not say ``Connection: close``)."""
 
@@ -344,11 +356,11 @@ class _Connection:
         return int(parts[1]), self._chunked_body() if chunked else self._body(length)
 
     def _line(self) -> bytes:
-        self._socket.settimeout(self._remaining())
-        line = self._reader.readline(_MAX_LINE_BYTES)
-        if not line.endswith(b"\n"):
-            raise _ProtocolError("connection closed mid-answer" if len(line) < _MAX_LINE_BYTES else "line too long")
-        return line
+        while (end := self._received.find(b"\n", 0, _MAX_LINE_BYTES)) < 0:
+            if len(self._received) >= _MAX_LINE_BYTES:
+                raise _ProtocolError("line too long")
+            self._receive()
+        return self._take(end + 1)
 
     def _body(self, length: int | None) -> bytes:
         if length is None or length > _MAX_ANSWER_BYTES:
@@ -373,12 +385,25 @@ class _Connection:
             self._line()  # the line break after the chunk
 
     def _exactly(self, size: int) -> bytes:
+        while len(self._received) < size:
+            self._receive()
+        return self._take(size)
+
+    def _take(self, size: int) -> bytes:
+        taken = bytes(self._received[:size])
+        del self._received[:size]
+        return taken
+
+    def _receive(self) -> None:
+        # A socket's timeout bounds one recv, not the answer: it is set to what is left
+        # of the call's deadline before each, so a server trickling its answer a byte
+        # at a time is cut off at the deadline instead of being granted it again per
+        # byte (as a buffered reader's readline and read, each many recv calls, would).
         self._socket.settimeout(self._remaining())
-        data = self._reader.read(size)
-        if len(data) != size:
+        data = self._socket.recv(65536)
+        if not data:
             raise _ProtocolError("connection closed mid-answer")
-        return data
+        self._received += data
 
     def close(self) -> None:
-        self._reader.close()
         self._socket.close()

@@ -7,10 +7,14 @@ cases are in ``tests/store/test_etcd_gateway.py``.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
+import socket
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import cli
@@ -94,6 +98,168 @@ def test_with_spans_exported_the_cancel_records_its_request_span(etcd_env):
         receiver.stop()
 
 
+def test_a_root_given_twice_records_one_request_span(etcd_env):
+    """`cancel A A` with spans exported writes one flag and records one `otel_cancel.request` span for it."""
+    receiver = OtlpReceiver().start()
+    try:
+        root = random_root()
+        result = run("cancel", root, root, env={**etcd_env, **receiver.env()})
+        assert result.returncode == 0 and result.stdout.splitlines() == [
+            f"cancelled {root} (reason: cancelled by operator)"
+        ]
+        # The command flushed its spans before it exited: all of them are in.
+        receiver.wait_for(lambda got: any(s.trace_id == root for s in got.spans), what="the cancel's request span")
+        spans = [s for s in receiver.received.spans if s.name == "otel_cancel.request" and s.trace_id == root]
+        assert len(spans) == 1
+    finally:
+        receiver.stop()
+
+
+_NOT_ETCDS_JSON = (
+    b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 19\r\n\r\n404 page not found\n"
+)
+"""What a client URL answers the JSON gateway's paths with when etcd's gateway is off."""
+
+
+class GatewayFront:
+    """A loopback front for a real etcd: gRPC passes straight through, the gateway's HTTP is answered as a test says.
+
+    ``answer(path, forward)`` gives the raw HTTP answer to one POST of the gateway
+    client (``forward()`` is etcd's own), or ``None`` to close the connection
+    without one (an answer lost on the way).
+    """
+
+    def __init__(self, etcd: EtcdServer, answer: Callable[[str, Callable[[], bytes]], bytes | None]) -> None:
+        self._etcd = etcd
+        self._answer = answer
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> GatewayFront:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            self._sockets.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        received = b""
+        with contextlib.suppress(OSError):
+            while len(received) < 5:  # "POST " (the gateway client) or "PRI *" (gRPC's HTTP/2 preface)
+                data = client.recv(65536)
+                if not data:
+                    return
+                received += data
+            if received.startswith(b"POST "):
+                self._serve_http(client, received)
+            else:
+                self._pipe(client, received)
+        client.close()
+
+    def _pipe(self, client: socket.socket, received: bytes) -> None:
+        host, port = self._etcd.endpoint.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        self._sockets.append(upstream)
+        upstream.sendall(received)
+
+        def copy(source: socket.socket, target: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    target.sendall(data)
+            with contextlib.suppress(OSError):
+                target.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=copy, args=(upstream, client), daemon=True).start()
+        copy(client, upstream)
+
+    def _serve_http(self, client: socket.socket, received: bytes) -> None:
+        while True:
+            while b"\r\n\r\n" not in received:
+                data = client.recv(65536)
+                if not data:
+                    return
+                received += data
+            head, _, received = received.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            path = lines[0].split()[1]
+            length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
+            while len(received) < length:
+                received += client.recv(65536)
+            body, received = received[:length], received[length:]
+
+            def forward(path: str = path, body: bytes = body) -> bytes:
+                connection = http.client.HTTPConnection(self._etcd.endpoint, timeout=10)
+                try:
+                    connection.request("POST", path, body, {"Content-Type": "application/json"})
+                    answer = connection.getresponse()
+                    payload = answer.read()
+                finally:
+                    connection.close()
+                head = f"HTTP/1.1 {answer.status} {answer.reason}\r\nContent-Type: application/json\r\n"
+                return (head + f"Content-Length: {len(payload)}\r\n\r\n").encode("latin-1") + payload
+
+            answer = self._answer(path, forward)
+            if answer is None:
+                return
+            client.sendall(answer)
+
+
+def test_a_gateway_lost_after_some_flags_leaves_the_other_roots_to_grpc(etcd, prefix):
+    """The gateway stops serving after the first flag: the next roots are cancelled through gRPC, exit 0."""
+    flags_written = []
+
+    def first_flag_only(path: str, forward: Callable[[], bytes]) -> bytes | None:
+        if flags_written:
+            return _NOT_ETCDS_JSON
+        answer = forward()
+        if path == "/v3/kv/txn":
+            flags_written.append(answer)
+        return answer
+
+    a, b, c = (random_root() for _ in range(3))
+    with GatewayFront(etcd, first_flag_only) as front:
+        env = {"OTEL_CANCEL_ETCD_ENDPOINTS": front.endpoint, "OTEL_CANCEL_PREFIX": prefix}
+        result = run("cancel", a, b, c, "--reason", "mid-list", env=env)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.splitlines() == [f"cancelled {root} (reason: mid-list)" for root in (a, b, c)]
+    assert len(flags_written) == 1  # the first through the gateway, the others through gRPC
+    for root in (a, b, c):
+        assert _status(root, {"OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint, "OTEL_CANCEL_PREFIX": prefix})["cancelled"]
+
+
+def test_a_flag_the_gateway_stored_but_never_heard_back_about_is_reported_as_created(etcd, prefix):
+    """One endpoint stores the flag and loses the answer, the next has no gateway: the gRPC path says `created`."""
+
+    def lose_the_transactions_answer(path: str, forward: Callable[[], bytes]) -> bytes | None:
+        answer = forward()
+        return None if path == "/v3/kv/txn" else answer
+
+    root = random_root()
+    with (
+        GatewayFront(etcd, lose_the_transactions_answer) as lossy,
+        GatewayFront(etcd, lambda path, forward: _NOT_ETCDS_JSON) as gateway_off,
+    ):
+        env = {"OTEL_CANCEL_ETCD_ENDPOINTS": f"{lossy.endpoint},{gateway_off.endpoint}", "OTEL_CANCEL_PREFIX": prefix}
+        result = run("cancel", root, "--json", env=env)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    stored = _status(root, {"OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint, "OTEL_CANCEL_PREFIX": prefix})["flag"]
+    assert json.loads(result.stdout) == {"created": True, "flag": stored}
+
+
 @pytest.fixture(scope="module")
 def auth_etcd() -> Iterator[EtcdServer]:
     """etcd with authentication on and a user `canceller` that may write under every prefix."""
@@ -134,3 +300,32 @@ def test_with_etcd_auth_the_right_password_cancels_and_a_wrong_one_is_one_line(a
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.startswith("otel-cancel: etcd refused the credentials while writing a cancel flag")
     assert "OTEL_CANCEL_ETCD_PASSWORD" in refused.stderr and auth_etcd.endpoint in refused.stderr
+
+
+def test_a_refused_root_does_not_hide_the_flags_written_for_the_others(auth_etcd, prefix):
+    """etcd refuses one root's flag: both paths print every flag they wrote, in order, then one error line, exit 1."""
+    # A user that may write the flags of roots beginning with 0-7, not those beginning with 8-f.
+    admin = [find_etcdctl_binary(), f"--endpoints={auth_etcd.endpoint}", "--user=root:root-password"]
+    for command in (
+        ("role", "add", "lower-half"),
+        ("role", "grant-permission", "lower-half", "readwrite", f"{prefix}flags/0", f"{prefix}flags/8"),
+        ("user", "add", "lower-half:lower-half-password"),
+        ("user", "grant-role", "lower-half", "lower-half"),
+    ):
+        subprocess.run([*admin, *command], check=True, capture_output=True, timeout=30)
+    env = {
+        "OTEL_CANCEL_ETCD_ENDPOINTS": auth_etcd.endpoint,
+        "OTEL_CANCEL_PREFIX": prefix,
+        "OTEL_CANCEL_ETCD_USERNAME": "lower-half",
+        "OTEL_CANCEL_ETCD_PASSWORD": "lower-half-password",
+    }
+    receiver = OtlpReceiver().start()  # exported spans: the gRPC path
+    try:
+        for path_env in ({}, receiver.env()):
+            refused, first, second = "9" + random_root()[1:], "1" + random_root()[1:], "2" + random_root()[1:]
+            result = run("cancel", first, refused, second, "--reason", "half", env={**env, **path_env})
+            assert result.returncode == 1, result.stderr
+            assert result.stdout.splitlines() == [f"cancelled {root} (reason: half)" for root in (first, second)]
+            assert result.stderr.count("\n") == 1 and result.stderr.startswith("otel-cancel: etcd denied writing")
+    finally:
+        receiver.stop()

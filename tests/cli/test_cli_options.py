@@ -13,6 +13,7 @@ from importlib.metadata import version
 
 import pytest
 from conftest import cli
+from otlp_receiver import OtlpReceiver
 
 from otel_cancel._core.io_loop import io_loop
 from otel_cancel._core.records import Receipt
@@ -126,6 +127,22 @@ def test_cancel_exits_quickly_when_the_collector_is_down(etcd_env):
     assert result.stderr.count("\n") == 1 and "could not export telemetry" in result.stderr
     # The exporters' own default retries take 10 s and more; one second of export deadline is what we allow.
     assert elapsed - anchor < 4, (anchor, elapsed)
+
+
+def test_an_export_timeout_no_deadline_can_be_is_taken_as_unset(etcd_env):
+    """OTEL_EXPORTER_OTLP_TIMEOUT of inf, nan, 0, below 0 or beyond what a thread waits: exit 0, no traceback."""
+    receiver = OtlpReceiver().start()
+    try:
+        for value in ("inf", "nan", "0", "-5", "1e10"):
+            root = random_root()
+            result = run("cancel", root, env={**etcd_env, **receiver.env(), "OTEL_EXPORTER_OTLP_TIMEOUT": value})
+            assert (result.returncode, result.stdout, result.stderr) == (
+                0,
+                f"cancelled {root} (reason: cancelled by operator)\n",
+                "",
+            ), value
+    finally:
+        receiver.stop()
 
 
 def test_streamed_rows_line_up_with_their_header():

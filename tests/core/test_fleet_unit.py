@@ -303,3 +303,56 @@ async def test_a_bulk_cancel_listed_keys_only_is_fetched_and_refuses_runs_begun_
             assert refused.value.reason == "kill switch"
     finally:
         otel_context.detach(begun_before)
+
+
+async def test_cancel_many_in_store_tries_every_root_and_reports_each_flag_before_raising():
+    """One root refused: the others are still flagged and reported through on_flag, then the refusal is raised."""
+    from otel_cancel._core.cancel_many import cancel_many_in_store
+
+    refused_root, first, second = random_root(), random_root(), random_root()
+
+    refusal_made = asyncio.Event()
+
+    class RefusingOneRoot(MemoryCancelStore):
+        async def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]:
+            if request.root == refused_root:
+                refusal_made.set()
+                raise StorePermissionError("etcd denied writing a cancel flag")
+            # The other writes are slower than the refusal: still under way when it is known.
+            await refusal_made.wait()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            return await super().create_flag(request, ttl_seconds)
+
+    store = RefusingOneRoot()
+    reported: dict[str, bool] = {}
+    with pytest.raises(StorePermissionError):
+        await cancel_many_in_store(
+            store,
+            roots=[refused_root, first, second],
+            reason="r",
+            requested_by="tests",
+            ttl_seconds=60,
+            on_flag=lambda request, created: reported.__setitem__(request.root, created),
+        )
+    assert reported == {first: True, second: True}
+    assert await store.get_flag(first) is not None and await store.get_flag(second) is not None
+
+
+async def test_a_flag_an_earlier_try_of_the_same_cancel_stored_counts_as_created():
+    """A flag found in the store that is one of `attempted` was this cancel's own write; another is not."""
+    from otel_cancel._core.cancel_many import cancel_many_in_store
+
+    store = MemoryCancelStore()
+    ours, _ = await store.create_flag(CancelRequest.new(random_root(), "r", "tests"), 60)  # as stored, stamped
+    theirs, _ = await store.create_flag(CancelRequest.new(random_root(), "r", "tests"), 60)
+    result = await cancel_many_in_store(
+        store,
+        roots=[ours.root, theirs.root],
+        reason="r",
+        requested_by="tests",
+        ttl_seconds=60,
+        read_live=False,
+        attempted=[ours],
+    )
+    assert result.flags == ((ours, True), (theirs, False))

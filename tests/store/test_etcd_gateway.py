@@ -156,6 +156,37 @@ def test_an_endpoint_that_never_answers_times_out_within_the_deadline(prefix):
         assert time.monotonic() - started < 5
 
 
+def test_an_answer_trickling_in_is_cut_off_at_the_call_deadline(prefix):
+    """A server sending its answer a byte at a time, each inside the timeout, still ends the call at its deadline."""
+    import threading
+
+    done = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as trickling:
+
+        def answer_a_byte_at_a_time() -> None:
+            connection, _ = trickling.accept()
+            with connection:
+                connection.recv(65536)
+                # A status line without end, a byte every 0.1 s: each recv gets its byte well within 0.5 s.
+                for byte in b"HTTP/1.1 200 " + b"O" * 120:
+                    if done.wait(0.1):
+                        return
+                    connection.sendall(bytes([byte]))
+
+        thread = threading.Thread(target=answer_a_byte_at_a_time, daemon=True)
+        thread.start()
+        client = _gateway([f"127.0.0.1:{trickling.getsockname()[1]}"], prefix, timeout=0.5)
+        started = time.monotonic()
+        try:
+            with pytest.raises(StoreUnavailableError, match="did not answer in time while writing a cancel flag"):
+                client.create_flag(CancelRequest.new(random_root(), "x", "tests"), TTL)
+            # The trickle lasts 12 s: a deadline granted again per read would take all of it.
+            assert time.monotonic() - started < 5
+        finally:
+            done.set()
+            thread.join(10)
+
+
 def test_an_etcd_with_its_gateway_off_makes_the_gateway_unusable(prefix):
     """A client URL that answers but not with etcd's JSON API raises GatewayUnusableError, dead endpoints or not."""
     dead = f"127.0.0.1:{free_port()}"
