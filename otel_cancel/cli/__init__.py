@@ -91,9 +91,12 @@ async def _status(store: CancelStore, settings: Settings, args: argparse.Namespa
     if flag is None:
         print(f"{args.root} is not cancelled")
         return EXIT_OK
-    age = format_age(time.time_ns() - flag.requested_at)
-    when = f"{iso(flag.requested_at)} ({age} ago)"
-    print(f"{flag.root} cancelled at {when} by {flag.requested_by} (reason: {flag.reason})")
+    if flag.requested_at:
+        age = format_age(time.time_ns() - flag.requested_at)
+        when = f"{iso(flag.requested_at)} ({age} ago)"
+        print(f"{flag.root} cancelled at {when} by {flag.requested_by} (reason: {flag.reason})")
+    else:  # a flag whose value did not decode tells neither when nor by whom
+        print(f"{flag.root} cancelled (reason: {flag.reason})")
     if receipts:
         print(format_table([receipt_row(r) for r in receipts], _RECEIPT_COLUMNS))
         print(_cli_fleet.receipts_summary(receipts))

@@ -179,11 +179,9 @@ def print_flag(request: CancelRequest, created: bool, as_json: bool) -> None:
     elif created:
         print(f"cancelled {request.root} (reason: {request.reason})", flush=True)
     else:
-        print(
-            f"{request.root} was already cancelled at {iso(request.requested_at)} "
-            f"by {request.requested_by} (reason: {request.reason})",
-            flush=True,
-        )
+        # A flag whose value did not decode tells neither when nor by whom.
+        when = f" at {iso(request.requested_at)} by {request.requested_by}" if request.requested_at else ""
+        print(f"{request.root} was already cancelled{when} (reason: {request.reason})", flush=True)
 
 
 async def cancel_command(store: CancelStore, settings: Settings, args: argparse.Namespace) -> int:

@@ -76,4 +76,5 @@ class FlagCreation:
             logging.getLogger("otel_cancel.store").warning(
                 "otel-cancel: flag for %s holds a malformed value; keeping it", self.request.root
             )
-            return self.request, False
+            # Not this write's request: nobody knows who wrote that flag, or when.
+            return CancelRequest.of_malformed_flag(self.request.root), False

@@ -96,10 +96,15 @@ def test_status_of_a_malformed_flag_says_the_root_is_cancelled(etcd, etcd_env):
     put = [find_etcdctl_binary(), f"--endpoints={etcd.endpoint}", "put", key, "not json"]
     subprocess.run(put, check=True, capture_output=True, timeout=30)
     text = run("status", root, env=etcd_env)
-    assert text.returncode == 0 and "unknown (malformed flag)" in text.stdout, text.stderr
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.splitlines()[0] == f"{root} cancelled (reason: unknown (malformed flag))"
     as_json = run("status", root, "--json", env=etcd_env)
     assert as_json.returncode == 0, as_json.stderr
     assert json.loads(as_json.stdout)["cancelled"] is True
+    # A cancel finds it there: not this caller's own request, nobody knows whose.
+    again = run("cancel", root, "--reason", "mine", env=etcd_env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"{root} was already cancelled (reason: unknown (malformed flag))"
 
 
 def test_status_of_a_root_nobody_cancelled(etcd_env):
