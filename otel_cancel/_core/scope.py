@@ -500,6 +500,10 @@ async def _write_flag(runtime: ProcessState, request: CancelRequest) -> CancelRe
         # Never lose the cancel here: stop local work at once, and report the failure.
         runtime.watcher.apply(request)
         raise
+    # Counted here, on the IO loop, once the flag is written: a cancel_current() caller's
+    # own scope stops it before the shielded write it awaits resolves, so code after that
+    # await never runs for it.
+    telemetry.cancel_requested(request.root, request.reason, created)
     # Apply locally without waiting for the watch round trip (a repeat is a no-op).
     runtime.watcher.apply(stored)
     return CancelResult(stored, created)
@@ -526,7 +530,6 @@ async def cancel(root: str, reason: str = "cancelled") -> CancelResult:
         result = await asyncio.shield(asyncio.wrap_future(future))
     finally:
         span.end()
-    telemetry.cancel_requested(root, reason, result.created)
     return result
 
 
