@@ -34,6 +34,7 @@ from .process_state import ProcessState, get_process_state
 from .registry import Registration
 from .root import current_root, new_root, validate_root, with_root
 from .signing import sign_root
+from .startup_wait import wait_for_listing, wait_for_listing_blocking
 
 # Read on every scope's exit: module globals are read faster than an enum's members.
 _COMPLETED = Outcome.COMPLETED
@@ -208,7 +209,7 @@ class CancelScope:
     async def __aenter__(self) -> CancelScope:
         runtime = get_process_state()
         if not runtime.watcher.listed.is_set():  # the hot path: no coroutine once listed
-            await runtime.ensure_listed()
+            await wait_for_listing(runtime)
         self._bind(runtime, task_mode=True)
         return self
 
@@ -216,7 +217,7 @@ class CancelScope:
         runtime = get_process_state()
         runtime.start()
         if not runtime.watcher.listed.is_set():
-            runtime.watcher.listed.wait(runtime.settings.startup_wait_seconds)
+            wait_for_listing_blocking(runtime)
         self._bind(runtime, task_mode=False)
         return self
 
