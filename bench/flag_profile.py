@@ -29,6 +29,7 @@ from scope_holder import roots
 
 import otel_cancel
 from otel_cancel._core.io_loop import io_loop
+from otel_cancel._core.startup_wait import wait_for_listing
 from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS
 from otel_cancel.testing import CancelMetrics, EtcdServer, configured, unique_prefix
 
@@ -43,7 +44,7 @@ async def _profile(etcd: EtcdServer, holder: bool, count: int, rate: float, dump
     prefix = unique_prefix().replace("test", "bench")
     metrics = CancelMetrics()  # receipts are read from otel-cancel's own metric, as a service exports it
     with configured(endpoints=(etcd.endpoint,), prefix=prefix, service="flag-profile") as runtime:
-        await runtime.ensure_listed()
+        await wait_for_listing(runtime)
         seed = f"p{time.time_ns()}"
         wanted = roots(seed, count)
         stopped = 0

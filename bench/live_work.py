@@ -43,6 +43,7 @@ import otel_cancel
 from otel_cancel._core.io_loop import io_loop
 from otel_cancel._core.labels import run_facts, with_labels
 from otel_cancel._core.root import random_root, with_root
+from otel_cancel._core.startup_wait import wait_for_listing
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import EtcdServer, ManagedProcess, configured, unique_prefix
@@ -88,7 +89,7 @@ async def drive(rate: int, seconds: float) -> int:
 async def writes_per_second(etcd: EtcdServer, seconds: float) -> list[dict[str, Any]]:
     rows = []
     with configured(endpoints=(etcd.endpoint,), prefix=unique_prefix(), service="bench-live") as runtime:
-        await runtime.ensure_listed()
+        await wait_for_listing(runtime)
         publisher = runtime.publisher
         for rate in (10, 1000):
             await asyncio.sleep(publisher.interval_seconds * 2)  # the previous rate's last write is out

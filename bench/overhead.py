@@ -70,6 +70,7 @@ from opentelemetry import baggage, context
 
 import otel_cancel
 from otel_cancel import attributes
+from otel_cancel._core.startup_wait import wait_for_listing
 from otel_cancel.testing import EtcdServer, ManagedProcess, configured, free_port, unique_prefix
 from otel_cancel.testing.etcd_metrics import etcd_grpc_calls
 
@@ -726,7 +727,7 @@ async def in_process(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
     # Only this process uses ``etcd`` here: its counters are this process's calls.
     calls_before = await asyncio.to_thread(etcd_grpc_calls, etcd.client_url)
     with configured(endpoints=(etcd.endpoint,), prefix=unique_prefix(), service="bench-overhead") as runtime:
-        await runtime.ensure_listed()
+        await wait_for_listing(runtime)
         scope_rows = await scope_costs(iterations, repeats)
         asgi_iterations = 2_000 if quick else 20_000
         asgi_rows, otel_rows = await asgi_costs(asgi_iterations, repeats)

@@ -61,6 +61,7 @@ async def drive(body: str, stack: str, requests: int) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from overhead import _drive, _http_scope, json_app, starlette_stream_app, stream_app
 
+    from otel_cancel._core.startup_wait import wait_for_listing
     from otel_cancel.asgi import CancelMiddleware
     from otel_cancel.store.memory import MemoryCancelStore
     from otel_cancel.testing import configured
@@ -72,7 +73,7 @@ async def drive(body: str, stack: str, requests: int) -> None:
     if stack.startswith("otel"):
         app = OpenTelemetryMiddleware(app, tracer_provider=TracerProvider())
     with configured(store=MemoryCancelStore(), service="bench-instructions") as runtime:
-        await runtime.ensure_listed()
+        await wait_for_listing(runtime)
         scope = _http_scope(stack not in EDGE_STACKS)
         await _drive(app, scope, 200)
         os.getppid()  # callgrind dumps here: everything before, the warm-up included

@@ -65,6 +65,7 @@ import otel_cancel
 from otel_cancel import attributes
 from otel_cancel._core.io_loop import io_loop
 from otel_cancel._core.records import CancelRequest
+from otel_cancel._core.startup_wait import wait_for_listing
 from otel_cancel.store.etcd import EtcdCancelStore
 from otel_cancel.testing import EtcdServer, ManagedProcess, configured, unique_prefix
 
@@ -122,7 +123,7 @@ async def _memory_arm(count: int, with_scope: bool) -> int:
 
 async def memory(count: int, repeats: int, etcd: EtcdServer) -> dict[str, Any]:
     with configured(endpoints=(etcd.endpoint,), prefix=unique_prefix(), service="bench-scale") as runtime:
-        await runtime.ensure_listed()
+        await wait_for_listing(runtime)
         await _memory_arm(count // 10, True)  # warm up: registry dicts, code paths
         with_scope, without = [], []
         for _ in range(repeats):

@@ -55,12 +55,13 @@ stops; ``continue`` lets the work outlive its caller.
 """
 
 OTEL_CANCEL_STARTUP_WAIT_SECONDS = "OTEL_CANCEL_STARTUP_WAIT_SECONDS"
-"""How long a scope entered before the watcher's first listing waits for it.
+"""How long the scopes entered before the watcher's first listing wait for it, from the first of them.
 
 Default: twice ``OTEL_CANCEL_ETCD_TIMEOUT_SECONDS`` plus one second (5 s with the
 default 2 s deadline): time to give up on one endpoint that does not answer (one
-deadline) and list through the next one (another). After that the scope fails
-open (runs) and logs one line, unless ``OTEL_CANCEL_UNLISTED`` says ``refuse``.
+deadline) and list through the next one (another). The wait is spent once per process:
+after it, scopes fail open (run at once, without waiting again) and one line is logged,
+unless ``OTEL_CANCEL_UNLISTED`` says ``refuse``.
 """
 
 OTEL_CANCEL_UNLISTED = "OTEL_CANCEL_UNLISTED"

@@ -36,6 +36,7 @@ import time
 
 import otel_cancel
 from otel_cancel._core.process_state import get_process_state
+from otel_cancel._core.startup_wait import wait_for_listing
 from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS
 from otel_cancel.testing import CancelMetrics
 
@@ -81,7 +82,7 @@ async def main() -> None:
         from otel_cancel._core import delivery
 
         delivery.STOP_WAKE_INTERVAL_SECONDS = float(os.environ["BENCH_STOP_WAKE_MS"]) / 1000
-    await runtime.ensure_listed()
+    await wait_for_listing(runtime)
     _say("READY")
     loop = asyncio.get_running_loop()
     held: dict[str, list[asyncio.Task[None]]] = {}

@@ -81,7 +81,6 @@ class ProcessState:
         self._receipt_lock = threading.Lock()
         self._pending_receipts: list[Receipt] = []
         self._writing_receipts = False
-        self._startup_wait_logged = False
         self.serving = False
         """Whether the process started serving (an ASGI lifespan or its first request) under this state."""
         self.start_hooks: list[Callable[[], None]] = []
@@ -119,25 +118,6 @@ class ProcessState:
         self.start()
         while self.start_hooks:
             self.start_hooks.pop(0)()
-
-    async def ensure_listed(self) -> None:
-        """Start the watcher and wait, briefly, for its first listing.
-
-        A replica that never served must still refuse a late hop, so the first
-        scopes wait for the listing; after ``startup_wait_seconds`` they fail open.
-        """
-        self.start()
-        if self.watcher.listed.is_set():
-            return
-        if not await self.watcher.wait_listed(self.settings.startup_wait_seconds) and not self._startup_wait_logged:
-            self._startup_wait_logged = True
-            _log.warning(
-                "otel-cancel: the cancel store was not listed within %.1fs; %s",
-                self.settings.startup_wait_seconds,
-                "refusing work until it is (OTEL_CANCEL_UNLISTED=refuse)"
-                if self.settings.unlisted == "refuse"
-                else "running work without it (fail open)",
-            )
 
     def unlisted_refusal(self, root: str) -> CancelRequest | None:
         """The refusal of work for ``root`` when nothing was listed yet and the settings say refuse."""

@@ -55,7 +55,7 @@ class Registration:
     Each field has one writer: the registry, under its lock (``count``, ``names``,
     ``cancel_requested``, ``interrupted``, ``stopped_early``, ``labels``); :func:`deliver`, on
     the task's own loop (``delivered``); the task's scopes, on that loop too (``consumed``,
-    ``deadline_ms``). The rest is set once, at entry.
+    ``deadline_ms``, ``deadline_fired``, ``deadline_consumed``). The rest is set once, at entry.
     """
 
     root: str
@@ -79,6 +79,11 @@ class Registration:
     registration that never stops early (nearly all) allocates nothing for it."""
     deadline_ms: int | None = None
     """The earliest deadline a scope of this registration has a timer for."""
+    deadline_fired: bool = False
+    """Set when that timer cancelled the task: every scope of the task sees the deadline's stop,
+    not only the one that owns the timer."""
+    deadline_consumed: bool = False
+    """Set when a scope turned the deadline's cancellation into ``Cancelled``."""
     entered_at: int = 0
     """When this registration's first scope was entered, epoch nanoseconds."""
     run_started_ms: int = 0

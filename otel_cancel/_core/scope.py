@@ -34,6 +34,7 @@ from .process_state import ProcessState, get_process_state
 from .registry import Registration
 from .root import current_root, new_root, validate_root, with_root
 from .signing import sign_root
+from .startup_wait import wait_for_listing, wait_for_listing_blocking
 
 # Read on every scope's exit: module globals are read faster than an enum's members.
 _COMPLETED = Outcome.COMPLETED
@@ -91,7 +92,6 @@ class CancelScope:
     _exited = False
     _deadline_ms: int | None = None
     _deadline_handle: asyncio.TimerHandle | None = None
-    _deadline_fired = False
     _owns_deadline_timer = False
     _cancelling_at_enter = 0
     """How many cancellations of its task were pending at entry: not this scope's to undo."""
@@ -200,14 +200,16 @@ class CancelScope:
             or self._exited
         ):
             return
-        self._deadline_fired = True
+        # On the registration, not this scope: the scope the task is in when the timer fires
+        # (a node nested in this one) is the one that sees the stop first, and converts it.
+        registration.deadline_fired = True
         assert self.root is not None and self._deadline_ms is not None
         registration.task.cancel(_deadline_request(self.root, self._deadline_ms).tag())
 
     async def __aenter__(self) -> CancelScope:
         runtime = get_process_state()
         if not runtime.watcher.listed.is_set():  # the hot path: no coroutine once listed
-            await runtime.ensure_listed()
+            await wait_for_listing(runtime)
         self._bind(runtime, task_mode=True)
         return self
 
@@ -215,7 +217,7 @@ class CancelScope:
         runtime = get_process_state()
         runtime.start()
         if not runtime.watcher.listed.is_set():
-            runtime.watcher.listed.wait(runtime.settings.startup_wait_seconds)
+            wait_for_listing_blocking(runtime)
         self._bind(runtime, task_mode=False)
         return self
 
@@ -238,17 +240,21 @@ class CancelScope:
         task = registration.task
         # Our own tagged cancellation (the flag's) reached this task and no scope took it yet.
         ours = task is not None and registration.delivered and not registration.consumed
-        # Our deadline timer stopped this task (and the flag did not get there first).
-        deadline = task is not None and self._deadline_fired and not ours
+        # The deadline timer of a scope of this task (this one or one around it) stopped the
+        # task and no scope took that stop yet.
+        deadline_stop = task is not None and registration.deadline_fired and not registration.deadline_consumed
+        # Stopped by the deadline (and the flag did not get there first).
+        deadline = deadline_stop and not ours
         undone = False
         if task is not None and (ours or deadline) and self._convert:
             # Undo exactly the cancellation this scope's side delivered (anyio style); one
             # someone else delivered too (a caller leaving) is theirs: it propagates.
             # (A non-converting scope leaves the CancelledError to the scope outside it.)
             registration.consumed = registration.consumed or ours
+            registration.deadline_consumed = registration.deadline_consumed or deadline_stop
             # The flag's stop and the deadline's timer can both reach the task in one turn
             # (a flag arriving as the deadline passes): two cancellations of ours, undo both.
-            delivered = int(ours) + int(self._deadline_fired)
+            delivered = int(ours) + int(deadline_stop)
             for _ in range(delivered - 1):
                 task.uncancel()
             undone = task.uncancel() <= self._cancelling_at_enter
@@ -260,8 +266,9 @@ class CancelScope:
         outcome, request = runtime.registry.exit(registration, decide, self._early_recorder)
         to_raise: Cancelled | None = None
         if outcome is _DEADLINE:
-            assert self._deadline_ms is not None
-            stop = _deadline_request(self.root, self._deadline_ms)
+            # A scope whose own context has no deadline can still be stopped by one (set inside
+            # it, stopping a scope nested in it): timed from now then.
+            stop = _deadline_request(self.root, self._deadline_ms if self._deadline_ms is not None else now_ms())
             self._record_deadline(stop)
             to_raise = stop.error() if undone else None
         elif outcome is _STOPPED and request is not None:
@@ -278,6 +285,8 @@ class CancelScope:
             return Outcome.DEADLINE
         if ours:
             return Outcome.STOPPED
+        if self._stopped_by_deadline(exc):
+            return Outcome.DEADLINE
         stopped_for_root = isinstance(exc, Cancelled) and exc.root == self.root
         if request is not None:
             task = self._registration.task if self._registration is not None else None
@@ -292,6 +301,19 @@ class CancelScope:
             # reported the cancel. The flag, once here, still owes it a receipt.
             return Outcome.STOPPED_EARLY
         return Outcome.COMPLETED
+
+    def _stopped_by_deadline(self, exc: BaseException | None) -> bool:
+        """Whether ``exc`` is the run's deadline stopping this scope's work, with no timer of its task involved.
+
+        ``check()`` in a thread (which no timer reaches), a scope nested in this one that
+        converted the deadline's stop, or a hop downstream all raise ``Cancelled`` of kind
+        ``deadline`` for this root; a cancellation that came once this scope's deadline had
+        passed (its caller, out of budget too, left) is the deadline's as well.
+        """
+        if isinstance(exc, Cancelled):
+            return exc.root == self.root and exc.kind == attributes.KIND_DEADLINE
+        deadline_ms = self._deadline_ms
+        return isinstance(exc, asyncio.CancelledError) and deadline_ms is not None and deadline_ms <= now_ms()
 
     def _outcome_of_a_normal_end(self, request: CancelRequest | None) -> Outcome:
         """:meth:`_outcome` for a body that returned, stopped by neither our flag nor our deadline."""
@@ -500,6 +522,10 @@ async def _write_flag(runtime: ProcessState, request: CancelRequest) -> CancelRe
         # Never lose the cancel here: stop local work at once, and report the failure.
         runtime.watcher.apply(request)
         raise
+    # Counted here, on the IO loop, once the flag is written: a cancel_current() caller's
+    # own scope stops it before the shielded write it awaits resolves, so code after that
+    # await never runs for it.
+    telemetry.cancel_requested(request.root, request.reason, created)
     # Apply locally without waiting for the watch round trip (a repeat is a no-op).
     runtime.watcher.apply(stored)
     return CancelResult(stored, created)
@@ -526,7 +552,6 @@ async def cancel(root: str, reason: str = "cancelled") -> CancelResult:
         result = await asyncio.shield(asyncio.wrap_future(future))
     finally:
         span.end()
-    telemetry.cancel_requested(root, reason, result.created)
     return result
 
 

@@ -65,6 +65,7 @@ from .._core.rate_limited_log import RateLimitedLogger
 from .._core.registry import current_task
 from .._core.root import with_root
 from .._core.scope import cancel, request_scope
+from .._core.startup_wait import wait_for_listing
 from ..exceptions import Cancelled, ConfigurationError
 from .incoming import establish_root
 from .request_context import extract_request_baggage
@@ -243,7 +244,7 @@ class CancelMiddleware:
         if not runtime.serving:
             _on_start_serving(runtime)
         if not runtime.watcher.listed.is_set():
-            await runtime.ensure_listed()
+            await wait_for_listing(runtime)
 
         raw_headers = scope.get("headers", [])
         textmap = propagate.get_global_textmap()

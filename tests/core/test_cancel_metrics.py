@@ -11,7 +11,7 @@ from debug_service import EVENT_TIMEOUT, hold_scope
 
 import otel_cancel
 from otel_cancel._core.root import random_root
-from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS, METRIC_SCOPES_ACTIVE
+from otel_cancel.attributes import METRIC_FLAGS_APPLIED, METRIC_RECEIPTS, METRIC_REQUESTS, METRIC_SCOPES_ACTIVE
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
 
@@ -68,3 +68,15 @@ async def test_scopes_active_reports_the_scopes_live_now(cancel_metrics):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         assert cancel_metrics.total(METRIC_SCOPES_ACTIVE) == 0
+
+
+async def test_cancel_current_counts_its_request_though_it_stops_its_own_caller(cancel_metrics):
+    """cancel_current() inside the scope it cancels: the caller is stopped, and its flag still counts one request."""
+    with configured(store=MemoryCancelStore(), service="svc", instance="one") as runtime:
+        requests = cancel_metrics.total(METRIC_REQUESTS)
+        with pytest.raises(otel_cancel.Cancelled):
+            async with otel_cancel.scope():
+                await otel_cancel.cancel_current("guardrail")
+        store = runtime.watcher.submit(runtime.watcher.store()).result(EVENT_TIMEOUT)
+        assert len((await store.list_flags()).flags) == 1
+        assert cancel_metrics.total(METRIC_REQUESTS) - requests == 1

@@ -9,9 +9,16 @@ import httpx
 import pytest
 from chain import Chain
 from opentelemetry import baggage
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 import otel_cancel
+from otel_cancel import attributes
+from otel_cancel._core import telemetry
 from otel_cancel._core.deadline import MAX_AHEAD_SECONDS, now_ms, parse_timeout
+from otel_cancel._core.root import random_root
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured, wait_for_output
 
@@ -73,6 +80,85 @@ async def test_check_in_a_thread_honours_the_deadline(runtime):
 
     await asyncio.wait_for(asyncio.to_thread(work), 5)
     assert stopped.is_set()
+
+
+@pytest.fixture
+def tracer_provider(monkeypatch):
+    """otel-cancel's spans and the app's, exported in memory (``tracer_provider.exporter``)."""
+    provider = TracerProvider()
+    provider.exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(provider.exporter))
+    monkeypatch.setattr(telemetry, "_tracer", provider.get_tracer("otel-cancel-test"))
+    return provider
+
+
+async def _deadline_stops(exporter, count):
+    """The ``otel_cancel.cancelled`` spans once ``count`` are there (recorded a loop turn after the stop)."""
+    for _ in range(100):  # loop turns, not time: task stops are recorded with call_soon
+        stops = [span for span in exporter.get_finished_spans() if span.name == attributes.SPAN_CANCELLED]
+        if len(stops) >= count:
+            break
+        await asyncio.sleep(0)
+    return stops
+
+
+async def test_a_thread_stopped_by_the_deadline_records_its_stop_as_a_task_does(
+    runtime, tracer_provider, cancel_metrics
+):
+    """check() raising the deadline's Cancelled in a thread: a deadline span and metric, the work span in error,
+    and no stop kept for a flag to claim."""
+    root = random_root()
+    recorded = cancel_metrics.total(attributes.METRIC_CANCELLATIONS)
+
+    def work():
+        with (
+            tracer_provider.get_tracer("app").start_as_current_span("work"),
+            otel_cancel.deadline(0.1),
+            otel_cancel.scope(root=root, name="thread-work"),
+        ):
+            while True:
+                otel_cancel.check()
+                threading.Event().wait(0.005)
+
+    with pytest.raises(otel_cancel.Cancelled) as caught:
+        await asyncio.wait_for(asyncio.to_thread(work), 5)
+    assert caught.value.kind == attributes.KIND_DEADLINE
+    spans = tracer_provider.exporter.get_finished_spans()
+    (stop,) = [span for span in spans if span.name == attributes.SPAN_CANCELLED]
+    assert stop.attributes[attributes.KIND] == attributes.KIND_DEADLINE
+    assert (stop.attributes[attributes.ROOT], stop.attributes[attributes.NODE]) == (root, "thread-work")
+    (work_span,) = [span for span in spans if span.name == "work"]
+    assert work_span.status.status_code is StatusCode.ERROR
+    assert cancel_metrics.total(attributes.METRIC_CANCELLATIONS) - recorded == 1
+    # Not a stop waiting for a flag: a flag for the root now claims nothing (a claim records its span at once).
+    await otel_cancel.cancel(root)
+    assert [span.name for span in tracer_provider.exporter.get_finished_spans()].count(attributes.SPAN_CANCELLED) == 1
+
+
+async def test_each_nested_scope_the_deadline_stops_records_its_stop_as_for_a_flag(runtime, tracer_provider):
+    """A node scope inside a request scope of the same task: both stopped by the deadline, each with its span."""
+    root = random_root()
+    inner_raised = []
+
+    async def work():
+        async with otel_cancel.scope(root=root, name="request"):
+            try:
+                async with otel_cancel.scope(name="node"):
+                    await asyncio.Event().wait()
+            except BaseException as error:
+                inner_raised.append(error)
+                raise
+
+    with otel_cancel.deadline(0.1):
+        task = asyncio.get_running_loop().create_task(work())
+    with pytest.raises(otel_cancel.Cancelled) as caught:
+        await asyncio.wait_for(task, 5)
+    assert caught.value.kind == attributes.KIND_DEADLINE and not task.cancelled()
+    (inner,) = inner_raised
+    assert isinstance(inner, otel_cancel.Cancelled) and inner.kind == attributes.KIND_DEADLINE
+    stops = await _deadline_stops(tracer_provider.exporter, 2)
+    assert sorted(span.attributes[attributes.NODE] for span in stops) == ["node", "request"]
+    assert {span.attributes[attributes.KIND] for span in stops} == {attributes.KIND_DEADLINE}
 
 
 def test_timeout_values_are_parsed_strictly():

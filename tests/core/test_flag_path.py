@@ -17,6 +17,7 @@ from otel_cancel._core.live import MAX_PUBLISHED_BYTES, MAX_PUBLISHED_ROOTS, Liv
 from otel_cancel._core.records import CancelRequest, LiveEntry, LiveRecord, Receipt
 from otel_cancel._core.registry import CancelRegistry, Registration
 from otel_cancel._core.root import random_root
+from otel_cancel._core.startup_wait import wait_for_listing
 from otel_cancel.store._keys import parse_flag_key
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
@@ -105,7 +106,7 @@ async def test_a_malformed_flag_kept_unread_still_refuses_its_root_and_is_logged
     root = random_root()
     store = MemoryCancelStore()
     with configured(store=store) as runtime:
-        await runtime.ensure_listed()
+        await wait_for_listing(runtime)
         applied = runtime.registry.applied
         with caplog.at_level(logging.WARNING, logger="otel_cancel.watcher"):
             store.put_raw(f"{store.prefix}flags/{root}", b'{"root":"' + root.encode() + b'","reason":42}')
@@ -259,7 +260,7 @@ async def test_a_stop_that_ends_after_the_armed_receipt_writer_gave_up_still_get
     """The writer armed at the hand-over finds nothing yet; the task's late stop starts one of its own."""
     store = MemoryCancelStore()
     with configured(store=store, service="svc", instance="one") as runtime:
-        await runtime.ensure_listed()
+        await wait_for_listing(runtime)
         root = random_root()
         entered = asyncio.Event()
 

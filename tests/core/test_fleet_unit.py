@@ -18,6 +18,7 @@ from otel_cancel._core.live import MAX_PUBLISHED_BYTES, LivePublisher, LiveRecor
 from otel_cancel._core.records import CancelRequest, LiveEntry
 from otel_cancel._core.registry import CancelRegistry
 from otel_cancel._core.root import random_root, root_started_ms, with_root
+from otel_cancel._core.startup_wait import wait_for_listing
 from otel_cancel.exceptions import InvalidLabelError, StorePermissionError
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
@@ -296,7 +297,7 @@ async def test_a_bulk_cancel_listed_keys_only_is_fetched_and_refuses_runs_begun_
         bulk = BulkCancel.new(service=None, labels={}, reason="kill switch", requested_by="tests")
         await store.create_bulk(bulk, 60)
         with configured(store=store) as runtime:
-            await runtime.ensure_listed()
+            await wait_for_listing(runtime)
             with pytest.raises(otel_cancel.Cancelled) as refused:
                 async with otel_cancel.scope(name="late hop"):
                     pytest.fail("a hop of a run begun before the bulk cancel ran")
