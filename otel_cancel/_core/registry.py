@@ -390,10 +390,12 @@ class CancelRegistry:
 
     def _read_locked(self, root: str) -> _CancelState | None:
         """Decode the unread flag of ``root``, if there is one, into its cancel state (under the lock)."""
-        raw = self._unread.pop(root, None)
+        raw = self._unread.get(root)
         if raw is None:
             return None
+        # Decoded before the bytes are dropped: a decoder that raised must not lose the cancel.
         state = self._cancelled[root] = _CancelState(self.decode_flag(root, raw), time.time_ns())
+        del self._unread[root]
         return state
 
     # -- watcher side --------------------------------------------------------------
