@@ -211,7 +211,7 @@ class CancelRegistry:
         key: object = task if task is not None else thread_id
         refused: CancelRequest | None = None
         others: list[Registration] = []
-        early_claim: tuple[StopReport, _EarlyStop] | None = None
+        early_claim: tuple[StopReport | None, _EarlyStop] | None = None
         # acquire/release: cheaper than a with block, and run on every scope entry and exit
         self._lock.acquire()
         try:
@@ -455,7 +455,9 @@ class CancelRegistry:
         self._claim_early_stop(request, early_claim)
         return True, registrations
 
-    def _apply_locked(self, request: CancelRequest) -> tuple[list[Registration], tuple[StopReport, _EarlyStop] | None]:
+    def _apply_locked(
+        self, request: CancelRequest
+    ) -> tuple[list[Registration], tuple[StopReport | None, _EarlyStop] | None]:
         self.applied += 1
         state = self._cancelled[request.root] = _CancelState(request, time.time_ns())
         registrations = list(self._live.get(request.root, {}).values())
@@ -463,29 +465,33 @@ class CancelRegistry:
             registration.cancel_requested = request
         state.waiting = len(registrations)
         early = self._early_stops.pop(request.root, None)
-        if (
-            early is not None
-            and not registrations
-            and time.monotonic() - early.stopped_monotonic < EARLY_STOP_MEMORY_SECONDS
-        ):
-            report = StopReport(
-                request=request,
-                seen_at=state.seen_at,
-                stopped_at=early.stopped_at,
-                depth=early.depth,
-                interrupted=tuple(dict.fromkeys(early.names)),
-                tasks=early.tasks,
-            )
-            return registrations, (report, early)
-        return registrations, None
+        if early is None or time.monotonic() - early.stopped_monotonic >= EARLY_STOP_MEMORY_SECONDS:
+            return registrations, None
+        # The flag claims the early stop whether or not other work for the root is still
+        # live here: that work's receipt (written when the last of it exits) counts it too.
+        state.interrupted.extend(early.names)
+        state.tasks += early.tasks
+        state.depth = early.depth if state.depth is None else min(state.depth, early.depth)
+        if registrations:
+            return registrations, (None, early)
+        report = StopReport(
+            request=request,
+            seen_at=state.seen_at,
+            stopped_at=early.stopped_at,
+            depth=early.depth,
+            interrupted=tuple(dict.fromkeys(early.names)),
+            tasks=early.tasks,
+        )
+        return registrations, (report, early)
 
-    def _claim_early_stop(self, request: CancelRequest, claim: tuple[StopReport, _EarlyStop] | None) -> None:
+    def _claim_early_stop(self, request: CancelRequest, claim: tuple[StopReport | None, _EarlyStop] | None) -> None:
+        """Record the claimed early stop's spans; report it now when nothing else was left to wait for."""
         if claim is None:
             return
         report, early = claim
         for claimed in early.on_claimed:
             claimed(request)
-        if self.on_stopped is not None:
+        if report is not None and self.on_stopped is not None:
             self.on_stopped(report)
 
     def apply_bulk(self, bulk: BulkCancel) -> list[tuple[CancelRequest, list[Registration]]]:
@@ -498,7 +504,7 @@ class CancelRegistry:
             For each root cancelled here: its request and the registrations to stop.
             Empty when ``bulk`` was already applied.
         """
-        selected: list[tuple[CancelRequest, list[Registration], tuple[StopReport, _EarlyStop] | None]] = []
+        selected: list[tuple[CancelRequest, list[Registration], tuple[StopReport | None, _EarlyStop] | None]] = []
         with self._lock:
             if bulk.id in self._bulk:
                 return []

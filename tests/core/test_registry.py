@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 from otel_cancel._core.bulk import BulkCancel
 from otel_cancel._core.outcome import Outcome
 from otel_cancel._core.records import CancelRequest
-from otel_cancel._core.registry import CancelRegistry
+from otel_cancel._core.registry import CancelRegistry, Registration
 from otel_cancel._core.root import random_root
 
 
@@ -28,6 +29,47 @@ def test_the_registry_books_the_outcome_it_is_given():
     (report,) = reports
     assert (report.request, report.depth, report.interrupted, report.tasks) == (flag, 2, ("relay",), 1)
     assert claimed == [flag]
+
+
+def _enter_in_another_thread(registry: CancelRegistry, root: str, name: str) -> Registration:
+    """A registration of its own for ``root`` (one per thread), as another task's would be."""
+    entered: list[Registration] = []
+    thread = threading.Thread(target=lambda: entered.append(registry.enter(root, 1, name, task_mode=False)[0]))
+    thread.start()
+    thread.join()
+    return entered[0]
+
+
+def test_an_early_stop_is_claimed_while_other_work_of_its_root_is_still_live():
+    """The flag records the early stop at once; the receipt, when the rest stops, counts both tasks."""
+    reports = []
+    registry = CancelRegistry(on_stopped=reports.append)
+    root = random_root()
+    early, _ = registry.enter(root, 2, "relay", task_mode=False)
+    claimed = []
+    registry.exit(early, Outcome.STOPPED_EARLY, lambda: claimed.append)
+    still_live = _enter_in_another_thread(registry, root, "node")
+    flag = CancelRequest.new(root, "user", "cli@host")
+    assert registry.apply(flag) == (True, [still_live])
+    assert claimed == [flag] and reports == []
+    registry.exit(still_live, Outcome.STOPPED)
+    (report,) = reports
+    assert (report.request, report.depth, report.interrupted, report.tasks) == (flag, 1, ("relay", "node"), 2)
+
+
+def test_an_early_stop_gets_its_receipt_when_the_other_work_of_its_root_completes():
+    """Work of the root that was live at the flag and ends by itself still leaves the early stop's receipt."""
+    reports = []
+    registry = CancelRegistry(on_stopped=reports.append)
+    root = random_root()
+    early, _ = registry.enter(root, 2, "relay", task_mode=False)
+    registry.exit(early, Outcome.STOPPED_EARLY)
+    still_live = _enter_in_another_thread(registry, root, "node")
+    flag = CancelRequest.new(root, "user", "cli@host")
+    registry.apply(flag)
+    registry.exit(still_live, Outcome.COMPLETED)
+    (report,) = reports
+    assert (report.request, report.depth, report.interrupted, report.tasks) == (flag, 2, ("relay",), 1)
 
 
 def test_the_registry_asks_the_scope_under_its_lock_with_the_request_applied_meanwhile():
