@@ -378,12 +378,20 @@ class CancelRegistry:
     def is_cancelled(self, root: str) -> CancelRequest | None:
         """The cancel request of ``root`` if it is cancelled here, else ``None``."""
         state = self._cancelled.get(root)
-        if state is None and root in self._unread:
+        if state is not None:
+            return state.request
+        # Read without the lock, so in the order a root moves (listed, then unread, then
+        # cancelled: each writer puts it in its next place before taking it from the last):
+        # a root that moved while it was read is found where it went.
+        listed = root in self._listed
+        unread = root in self._unread
+        state = self._cancelled.get(root)
+        if state is None and unread:
             with self._lock:
                 state = self._cancelled.get(root) or self._read_locked(root)
         if state is not None:
             return state.request
-        if root in self._listed:
+        if listed:
             self._want_details(root)
             return CancelRequest(root, LISTED_REASON, 0, "")
         return None
@@ -394,6 +402,7 @@ class CancelRegistry:
         if raw is None:
             return None
         # Decoded before the bytes are dropped: a decoder that raised must not lose the cancel.
+        # Marked cancelled before the bytes go: is_cancelled() reads without the lock.
         state = self._cancelled[root] = _CancelState(self.decode_flag(root, raw), time.time_ns())
         del self._unread[root]
         return state
@@ -414,12 +423,13 @@ class CancelRegistry:
                 return True
             if root in self._live or root in self._early_stops:
                 return False
+            # Kept before the root leaves the listed set: is_cancelled() reads without the lock.
+            self._unread[root] = raw
             if root in self._listed:
                 # Known from a keys-only listing (its scopes refused from then on): now with its value.
                 self._listed.discard(root)
             else:
                 self.applied += 1
-            self._unread[root] = raw
             return True
 
     def apply_listed(self, root: str) -> bool:
@@ -445,13 +455,16 @@ class CancelRegistry:
         with self._lock:
             if request.root in self._cancelled or request.root in self._unread:
                 return False, []
+            # The root is marked cancelled before it leaves the listed set: is_cancelled()
+            # reads without the lock.
             listed = request.root in self._listed
-            self._listed.discard(request.root)
             if listed and not self._live.get(request.root) and request.root not in self._early_stops:
                 # Only the reason was missing: scopes were refused from the listing on.
                 self._cancelled[request.root] = _CancelState(request, time.time_ns())
+                self._listed.discard(request.root)
                 return False, []
             registrations, early_claim = self._apply_locked(request)
+            self._listed.discard(request.root)
         self._claim_early_stop(request, early_claim)
         return True, registrations
 

@@ -6,6 +6,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+
+import pytest
 
 from otel_cancel._core.bulk import BulkCancel
 from otel_cancel._core.outcome import Outcome
@@ -70,6 +73,40 @@ def test_an_early_stop_gets_its_receipt_when_the_other_work_of_its_root_complete
     registry.exit(still_live, Outcome.COMPLETED)
     (report,) = reports
     assert (report.request, report.depth, report.interrupted, report.tasks) == (flag, 2, ("relay",), 1)
+
+
+class _ReadThenPreempted(dict):  # type: ignore[type-arg]
+    """The cancelled roots, whose first miss lets ``meanwhile`` run before it is answered.
+
+    As another thread would, when it takes the GIL from a reader between two of its reads.
+    """
+
+    def __init__(self, meanwhile: Callable[[], object]) -> None:
+        super().__init__()
+        self.meanwhile: Callable[[], object] | None = meanwhile
+
+    def get(self, key, default=None):  # type: ignore[no-untyped-def]
+        found = super().get(key, default)
+        if found is None and self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return found
+
+
+@pytest.mark.parametrize("known_as", ["unread", "listed"])
+def test_a_root_cancelled_all_along_is_seen_cancelled_while_another_thread_reads_its_flag(known_as):
+    """is_cancelled() never answers None for a root that moves from unread or listed to decoded as it reads."""
+    registry = CancelRegistry()
+    flag = CancelRequest.new(random_root(), "r", "x")
+    if known_as == "unread":
+        registry.apply_unread(flag.root, flag.to_json())
+        moved = lambda: registry.enter(flag.root, 0, "late", task_mode=False)  # noqa: E731  # decodes the bytes
+    else:
+        registry.apply_listed(flag.root)
+        moved = lambda: registry.apply(flag)  # noqa: E731  # the flag's value, fetched
+    registry._cancelled = _ReadThenPreempted(moved)
+    assert registry.is_cancelled(flag.root) == flag
+    assert registry._cancelled.meanwhile is None  # the move did happen during the read
 
 
 def test_the_registry_asks_the_scope_under_its_lock_with_the_request_applied_meanwhile():
