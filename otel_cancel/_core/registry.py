@@ -473,9 +473,20 @@ class CancelRegistry:
     ) -> tuple[list[Registration], tuple[StopReport | None, _EarlyStop] | None]:
         self.applied += 1
         state = self._cancelled[request.root] = _CancelState(request, time.time_ns())
-        registrations = list(self._live.get(request.root, {}).values())
-        for registration in registrations:
-            registration.cancel_requested = request
+        live = self._live.get(request.root)
+        registrations: list[Registration] = []
+        if live:
+            for key, registration in list(live.items()):
+                if registration.loop is not None and registration.loop.is_closed():
+                    # Its loop was closed with the scope open: the task never runs again, so
+                    # it would neither stop nor exit, and the root's receipt would wait for it
+                    # forever (and the registry keep its loop).
+                    del live[key]
+                    continue
+                registration.cancel_requested = request
+                registrations.append(registration)
+            if not live:
+                del self._live[request.root]
         state.waiting = len(registrations)
         early = self._early_stops.pop(request.root, None)
         if early is None or time.monotonic() - early.stopped_monotonic >= EARLY_STOP_MEMORY_SECONDS:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -107,6 +110,35 @@ def test_a_root_cancelled_all_along_is_seen_cancelled_while_another_thread_reads
     registry._cancelled = _ReadThenPreempted(moved)
     assert registry.is_cancelled(flag.root) == flag
     assert registry._cancelled.meanwhile is None  # the move did happen during the read
+
+
+def test_work_whose_loop_was_closed_with_its_scope_open_is_not_waited_for():
+    """A flag drops such a registration: the root's other work still gets its receipt, and the loop is not kept."""
+    reports = []
+    registry = CancelRegistry(on_stopped=reports.append)
+    root = random_root()
+    loop = asyncio.new_event_loop()
+    entered = loop.create_future()
+
+    async def held(entered: asyncio.Future[None]) -> None:
+        registry.enter(root, 1, "abandoned")
+        entered.set_result(None)
+        await asyncio.Event().wait()
+
+    task = loop.create_task(held(entered))
+    loop.run_until_complete(entered)
+    loop.close()  # with the task still in its scope
+    closed = weakref.ref(loop)
+    del loop, entered, task
+    other, _ = registry.enter(root, 1, "node", task_mode=False)
+    flag = CancelRequest.new(root, "user", "cli@host")
+    assert registry.apply(flag) == (True, [other])
+    registry.exit(other, Outcome.STOPPED)
+    (report,) = reports
+    assert (report.interrupted, report.tasks) == (("node",), 1)
+    assert registry.live_scopes() == 0
+    gc.collect()
+    assert closed() is None
 
 
 def test_the_registry_asks_the_scope_under_its_lock_with_the_request_applied_meanwhile():
