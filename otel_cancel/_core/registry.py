@@ -145,10 +145,10 @@ class CancelRegistry:
         self._lock = threading.Lock()
         self.service = service
         self.changes = 0
+        """Bumped on every scope entry and exit: the publisher rewrites live work when it moved."""
         self.applied = 0
         """Roots newly marked cancelled here (by a flag or a bulk cancel), each once: the
         running count behind the ``otel_cancel.flags.applied`` metric."""
-        """Bumped on every scope entry and exit: the publisher rewrites live work when it moved."""
         self._bulk: OrderedDict[str, BulkCancel] = OrderedDict()
         self.on_bulk_refusal: Callable[[CancelRequest, list[Registration]], None] | None = None
         """Called (outside the lock) when a bulk cancel selects a run on a scope's entry: with the
