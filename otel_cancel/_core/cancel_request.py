@@ -58,7 +58,7 @@ def load_object(raw: bytes) -> dict[str, Any]:
     """A stored value parsed as a JSON object.
 
     Raises:
-        ValueError: it is too large, not JSON, or not an object.
+        ValueError: it is too large, not JSON, nested too deeply, or not an object.
     """
     if len(raw) > MAX_VALUE_BYTES:
         raise ValueError(f"value of {len(raw)} bytes is larger than {MAX_VALUE_BYTES}")
@@ -66,6 +66,10 @@ def load_object(raw: bytes) -> dict[str, Any]:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"value is not JSON: {error}") from None
+    except RecursionError:
+        # A few kilobytes of brackets exhaust the parser's stack: bad input, whose callers
+        # (the watcher, a refusal) expect a ValueError like any other.
+        raise ValueError("value is JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"value is JSON {type(data).__name__}, not an object")
     return data
@@ -145,7 +149,9 @@ class CancelRequest:
         """Parse a flag's value.
 
         Raises:
-            ValueError: the value is not a flag, or names another root than its key.
+            ValueError: the value is not a flag, or names another root than its key. Nothing
+                else: every process decodes every flag, and one foreign value must not end
+                its watcher.
         """
         data = load_object(raw)
         root = data.get("root")
@@ -153,6 +159,9 @@ class CancelRequest:
         if expected_root is not None and root != expected_root:
             raise ValueError(f"flag for {expected_root} names root {root!r}")
         kind = data.get("kind", KIND_EXPLICIT)
+        if not isinstance(kind, str):
+            # Checked before the set lookup below, which raises TypeError for a list or an object.
+            raise ValueError(f"kind must be a string, got {type(kind).__name__}")
         return cls(
             root=str(root),
             reason=text_field(data.get("reason", ""), "reason"),

@@ -85,6 +85,7 @@ class StopDelivery:
         # Every stop is in its mailbox before any loop is woken: a woken loop that drains
         # at once still finds all of them, so one flag takes one wake-up per loop.
         to_wake: list[tuple[asyncio.AbstractEventLoop, _Mailbox]] = []
+        self._forget_closed_loops()
         for registration in registrations:
             loop = registration.loop
             if loop is None or loop.is_closed():
@@ -109,6 +110,15 @@ class StopDelivery:
         else:
             for loop, mailbox in to_wake:
                 _wake(loop, mailbox)
+
+    def _forget_closed_loops(self) -> None:
+        # A loop closed after it was woken never drains its mailbox, whose stops hold their
+        # tasks, which hold the loop: its weak key would never go. Such mailboxes are dropped
+        # when the next stops are posted (loops are few: this is a short walk).
+        with self._lock:
+            closed = [loop for loop in self._mailboxes if loop.is_closed()]
+            for loop in closed:
+                self._mailboxes.pop(loop).forget()
 
     def _wake_waiting(self) -> None:
         waking, self._waking = self._waking, []

@@ -23,11 +23,14 @@ class RateLimitedLogger:
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def warning(self, kind: str, message: str, *args: object) -> None:
-        """Log ``message`` unless a line of this ``kind`` was logged within the interval."""
+    def warning(self, kind: str, message: str, *args: object, exc_info: BaseException | None = None) -> None:
+        """Log ``message`` unless a line of this ``kind`` was logged within the interval.
+
+        ``exc_info``, when given, adds that error's traceback to the line.
+        """
         now = time.monotonic()
         with self._lock:
             if now - self._last.get(kind, -self._interval) < self._interval:
                 return
             self._last[kind] = now
-        self._logger.warning(message, *args)
+        self._logger.warning(message, *args, exc_info=exc_info)

@@ -150,10 +150,10 @@ class CancelRegistry:
         self._lock = threading.Lock()
         self.service = service
         self.changes = 0
+        """Bumped on every scope entry and exit: the publisher rewrites live work when it moved."""
         self.applied = 0
         """Roots newly marked cancelled here (by a flag or a bulk cancel), each once: the
         running count behind the ``otel_cancel.flags.applied`` metric."""
-        """Bumped on every scope entry and exit: the publisher rewrites live work when it moved."""
         self._bulk: OrderedDict[str, BulkCancel] = OrderedDict()
         self.on_bulk_refusal: Callable[[CancelRequest, list[Registration]], None] | None = None
         """Called (outside the lock) when a bulk cancel selects a run on a scope's entry: with the
@@ -173,7 +173,7 @@ class CancelRegistry:
         # flag's bytes, decoded (``decode_flag``) when a refusal first needs the reason.
         # Bytes are no garbage-collector work, and most flags are never read again.
         self._unread: dict[str, bytes] = {}
-        self.decode_flag: Callable[[str, bytes], CancelRequest] = _decode_flag
+        self.decode_flag: Callable[[str, bytes], CancelRequest] = CancelRequest.of_flag
         """Decodes a flag kept unread (the watcher's: it logs a malformed one, rate-limited)."""
         self.on_stopped = on_stopped
         self.on_details_wanted: Callable[[str], None] | None = None
@@ -216,7 +216,7 @@ class CancelRegistry:
         key: object = task if task is not None else thread_id
         refused: CancelRequest | None = None
         others: list[Registration] = []
-        early_claim: tuple[StopReport, _EarlyStop] | None = None
+        early_claim: tuple[StopReport | None, _EarlyStop] | None = None
         # acquire/release: cheaper than a with block, and run on every scope entry and exit
         self._lock.acquire()
         try:
@@ -383,22 +383,33 @@ class CancelRegistry:
     def is_cancelled(self, root: str) -> CancelRequest | None:
         """The cancel request of ``root`` if it is cancelled here, else ``None``."""
         state = self._cancelled.get(root)
-        if state is None and root in self._unread:
+        if state is not None:
+            return state.request
+        # Read without the lock, so in the order a root moves (listed, then unread, then
+        # cancelled: each writer puts it in its next place before taking it from the last):
+        # a root that moved while it was read is found where it went.
+        listed = root in self._listed
+        unread = root in self._unread
+        state = self._cancelled.get(root)
+        if state is None and unread:
             with self._lock:
                 state = self._cancelled.get(root) or self._read_locked(root)
         if state is not None:
             return state.request
-        if root in self._listed:
+        if listed:
             self._want_details(root)
             return CancelRequest(root, LISTED_REASON, 0, "")
         return None
 
     def _read_locked(self, root: str) -> _CancelState | None:
         """Decode the unread flag of ``root``, if there is one, into its cancel state (under the lock)."""
-        raw = self._unread.pop(root, None)
+        raw = self._unread.get(root)
         if raw is None:
             return None
+        # Decoded before the bytes are dropped: a decoder that raised must not lose the cancel.
+        # Marked cancelled before the bytes go: is_cancelled() reads without the lock.
         state = self._cancelled[root] = _CancelState(self.decode_flag(root, raw), time.time_ns())
+        del self._unread[root]
         return state
 
     # -- watcher side --------------------------------------------------------------
@@ -417,12 +428,13 @@ class CancelRegistry:
                 return True
             if root in self._live or root in self._early_stops:
                 return False
+            # Kept before the root leaves the listed set: is_cancelled() reads without the lock.
+            self._unread[root] = raw
             if root in self._listed:
                 # Known from a keys-only listing (its scopes refused from then on): now with its value.
                 self._listed.discard(root)
             else:
                 self.applied += 1
-            self._unread[root] = raw
             return True
 
     def apply_listed(self, root: str) -> bool:
@@ -448,47 +460,67 @@ class CancelRegistry:
         with self._lock:
             if request.root in self._cancelled or request.root in self._unread:
                 return False, []
+            # The root is marked cancelled before it leaves the listed set: is_cancelled()
+            # reads without the lock.
             listed = request.root in self._listed
-            self._listed.discard(request.root)
             if listed and not self._live.get(request.root) and request.root not in self._early_stops:
                 # Only the reason was missing: scopes were refused from the listing on.
                 self._cancelled[request.root] = _CancelState(request, time.time_ns())
+                self._listed.discard(request.root)
                 return False, []
             registrations, early_claim = self._apply_locked(request)
+            self._listed.discard(request.root)
         self._claim_early_stop(request, early_claim)
         return True, registrations
 
-    def _apply_locked(self, request: CancelRequest) -> tuple[list[Registration], tuple[StopReport, _EarlyStop] | None]:
+    def _apply_locked(
+        self, request: CancelRequest
+    ) -> tuple[list[Registration], tuple[StopReport | None, _EarlyStop] | None]:
         self.applied += 1
         state = self._cancelled[request.root] = _CancelState(request, time.time_ns())
-        registrations = list(self._live.get(request.root, {}).values())
-        for registration in registrations:
-            registration.cancel_requested = request
+        live = self._live.get(request.root)
+        registrations: list[Registration] = []
+        if live:
+            for key, registration in list(live.items()):
+                if registration.loop is not None and registration.loop.is_closed():
+                    # Its loop was closed with the scope open: the task never runs again, so
+                    # it would neither stop nor exit, and the root's receipt would wait for it
+                    # forever (and the registry keep its loop).
+                    del live[key]
+                    continue
+                registration.cancel_requested = request
+                registrations.append(registration)
+            if not live:
+                del self._live[request.root]
         state.waiting = len(registrations)
         early = self._early_stops.pop(request.root, None)
-        if (
-            early is not None
-            and not registrations
-            and time.monotonic() - early.stopped_monotonic < EARLY_STOP_MEMORY_SECONDS
-        ):
-            report = StopReport(
-                request=request,
-                seen_at=state.seen_at,
-                stopped_at=early.stopped_at,
-                depth=early.depth,
-                interrupted=tuple(dict.fromkeys(early.names)),
-                tasks=early.tasks,
-            )
-            return registrations, (report, early)
-        return registrations, None
+        if early is None or time.monotonic() - early.stopped_monotonic >= EARLY_STOP_MEMORY_SECONDS:
+            return registrations, None
+        # The flag claims the early stop whether or not other work for the root is still
+        # live here: that work's receipt (written when the last of it exits) counts it too.
+        state.interrupted.extend(early.names)
+        state.tasks += early.tasks
+        state.depth = early.depth if state.depth is None else min(state.depth, early.depth)
+        if registrations:
+            return registrations, (None, early)
+        report = StopReport(
+            request=request,
+            seen_at=state.seen_at,
+            stopped_at=early.stopped_at,
+            depth=early.depth,
+            interrupted=tuple(dict.fromkeys(early.names)),
+            tasks=early.tasks,
+        )
+        return registrations, (report, early)
 
-    def _claim_early_stop(self, request: CancelRequest, claim: tuple[StopReport, _EarlyStop] | None) -> None:
+    def _claim_early_stop(self, request: CancelRequest, claim: tuple[StopReport | None, _EarlyStop] | None) -> None:
+        """Record the claimed early stop's spans; report it now when nothing else was left to wait for."""
         if claim is None:
             return
         report, early = claim
         for claimed in early.on_claimed:
             claimed(request)
-        if self.on_stopped is not None:
+        if report is not None and self.on_stopped is not None:
             self.on_stopped(report)
 
     def apply_bulk(self, bulk: BulkCancel) -> list[tuple[CancelRequest, list[Registration]]]:
@@ -501,7 +533,7 @@ class CancelRegistry:
             For each root cancelled here: its request and the registrations to stop.
             Empty when ``bulk`` was already applied.
         """
-        selected: list[tuple[CancelRequest, list[Registration], tuple[StopReport, _EarlyStop] | None]] = []
+        selected: list[tuple[CancelRequest, list[Registration], tuple[StopReport | None, _EarlyStop] | None]] = []
         with self._lock:
             if bulk.id in self._bulk:
                 return []
@@ -610,12 +642,6 @@ def _live_entry(root: str, registrations: dict[object, Registration]) -> LiveEnt
     )
 
 
-def _decode_flag(root: str, raw: bytes) -> CancelRequest:
-    """A flag's request; a malformed value still cancels its root, with an unknown reason."""
-    try:
-        return CancelRequest.from_json(raw, root)
-    except ValueError:
-        return CancelRequest(root, "unknown (malformed flag)", 0, "")
 
 
 def deliver(registration: Registration) -> None:

@@ -17,7 +17,9 @@ Loop, in order:
    remember the revision of every event;
 3. on any store error, reconnect with capped exponential backoff and jitter and
    resume the watch from the last revision seen (nothing written meanwhile is
-   lost: etcd replays it); when that revision was compacted, go back to 1.
+   lost: etcd replays it); when that revision was compacted, go back to 1. Any
+   other error (a bug) is logged, rate-limited, and handled the same way: the
+   watcher never ends while the process serves.
 
 A watchdog pings the store every ``watchdog_seconds``; a ping that fails (a frozen
 etcd keeps the TCP stream open but answers nothing; a member cut off from its
@@ -249,13 +251,13 @@ class CancelWatcher:
         try:
             return CancelRequest.from_json(value, root)
         except ValueError as error:
-            message = "otel-cancel: ignoring malformed flag for %s: %s"
+            message = "otel-cancel: malformed flag for %s (cancelling its root anyway): %s"
             if limited:
                 self._bad_input.warning("value", message, root, error)
             else:
                 _log.warning(message, root, error)
             # The key still says this root was cancelled; honour it with an unknown reason.
-            return CancelRequest(root, "unknown (malformed flag)", 0, "")
+            return CancelRequest.of_malformed_flag(root)
 
     def _decode_unread(self, root: str, value: bytes) -> CancelRequest:
         # Called by the registry when a flag it kept unread is first needed (a refusal).
@@ -266,8 +268,8 @@ class CancelWatcher:
         # Every process applies every flag, and most hold nothing for its root (a
         # bystander): when the value starts the way a flag of this root does, the
         # registry keeps the bytes and decodes them when a refusal first shows the
-        # reason. Anything else is decoded now, so a malformed flag is logged when it
-        # arrives; its key alone still cancels the root.
+        # reason (a malformed one is logged then). Anything else is decoded now, and a
+        # malformed one logged now; either way its key alone still cancels the root.
         if CancelRequest.starts_as_flag_of(value, root) and self._registry.apply_unread(root, value):
             return
         self.apply(self._parse(root, value, limited=limited))
@@ -301,7 +303,7 @@ class CancelWatcher:
             request = await store.get_flag(root)
             if request is not None:
                 self.apply(request)
-        except (StoreError, ValueError) as error:
+        except StoreError as error:
             _log.debug("otel-cancel: could not fetch the flag of %s: %s", root, error)
         finally:
             with self._fetching_lock:
@@ -314,10 +316,7 @@ class CancelWatcher:
         if not self._registry.apply_listed(root):
             return
         # Work for this root is live here: stopping it (and its receipt) needs the flag itself.
-        try:
-            request = await store.get_flag(root)
-        except ValueError:
-            request = None
+        request = await store.get_flag(root)
         self.apply(request or CancelRequest(root, LISTED_REASON, 0, ""))
 
     async def _list(self, store: CancelStore) -> None:
@@ -369,7 +368,7 @@ class CancelWatcher:
     async def _main(self) -> None:
         must_list = True
         outage_logged = False
-        dropped: StoreError | None = None  # what ended the last watch: the first failure of an outage
+        dropped: Exception | None = None  # what ended the last watch: the first failure of an outage
 
         async def connect() -> CancelStore:
             nonlocal must_list
@@ -384,14 +383,16 @@ class CancelWatcher:
                 else:
                     # Prove etcd answers before calling the watcher connected again.
                     await store.ping()
-            except StoreError as error:
+            except Exception as error:
                 if not isinstance(error, RevisionCompactedError):
                     await store.close()
                 raise
             return store
 
         def is_outage(error: Exception) -> bool:
-            if not isinstance(error, StoreError) or isinstance(error, RevisionCompactedError):
+            # Any other error is a bug or input no check foresaw; it is retried like an outage
+            # too: a watcher that ended would leave the process serving on, enforcing nothing.
+            if isinstance(error, RevisionCompactedError):
                 return False
             # A command that could never list ends with the error (one line); a service serves on.
             return not (self._fail_before_listing and not self.listed.is_set())
@@ -399,7 +400,15 @@ class CancelWatcher:
         def on_retry(error: Exception, delay: float) -> None:
             nonlocal outage_logged
             self._set_connected(False)
-            if not outage_logged:
+            if not isinstance(error, StoreError):
+                # Rate-limited: an error that recurs on every attempt must not flood the log.
+                self._bad_input.warning(
+                    "unexpected",
+                    "otel-cancel: unexpected error in the cancel watch (%r); reconnecting, cancels will apply then",
+                    error,
+                    exc_info=error,
+                )
+            elif not outage_logged:
                 _log.warning(
                     "otel-cancel: cancel store unavailable (%s); serving on, cancels will apply on reconnect",
                     error,
@@ -427,7 +436,9 @@ class CancelWatcher:
                 _log.info("otel-cancel: revision %d was compacted; listing again", self.last_revision + 1)
                 must_list = True
                 self._set_connected(False)
-            except StoreError as error:
+            except Exception as error:
+                # A store error, or an unexpected one (logged when retried): either way the
+                # watch resumes from the last revision applied, so nothing written is lost.
                 if store is None:
                     raise  # not retried: the first listing failed in a command
                 self._set_connected(False)

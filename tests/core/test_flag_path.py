@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
+import weakref
 
 import pytest
 
@@ -215,6 +217,29 @@ async def test_a_stop_that_reaches_a_closed_loop_is_dropped():
     registration, _ = registry.enter(random_root(), 0, "gone", task_mode=False)
     registration.loop = other
     StopDelivery().post([registration])  # nothing to wake: no error
+
+
+async def _wait_forever(started: asyncio.Future[None]) -> None:
+    started.set_result(None)
+    await asyncio.Event().wait()
+
+
+def test_a_loop_closed_after_its_wake_up_does_not_keep_its_mailbox():
+    """Stops that a closed loop never drained are dropped with the next post: the loop is not kept alive."""
+    delivery = StopDelivery()
+    loop = asyncio.new_event_loop()
+    started = loop.create_future()
+    task = loop.create_task(_wait_forever(started))
+    loop.run_until_complete(started)
+    root = random_root()
+    stop = Registration(root, 0, task, loop, 0, ["n"], 1, cancel_requested=CancelRequest.new(root, "r", "t"))
+    delivery.post([stop])  # not on the IO loop: wakes the loop at once
+    loop.close()  # before it ran the drain
+    closed = weakref.ref(loop)
+    del loop, started, task, stop
+    delivery.post([])  # the next stops, bound for any loop
+    gc.collect()
+    assert closed() is None
 
 
 def test_the_publisher_reads_only_the_oldest_roots_that_can_fit():

@@ -12,7 +12,10 @@ import pytest
 import otel_cancel
 from otel_cancel._core.io_loop import io_loop
 from otel_cancel._core.records import CancelRequest
+from otel_cancel._core.registry import CancelRegistry
 from otel_cancel._core.root import random_root
+from otel_cancel._core.watcher import CancelWatcher
+from otel_cancel.store import FlagEvent
 from otel_cancel.store.etcd import EtcdCancelStore, parse_endpoint
 from otel_cancel.testing import ManagedProcess, configured, find_etcd_binary, free_port
 
@@ -157,6 +160,64 @@ async def test_foreign_values_under_the_flags_prefix_are_logged_and_do_not_stop_
         messages = [r.getMessage() for r in caplog.records]
         assert any("not a valid root" in m for m in messages)
         assert any("malformed flag" in m for m in messages)
+
+
+async def test_a_flag_value_no_parser_accepts_cancels_its_root_and_the_watcher_goes_on(etcd, prefix, caplog):
+    """A non-string kind or a deeply nested value cancels its root (held here or not); later flags still apply."""
+    with configured(endpoints=(etcd.endpoint,), prefix=prefix) as runtime:
+        held_list, _ = await _hold(list_root := random_root())
+        held_nested, _ = await _hold(nested_root := random_root())
+        held_after, _ = await _hold(after_root := random_root())
+        assert runtime.watcher.wait_connected(True, 10)
+        bystander_root = random_root()
+
+        async def write_foreign(client: aetcd.Client) -> None:
+            # Not the way a flag starts: decoded at once, in every process.
+            await client.put(f"{prefix}flags/{list_root}".encode(), b'{"kind":[],"root":"%s"}' % list_root.encode())
+            await client.put(
+                f"{prefix}flags/{bystander_root}".encode(), b'{"kind":{},"root":"%s"}' % bystander_root.encode()
+            )
+            nested = b'{"root":"%s","x":' % nested_root.encode() + b"[" * 5000 + b"]" * 5000 + b"}"
+            await client.put(f"{prefix}flags/{nested_root}".encode(), nested)
+
+        with caplog.at_level(logging.WARNING, logger="otel_cancel.watcher"):
+            await _with_client(etcd.endpoint, write_foreign)
+            for task in (held_list, held_nested):
+                with pytest.raises(otel_cancel.Cancelled) as stopped:
+                    await asyncio.wait_for(task, 15)
+                assert stopped.value.reason == "unknown (malformed flag)"
+            await _write_flag(etcd.endpoint, prefix, after_root)
+            await _assert_cancelled(held_after)
+        assert not runtime.watcher.done and runtime.watcher.connected
+        assert runtime.registry.is_cancelled(bystander_root) is not None
+        assert len([r for r in caplog.records if "malformed flag" in r.getMessage()]) == 3  # one line each
+
+
+async def test_an_unexpected_error_in_the_watch_is_logged_and_retried_like_an_outage(etcd, prefix, caplog):
+    """The watcher does not end: it logs the error, reconnects and applies the flag it was handling."""
+    registry = CancelRegistry()
+    failures = [RuntimeError("listener bug")]
+
+    def listener(event: FlagEvent, listed: bool) -> None:
+        if not listed and failures:
+            raise failures.pop()
+
+    watcher = CancelWatcher(
+        lambda: EtcdCancelStore([etcd.endpoint], prefix=prefix), registry, watchdog_seconds=0.5, listener=listener
+    )
+    with caplog.at_level(logging.WARNING, logger="otel_cancel.watcher"):
+        watcher.start()
+        try:
+            assert watcher.wait_connected(True, 10)
+            await _write_flag(etcd.endpoint, prefix, root := random_root())
+            async with asyncio.timeout(15):
+                while registry.is_cancelled(root) is None:
+                    await asyncio.sleep(0.01)
+            assert not watcher.done and watcher.reconnects == 1 and not failures
+        finally:
+            watcher.stop()
+    (line,) = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert "listener bug" in line.getMessage() and line.exc_info is not None
 
 
 async def test_a_scope_fails_open_after_the_start_up_wait_when_etcd_is_unreachable(caplog):
