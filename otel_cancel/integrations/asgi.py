@@ -105,9 +105,9 @@ def _on_start_serving(runtime: ProcessState) -> None:
 
 # What the middleware does with a request header, by lowercase name (see _kinds_of).
 _PROPAGATED = 1
-"""Read by the propagators (into the carrier)."""
+"""Read by the propagators (into the carrier), other than ``baggage``: a trace header (``traceparent``,
+``b3``, ``uber-trace-id``...), so the caller continued its own trace."""
 _PROPAGATED_BAGGAGE = 2
-_PROPAGATED_TRACEPARENT = 3
 _TRACEPARENT = 4
 """A ``traceparent`` the propagators do not read: it still tells a continued trace."""
 _TIMEOUT = 5
@@ -125,7 +125,7 @@ class _RequestHeaders:
     baggage: tuple[bytes, ...] = ()
     """The raw ``baggage`` headers."""
     continued = False
-    """Whether the request carries a ``traceparent`` (the caller continued its trace)."""
+    """Whether the request carries a trace header (the caller continued its trace and chose its id)."""
     baggage_item: object = None
     """The (last) ``baggage`` header's own item in the headers, to find it again without a search by name."""
     timeouts: tuple[bytes, ...] = ()
@@ -138,14 +138,16 @@ class _RequestHeaders:
             kind = kinds.get(key.lower())
             if kind is None:
                 continue  # most headers: nothing to do
-            if kind <= _PROPAGATED_TRACEPARENT:
+            if kind <= _PROPAGATED_BAGGAGE:
                 if carrier is None:
                     carrier = self.carrier = {}
                 carrier.setdefault(key.lower().decode("latin-1"), []).append(value.decode("latin-1"))
                 if kind == _PROPAGATED_BAGGAGE:
                     self.baggage += (value,)
                     self.baggage_item = item
-                elif kind == _PROPAGATED_TRACEPARENT:
+                else:
+                    # Whatever trace header the propagators read (not only a traceparent: b3,
+                    # jaeger...), the caller chose its trace id: an edge must not make it the root.
                     self.continued = True
             elif kind == _TRACEPARENT:
                 self.continued = True
@@ -172,8 +174,6 @@ def _kinds_of(textmap: object) -> Mapping[bytes, int]:
         # The propagators' own headers first: they take precedence over the rest.
         built.update((name, _PROPAGATED) for name in fields)
         built[b"baggage"] = _PROPAGATED_BAGGAGE
-        if b"traceparent" in fields:
-            built[b"traceparent"] = _PROPAGATED_TRACEPARENT
         kinds = built  # a plain dict: read for every header of every request, and never changed
         _header_kinds = (textmap, kinds)
     return kinds

@@ -5,7 +5,7 @@ The rules (DESIGN.md, "Who is trusted"):
 - An edge (``OTEL_CANCEL_TRUST_INCOMING=false``, the default) never adopts an
   incoming root: a client cannot attach itself to someone else's run. The root is
   the trace id the edge started, or a fresh random id when the trace was continued
-  from the caller's ``traceparent`` (the caller chose that id). Only the
+  from a trace header of the caller's (``traceparent``, ``b3``...: the caller chose that id). Only the
   ``otel_cancel.*`` baggage entries are dropped; the rest is kept.
 - An internal service adopts a well-formed incoming root at depth + 1. With a
   signing key configured, the root's signature must verify too.
@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 
 from .. import attributes
@@ -52,6 +52,16 @@ def _header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[
     return [value for key, value in headers if key.lower() == name]
 
 
+def _continues_a_trace(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request carries a trace header: a ``traceparent``, or any header the
+    propagators read besides ``baggage`` (``b3``, ``uber-trace-id``...). The caller chose
+    that trace id, so it must not become the root at an edge."""
+    names = {name.lower().encode("latin-1") for name in propagate.get_global_textmap().fields}
+    names.discard(b"baggage")
+    names.add(b"traceparent")
+    return any(key.lower() in names for key, _ in headers)
+
+
 def establish_root(
     context: Context,
     headers: Iterable[tuple[bytes, bytes]],
@@ -73,8 +83,9 @@ def establish_root(
         baggage_header: the request's ``baggage`` headers joined by ``,`` (``b""``
             when absent), for a caller that read the headers already; else read
             from ``headers``.
-        continued: whether the request carries a ``traceparent`` (the caller
-            continued its own trace), for a caller that read the headers already.
+        continued: whether the request carries a trace header (``traceparent``, or
+            any other the propagators read but ``baggage``: the caller continued its
+            own trace), for a caller that read the headers already.
         entries: the request's baggage, for a caller that read it and did not set it
             on ``context`` (see :func:`~otel_cancel.integrations.request_context.extract_request_baggage`);
             else the baggage of ``context``. The returned context carries the
@@ -83,7 +94,7 @@ def establish_root(
     if baggage_header is None or continued is None:
         headers = list(headers)
         baggage_header = b",".join(_header_values(headers, b"baggage"))
-        continued = bool(_header_values(headers, b"traceparent"))
+        continued = _continues_a_trace(headers)
     if entries is None:
         entries = entries_of(context)  # one read of the baggage, then dict lookups
     if trusted:

@@ -4,25 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from opentelemetry import baggage
+from opentelemetry import baggage, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+import otel_cancel
 from otel_cancel._core.root import random_root, with_root
 from otel_cancel.asgi import CancelMiddleware
 from otel_cancel.integrations import asgi as cancel_asgi
+from otel_cancel.integrations.incoming import establish_root
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
 
@@ -271,3 +277,53 @@ def test_the_request_headers_are_read_for_what_the_middleware_needs(textmap, pro
         assert cancel_asgi._RequestHeaders([body_header], cancel_asgi._kinds_of(textmap)).has_body
     plain = cancel_asgi._RequestHeaders([(b"host", b"t")], cancel_asgi._kinds_of(textmap))
     assert (plain.carrier, plain.baggage, plain.continued, plain.timeouts, plain.has_body) == ({}, (), False, (), False)
+
+
+class _B3Single(TextMapPropagator):
+    """A trace propagator of another header than traceparent (the shape of OTEL_PROPAGATORS=b3)."""
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+        values = carrier.get("b3") if isinstance(carrier, dict) else None
+        if not values:
+            return context if context is not None else Context()
+        trace_id, span_id, *_ = values[0].split("-")
+        span = NonRecordingSpan(SpanContext(int(trace_id, 16), int(span_id, 16), True, TraceFlags(1)))
+        return trace.set_span_in_context(span, context)
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+        pass
+
+    @property
+    def fields(self) -> set[str]:
+        return {"b3"}
+
+
+@pytest.fixture
+def b3_propagators() -> Iterator[None]:
+    before = propagate.get_global_textmap()
+    propagate.set_global_textmap(CompositePropagator([_B3Single(), W3CBaggagePropagator()]))
+    try:
+        yield
+    finally:
+        propagate.set_global_textmap(before)
+
+
+async def test_an_edge_behind_a_non_w3c_trace_propagator_never_takes_the_clients_trace_id_as_root(
+    runtime, b3_propagators
+):
+    """A client's b3 header names a trace id: the edge starts a random root, not that id."""
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["root"] = otel_cancel.current_root()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    request = _scope(baggage_header=None)
+    request["headers"].append((b"b3", f"{ROOT}-00f067aa0ba902b7-1".encode()))
+    client = _Client()
+    await CancelMiddleware(app)(request, client.receive, client.send)
+    assert seen["root"] is not None and seen["root"] != ROOT
+    # The same decision for a caller that hands establish_root the raw headers alone.
+    context = propagate.extract({"b3": [f"{ROOT}-00f067aa0ba902b7-1"]})
+    assert establish_root(context, [(b"B3", f"{ROOT}-00f067aa0ba902b7-1".encode())], trusted=False).root != ROOT
