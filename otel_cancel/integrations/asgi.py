@@ -63,7 +63,7 @@ from .._core.labels import run_facts, usable_labels, validate_label, with_labels
 from .._core.process_state import ProcessState, get_process_state
 from .._core.rate_limited_log import RateLimitedLogger
 from .._core.registry import current_task
-from .._core.root import with_root
+from .._core.root import with_root, without_root
 from .._core.scope import cancel, request_scope
 from ..exceptions import Cancelled, ConfigurationError
 from .incoming import establish_root
@@ -235,6 +235,9 @@ class CancelMiddleware:
             await self.app(scope, receive, send)
             return
         if scope["type"] != "http" or _APPLIED in scope:
+            if scope["type"] == "websocket" and _APPLIED not in scope:
+                await self._websocket(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         runtime = get_process_state()
@@ -326,6 +329,26 @@ class CancelMiddleware:
             await request.end_quietly(None)
         finally:
             request.stop_listening()
+            otel_context.detach(token)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A websocket runs in no scope of ours, but at an edge without the client's ``otel_cancel.*`` baggage.
+
+        OpenTelemetry's ASGI middleware in front extracts the client's baggage for a
+        websocket too: left in place, a scope, a LangGraph run or an httpx call in the
+        handler would adopt or forward a root the client chose (someone else's run).
+        """
+        trusted = get_process_state().settings.trust_incoming if self._trust_incoming is None else self._trust_incoming
+        current = otel_context.get_current()
+        if trusted or entries_of(current).keys().isdisjoint(attributes.BAGGAGE_KEYS):
+            await self.app(scope, receive, send)
+            return
+        if attributes.BAGGAGE_ROOT in entries_of(current):
+            telemetry.baggage_rejected("untrusted")
+        token = otel_context.attach(without_root(current))
+        try:
+            await self.app(scope, receive, send)
+        finally:
             otel_context.detach(token)
 
     def _narrow_deadline(

@@ -327,3 +327,30 @@ async def test_an_edge_behind_a_non_w3c_trace_propagator_never_takes_the_clients
     # The same decision for a caller that hands establish_root the raw headers alone.
     context = propagate.extract({"b3": [f"{ROOT}-00f067aa0ba902b7-1"]})
     assert establish_root(context, [(b"B3", f"{ROOT}-00f067aa0ba902b7-1".encode())], trusted=False).root != ROOT
+
+
+async def test_a_websocket_at_an_edge_runs_without_the_clients_root(runtime):
+    """Behind OpenTelemetry's ASGI middleware, a websocket handler's scope starts its own root, not the client's."""
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        seen["baggage"] = dict(baggage.get_all())
+        async with otel_cancel.scope(name="agent"):
+            seen["root"] = otel_cancel.current_root()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close"})
+
+    messages = [{"type": "websocket.connect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop()
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    websocket = {**_scope(baggage_header=f"otel_cancel.root={ROOT},otel_cancel.depth=0,tenant=acme"), "type": "websocket"}
+    websocket["scheme"] = "ws"
+    await OpenTelemetryMiddleware(CancelMiddleware(app))(websocket, receive, send)
+    assert seen["baggage"] == {"tenant": "acme"}
+    assert seen["root"] is not None and seen["root"] != ROOT
