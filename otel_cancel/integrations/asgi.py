@@ -492,7 +492,8 @@ class _CancellableRequest:
     _receiving = 0
     """How many of the app's receive() calls are waiting: while one is, the app hears the disconnect itself."""
     task: asyncio.Task[Any] | None = None
-    _listen_check: asyncio.Handle | None = None
+    _next_turn: asyncio.Handle | None = None
+    """What this request decided to do a loop turn later (start listening, or stop locally): dropped when it ends."""
     _listener: asyncio.Task[None] | None = None
     _disconnect_cancel: asyncio.Task[Any] | None = None
 
@@ -522,8 +523,9 @@ class _CancellableRequest:
         return self.stopped_locally and task is not None and task.uncancel() == 0
 
     def stop_listening(self) -> None:
-        if self._listen_check is not None:
-            self._listen_check.cancel()
+        """The request is over: no listener, and no stop still to come (a local stop scheduled as the app ended)."""
+        if self._next_turn is not None:
+            self._next_turn.cancel()
         if self._listener is not None:
             self._listener.cancel()
 
@@ -612,8 +614,8 @@ class _CancellableRequest:
         # StreamingResponse starts its listener next to its sender) is then waiting in
         # receive(), and a second listener would only cost (under OpenTelemetry's ASGI
         # middleware, two spans per stream). One-shot responses never get one.
-        if self._listen_check is None and self._listener is None:
-            self._listen_check = asyncio.get_running_loop().call_soon(self._listen_unless_the_app_does)
+        if self._next_turn is None and self._listener is None:
+            self._next_turn = asyncio.get_running_loop().call_soon(self._listen_unless_the_app_does)
 
     def _listen_unless_the_app_does(self) -> None:
         if self._receiving or self.response_complete or self.client_gone or self._listener is not None:
@@ -642,6 +644,17 @@ class _CancellableRequest:
             self._stop_locally()
 
     def _stop_locally(self) -> None:
+        # Made a loop turn later, never from inside the request's task: the app hears of the
+        # disconnect from its own receive() or send() and may then return (or raise) without
+        # awaiting again, and a cancel of the running task would stay pending and reach the
+        # server. The stop is dropped if the request is over by then (see stop_listening).
+        task = self.task
+        if task is not None and not task.done() and not self.stopped_locally:
+            if self._next_turn is not None:
+                self._next_turn.cancel()  # no listener to start: the caller is gone
+            self._next_turn = asyncio.get_running_loop().call_soon(self._stop_now)
+
+    def _stop_now(self) -> None:
         task = self.task
         if task is not None and not task.done() and not self.stopped_locally:
             self.stopped_locally = True

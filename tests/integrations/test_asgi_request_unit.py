@@ -354,3 +354,23 @@ async def test_a_websocket_at_an_edge_runs_without_the_clients_root(runtime):
     await OpenTelemetryMiddleware(CancelMiddleware(app))(websocket, receive, send)
     assert seen["baggage"] == {"tenant": "acme"}
     assert seen["root"] is not None and seen["root"] != ROOT
+
+
+async def test_an_internal_hop_whose_app_lets_the_send_error_through_leaves_no_cancel_behind(runtime):
+    """The caller left (OSError from send) and the app raises it: the server gets the OSError and can await on."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"1", "more_body": True})
+        client.left.set()
+        await send({"type": "http.response.body", "body": b"2", "more_body": True})
+
+    async def server() -> str:
+        with pytest.raises(OSError):
+            await CancelMiddleware(app, trust_incoming=True)(_scope(), client.receive, client.send)
+        await asyncio.sleep(0)  # the server's own clean-up after the app
+        await asyncio.sleep(0)
+        return "served on"
+
+    client = _Client()
+    assert await asyncio.wait_for(asyncio.create_task(server()), 5) == "served on"
