@@ -22,7 +22,9 @@ Per request it:
    response starts the client gets ``409`` with
    ``{"error": "cancelled", "root", "reason"}``; mid-stream, a
    ``text/event-stream`` ends with a final ``otel-cancel`` event carrying that
-   body and any other stream ends (truncated). The scope turns the cancellation
+   body and any other stream ends (truncated), but for one that declared its
+   ``Content-Length``: it is left unfinished and the server closes the connection
+   (a final message would make the server raise). The scope turns the cancellation
    into :class:`~otel_cancel.Cancelled`, which ends the response here, so the
    server never sees a bare ``CancelledError`` and logs no traceback; the app's
    outgoing httpx calls are cancelled with it;
@@ -604,6 +606,10 @@ class _CancellableRequest:
                 return True
         return False
 
+    def _declares_length(self) -> bool:
+        # Asked only when a response must end early, like _is_event_stream.
+        return any(key.lower() == b"content-length" for key, _ in self._start_headers)
+
     # -- the client going away ------------------------------------------------------------
 
     def _listen_soon(self) -> None:
@@ -701,6 +707,11 @@ class _CancellableRequest:
             if not self.response_started:
                 await _send_json(self._send, status, body, self.root)
             elif not self.response_complete:
+                if self._declares_length():
+                    # A body shorter than its Content-Length cannot end cleanly (the server
+                    # raises on a final message): left unfinished, the server closes the
+                    # connection, which is how the client learns the body was cut.
+                    return
                 final = b""
                 if self._is_event_stream():
                     final = b"event: " + attributes.SSE_EVENT_CANCELLED.encode() + b"\ndata: " + body + b"\n\n"

@@ -67,3 +67,19 @@ async def test_an_internal_stream_that_returns_when_its_caller_leaves_hands_the_
     await service.wait_for(start, f"RETURNED {root}")
     assert await service.wait_for(start, f"AFTER {root}", f"OUTER {root}") == f"AFTER {root}"
     assert not [line for line in service.lines_from(start) if "Traceback" in line or "CancelledError" in line]
+
+
+async def test_a_response_with_a_content_length_cut_by_its_deadline_ends_without_an_error_in_the_server(service):
+    """The deadline stops a download that declared its length: the client sees it cut, the server raises nothing."""
+    start = len(service.process.lines)
+    async with httpx.AsyncClient(timeout=30) as client:
+        request = client.build_request("GET", f"{service.url}/edge/fixed", headers={"otel-cancel-timeout": "300ms"})
+        response = await client.send(request, stream=True)
+        root = response.headers["otel-cancel-root"]
+        with pytest.raises(httpx.RemoteProtocolError):  # fewer bytes than declared, then the connection closes
+            await response.aread()
+        await response.aclose()
+    await service.wait_for(start, f"STOPPED {root}")
+    # uvicorn's own line for a response left unfinished, or its traceback for an exception: one comes last.
+    await service.wait_for(start, "without completing response", "Exception in ASGI application")
+    assert not [line for line in service.lines_from(start) if "Traceback" in line or "Content-Length" in line]
