@@ -317,7 +317,14 @@ class CancelMiddleware:
                 try:
                     await self.app(inner_scope, request.receive, request.send)
                 except BaseException as exc:
-                    cancel_scope.leave_task(exc)
+                    departure = request.departure()
+                    if departure is None or isinstance(exc, (Cancelled, asyncio.CancelledError)):
+                        cancel_scope.leave_task(exc)
+                    else:
+                        # The app raised what its caller's leaving made it raise (an OSError
+                        # from send, Starlette's ClientDisconnect): its work was cut short by
+                        # the root's cancel all the same, as when it returns (departure()).
+                        cancel_scope.leave_task(departure)
                     raise
                 cancel_scope.leave_task(request.departure())
             else:

@@ -374,3 +374,42 @@ async def test_an_internal_hop_whose_app_lets_the_send_error_through_leaves_no_c
 
     client = _Client()
     assert await asyncio.wait_for(asyncio.create_task(server()), 5) == "served on"
+
+
+async def _sends_until_it_fails(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    while True:
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        await asyncio.sleep(0.01)
+
+
+async def _ticks() -> Any:
+    while True:
+        yield "data: x\n\n"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "app",
+    [_sends_until_it_fails, lambda *args: StreamingResponse(_ticks(), media_type="text/event-stream")(*args)],
+    ids=["oserror", "starlette-client-disconnect"],
+)
+async def test_an_edge_whose_app_raises_on_its_client_leaving_reports_its_stop(runtime, app):
+    """An ASGI 2.4 server reports the client's exit as OSError from send: the app raises, the edge still writes its receipt."""
+    client = _Client()
+    client.receive = _never_disconnects(client)  # type: ignore[method-assign]  # only send reports it
+    request = _scope(baggage_header=None)
+    request["asgi"]["spec_version"] = "2.4"
+    started = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        await client.send(message)
+        started.set()
+
+    task = asyncio.create_task(CancelMiddleware(app)(request, client.receive, send))
+    await asyncio.wait_for(started.wait(), 5)
+    root = dict(client.sent[0]["headers"])[b"otel-cancel-root"].decode()
+    client.left.set()
+    with pytest.raises(Exception):  # noqa: B017 - whatever the app raised reaches the server
+        await asyncio.wait_for(task, 5)
+    assert await runtime.wait_receipt(root, 5)
