@@ -453,8 +453,27 @@ def _rewrite_baggage(
                     parts.append(entry.strip())
     rewritten = [(key, value) for key, value in headers if key.lower() != b"baggage"]
     if parts:
-        rewritten.append((b"baggage", ",".join(parts).encode("latin-1")))
+        try:
+            encoded = ",".join(parts).encode("ascii")  # what nearly every header is
+        except UnicodeEncodeError:
+            encoded = _quoted_beyond_ascii(parts).encode("latin-1")
+        rewritten.append((b"baggage", encoded))
     return rewritten
+
+
+def _quoted_beyond_ascii(parts: list[str]) -> str:
+    """The header of ``parts`` with our members quoted where they hold more than ASCII.
+
+    A letter such as ``中`` passes ``str.isalnum()`` and was written as it is; a baggage
+    value must be ASCII. The caller's own members are kept as they came (Latin-1, as read).
+    """
+    members = []
+    for part in parts:
+        if part.startswith(_OUR_PREFIX) and not part.isascii():
+            key, text = part.split("=", 1)
+            part = f"{key}={quote_plus(text)}"
+        members.append(part)
+    return ",".join(members)
 
 
 _OUR_PREFIX = "otel_cancel."

@@ -413,3 +413,24 @@ async def test_an_edge_whose_app_raises_on_its_client_leaving_reports_its_stop(r
     with pytest.raises(Exception):  # noqa: B017 - whatever the app raised reaches the server
         await asyncio.wait_for(task, 5)
     assert await runtime.wait_receipt(root, 5)
+
+
+@pytest.mark.parametrize("key", ["otel_cancel.labels", "otel_cancel.sig"])
+@pytest.mark.parametrize("value", ["%E4%B8%AD", "%C4%81", "%C3%A9"], ids=["cjk", "beyond-latin-1", "latin-1"])
+async def test_a_trusted_hop_passes_on_an_entry_beyond_ascii_quoted(runtime, key, value):
+    """A caller's entry of ours that decodes to a letter beyond ASCII: the request runs, the app gets it quoted."""
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["headers"] = [value for key, value in scope["headers"] if key == b"baggage"]
+        seen["baggage"] = dict(baggage.get_all())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    client = _Client()
+    header = f"otel_cancel.root={ROOT},otel_cancel.depth=1,{key}={value},tenant=acme"
+    await CancelMiddleware(app, trust_incoming=True)(_scope(baggage_header=header), client.receive, client.send)
+    assert client.sent[0]["status"] == 200
+    [forwarded] = seen["headers"]
+    assert forwarded.isascii()
+    assert dict(baggage.get_all(W3CBaggagePropagator().extract({"baggage": forwarded.decode()}))) == seen["baggage"]
