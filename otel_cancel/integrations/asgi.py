@@ -199,8 +199,10 @@ class CancelMiddleware:
             ``otel-cancel-root``, but refuses no request (no 409 or 504) and stops none;
             the app's own scopes do, and a late hop is refused there.
         label_headers: request headers to turn into run labels, ``{header: label}``
-            (``{"x-tenant-id": "tenant"}``); default from ``OTEL_CANCEL_LABEL_HEADERS``.
-            A value that is not a valid label is ignored (one rate-limited log line).
+            (``{"x-tenant-id": "tenant"}``), for the runs that start here (at an edge, or
+            an internal request that brought no root); an adopted run keeps the labels it
+            came with. Default from ``OTEL_CANCEL_LABEL_HEADERS``. A value that is not a
+            valid label is ignored (one rate-limited log line).
     """
 
     def __init__(
@@ -273,7 +275,8 @@ class CancelMiddleware:
         context, deadline_ms = incoming.context, None
         if attributes.BAGGAGE_DEADLINE in entries_of(context) or headers.timeouts or self._deadline_seconds is not None:
             context, deadline_ms = self._narrow_deadline(context, incoming.root, incoming.depth, headers)
-        if self._label_headers is not None or settings.label_headers:
+        if (self._label_headers is not None or settings.label_headers) and not incoming.adopted:
+            # A run is labelled where it starts: an adopted one has its labels already.
             context = self._labelled(context, raw_headers, settings.label_headers)
         if self._run_in_scope and deadline_ms is not None and deadline_ms <= now_ms():
             # The budget ran out before this hop: do no work.
@@ -390,7 +393,7 @@ class CancelMiddleware:
     def _labelled(
         self, context: otel_context.Context, raw_headers: Any, configured: tuple[tuple[str, str], ...]
     ) -> otel_context.Context:
-        """``context`` with the labels this edge takes from request headers."""
+        """``context`` with the labels a run started here takes from request headers."""
         wanted = self._label_headers
         if wanted is None:
             if not configured:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from opentelemetry import baggage, propagate, trace
@@ -434,3 +435,24 @@ async def test_a_trusted_hop_passes_on_an_entry_beyond_ascii_quoted(runtime, key
     [forwarded] = seen["headers"]
     assert forwarded.isascii()
     assert dict(baggage.get_all(W3CBaggagePropagator().extract({"baggage": forwarded.decode()}))) == seen["baggage"]
+
+
+async def test_label_headers_label_only_a_run_that_starts_here(runtime):
+    """A trusted hop with label_headers: an adopted run (16 labels already) keeps its own; a request without a root takes the header's."""
+    seen: list[dict[str, str]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(otel_cancel.current_labels())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = CancelMiddleware(app, trust_incoming=True, label_headers={"x-tenant-id": "tenant"})
+    full = ";".join(f"k{index}=v" for index in range(16))
+    adopted = _scope(baggage_header=f"otel_cancel.root={ROOT},otel_cancel.depth=1,otel_cancel.labels={quote(full)}")
+    started = _scope(baggage_header=None)
+    for request in (adopted, started):
+        request["headers"].append((b"x-tenant-id", b"acme"))
+        client = _Client()
+        await middleware(request, client.receive, client.send)
+        assert client.sent[0]["status"] == 200
+    assert seen == [{f"k{index}": "v" for index in range(16)}, {"tenant": "acme"}]
