@@ -55,6 +55,7 @@ from urllib.parse import quote_plus, unquote_plus
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
 from .. import attributes
 from .._core import telemetry
@@ -123,13 +124,16 @@ class _RequestHeaders:
     # A request without any of these headers (most have none but the baggage): each
     # field is set on the instance only when a header gives it.
     carrier: dict[str, list[str]] = {}  # noqa: RUF012 - replaced, never changed
-    """The headers the propagators read (name -> values), for ``propagate.extract``."""
+    """The headers the propagators read (name -> values), for ``propagate.extract``; the
+    ``baggage`` headers as one value, joined by commas."""
     baggage: tuple[bytes, ...] = ()
     """The raw ``baggage`` headers."""
     continued = False
     """Whether the request carries a trace header (the caller continued its trace and chose its id)."""
     baggage_item: object = None
     """The (last) ``baggage`` header's own item in the headers, to find it again without a search by name."""
+    repeated_baggage = False
+    """Whether the request has several ``baggage`` headers (rare)."""
     timeouts: tuple[bytes, ...] = ()
     has_body = False
 
@@ -143,11 +147,20 @@ class _RequestHeaders:
             if kind <= _PROPAGATED_BAGGAGE:
                 if carrier is None:
                     carrier = self.carrier = {}
-                carrier.setdefault(key.lower().decode("latin-1"), []).append(value.decode("latin-1"))
                 if kind == _PROPAGATED_BAGGAGE:
-                    self.baggage += (value,)
+                    if self.baggage_item is None:
+                        self.baggage = (value,)
+                        carrier["baggage"] = [value.decode("latin-1")]
+                    else:
+                        # Another baggage header. HTTP reads repeated fields as one list joined
+                        # by commas; OpenTelemetry's propagator would read the first alone, and
+                        # the context and the header passed on would disagree.
+                        self.baggage += (value,)
+                        carrier["baggage"][0] += "," + value.decode("latin-1")
+                        self.repeated_baggage = True
                     self.baggage_item = item
                 else:
+                    carrier.setdefault(key.lower().decode("latin-1"), []).append(value.decode("latin-1"))
                     # Whatever trace header the propagators read (not only a traceparent: b3,
                     # jaeger...), the caller chose its trace id: an edge must not make it the root.
                     self.continued = True
@@ -258,11 +271,15 @@ class CancelMiddleware:
         current = otel_context.get_current()
         request_baggage = None
         # An empty context has no span: the common plain service is told without asking for one.
-        if headers.carrier and (not current or not trace.get_current_span(current).get_span_context().is_valid):
-            # No OpenTelemetry ASGI middleware in front (it would have extracted the
-            # context already): extract it ourselves, once; establishing the root sets
-            # the whole baggage, so the header's entries are set on the context there.
-            current, request_baggage = extract_request_baggage(textmap, headers.carrier, current)
+        if headers.carrier:
+            if not current or not trace.get_current_span(current).get_span_context().is_valid:
+                # No OpenTelemetry ASGI middleware in front (it would have extracted the
+                # context already): extract it ourselves, once; establishing the root sets
+                # the whole baggage, so the header's entries are set on the context there.
+                current, request_baggage = extract_request_baggage(textmap, headers.carrier, current)
+            elif headers.repeated_baggage and "baggage" in textmap.fields:
+                # OpenTelemetry's middleware read the first baggage header alone: read them all.
+                current = W3CBaggagePropagator().extract(headers.carrier, current)
         incoming = establish_root(
             current,
             raw_headers,
@@ -454,6 +471,8 @@ def _rewrite_baggage(
                     name = unquote_plus(name)
                 if name in entries and not name.startswith(_OUR_PREFIX):
                     parts.append(entry.strip())
+        if len(parts) > len(entries):
+            parts = _each_name_once(parts)
     rewritten = [(key, value) for key, value in headers if key.lower() != b"baggage"]
     if parts:
         try:
@@ -462,6 +481,20 @@ def _rewrite_baggage(
             encoded = _quoted_beyond_ascii(parts).encode("latin-1")
         rewritten.append((b"baggage", encoded))
     return rewritten
+
+
+def _each_name_once(parts: list[str]) -> list[str]:
+    """``parts`` with a name given more than once (in one header, or in several) kept once.
+
+    As OpenTelemetry reads it: the last value, in the place of the first.
+    """
+    kept: dict[str, str] = {}
+    for part in parts:
+        name = part.split("=", 1)[0].split(";", 1)[0].strip()
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        kept[name] = part
+    return list(kept.values())
 
 
 def _quoted_beyond_ascii(parts: list[str]) -> str:

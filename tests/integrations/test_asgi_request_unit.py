@@ -259,7 +259,7 @@ async def test_a_trusted_hop_passes_on_the_baggage_it_runs_with(runtime, incomin
     ids=["default", "baggage-only"],
 )
 def test_the_request_headers_are_read_for_what_the_middleware_needs(textmap, propagated):
-    """One pass gives the propagators' carrier, the baggage headers, a continued trace, the timeouts and a body."""
+    """One pass gives the propagators' carrier (baggage headers joined), the baggage headers, a continued trace, the timeouts and a body."""
     baggage_item = (b"Baggage", b"b=2")
     raw = [
         (b"host", b"t"),
@@ -271,7 +271,7 @@ def test_the_request_headers_are_read_for_what_the_middleware_needs(textmap, pro
     ]
     headers = cancel_asgi._RequestHeaders(raw, cancel_asgi._kinds_of(textmap))
     assert set(headers.carrier) == propagated
-    assert headers.carrier["baggage"] == ["a=1", "b=2"]
+    assert headers.carrier["baggage"] == ["a=1,b=2"]  # one list, as HTTP reads repeated fields
     assert headers.baggage == (b"a=1", b"b=2") and headers.baggage_item is baggage_item
     assert headers.continued and headers.timeouts == (b"5s",) and not headers.has_body
     for body_header in ((b"content-length", b"12"), (b"Transfer-Encoding", b"chunked")):
@@ -456,3 +456,37 @@ async def test_label_headers_label_only_a_run_that_starts_here(runtime):
         await middleware(request, client.receive, client.send)
         assert client.sent[0]["status"] == 200
     assert seen == [{f"k{index}": "v" for index in range(16)}, {"tenant": "acme"}]
+
+
+@pytest.mark.parametrize("otel_in_front", [False, True], ids=["alone", "behind-otel-asgi"])
+@pytest.mark.parametrize(
+    ("trusted", "values"),
+    [
+        (False, ["user=alice", "user=mallory"]),
+        (True, [f"otel_cancel.root={ROOT},otel_cancel.depth=1,user=alice", "user=mallory"]),
+        (True, ["user=alice", f"otel_cancel.root={ROOT},otel_cancel.depth=1"]),
+    ],
+    ids=["edge", "trusted", "root-in-second-header"],
+)
+async def test_several_baggage_headers_are_read_as_one(runtime, otel_in_front, trusted, values):
+    """Repeated baggage headers: the context reads them all, as one list, and the header passed on says the same."""
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["baggage"] = dict(baggage.get_all())
+        seen["headers"] = [value.decode() for key, value in scope["headers"] if key == b"baggage"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    request = _scope(baggage_header=None)
+    request["headers"] += [(b"baggage", value.encode()) for value in values]
+    middleware: Any = CancelMiddleware(app, trust_incoming=trusted)
+    if otel_in_front:
+        middleware = OpenTelemetryMiddleware(middleware)
+    client = _Client()
+    await middleware(request, client.receive, client.send)
+    [header] = seen["headers"]
+    assert dict(baggage.get_all(W3CBaggagePropagator().extract({"baggage": header}))) == seen["baggage"]
+    assert header.count("user=") == 1
+    assert seen["baggage"]["user"] == ("alice" if values[1].startswith("otel_cancel.root") else "mallory")
+    assert (seen["baggage"]["otel_cancel.root"] == ROOT) is trusted
