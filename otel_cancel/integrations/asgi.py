@@ -81,6 +81,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _log = logging.getLogger("otel_cancel.asgi")
 _bad_input_log = RateLimitedLogger(_log)
+_failure_log = RateLimitedLogger(_log)
+"""For failures that every request could hit while they last (etcd refusing flags)."""
 _APPLIED = "otel_cancel.applied"
 _DISCONNECT_REASON = "client disconnected"
 _ON_DISCONNECT = ("cancel", "continue")
@@ -732,7 +734,10 @@ class _CancellableRequest:
         try:
             await cancel(self.root, reason=_DISCONNECT_REASON)
         except Exception as error:  # the flag failed: at least stop the work here
-            _log.warning("otel-cancel: could not cancel %s after the client left: %s", self.root, error)
+            # One line a minute: while etcd refuses writes, every client that leaves gets here.
+            _failure_log.warning(
+                "disconnect_flag", "otel-cancel: could not cancel %s after the client left: %s", self.root, error
+            )
             self._stop_locally()
 
     # -- ending a cancelled response ------------------------------------------------------

@@ -26,8 +26,10 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 import otel_cancel
+from otel_cancel._core.rate_limited_log import RateLimitedLogger
 from otel_cancel._core.root import random_root, with_root
 from otel_cancel.asgi import CancelMiddleware
+from otel_cancel.exceptions import StoreUnavailableError
 from otel_cancel.integrations import asgi as cancel_asgi
 from otel_cancel.integrations.incoming import establish_root
 from otel_cancel.store.memory import MemoryCancelStore
@@ -490,3 +492,32 @@ async def test_several_baggage_headers_are_read_as_one(runtime, otel_in_front, t
     assert header.count("user=") == 1
     assert seen["baggage"]["user"] == ("alice" if values[1].startswith("otel_cancel.root") else "mallory")
     assert (seen["baggage"]["otel_cancel.root"] == ROOT) is trusted
+
+
+class _RefusesFlags(MemoryCancelStore):
+    async def create_flag(self, request: Any, ttl_seconds: int) -> Any:
+        raise StoreUnavailableError("etcd is unavailable")
+
+
+async def test_an_edge_that_cannot_write_the_disconnect_flag_logs_it_once_a_minute(monkeypatch, caplog):
+    """While etcd refuses flags, twenty clients leaving give one warning line; each request still stops."""
+    monkeypatch.setattr(cancel_asgi, "_failure_log", RateLimitedLogger(cancel_asgi._log), raising=False)
+
+    async def one() -> None:
+        streaming = asyncio.Event()
+
+        async def stream(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            streaming.set()
+            await asyncio.sleep(3600)
+
+        client = _Client()
+        task = asyncio.create_task(CancelMiddleware(stream)(_scope(baggage_header=None), client.receive, client.send))
+        await asyncio.wait_for(streaming.wait(), 5)
+        client.left.set()
+        await asyncio.wait_for(task, 5)  # stopped here all the same
+
+    with configured(store=_RefusesFlags(), service="unit"):
+        await asyncio.gather(*(one() for _ in range(20)))
+    assert len([r for r in caplog.records if "could not cancel" in r.getMessage()]) == 1
