@@ -361,6 +361,8 @@ class CancelMiddleware:
         finally:
             request.stop_listening()
             otel_context.detach(token)
+            if len(inner_scope) > len(scope) + 1:  # the app added keys (a router: route, endpoint, path_params)
+                _copy_back(inner_scope, scope)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A websocket runs in no scope of ours, but at an edge without the client's ``otel_cancel.*`` baggage.
@@ -426,6 +428,21 @@ class CancelMiddleware:
                     found[label] = value.decode("latin-1")
         labels = usable_labels(found)
         return with_labels(labels, context) if labels else context
+
+
+def _copy_back(inner_scope: Scope, scope: Scope) -> None:
+    """Give the server's ``scope`` what the app wrote into the copy it ran with.
+
+    Middleware outside reads what the router wrote once the app has returned
+    (OpenTelemetry's ASGI middleware takes ``scope["route"]`` for its metrics' target);
+    the headers stay the request's own.
+    """
+    for key, value in inner_scope.items():
+        if key != "headers" and key != _APPLIED and scope.get(key, _ABSENT) is not value:
+            scope[key] = value
+
+
+_ABSENT = object()
 
 
 def _deadline_body(root: str, deadline_ms: int | None) -> bytes:

@@ -521,3 +521,21 @@ async def test_an_edge_that_cannot_write_the_disconnect_flag_logs_it_once_a_minu
     with configured(store=_RefusesFlags(), service="unit"):
         await asyncio.gather(*(one() for _ in range(20)))
     assert len([r for r in caplog.records if "could not cancel" in r.getMessage()]) == 1
+
+
+async def test_middleware_outside_sees_what_the_router_wrote_into_the_scope(runtime):
+    """After the app, the server's scope holds the route, endpoint and path params, as without the middleware; not our headers."""
+
+    async def item(request: Request) -> JSONResponse:
+        return JSONResponse({"id": request.path_params["item_id"]})
+
+    starlette = Starlette(routes=[Route("/items/{item_id}", item)])
+    seen = []
+    for app in (starlette, CancelMiddleware(starlette)):
+        request = _scope("/items/7", baggage_header="tenant=acme")
+        headers = request["headers"]
+        client = _Client()
+        await app(request, client.receive, client.send)
+        assert request["headers"] is headers
+        seen.append({key: request.get(key) for key in ("endpoint", "path_params", "route", "router")})
+    assert seen[1] == seen[0] and seen[0]["path_params"] == {"item_id": "7"}
