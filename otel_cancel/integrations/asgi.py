@@ -33,7 +33,7 @@ Per request it:
    arrives after it gets ``504`` and runs no handler; one that runs past it is
    stopped locally like a cancel (``504`` before the response starts, a final
    ``otel-cancel`` event or a truncated body after);
-5. at an edge, when the client goes away from an unfinished response
+5. at an edge, when the client goes away from a stream before its end
    (``http.disconnect`` from ``receive`` or an ``OSError`` from ``send``), cancels
    the root, so the whole chain stops (``on_disconnect="continue"`` lets work
    outlive its caller). An internal service just stops its own work. Once a
@@ -205,8 +205,8 @@ class CancelMiddleware:
             ``OTEL_CANCEL_TRUST_INCOMING`` (``false``: an edge).
         deadline_seconds: a time budget for every request at this hop; it narrows
             (never widens) a deadline that arrived with the request.
-        on_disconnect: ``cancel`` (default) or ``continue``, when the client leaves an
-            unfinished response; default from ``OTEL_CANCEL_ON_DISCONNECT``.
+        on_disconnect: ``cancel`` (default) or ``continue``, when the client leaves a
+            streamed response before its end; default from ``OTEL_CANCEL_ON_DISCONNECT``.
         run_in_scope: run each request in a scope (the default). ``False`` is for apps
             that stop cancelled work themselves and report it in their own protocol
             (A2A servers with :class:`otel_cancel.integrations.a2a.CancellableAgentExecutor`): the

@@ -1,12 +1,14 @@
 """Decide the root of an incoming request: adopt the caller's, or start one here.
 
-The rules (DESIGN.md, "Who is trusted"):
+The rules (docs/contract.md, "The root"):
 
 - An edge (``OTEL_CANCEL_TRUST_INCOMING=false``, the default) never adopts an
   incoming root: a client cannot attach itself to someone else's run. The root is
   the trace id the edge started, or a fresh random id when the trace was continued
-  from a trace header of the caller's (``traceparent``, ``b3``...: the caller chose that id). Only the
-  ``otel_cancel.*`` baggage entries are dropped; the rest is kept.
+  from a trace header of the caller's (``traceparent``, ``b3``...: the caller chose
+  that id). The caller's entries of ours (``attributes.BAGGAGE_KEYS``: root, depth,
+  deadline, signature, labels, run start) are dropped; every other entry is kept,
+  ``otel_cancel.``-prefixed names this release does not know included.
 - An internal service adopts a well-formed incoming root at depth + 1. With a
   signing key configured, the root's signature must verify too.
 - A trusted hop whose baggage cannot be parsed (malformed, over 8,192 bytes, a
@@ -27,7 +29,15 @@ from .. import attributes
 from .._core import telemetry
 from .._core.baggage_entries import entries_of
 from .._core.rate_limited_log import RateLimitedLogger
-from .._core.root import is_valid_root, parse_depth, random_root, set_new_root, set_root, update_root_in_place
+from .._core.root import (
+    MAX_DEPTH,
+    is_valid_root,
+    parse_depth,
+    random_root,
+    set_new_root,
+    set_root,
+    update_root_in_place,
+)
 from .._core.signing import sign_root, verify_root
 
 _log = RateLimitedLogger(logging.getLogger("otel_cancel.incoming"))
@@ -103,7 +113,7 @@ def establish_root(
             return adopted
     elif attributes.BAGGAGE_ROOT in entries:
         telemetry.baggage_rejected("untrusted")
-    # Only the otel_cancel.* entries are dropped; the rest of the caller's baggage is kept
+    # The caller's entries of ours are dropped; the rest of its baggage is kept
     # (set_new_root replaces the whole baggage).
     if entries and not entries.keys().isdisjoint(attributes.BAGGAGE_KEYS):
         entries = {key: value for key, value in entries.items() if key not in attributes.BAGGAGE_KEYS}
@@ -123,8 +133,15 @@ def _adopt(
         return None
     if incoming is None:
         if attributes.BAGGAGE_ROOT.encode() in raw:
+            # The header names a root that did not reach the context: a malformed member,
+            # the name inside another entry's value, or propagators that do not read baggage.
             telemetry.baggage_rejected("malformed")
-            _log.warning("malformed", "otel-cancel: incoming baggage is malformed; this request starts a new root")
+            _log.warning(
+                "malformed",
+                "otel-cancel: the incoming baggage mentions %s but no root could be read from it; "
+                "this request starts a new root",
+                attributes.BAGGAGE_ROOT,
+            )
         return None
     if not is_valid_root(incoming):
         telemetry.baggage_rejected("invalid_root")
@@ -141,7 +158,7 @@ def _adopt(
         telemetry.baggage_rejected("invalid_depth")
         _log.warning("invalid_depth", "otel-cancel: incoming depth %.20r is not valid; counting from 0", depth_value)
         incoming_depth = 0
-    depth = min(incoming_depth + 1, 1000)
+    depth = min(incoming_depth + 1, MAX_DEPTH)
     kept = update_root_in_place(incoming, depth, context, entries)
     if kept is not None:
         return IncomingRoot(kept, incoming, depth, True, len(entries))
