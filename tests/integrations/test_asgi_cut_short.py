@@ -30,8 +30,9 @@ class _Service:
             "OTEL_SERVICE_NAME": "cut-short",
             "PYTHONPATH": os.pathsep.join([SERVICES, os.environ.get("PYTHONPATH", "")]),
         }
-        command = [sys.executable, "-m", "uvicorn", "cut_short_app:app", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = ManagedProcess([*command, "--app-dir", SERVICES, "--no-access-log"], env=env, name="cut-short")
+        command = [sys.executable, "-m", "uvicorn", "cut_short_app:app", "--app-dir", SERVICES, "--no-access-log"]
+        command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = ManagedProcess(command, env=env, name="cut-short")
         self.process.wait_for_line(lambda line: "Uvicorn running on" in line, timeout=60)
 
     def lines_from(self, start: int) -> list[str]:
@@ -59,11 +60,11 @@ async def test_an_internal_stream_that_returns_when_its_caller_leaves_hands_the_
     root = random_root()
     start = len(service.process.lines)
     headers = {"baggage": f"otel_cancel.root={root},otel_cancel.depth=1"}
-    async with httpx.AsyncClient(timeout=30) as client:
-        async with client.stream("GET", f"{service.url}/internal/returns", headers=headers) as response:
-            async for line in response.aiter_lines():
-                if line:
-                    break  # the caller leaves after the first event
+    url = f"{service.url}/internal/returns"
+    async with httpx.AsyncClient(timeout=30) as client, client.stream("GET", url, headers=headers) as response:
+        async for line in response.aiter_lines():
+            if line:
+                break  # the caller leaves after the first event
     await service.wait_for(start, f"RETURNED {root}")
     assert await service.wait_for(start, f"AFTER {root}", f"OUTER {root}") == f"AFTER {root}"
     assert not [line for line in service.lines_from(start) if "Traceback" in line or "CancelledError" in line]

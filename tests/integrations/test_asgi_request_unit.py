@@ -11,8 +11,8 @@ from urllib.parse import quote
 import pytest
 from opentelemetry import baggage, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.context import Context
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import TracerProvider
@@ -261,7 +261,7 @@ async def test_a_trusted_hop_passes_on_the_baggage_it_runs_with(runtime, incomin
     ids=["default", "baggage-only"],
 )
 def test_the_request_headers_are_read_for_what_the_middleware_needs(textmap, propagated):
-    """One pass gives the propagators' carrier (baggage headers joined), the baggage headers, a continued trace, the timeouts and a body."""
+    """One pass gives the carrier (baggage headers joined), the baggage headers, a continued trace, timeouts, a body."""
     baggage_item = (b"Baggage", b"b=2")
     raw = [
         (b"host", b"t"),
@@ -352,8 +352,8 @@ async def test_a_websocket_at_an_edge_runs_without_the_clients_root(runtime):
     async def send(message: dict[str, Any]) -> None:
         pass
 
-    websocket = {**_scope(baggage_header=f"otel_cancel.root={ROOT},otel_cancel.depth=0,tenant=acme"), "type": "websocket"}
-    websocket["scheme"] = "ws"
+    websocket = _scope(baggage_header=f"otel_cancel.root={ROOT},otel_cancel.depth=0,tenant=acme")
+    websocket.update(type="websocket", scheme="ws")
     await OpenTelemetryMiddleware(CancelMiddleware(app))(websocket, receive, send)
     assert seen["baggage"] == {"tenant": "acme"}
     assert seen["root"] is not None and seen["root"] != ROOT
@@ -398,7 +398,7 @@ async def _ticks() -> Any:
     ids=["oserror", "starlette-client-disconnect"],
 )
 async def test_an_edge_whose_app_raises_on_its_client_leaving_reports_its_stop(runtime, app):
-    """An ASGI 2.4 server reports the client's exit as OSError from send: the app raises, the edge still writes its receipt."""
+    """An ASGI 2.4 server reports the client's exit as OSError from send: the app raises, the edge has a receipt."""
     client = _Client()
     client.receive = _never_disconnects(client)  # type: ignore[method-assign]  # only send reports it
     request = _scope(baggage_header=None)
@@ -440,7 +440,7 @@ async def test_a_trusted_hop_passes_on_an_entry_beyond_ascii_quoted(runtime, key
 
 
 async def test_label_headers_label_only_a_run_that_starts_here(runtime):
-    """A trusted hop with label_headers: an adopted run (16 labels already) keeps its own; a request without a root takes the header's."""
+    """label_headers on a trusted hop: an adopted run (16 labels) keeps its own; a rootless request takes them."""
     seen: list[dict[str, str]] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -524,7 +524,7 @@ async def test_an_edge_that_cannot_write_the_disconnect_flag_logs_it_once_a_minu
 
 
 async def test_middleware_outside_sees_what_the_router_wrote_into_the_scope(runtime):
-    """After the app, the server's scope holds the route, endpoint and path params, as without the middleware; not our headers."""
+    """After the app, the server's scope holds the route, endpoint and path params as without us; not our headers."""
 
     async def item(request: Request) -> JSONResponse:
         return JSONResponse({"id": request.path_params["item_id"]})
