@@ -107,7 +107,8 @@ A process that dies leaves ``otel-cancel ps`` within this time.
 """
 
 OTEL_CANCEL_LABEL_HEADERS = "OTEL_CANCEL_LABEL_HEADERS"
-"""Request headers the ASGI middleware turns into run labels at the edge. Default: unset.
+"""Request headers the ASGI middleware turns into the labels of a run that starts at its hop (an edge,
+or an internal request without a root). Default: unset.
 
 ``header=label`` pairs, comma-separated: ``x-tenant-id=tenant,x-user-id=user_id``.
 """

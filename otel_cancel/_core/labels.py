@@ -1,7 +1,8 @@
 """Run labels: short ``key=value`` pairs that travel with a root (a tenant, a user, a thread id).
 
 A run is labelled where it starts (:func:`labelled`, ``scope(labels=...)``, or the
-ASGI middleware's ``label_headers`` at the edge) and the labels travel next to the
+ASGI middleware's ``label_headers`` where a request starts a run: at an edge, never on
+an adopted root) and the labels travel next to the
 root as the baggage entry ``otel_cancel.labels``, so every hop knows them;
 integrations add their own ids (LangGraph ``thread_id``, A2A ``task_id``). ``ps``
 shows them and ``cancel --all --label KEY=VALUE`` selects runs by them. Keys and

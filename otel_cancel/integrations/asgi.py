@@ -22,7 +22,9 @@ Per request it:
    response starts the client gets ``409`` with
    ``{"error": "cancelled", "root", "reason"}``; mid-stream, a
    ``text/event-stream`` ends with a final ``otel-cancel`` event carrying that
-   body and any other stream ends (truncated). The scope turns the cancellation
+   body and any other stream ends (truncated), but for one that declared its
+   ``Content-Length``: it is left unfinished and the server closes the connection
+   (a final message would make the server raise). The scope turns the cancellation
    into :class:`~otel_cancel.Cancelled`, which ends the response here, so the
    server never sees a bare ``CancelledError`` and logs no traceback; the app's
    outgoing httpx calls are cancelled with it;
@@ -31,7 +33,7 @@ Per request it:
    arrives after it gets ``504`` and runs no handler; one that runs past it is
    stopped locally like a cancel (``504`` before the response starts, a final
    ``otel-cancel`` event or a truncated body after);
-5. at an edge, when the client goes away from an unfinished response
+5. at an edge, when the client goes away from a stream before its end
    (``http.disconnect`` from ``receive`` or an ``OSError`` from ``send``), cancels
    the root, so the whole chain stops (``on_disconnect="continue"`` lets work
    outlive its caller). An internal service just stops its own work. Once a
@@ -53,6 +55,7 @@ from urllib.parse import quote_plus, unquote_plus
 
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
 from .. import attributes
 from .._core import telemetry
@@ -63,7 +66,7 @@ from .._core.labels import run_facts, usable_labels, validate_label, with_labels
 from .._core.process_state import ProcessState, get_process_state
 from .._core.rate_limited_log import RateLimitedLogger
 from .._core.registry import current_task
-from .._core.root import with_root
+from .._core.root import with_root, without_root
 from .._core.scope import cancel, request_scope
 from .._core.startup_wait import wait_for_listing
 from ..exceptions import Cancelled, ConfigurationError
@@ -79,6 +82,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _log = logging.getLogger("otel_cancel.asgi")
 _bad_input_log = RateLimitedLogger(_log)
+_failure_log = RateLimitedLogger(_log)
+"""For failures that every request could hit while they last (etcd refusing flags)."""
 _APPLIED = "otel_cancel.applied"
 _DISCONNECT_REASON = "client disconnected"
 _ON_DISCONNECT = ("cancel", "continue")
@@ -106,9 +111,9 @@ def _on_start_serving(runtime: ProcessState) -> None:
 
 # What the middleware does with a request header, by lowercase name (see _kinds_of).
 _PROPAGATED = 1
-"""Read by the propagators (into the carrier)."""
+"""Read by the propagators (into the carrier), other than ``baggage``: a trace header (``traceparent``,
+``b3``, ``uber-trace-id``...), so the caller continued its own trace."""
 _PROPAGATED_BAGGAGE = 2
-_PROPAGATED_TRACEPARENT = 3
 _TRACEPARENT = 4
 """A ``traceparent`` the propagators do not read: it still tells a continued trace."""
 _TIMEOUT = 5
@@ -122,13 +127,16 @@ class _RequestHeaders:
     # A request without any of these headers (most have none but the baggage): each
     # field is set on the instance only when a header gives it.
     carrier: dict[str, list[str]] = {}  # noqa: RUF012 - replaced, never changed
-    """The headers the propagators read (name -> values), for ``propagate.extract``."""
+    """The headers the propagators read (name -> values), for ``propagate.extract``; the
+    ``baggage`` headers as one value, joined by commas."""
     baggage: tuple[bytes, ...] = ()
     """The raw ``baggage`` headers."""
     continued = False
-    """Whether the request carries a ``traceparent`` (the caller continued its trace)."""
+    """Whether the request carries a trace header (the caller continued its trace and chose its id)."""
     baggage_item: object = None
     """The (last) ``baggage`` header's own item in the headers, to find it again without a search by name."""
+    repeated_baggage = False
+    """Whether the request has several ``baggage`` headers (rare)."""
     timeouts: tuple[bytes, ...] = ()
     has_body = False
 
@@ -139,14 +147,25 @@ class _RequestHeaders:
             kind = kinds.get(key.lower())
             if kind is None:
                 continue  # most headers: nothing to do
-            if kind <= _PROPAGATED_TRACEPARENT:
+            if kind <= _PROPAGATED_BAGGAGE:
                 if carrier is None:
                     carrier = self.carrier = {}
-                carrier.setdefault(key.lower().decode("latin-1"), []).append(value.decode("latin-1"))
                 if kind == _PROPAGATED_BAGGAGE:
-                    self.baggage += (value,)
+                    if self.baggage_item is None:
+                        self.baggage = (value,)
+                        carrier["baggage"] = [value.decode("latin-1")]
+                    else:
+                        # Another baggage header. HTTP reads repeated fields as one list joined
+                        # by commas; OpenTelemetry's propagator would read the first alone, and
+                        # the context and the header passed on would disagree.
+                        self.baggage += (value,)
+                        carrier["baggage"][0] += "," + value.decode("latin-1")
+                        self.repeated_baggage = True
                     self.baggage_item = item
-                elif kind == _PROPAGATED_TRACEPARENT:
+                else:
+                    carrier.setdefault(key.lower().decode("latin-1"), []).append(value.decode("latin-1"))
+                    # Whatever trace header the propagators read (not only a traceparent: b3,
+                    # jaeger...), the caller chose its trace id: an edge must not make it the root.
                     self.continued = True
             elif kind == _TRACEPARENT:
                 self.continued = True
@@ -173,8 +192,6 @@ def _kinds_of(textmap: object) -> Mapping[bytes, int]:
         # The propagators' own headers first: they take precedence over the rest.
         built.update((name, _PROPAGATED) for name in fields)
         built[b"baggage"] = _PROPAGATED_BAGGAGE
-        if b"traceparent" in fields:
-            built[b"traceparent"] = _PROPAGATED_TRACEPARENT
         kinds = built  # a plain dict: read for every header of every request, and never changed
         _header_kinds = (textmap, kinds)
     return kinds
@@ -189,8 +206,8 @@ class CancelMiddleware:
             ``OTEL_CANCEL_TRUST_INCOMING`` (``false``: an edge).
         deadline_seconds: a time budget for every request at this hop; it narrows
             (never widens) a deadline that arrived with the request.
-        on_disconnect: ``cancel`` (default) or ``continue``, when the client leaves an
-            unfinished response; default from ``OTEL_CANCEL_ON_DISCONNECT``.
+        on_disconnect: ``cancel`` (default) or ``continue``, when the client leaves a
+            streamed response before its end; default from ``OTEL_CANCEL_ON_DISCONNECT``.
         run_in_scope: run each request in a scope (the default). ``False`` is for apps
             that stop cancelled work themselves and report it in their own protocol
             (A2A servers with :class:`otel_cancel.integrations.a2a.CancellableAgentExecutor`): the
@@ -198,8 +215,10 @@ class CancelMiddleware:
             ``otel-cancel-root``, but refuses no request (no 409 or 504) and stops none;
             the app's own scopes do, and a late hop is refused there.
         label_headers: request headers to turn into run labels, ``{header: label}``
-            (``{"x-tenant-id": "tenant"}``); default from ``OTEL_CANCEL_LABEL_HEADERS``.
-            A value that is not a valid label is ignored (one rate-limited log line).
+            (``{"x-tenant-id": "tenant"}``), for the runs that start here (at an edge, or
+            an internal request that brought no root); an adopted run keeps the labels it
+            came with. Default from ``OTEL_CANCEL_LABEL_HEADERS``. A value that is not a
+            valid label is ignored (one rate-limited log line).
     """
 
     def __init__(
@@ -236,6 +255,9 @@ class CancelMiddleware:
             await self.app(scope, receive, send)
             return
         if scope["type"] != "http" or _APPLIED in scope:
+            if scope["type"] == "websocket" and _APPLIED not in scope:
+                await self._websocket(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         runtime = get_process_state()
@@ -252,11 +274,15 @@ class CancelMiddleware:
         current = otel_context.get_current()
         request_baggage = None
         # An empty context has no span: the common plain service is told without asking for one.
-        if headers.carrier and (not current or not trace.get_current_span(current).get_span_context().is_valid):
-            # No OpenTelemetry ASGI middleware in front (it would have extracted the
-            # context already): extract it ourselves, once; establishing the root sets
-            # the whole baggage, so the header's entries are set on the context there.
-            current, request_baggage = extract_request_baggage(textmap, headers.carrier, current)
+        if headers.carrier:
+            if not current or not trace.get_current_span(current).get_span_context().is_valid:
+                # No OpenTelemetry ASGI middleware in front (it would have extracted the
+                # context already): extract it ourselves, once; establishing the root sets
+                # the whole baggage, so the header's entries are set on the context there.
+                current, request_baggage = extract_request_baggage(textmap, headers.carrier, current)
+            elif headers.repeated_baggage and "baggage" in textmap.fields:
+                # OpenTelemetry's middleware read the first baggage header alone: read them all.
+                current = W3CBaggagePropagator().extract(headers.carrier, current)
         incoming = establish_root(
             current,
             raw_headers,
@@ -269,7 +295,8 @@ class CancelMiddleware:
         context, deadline_ms = incoming.context, None
         if attributes.BAGGAGE_DEADLINE in entries_of(context) or headers.timeouts or self._deadline_seconds is not None:
             context, deadline_ms = self._narrow_deadline(context, incoming.root, incoming.depth, headers)
-        if self._label_headers is not None or settings.label_headers:
+        if (self._label_headers is not None or settings.label_headers) and not incoming.adopted:
+            # A run is labelled where it starts: an adopted one has its labels already.
             context = self._labelled(context, raw_headers, settings.label_headers)
         if self._run_in_scope and deadline_ms is not None and deadline_ms <= now_ms():
             # The budget ran out before this hop: do no work.
@@ -313,7 +340,14 @@ class CancelMiddleware:
                 try:
                     await self.app(inner_scope, request.receive, request.send)
                 except BaseException as exc:
-                    cancel_scope.leave_task(exc)
+                    departure = request.departure()
+                    if departure is None or isinstance(exc, (Cancelled, asyncio.CancelledError)):
+                        cancel_scope.leave_task(exc)
+                    else:
+                        # The app raised what its caller's leaving made it raise (an OSError
+                        # from send, Starlette's ClientDisconnect): its work was cut short by
+                        # the root's cancel all the same, as when it returns (departure()).
+                        cancel_scope.leave_task(departure)
                     raise
                 cancel_scope.leave_task(request.departure())
             else:
@@ -327,6 +361,28 @@ class CancelMiddleware:
             await request.end_quietly(None)
         finally:
             request.stop_listening()
+            otel_context.detach(token)
+            if len(inner_scope) > len(scope) + 1:  # the app added keys (a router: route, endpoint, path_params)
+                _copy_back(inner_scope, scope)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A websocket runs in no scope of ours, but at an edge without the client's ``otel_cancel.*`` baggage.
+
+        OpenTelemetry's ASGI middleware in front extracts the client's baggage for a
+        websocket too: left in place, a scope, a LangGraph run or an httpx call in the
+        handler would adopt or forward a root the client chose (someone else's run).
+        """
+        trusted = get_process_state().settings.trust_incoming if self._trust_incoming is None else self._trust_incoming
+        current = otel_context.get_current()
+        if trusted or entries_of(current).keys().isdisjoint(attributes.BAGGAGE_KEYS):
+            await self.app(scope, receive, send)
+            return
+        if attributes.BAGGAGE_ROOT in entries_of(current):
+            telemetry.baggage_rejected("untrusted")
+        token = otel_context.attach(without_root(current))
+        try:
+            await self.app(scope, receive, send)
+        finally:
             otel_context.detach(token)
 
     def _narrow_deadline(
@@ -359,7 +415,7 @@ class CancelMiddleware:
     def _labelled(
         self, context: otel_context.Context, raw_headers: Any, configured: tuple[tuple[str, str], ...]
     ) -> otel_context.Context:
-        """``context`` with the labels this edge takes from request headers."""
+        """``context`` with the labels a run started here takes from request headers."""
         wanted = self._label_headers
         if wanted is None:
             if not configured:
@@ -373,6 +429,21 @@ class CancelMiddleware:
                     found[label] = value.decode("latin-1")
         labels = usable_labels(found)
         return with_labels(labels, context) if labels else context
+
+
+def _copy_back(inner_scope: Scope, scope: Scope) -> None:
+    """Give the server's ``scope`` what the app wrote into the copy it ran with.
+
+    Middleware outside reads what the router wrote once the app has returned
+    (OpenTelemetry's ASGI middleware takes ``scope["route"]`` for its metrics' target);
+    the headers stay the request's own.
+    """
+    for key, value in inner_scope.items():
+        if key != "headers" and key != _APPLIED and scope.get(key, _ABSENT) is not value:
+            scope[key] = value
+
+
+_ABSENT = object()
 
 
 def _deadline_body(root: str, deadline_ms: int | None) -> bytes:
@@ -420,10 +491,45 @@ def _rewrite_baggage(
                     name = unquote_plus(name)
                 if name in entries and not name.startswith(_OUR_PREFIX):
                     parts.append(entry.strip())
+        if len(parts) > len(entries):
+            parts = _each_name_once(parts)
     rewritten = [(key, value) for key, value in headers if key.lower() != b"baggage"]
     if parts:
-        rewritten.append((b"baggage", ",".join(parts).encode("latin-1")))
+        try:
+            encoded = ",".join(parts).encode("ascii")  # what nearly every header is
+        except UnicodeEncodeError:
+            encoded = _quoted_beyond_ascii(parts).encode("latin-1")
+        rewritten.append((b"baggage", encoded))
     return rewritten
+
+
+def _each_name_once(parts: list[str]) -> list[str]:
+    """``parts`` with a name given more than once (in one header, or in several) kept once.
+
+    As OpenTelemetry reads it: the last value, in the place of the first.
+    """
+    kept: dict[str, str] = {}
+    for part in parts:
+        name = part.split("=", 1)[0].split(";", 1)[0].strip()
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        kept[name] = part
+    return list(kept.values())
+
+
+def _quoted_beyond_ascii(parts: list[str]) -> str:
+    """The header of ``parts`` with our members quoted where they hold more than ASCII.
+
+    A letter such as ``中`` passes ``str.isalnum()`` and was written as it is; a baggage
+    value must be ASCII. The caller's own members are kept as they came (Latin-1, as read).
+    """
+    members = []
+    for part in parts:
+        if part.startswith(_OUR_PREFIX) and not part.isascii():
+            key, text = part.split("=", 1)
+            part = f"{key}={quote_plus(text)}"
+        members.append(part)
+    return ",".join(members)
 
 
 _OUR_PREFIX = "otel_cancel."
@@ -470,7 +576,8 @@ class _CancellableRequest:
     _receiving = 0
     """How many of the app's receive() calls are waiting: while one is, the app hears the disconnect itself."""
     task: asyncio.Task[Any] | None = None
-    _listen_check: asyncio.Handle | None = None
+    _next_turn: asyncio.Handle | None = None
+    """What this request decided to do a loop turn later (start listening, or stop locally): dropped when it ends."""
     _listener: asyncio.Task[None] | None = None
     _disconnect_cancel: asyncio.Task[Any] | None = None
 
@@ -500,8 +607,9 @@ class _CancellableRequest:
         return self.stopped_locally and task is not None and task.uncancel() == 0
 
     def stop_listening(self) -> None:
-        if self._listen_check is not None:
-            self._listen_check.cancel()
+        """The request is over: no listener, and no stop still to come (a local stop scheduled as the app ended)."""
+        if self._next_turn is not None:
+            self._next_turn.cancel()
         if self._listener is not None:
             self._listener.cancel()
 
@@ -580,6 +688,10 @@ class _CancellableRequest:
                 return True
         return False
 
+    def _declares_length(self) -> bool:
+        # Asked only when a response must end early, like _is_event_stream.
+        return any(key.lower() == b"content-length" for key, _ in self._start_headers)
+
     # -- the client going away ------------------------------------------------------------
 
     def _listen_soon(self) -> None:
@@ -590,8 +702,8 @@ class _CancellableRequest:
         # StreamingResponse starts its listener next to its sender) is then waiting in
         # receive(), and a second listener would only cost (under OpenTelemetry's ASGI
         # middleware, two spans per stream). One-shot responses never get one.
-        if self._listen_check is None and self._listener is None:
-            self._listen_check = asyncio.get_running_loop().call_soon(self._listen_unless_the_app_does)
+        if self._next_turn is None and self._listener is None:
+            self._next_turn = asyncio.get_running_loop().call_soon(self._listen_unless_the_app_does)
 
     def _listen_unless_the_app_does(self) -> None:
         if self._receiving or self.response_complete or self.client_gone or self._listener is not None:
@@ -620,6 +732,17 @@ class _CancellableRequest:
             self._stop_locally()
 
     def _stop_locally(self) -> None:
+        # Made a loop turn later, never from inside the request's task: the app hears of the
+        # disconnect from its own receive() or send() and may then return (or raise) without
+        # awaiting again, and a cancel of the running task would stay pending and reach the
+        # server. The stop is dropped if the request is over by then (see stop_listening).
+        task = self.task
+        if task is not None and not task.done() and not self.stopped_locally:
+            if self._next_turn is not None:
+                self._next_turn.cancel()  # no listener to start: the caller is gone
+            self._next_turn = asyncio.get_running_loop().call_soon(self._stop_now)
+
+    def _stop_now(self) -> None:
         task = self.task
         if task is not None and not task.done() and not self.stopped_locally:
             self.stopped_locally = True
@@ -629,7 +752,10 @@ class _CancellableRequest:
         try:
             await cancel(self.root, reason=_DISCONNECT_REASON)
         except Exception as error:  # the flag failed: at least stop the work here
-            _log.warning("otel-cancel: could not cancel %s after the client left: %s", self.root, error)
+            # One line a minute: while etcd refuses writes, every client that leaves gets here.
+            _failure_log.warning(
+                "disconnect_flag", "otel-cancel: could not cancel %s after the client left: %s", self.root, error
+            )
             self._stop_locally()
 
     # -- ending a cancelled response ------------------------------------------------------
@@ -666,6 +792,11 @@ class _CancellableRequest:
             if not self.response_started:
                 await _send_json(self._send, status, body, self.root)
             elif not self.response_complete:
+                if self._declares_length():
+                    # A body shorter than its Content-Length cannot end cleanly (the server
+                    # raises on a final message): left unfinished, the server closes the
+                    # connection, which is how the client learns the body was cut.
+                    return
                 final = b""
                 if self._is_event_stream():
                     final = b"event: " + attributes.SSE_EVENT_CANCELLED.encode() + b"\ndata: " + body + b"\n\n"

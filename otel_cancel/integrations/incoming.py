@@ -1,12 +1,14 @@
 """Decide the root of an incoming request: adopt the caller's, or start one here.
 
-The rules (DESIGN.md, "Who is trusted"):
+The rules (docs/contract.md, "The root"):
 
 - An edge (``OTEL_CANCEL_TRUST_INCOMING=false``, the default) never adopts an
   incoming root: a client cannot attach itself to someone else's run. The root is
   the trace id the edge started, or a fresh random id when the trace was continued
-  from the caller's ``traceparent`` (the caller chose that id). Only the
-  ``otel_cancel.*`` baggage entries are dropped; the rest is kept.
+  from a trace header of the caller's (``traceparent``, ``b3``...: the caller chose
+  that id). The caller's entries of ours (``attributes.BAGGAGE_KEYS``: root, depth,
+  deadline, signature, labels, run start) are dropped; every other entry is kept,
+  ``otel_cancel.``-prefixed names this release does not know included.
 - An internal service adopts a well-formed incoming root at depth + 1. With a
   signing key configured, the root's signature must verify too.
 - A trusted hop whose baggage cannot be parsed (malformed, over 8,192 bytes, a
@@ -20,14 +22,22 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 
 from .. import attributes
 from .._core import telemetry
 from .._core.baggage_entries import entries_of
 from .._core.rate_limited_log import RateLimitedLogger
-from .._core.root import is_valid_root, parse_depth, random_root, set_new_root, set_root, update_root_in_place
+from .._core.root import (
+    MAX_DEPTH,
+    is_valid_root,
+    parse_depth,
+    random_root,
+    set_new_root,
+    set_root,
+    update_root_in_place,
+)
 from .._core.signing import sign_root, verify_root
 
 _log = RateLimitedLogger(logging.getLogger("otel_cancel.incoming"))
@@ -52,6 +62,16 @@ def _header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[
     return [value for key, value in headers if key.lower() == name]
 
 
+def _continues_a_trace(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request carries a trace header: a ``traceparent``, or any header the
+    propagators read besides ``baggage`` (``b3``, ``uber-trace-id``...). The caller chose
+    that trace id, so it must not become the root at an edge."""
+    names = {name.lower().encode("latin-1") for name in propagate.get_global_textmap().fields}
+    names.discard(b"baggage")
+    names.add(b"traceparent")
+    return any(key.lower() in names for key, _ in headers)
+
+
 def establish_root(
     context: Context,
     headers: Iterable[tuple[bytes, bytes]],
@@ -73,8 +93,9 @@ def establish_root(
         baggage_header: the request's ``baggage`` headers joined by ``,`` (``b""``
             when absent), for a caller that read the headers already; else read
             from ``headers``.
-        continued: whether the request carries a ``traceparent`` (the caller
-            continued its own trace), for a caller that read the headers already.
+        continued: whether the request carries a trace header (``traceparent``, or
+            any other the propagators read but ``baggage``: the caller continued its
+            own trace), for a caller that read the headers already.
         entries: the request's baggage, for a caller that read it and did not set it
             on ``context`` (see :func:`~otel_cancel.integrations.request_context.extract_request_baggage`);
             else the baggage of ``context``. The returned context carries the
@@ -83,7 +104,7 @@ def establish_root(
     if baggage_header is None or continued is None:
         headers = list(headers)
         baggage_header = b",".join(_header_values(headers, b"baggage"))
-        continued = bool(_header_values(headers, b"traceparent"))
+        continued = _continues_a_trace(headers)
     if entries is None:
         entries = entries_of(context)  # one read of the baggage, then dict lookups
     if trusted:
@@ -92,7 +113,7 @@ def establish_root(
             return adopted
     elif attributes.BAGGAGE_ROOT in entries:
         telemetry.baggage_rejected("untrusted")
-    # Only the otel_cancel.* entries are dropped; the rest of the caller's baggage is kept
+    # The caller's entries of ours are dropped; the rest of its baggage is kept
     # (set_new_root replaces the whole baggage).
     if entries and not entries.keys().isdisjoint(attributes.BAGGAGE_KEYS):
         entries = {key: value for key, value in entries.items() if key not in attributes.BAGGAGE_KEYS}
@@ -112,8 +133,15 @@ def _adopt(
         return None
     if incoming is None:
         if attributes.BAGGAGE_ROOT.encode() in raw:
+            # The header names a root that did not reach the context: a malformed member,
+            # the name inside another entry's value, or propagators that do not read baggage.
             telemetry.baggage_rejected("malformed")
-            _log.warning("malformed", "otel-cancel: incoming baggage is malformed; this request starts a new root")
+            _log.warning(
+                "malformed",
+                "otel-cancel: the incoming baggage mentions %s but no root could be read from it; "
+                "this request starts a new root",
+                attributes.BAGGAGE_ROOT,
+            )
         return None
     if not is_valid_root(incoming):
         telemetry.baggage_rejected("invalid_root")
@@ -130,7 +158,7 @@ def _adopt(
         telemetry.baggage_rejected("invalid_depth")
         _log.warning("invalid_depth", "otel-cancel: incoming depth %.20r is not valid; counting from 0", depth_value)
         incoming_depth = 0
-    depth = min(incoming_depth + 1, 1000)
+    depth = min(incoming_depth + 1, MAX_DEPTH)
     kept = update_root_in_place(incoming, depth, context, entries)
     if kept is not None:
         return IncomingRoot(kept, incoming, depth, True, len(entries))

@@ -58,7 +58,10 @@ def _is_cancel_middleware(entry: Any) -> bool:
     from .asgi import CancelMiddleware
 
     cls = getattr(entry, "cls", None)
-    return cls is CancelMiddleware or getattr(cls, "__name__", "") == "LangGraphServerCancelMiddleware"
+    # A subclass of the application's own counts: a second middleware would act once more.
+    if isinstance(cls, type) and issubclass(cls, CancelMiddleware):
+        return True
+    return getattr(cls, "__name__", "") == "LangGraphServerCancelMiddleware"
 
 
 def _is_otel_asgi_middleware(entry: Any) -> bool:
@@ -223,7 +226,9 @@ class OtelCancelInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _uninstrument(self, **kwargs: Any) -> None:
         runtime = configured_process_state()
         if runtime is not None:
-            runtime.start_hooks.clear()
+            # Only the hook this instrumentor added: others' stay.
+            while _instrument_httpx in runtime.start_hooks:
+                runtime.start_hooks.remove(_instrument_httpx)
         while _switched_on:
             _switched_on.pop().uninstrument()
         if self._middleware_inserter is not None:

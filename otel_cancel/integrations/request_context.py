@@ -76,7 +76,7 @@ def extract_request_baggage(
     values = carrier.get("baggage")
     if not values or not _reads_the_default_fields(textmap):
         return textmap.extract(carrier, current), None
-    header = values[0]  # OpenTelemetry's propagator reads the first baggage header only
+    header = values[0]  # one value: the middleware joins repeated baggage headers (the propagator reads the first)
     if (
         len(header) > _MAX_PLAIN_LENGTH
         or header.count(",") >= _MAX_PLAIN_MEMBERS

@@ -327,3 +327,28 @@ def test_opentelemetry_instrument_with_langgraph_out_of_range_switches_the_rest_
     assert report == {"instrumented": True, "starlette": True, "langgraph": False}
     lines = [line for line in stderr.splitlines() if "integration is off" in line]
     assert len(lines) == 1 and "langgraph>=1.0,<2" in lines[0] and "langgraph 0.5.0" in lines[0], stderr
+
+
+def test_an_app_with_a_subclass_of_cancel_middleware_gets_no_second_one(instrumentor):
+    """The application added its own subclass of CancelMiddleware: the instrumentor adds none."""
+
+    class Tuned(CancelMiddleware):
+        pass
+
+    instrumentor.instrument()
+    app = Starlette()
+    app.add_middleware(Tuned)
+    app.build_middleware_stack()
+    assert [m.cls for m in app.user_middleware] == [Tuned]
+
+
+def test_uninstrument_removes_only_its_own_start_hook(instrumentor, runtime):
+    """Start hooks someone else registered survive uninstrument; the instrumentor's own is gone."""
+
+    def other() -> None:
+        pass
+
+    instrumentor.instrument()
+    runtime.start_hooks.append(other)
+    instrumentor.uninstrument()
+    assert runtime.start_hooks == [other]
