@@ -11,7 +11,9 @@ after a warm-up, counting is switched on (``callgrind_control -i on``) for N req
 from one keep-alive client and the counters are dumped: every instruction of the
 process (server, h11, OpenTelemetry, otel-cancel, its IO-loop thread, the garbage
 collector) for those requests alone, for an edge hop (no baggage) and an internal one
-(what an otel-cancel edge sends). Under callgrind a request is about 50 times slower,
+(what an otel-cancel edge sends). A third leaf runs otel-cancel's runtime (imports, watch,
+IO loop, live-work publisher) with no middleware: what the process pays before any
+request path (``runtime only``, over OpenTelemetry alone). Under callgrind a request is about 50 times slower,
 so work that follows the clock (the harness's loop-lag probe every 20 ms, in both
 variants; otel-cancel's live-work publisher) weighs more per request than at full
 speed: the added figure is an upper bound.
@@ -34,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import base_parser, loadavg, say, service_env, table, uvicorn_command, write_results
-from overhead import HOP_TRACEPARENT, ROOT, STARTED
+from overhead import HOP_TRACEPARENT, ROOT, RUNTIME_ONLY, STARTED
 
 from otel_cancel import attributes
 from otel_cancel.testing import EtcdServer, ManagedProcess, free_port, unique_prefix
@@ -42,6 +44,7 @@ from otel_cancel.testing import EtcdServer, ManagedProcess, free_port, unique_pr
 VARIANTS = {
     "OpenTelemetry": {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel"},
     "OpenTelemetry + otel-cancel": {},
+    RUNTIME_ONLY: {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "otel_cancel", "BENCH_RUNTIME_ONLY": "1"},
 }
 ROLES = {
     "edge": ({"OTEL_CANCEL_TRUST_INCOMING": "false"}, {}),
@@ -123,6 +126,7 @@ def measure(quick: bool) -> dict[str, Any]:
                 counts[variant] = _count(role, variant, etcd, requests, workdir) / requests
                 say(f"  {role:9} {variant:28} {counts[variant]:>12,.0f} ({time.monotonic() - started:.0f} s)")
             otel, both = counts["OpenTelemetry"], counts["OpenTelemetry + otel-cancel"]
+            runtime = counts[RUNTIME_ONLY]
             rows.append(
                 {
                     "hop": role,
@@ -130,6 +134,7 @@ def measure(quick: bool) -> dict[str, Any]:
                     "both": round(both),
                     "added": round(both - otel),
                     "added %": round(100 * (both - otel) / otel, 1),
+                    "runtime only": round(runtime - otel),
                 }
             )
     return {"requests": requests, "rows": rows}
@@ -144,7 +149,7 @@ def main() -> int:
     say("instructions per request in a real service, under callgrind ...")
     data = {"quick": args.quick, **measure(args.quick)}
     path = write_results("service_instructions", data, started, load_before)
-    say(table(data["rows"], ["hop", "otel", "both", "added", "added %"]))
+    say(table(data["rows"], ["hop", "otel", "both", "added", "added %", "runtime only"]))
     say(f"wrote {path}")
     return 0
 
