@@ -249,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command in ("cancel", "status"):
         check_one_target(parser, args)
+    if args.command == "cancel" and args.expect and not args.wait:
+        parser.error("cancel: --expect N counts receipts while it waits; add --wait SECONDS")
     provider = None
     if args.command == "cancel":
         from .telemetry import export_if_configured

@@ -75,6 +75,12 @@ def test_expect_accepts_only_a_whole_non_negative_number(bad):
     assert result.returncode == 2 and "--expect" in result.stderr
 
 
+def test_expect_without_wait_is_a_usage_error():
+    """`--expect N` counts receipts while `--wait` waits: alone it would be ignored, so it exits 2 instead."""
+    result = run("cancel", random_root(), "--expect", "2", env={})
+    assert result.returncode == 2 and "--wait" in result.stderr
+
+
 def test_every_argument_has_help():
     """Every argument and option of every command carries help text."""
     parser = build_parser()
