@@ -5,14 +5,15 @@ background worker picks the run up later (on any replica) and executes it in a
 context that holds only the ``traceparent`` stored with the run. This module, the
 one place that hooks into ``langgraph-api`` internals, closes that gap:
 
-- **Run creation** (``create_valid_run``): the root, depth, deadline and signature
-  the middleware established for the request (the trust rules of
-  :mod:`otel_cancel.integrations.asgi` apply) are stored in the run's ``config.configurable``
-  under ``__otel_cancel__``; whatever a client put there (or under
+- **Run creation** (``create_valid_run``): the root, depth, deadline, signature,
+  labels and the run's start at its root, as the middleware established them for the
+  request (the trust rules of :mod:`otel_cancel.integrations.asgi` apply), are stored
+  in the run's ``config.configurable`` under ``__otel_cancel__``; whatever a client put there (or under
   ``otel_cancel_root`` in the metadata) is dropped first. The root is also written
   to the run's metadata as ``otel_cancel_root``, where ``langgraph_sdk`` users can
   read it (``client.runs.get(...)["metadata"]``).
-- **Run execution** (the worker's ``stream_run``): the run executes under that root,
+- **Run execution** (the worker's ``stream_run``): the run executes under that root
+  (with those labels, plus its LangGraph ids, and that start),
   in one scope bound to the task that consumes the run for its whole life (not to
   the short-lived tasks LangGraph Server uses for each item of ``astream``). When
   the root is cancelled, the run ends the LangGraph way: ``interrupted`` (never
@@ -54,11 +55,11 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
 from .. import attributes
 from .._core.deadline import validate_deadline
-from .._core.labels import usable_labels
+from .._core.labels import MAX_LABELS, current_labels, decode_labels, encode_labels, usable_labels
 from .._core.process_state import ProcessState, get_process_state
 from .._core.rate_limited_log import RateLimitedLogger
 from .._core.records import CancelRequest, TaskRecord
-from .._core.root import current_root, is_valid_root, parse_depth, with_root, without_root
+from .._core.root import current_root, is_valid_root, parse_depth, parse_started, with_root, without_root
 from .._core.scope import CancelScope, cancel, parent_in_root_trace
 from .._core.signing import verify_root
 from ..exceptions import Cancelled, InvalidTaskIdError, StoreError
@@ -189,6 +190,9 @@ def _create_valid_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> An
 def run_context(configurable: Mapping[str, Any], context: otel_context.Context | None = None) -> otel_context.Context:
     """The context a run executes in: ``context`` with the root stored with the run (if valid).
 
+    What travelled with the root when the run was created travels on with it: its depth,
+    deadline, signature, labels and the run's start at its root (each only when valid).
+
     Args:
         configurable: the run's ``config.configurable``.
         context: the context to start from (default: the current one).
@@ -204,7 +208,11 @@ def run_context(configurable: Mapping[str, Any], context: otel_context.Context |
     signing_key = get_process_state().settings.signing_key
     signature = stored.get(attributes.BAGGAGE_SIGNATURE)
     if signing_key is not None and not verify_root(signing_key, root, signature):
-        _log.warning("otel-cancel: the root stored with a run is not signed with this key; the run starts its own")
+        # Per run, so rate-limited: replicas configured with different keys would flood the log.
+        _rate_limited.warning(
+            "signature",
+            "otel-cancel: the root stored with a run is not signed with this key; the run starts its own",
+        )
         return context
     depth = parse_depth(stored.get(attributes.BAGGAGE_DEPTH)) or 0
     extra: dict[str, str] = {}
@@ -214,6 +222,17 @@ def run_context(configurable: Mapping[str, Any], context: otel_context.Context |
     if validate_deadline(deadline) is not None:
         assert isinstance(deadline, str)
         extra[attributes.BAGGAGE_DEADLINE] = deadline
+    # Without these the run would look newer than it is (a `cancel --all` cut-off would miss
+    # it) and unlabelled (`ps --label`, `cancel --all --label` would not find it).
+    started = stored.get(attributes.BAGGAGE_STARTED)
+    if parse_started(started) is not None:
+        assert isinstance(started, str)
+        extra[attributes.BAGGAGE_STARTED] = started
+    labels = stored.get(attributes.BAGGAGE_LABELS)
+    if isinstance(labels, str) and labels:
+        valid = decode_labels(labels[:4096])
+        if valid:
+            extra[attributes.BAGGAGE_LABELS] = encode_labels(dict(valid))
     # The worker starts from an empty context: without a parent in the root's trace, what
     # the run records (its otel_cancel.cancelled span) would start traces of its own.
     return parent_in_root_trace(root, with_root(root, depth, context, extra=extra))
@@ -299,8 +318,13 @@ async def _cancelled_meanwhile(root: str) -> CancelRequest | None:
 
 
 def _run_labels(run: Any, configurable: dict[str, Any]) -> dict[str, str]:
-    """The run's LangGraph ids as labels (``otel-cancel ps --label thread_id=...``)."""
-    return usable_labels(
+    """The run's LangGraph ids as labels (``otel-cancel ps --label thread_id=...``).
+
+    Added to the labels that came with the root (already in the current context): an id
+    replaces a carried label of the same name, and new ones fill only the room left, so
+    the run never carries more than :data:`MAX_LABELS`.
+    """
+    ids = usable_labels(
         {
             "thread_id": run.get("thread_id"),
             "run_id": run.get("run_id"),
@@ -308,6 +332,16 @@ def _run_labels(run: Any, configurable: dict[str, Any]) -> dict[str, str]:
             "graph": configurable.get("graph_id"),
         }
     )
+    carried = current_labels()
+    room = MAX_LABELS - len(carried)
+    labels: dict[str, str] = {}
+    for key, value in ids.items():
+        if key not in carried:
+            if room <= 0:
+                continue
+            room -= 1
+        labels[key] = value
+    return labels
 
 
 def _stream_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> AsyncIterator[Any]:

@@ -49,6 +49,7 @@ def lg_env(etcd: EtcdServer, lg_receiver: OtlpReceiver) -> dict[str, str]:
         "OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint,
         "OTEL_CANCEL_PREFIX": unique_prefix(),
         "OTEL_CANCEL_WATCHDOG_SECONDS": "1",
+        "OTEL_CANCEL_LABEL_HEADERS": "x-tenant-id=tenant",
         **lg_receiver.env(),
         "OTEL_METRICS_EXPORTER": "none",
     }
@@ -220,6 +221,31 @@ async def test_cancel_by_thread_id_and_resume(lg_chain: ServerChain, lg_env: dic
     resumed = await top.runs.wait(thread_id, "agent", input=None)
     assert resumed["prepared"] == 1 and resumed["produced"] > 0
     assert len(lg_chain.lines("PREPARE", tag)) == 1
+
+
+async def test_a_label_given_at_the_edge_labels_every_level_and_cancel_all_by_label_stops_them(
+    lg_chain: ServerChain, lg_env: dict[str, str]
+) -> None:
+    """A label the edge took from a request header travels with the runs below; `cancel --all --label` stops all."""
+    tag, tenant = f"label-{uuid.uuid4().hex[:8]}", f"acme-{uuid.uuid4().hex[:8]}"
+    before = _interrupted_runs(lg_chain)
+    async with langgraph_sdk.get_client(url=lg_chain.top.url, headers={"x-tenant-id": tenant}) as client:
+        thread = await client.threads.create()
+        run = await client.runs.create(thread["thread_id"], "agent", input=_input(tag))
+        root = run["metadata"]["otel_cancel_root"]
+        await _leaf_token(lg_chain, tag)
+
+        def labelled_at_every_level() -> bool:
+            rows = json.loads(_cli(lg_env, "ps", "--label", f"tenant={tenant}", "--json").stdout)
+            return {row["service"] for row in rows if row["root"] == root} == set(ROLES)
+
+        await _until(labelled_at_every_level, 20, "every level listed by `ps --label tenant=...`")
+        result = _cli(lg_env, "cancel", "--all", "--label", f"tenant={tenant}", "--json")
+        assert result.returncode == 0, result.stderr
+        sent = int(json.loads(result.stdout.splitlines()[0])["bulk"]["cutoff"])
+        await _every_level_stopped(lg_chain, tag, sent)
+        assert await _status(client, thread["thread_id"], run["run_id"]) == "interrupted"
+    await _every_run_interrupted(lg_chain, before)
 
 
 async def test_runs_cancel_on_the_supervisor_stops_every_level(

@@ -13,6 +13,7 @@ import pytest
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
 
+from otel_cancel._core.labels import run_facts, with_labels
 from otel_cancel._core.root import current_depth, current_root
 from otel_cancel._core.signing import sign_root
 from otel_cancel.integrations import langgraph_server
@@ -130,6 +131,39 @@ def test_run_context_restores_the_stored_root_depth_and_deadline() -> None:
         # A root left in the worker's own context never leaks into a run stored without one.
         leaked = baggage.set_baggage("otel_cancel.root", root, otel_context.get_current())
         assert current_root(langgraph_server.run_context({}, leaked)) is None
+
+
+def test_run_context_keeps_the_labels_and_start_stored_with_the_run() -> None:
+    """A run carries the labels and root start it was created with; malformed ones are dropped, not fatal."""
+    root = "4bf92f3577b34da6a3ce929d0e0e4736"
+    stored = {
+        "otel_cancel.root": root,
+        "otel_cancel.depth": "1",
+        "otel_cancel.started": "1700000000000",
+        "otel_cancel.labels": "tenant=acme;bad key=x",
+    }
+    with configured(store=MemoryCancelStore()):
+        context = langgraph_server.run_context({langgraph_server.CONFIG_KEY: stored})
+        assert run_facts(context) == (1700000000000, {"tenant": "acme"})
+        garbled = {**stored, "otel_cancel.started": "soon", "otel_cancel.labels": "=;;"}
+        started, labels = run_facts(langgraph_server.run_context({langgraph_server.CONFIG_KEY: garbled}))
+        assert started is not None and started > 1700000000000 and labels == {}
+
+
+def test_a_runs_ids_fill_only_the_room_its_carried_labels_leave() -> None:
+    """A run arriving with 15 labels gets one LangGraph id more (never an error), and its own ids win a clash."""
+    carried = {f"k{i}": "v" for i in range(15)} | {"thread_id": "upstream"}
+    run = {"thread_id": "t-1", "run_id": "r-1", "assistant_id": "a-1"}
+    token = otel_context.attach(with_labels(dict(list(carried.items())[:15])))
+    try:
+        assert list(langgraph_server._run_labels(run, {"graph_id": "g"})) == ["thread_id"]
+    finally:
+        otel_context.detach(token)
+    token = otel_context.attach(with_labels(dict(list(carried.items())[1:])))
+    try:
+        assert langgraph_server._run_labels(run, {})["thread_id"] == "t-1"
+    finally:
+        otel_context.detach(token)
 
 
 def test_run_context_checks_the_signature_when_a_key_is_set() -> None:
