@@ -25,7 +25,9 @@ one place that hooks into ``langgraph-api`` internals, closes that gap:
   is told through LangGraph's control channel; it then also writes the root's flag
   with the reason LangGraph gave, so every run the request reached in other
   deployments stops too. The top run keeps LangGraph's outcome (a ``rollback``
-  deletes it); the runs below end ``interrupted``.
+  deletes it); the runs below end ``interrupted``. Except a run that ``interrupt`` or
+  ``rollback`` replaces with a run of the same root (below an edge, one caller sent
+  both): it stops alone, since the new run carries on the same work.
 
 The hooks are installed when the ``langgraph_api`` modules are imported (so the
 server's configuration is read in its own order) and only for the ``langgraph-api``
@@ -42,6 +44,7 @@ import contextlib
 import hmac
 import importlib.metadata
 import logging
+import re
 import secrets
 import sys
 import time
@@ -91,7 +94,7 @@ HOOKED_NAMES: Mapping[str, tuple[str, ...]] = {
     "langgraph_api.models.run": ("create_valid_run", "inject_current_trace_context"),
     "langgraph_api.api.runs": ("create_valid_run",),
     "langgraph_api.cron_scheduler": ("create_valid_run",),
-    "langgraph_api.worker": ("stream_run",),
+    "langgraph_api.worker": ("stream_run", "connect", "Runs"),
     "langgraph_api.errors": ("UserInterrupt", "UserRollback"),
 }
 
@@ -244,11 +247,49 @@ def _langgraph_stop(done: Any, interrupt_type: type[Exception]) -> Exception | N
     return value if isinstance(value, interrupt_type) else None
 
 
-async def _relay_langgraph_cancel(done: Any, root: str, interrupt_type: type[Exception]) -> None:
-    """When LangGraph stops this run (its control channel), cancel the root everywhere."""
+# LangGraph's reason when a run created with multitask_strategy="interrupt" or "rollback"
+# stops the runs in flight on its thread (langgraph_api.models.run.create_valid_run).
+_SUPERSEDED = re.compile(r"superseded by run ([0-9a-fA-F-]{32,36})\b")
+
+
+async def _superseded_within_root(reason: str, root: str, thread_id: object) -> bool:
+    """Whether LangGraph stopped this run for a newer run of the same root on its thread.
+
+    That run carries on the same work: cancelling the root would refuse it too, and stop
+    every process upstream that holds the root. The newer run's root is read from the
+    run LangGraph stored before it stopped this one (its metadata, where
+    :func:`_create_valid_run` shows the root), so it is known on any replica. Fails open:
+    when it cannot be read, the stop is relayed as any other.
+    """
+    match = _SUPERSEDED.match(reason)
+    worker = sys.modules.get("langgraph_api.worker")
+    if match is None or thread_id is None or worker is None:
+        return False
+    try:
+        async with worker.connect() as conn:
+            async for newer in await worker.Runs.get(conn, match.group(1), thread_id=thread_id):
+                metadata = newer.get("metadata")
+                return isinstance(metadata, Mapping) and metadata.get(METADATA_ROOT) == root
+    except Exception as error:  # any failure of LangGraph's store: relay, as before
+        _rate_limited.warning(
+            "superseded", "otel-cancel: could not read the run that superseded a run (%s); cancelling its root", error
+        )
+    return False
+
+
+async def _relay_langgraph_cancel(done: Any, root: str, interrupt_type: type[Exception], thread_id: object) -> None:
+    """When LangGraph stops this run (its control channel), cancel the root everywhere.
+
+    Except when a newer run of the same root replaced it on its thread (``multitask_strategy``
+    ``interrupt`` or ``rollback`` below an edge): only this run stops then.
+    """
     value = await done.wait()
-    if isinstance(value, interrupt_type):
-        await cancel(root, reason=str(value) or type(value).__name__)
+    if not isinstance(value, interrupt_type):
+        return
+    reason = str(value) or type(value).__name__
+    if await _superseded_within_root(reason, root, thread_id):
+        return
+    await cancel(root, reason=reason)
 
 
 async def _put_records(runtime: ProcessState, records: list[TaskRecord]) -> None:
@@ -370,7 +411,8 @@ async def _run_in_scope(
                 assert root is not None
                 _record_run(root, run)
                 relay = asyncio.get_running_loop().create_task(
-                    _relay_langgraph_cancel(done, root, UserInterrupt), name=f"otel-cancel relay {root}"
+                    _relay_langgraph_cancel(done, root, UserInterrupt, run.get("thread_id")),
+                    name=f"otel-cancel relay {root}",
                 )
                 try:
                     # Closed here, in this task, however the run ends: left to the garbage

@@ -417,6 +417,41 @@ async def test_rollback_deletes_the_top_run_and_interrupts_the_runs_below(lg_cha
     assert [run["run_id"] for run in await top.runs.list(thread_id)] == []
 
 
+@pytest.mark.parametrize("strategy", ["interrupt", "rollback"])
+async def test_a_run_superseded_by_a_run_of_its_own_root_stops_alone(
+    lg_chain: ServerChain, lg_env: dict[str, str], strategy: str
+) -> None:
+    """Below the edge, a run replaced (interrupt/rollback) by a run of its own root stops alone: no flag is written."""
+    tag, root = f"supersede-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    headers = {"baggage": f"otel_cancel.root={root},otel_cancel.depth=1"}
+    async with langgraph_sdk.get_client(url=lg_chain.leaf.url, headers=headers) as leaf:
+        thread_id = (await leaf.threads.create())["thread_id"]
+        first = await leaf.runs.create(thread_id, "agent", input=_input(f"{tag}-a"))
+        await _leaf_token(lg_chain, f"{tag}-a")
+        second = await leaf.runs.create(
+            thread_id, "agent", input=_input(f"{tag}-b", tokens=3), multitask_strategy=strategy
+        )
+        assert first["metadata"]["otel_cancel_root"] == second["metadata"]["otel_cancel_root"] == root
+        assert await _status(leaf, thread_id, second["run_id"]) == "success"
+    assert [fields[1] for _, fields in lg_chain.lines("END", f"{tag}-b")] == ["done"]
+    assert [fields[1] for _, fields in lg_chain.lines("END", f"{tag}-a")] == ["stopped"]
+    assert _cli(lg_env, "status", root).stdout.strip() == f"{root} is not cancelled"
+
+
+async def test_a_run_superseded_at_the_edge_stops_every_level_below_it(lg_chain: ServerChain, top: Any) -> None:
+    """At the edge the replacing run has a root of its own: the replaced run's root is cancelled at every level."""
+    tag = f"supersede-edge-{uuid.uuid4().hex[:8]}"
+    thread_id, _, root = await _start(top, tag)
+    await _leaf_token(lg_chain, tag)
+    sent = time.time_ns()
+    second = await top.runs.create(
+        thread_id, "agent", input=_input(f"{tag}-b", tokens=1), multitask_strategy="interrupt"
+    )
+    assert second["metadata"]["otel_cancel_root"] != root
+    await _every_level_stopped(lg_chain, tag, sent)
+    assert await _status(top, thread_id, second["run_id"]) == "success"
+
+
 async def test_cancel_many_stops_every_level_of_every_run(lg_chain: ServerChain, top: Any) -> None:
     """runs.cancel_many on the runs of two threads stops every level of both."""
     tags = [f"many-{uuid.uuid4().hex[:8]}" for _ in range(2)]
