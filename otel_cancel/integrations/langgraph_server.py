@@ -11,7 +11,8 @@ one place that hooks into ``langgraph-api`` internals, closes that gap:
   in the run's ``config.configurable`` under ``__otel_cancel__``; whatever a client put there (or under
   ``otel_cancel_root`` in the metadata) is dropped first. The root is also written
   to the run's metadata as ``otel_cancel_root``, where ``langgraph_sdk`` users can
-  read it (``client.runs.get(...)["metadata"]``).
+  read it (``client.runs.get(...)["metadata"]``), and recorded under the run and
+  thread ids in the store, for ``otel-cancel cancel --run/--thread``.
 - **Run execution** (the worker's ``stream_run``): the run executes under that root
   (with those labels, plus its LangGraph ids, and that start),
   in one scope bound to the task that consumes the run for its whole life (not to
@@ -173,18 +174,26 @@ def _inject_current_trace_context(wrapped: Any, instance: Any, args: Any, kwargs
     return result
 
 
-def _create_valid_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    """Show the run's root in its metadata (and drop a client's ``otel_cancel_root``)."""
+async def _create_valid_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """Show the run's root in its metadata (and drop a client's ``otel_cancel_root``); record it.
+
+    The run and thread records are written as soon as the run exists, so that
+    ``otel-cancel cancel --run/--thread`` finds a run still queued (``pending``): its
+    root's flag then refuses it when a worker picks it up.
+    """
+    root = current_root()
     payload = args[2] if len(args) > 2 else kwargs.get("payload")
     if isinstance(payload, dict):
         metadata = payload.get("metadata")
         metadata = dict(metadata) if isinstance(metadata, dict) else {}
         metadata.pop(METADATA_ROOT, None)
-        root = current_root()
         if root is not None:
             metadata[METADATA_ROOT] = root
         payload["metadata"] = metadata or payload.get("metadata")
-    return wrapped(*args, **kwargs)
+    run = await wrapped(*args, **kwargs)
+    if root is not None and isinstance(run, Mapping):
+        _record_run(root, run)
+    return run
 
 
 # -- run execution ---------------------------------------------------------------------
@@ -409,6 +418,9 @@ async def _run_in_scope(
             async with CancelScope(name=None, labels=_run_labels(run, configurable)) as run_scope:
                 root = run_scope.root
                 assert root is not None
+                # Written at creation already when the root was known then; again here for a
+                # run whose root starts here (no root at creation: a cron, a plain request)
+                # and for a retried run, so the thread names the run that runs now.
                 _record_run(root, run)
                 relay = asyncio.get_running_loop().create_task(
                     _relay_langgraph_cancel(done, root, UserInterrupt, run.get("thread_id")),

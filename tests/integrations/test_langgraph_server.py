@@ -248,6 +248,27 @@ async def test_a_label_given_at_the_edge_labels_every_level_and_cancel_all_by_la
     await _every_run_interrupted(lg_chain, before)
 
 
+async def test_a_queued_run_is_found_by_its_run_and_thread_ids_and_never_starts_once_cancelled(
+    lg_chain: ServerChain, lg_env: dict[str, str], top: Any
+) -> None:
+    """A run still pending behind another is the thread's latest: `--thread` names it, `cancel --run` stops it."""
+    tag = f"queued-{uuid.uuid4().hex[:8]}"
+    thread_id, _, running_root = await _start(top, f"{tag}-a")
+    await _leaf_token(lg_chain, f"{tag}-a")
+    queued = await top.runs.create(thread_id, "agent", input=_input(f"{tag}-b", tokens=3), multitask_strategy="enqueue")
+    queued_root = queued["metadata"]["otel_cancel_root"]
+    assert (await top.runs.get(thread_id, queued["run_id"]))["status"] == "pending"
+    by_thread = _cli(lg_env, "status", "--thread", thread_id, "--json")
+    assert by_thread.returncode == 0 and json.loads(by_thread.stdout)["root"] == queued_root, by_thread.stderr
+    _, output = _cancel_cli(lg_env, "--run", queued["run_id"])
+    assert queued_root in output
+    sent, _ = _cancel_cli(lg_env, running_root)
+    await _every_level_stopped(lg_chain, f"{tag}-a", sent)
+    # Refused when a worker picks it up: it ends interrupted without running a node.
+    assert await _status(top, thread_id, queued["run_id"]) == "interrupted"
+    assert lg_chain.lines("START", f"{tag}-b") == []
+
+
 async def test_runs_cancel_on_the_supervisor_stops_every_level(
     lg_chain: ServerChain, lg_env: dict[str, str], top: Any
 ) -> None:
