@@ -298,7 +298,17 @@ async def _relay_langgraph_cancel(done: Any, root: str, interrupt_type: type[Exc
     reason = str(value) or type(value).__name__
     if await _superseded_within_root(reason, root, thread_id):
         return
-    await cancel(root, reason=reason)
+    try:
+        await cancel(root, reason=reason)
+    except StoreError as error:
+        # Nobody awaits the relay: unhandled, asyncio would log a traceback per run while
+        # etcd is down (or this process lacks the canceller role).
+        _rate_limited.warning(
+            "relay",
+            "otel-cancel: LangGraph stopped a run, but its root's flag could not be written (%s); "
+            "the runs it reached in other deployments go on",
+            error,
+        )
 
 
 async def _put_records(runtime: ProcessState, records: list[TaskRecord]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -13,9 +14,11 @@ import pytest
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
 
+from otel_cancel._core.cancel_request import CancelRequest
 from otel_cancel._core.labels import run_facts, with_labels
-from otel_cancel._core.root import current_depth, current_root
+from otel_cancel._core.root import current_depth, current_root, random_root
 from otel_cancel._core.signing import sign_root
+from otel_cancel.exceptions import StoreError
 from otel_cancel.integrations import langgraph_server
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
@@ -62,7 +65,8 @@ def test_hooks_wrap_on_import_and_unwrap_on_uninstrument() -> None:
     result = _python(
         """
         import json, wrapt
-        from otel_cancel.integrations import langgraph_server
+        from otel_cancel.exceptions import StoreError
+from otel_cancel.integrations import langgraph_server
         assert langgraph_server.instrument_langgraph_server()
         import langgraph_api.api.runs, langgraph_api.models.run, langgraph_api.worker
         names = [
@@ -164,6 +168,30 @@ def test_a_runs_ids_fill_only_the_room_its_carried_labels_leave() -> None:
         assert langgraph_server._run_labels(run, {})["thread_id"] == "t-1"
     finally:
         otel_context.detach(token)
+
+
+@pytest.mark.anyio
+async def test_a_relay_that_cannot_write_the_flag_logs_one_line_and_ends_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the store refusing flags, relaying LangGraph's own cancel of three runs logs one line, no traceback."""
+    from langgraph_api.asyncio import ValueEvent  # type: ignore[import-untyped]
+    from langgraph_api.errors import UserInterrupt  # type: ignore[import-untyped]
+
+    class RefusingStore(MemoryCancelStore):
+        async def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]:
+            raise StoreError("etcd unavailable")
+
+    with configured(store=RefusingStore()), caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            done = ValueEvent()
+            relay = asyncio.create_task(
+                langgraph_server._relay_langgraph_cancel(done, random_root(), UserInterrupt, None)
+            )
+            done.set(UserInterrupt("interrupt requested"))
+            await asyncio.wait_for(relay, 5)
+    lines = [r.getMessage() for r in caplog.records if "flag could not be written" in r.getMessage()]
+    assert len(lines) == 1 and "etcd unavailable" in lines[0]
 
 
 def test_run_context_checks_the_signature_when_a_key_is_set() -> None:
