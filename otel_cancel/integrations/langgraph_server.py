@@ -189,7 +189,9 @@ async def _create_valid_run(wrapped: Any, instance: Any, args: Any, kwargs: Any)
         metadata.pop(METADATA_ROOT, None)
         if root is not None:
             metadata[METADATA_ROOT] = root
-        payload["metadata"] = metadata or payload.get("metadata")
+        # Always the cleaned copy: falling back to the original would keep a client's
+        # otel_cancel_root when it was the only entry and no root is current (a cron run).
+        payload["metadata"] = metadata
     run = await wrapped(*args, **kwargs)
     if root is not None and isinstance(run, Mapping):
         _record_run(root, run)

@@ -194,6 +194,19 @@ async def test_a_relay_that_cannot_write_the_flag_logs_one_line_and_ends_cleanly
     assert len(lines) == 1 and "etcd unavailable" in lines[0]
 
 
+@pytest.mark.anyio
+async def test_a_clients_metadata_root_is_dropped_even_when_it_is_the_only_entry() -> None:
+    """Run creation with no current root (a cron run) never keeps a client's otel_cancel_root in the metadata."""
+
+    async def create(conn: object, thread_id: object, payload: dict[str, object]) -> dict[str, object]:
+        return payload
+
+    smuggled = {langgraph_server.METADATA_ROOT: "f" * 32}
+    for metadata in (smuggled, {**smuggled, "user": "u-1"}):
+        run = await langgraph_server._create_valid_run(create, None, (None, None, {"metadata": dict(metadata)}), {})
+        assert langgraph_server.METADATA_ROOT not in run["metadata"]
+
+
 def test_run_context_checks_the_signature_when_a_key_is_set() -> None:
     """With a signing key, a stored root whose signature does not verify is not adopted."""
     root = "4bf92f3577b34da6a3ce929d0e0e4736"
