@@ -84,14 +84,12 @@ CONFIG_KEY = "__otel_cancel__"
 METADATA_ROOT = "otel_cancel_root"
 """The run metadata entry that shows the run's root to SDK users."""
 
-"""Names of the records (``{prefix}tasks/...``, on the flags' lease) that map a run id, and
-a thread id to its latest run's root, so ``otel-cancel cancel --run/--thread`` finds the
-root from any machine, whichever replica or deployment ran the run."""
+_ABSENT = object()
 
-# The names hooked, per module. The check at start-up and the test that pins the
-# supported release both read this table.
+# The names hooked or read, per module (the ones _WRAPPERS wraps, as it names them). The
+# check at start-up and the test that pins the supported release both read this table.
 HOOKED_NAMES: Mapping[str, tuple[str, ...]] = {
-    "langgraph_api.asgi_transport": ("ASGITransport",),
+    "langgraph_api.asgi_transport": ("ASGITransport.handle_async_request",),
     "langgraph_api.models.run": ("create_valid_run", "inject_current_trace_context"),
     "langgraph_api.api.runs": ("create_valid_run",),
     "langgraph_api.cron_scheduler": ("create_valid_run",),
@@ -133,8 +131,16 @@ def unsupported_reason(version: str | None = None) -> str | None:
 
 
 def missing_names(module: Any, names: tuple[str, ...]) -> list[str]:
-    """The hooked names that ``module`` does not have."""
-    return [name for name in names if not hasattr(module, name)]
+    """The hooked names that ``module`` does not have (``Class.method`` names a class attribute)."""
+    missing = []
+    for name in names:
+        owner = module
+        for part in name.split("."):
+            owner = getattr(owner, part, _ABSENT)
+            if owner is _ABSENT:
+                missing.append(name)
+                break
+    return missing
 
 
 def _warn_unsupported(why: str) -> None:
@@ -332,15 +338,29 @@ def _log_record_failure(future: concurrent.futures.Future[None]) -> None:
         )
 
 
+def _run_ids(run: Mapping[str, Any]) -> tuple[str, str]:
+    """The run's id and thread id as text; ``""`` for one it has not (a stateless run has no thread)."""
+    # Never "None": that would be recorded as the context id of a run without a thread.
+    run_id, thread_id = (
+        str(value) if value not in (None, "", "None") else "" for value in (run.get("run_id"), run.get("thread_id"))
+    )
+    return run_id, thread_id
+
+
 def _record_run(root: str, run: Mapping[str, Any]) -> None:
-    """Map the run id and its thread id to ``root`` in the store (beside the run, never blocking it)."""
+    """Map the run id and its thread id to ``root`` in the store (beside the run, never blocking it).
+
+    The records (``{prefix}tasks/langgraph-run:{id}`` and ``langgraph-thread:{id}``, on the
+    flags' lease) let ``otel-cancel cancel --run/--thread`` find the root from any machine,
+    whichever replica or deployment runs the run; a thread names its latest run's root.
+    """
     runtime = get_process_state()
     settings = runtime.settings
-    run_id, thread_id = str(run.get("run_id") or ""), str(run.get("thread_id") or "")
+    run_id, thread_id = _run_ids(run)
     now = time.time_ns()
     records = []
     for name, value in ((LANGGRAPH_RUN_RECORD, run_id), (LANGGRAPH_THREAD_RECORD, thread_id)):
-        if value and value != "None":
+        if value:
             try:
                 task_id = validate_task_id(name.format(value))
             except InvalidTaskIdError:

@@ -65,8 +65,7 @@ def test_hooks_wrap_on_import_and_unwrap_on_uninstrument() -> None:
     result = _python(
         """
         import json, wrapt
-        from otel_cancel.exceptions import StoreError
-from otel_cancel.integrations import langgraph_server
+        from otel_cancel.integrations import langgraph_server
         assert langgraph_server.instrument_langgraph_server()
         import langgraph_api.api.runs, langgraph_api.models.run, langgraph_api.worker
         names = [
@@ -119,6 +118,33 @@ def test_a_module_missing_a_hooked_name_unhooks_everything(caplog: pytest.LogCap
         assert "has no stream_run" in caplog.records[0].getMessage()
     finally:
         langgraph_server._state["enabled"] = False
+
+
+def test_a_transport_missing_the_hooked_method_unhooks_everything(caplog: pytest.LogCaptureFixture) -> None:
+    """The loopback hook checks the method it wraps (ASGITransport.handle_async_request), not just the class."""
+
+    class ASGITransport:
+        pass
+
+    class RenamedTransport:
+        __name__ = "langgraph_api.asgi_transport"
+
+    RenamedTransport.ASGITransport = ASGITransport  # type: ignore[attr-defined]
+    langgraph_server._state["enabled"] = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_cancel.langgraph_server"):
+            langgraph_server._on_import(RenamedTransport())
+        assert langgraph_server._state["enabled"] is False
+        assert "has no ASGITransport.handle_async_request" in caplog.records[0].getMessage()
+    finally:
+        langgraph_server._state["enabled"] = False
+
+
+def test_a_run_without_a_thread_is_recorded_without_a_context_id() -> None:
+    """A stateless run's ids give its run id and no thread id (never the text "None")."""
+    run_id = "1ef0a7c2-6d1b-6c3e-8f00-000000000001"
+    assert langgraph_server._run_ids({"run_id": run_id, "thread_id": None}) == (run_id, "")
+    assert langgraph_server._run_ids({"run_id": run_id, "thread_id": "None"}) == (run_id, "")
 
 
 def test_run_context_restores_the_stored_root_depth_and_deadline() -> None:
