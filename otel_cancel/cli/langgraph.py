@@ -1,9 +1,10 @@
 """``otel-cancel cancel/status --thread ID | --run ID``: find a LangGraph Server run's root.
 
 LangGraph users know their ``thread_id`` and ``run_id``, not a trace id. Every run
-LangGraph Server executes under otel-cancel records its root under those ids in the
-store (:mod:`otel_cancel.integrations.langgraph_server`), so these options work from any machine
-that reaches etcd, whichever replica or deployment ran the run. A thread resolves to
+created on a LangGraph Server under otel-cancel records its root under those ids in the
+store as soon as it exists, still queued or running
+(:mod:`otel_cancel.integrations.langgraph_server`), so these options work from any machine
+that reaches etcd, whichever replica or deployment runs the run. A thread resolves to
 the root of its latest run.
 """
 
@@ -72,7 +73,7 @@ async def resolve_root(store: CancelStore, args: argparse.Namespace) -> None:
     if record is None:
         raise UnknownLangGraphIdError(
             f"no LangGraph {kind} {value} is known to otel-cancel "
-            "(not run on a LangGraph Server with otel-cancel, or its record expired)"
+            "(not created on a LangGraph Server with otel-cancel, or its record expired)"
         )
     if isinstance(getattr(args, "roots", None), list):
         args.roots.append(record.root)

@@ -41,7 +41,7 @@ from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events.event_queue import Event, EventQueue
 from a2a.server.request_handlers import RequestHandler
 from a2a.types import a2a_pb2
-from a2a.utils.errors import TaskNotFoundError
+from a2a.utils.errors import TaskNotCancelableError, TaskNotFoundError
 from google.protobuf import json_format
 
 from .. import attributes
@@ -356,6 +356,14 @@ class CancellableRequestHandler(RequestHandler):
             except TaskNotFoundError:
                 # Another replica runs it and this one's task store does not know it.
                 return _cancelled_task(record, reason)
+            except TaskNotCancelableError:
+                # A task store shared with the replica running it: that replica may have
+                # saved the task canceled (our flag stopped it) before this call read it.
+                # Then the cancel worked; a task that ended otherwise was not cancelable.
+                stored = await self.handler.on_get_task(a2a_pb2.GetTaskRequest(id=params.id), context)
+                if stored is not None and stored.status.state == a2a_pb2.TaskState.TASK_STATE_CANCELED:
+                    return stored
+                raise
         finally:
             _cancel_reason.reset(token)
 

@@ -4,7 +4,10 @@ With the instrumentor on (``opentelemetry-instrument``), or after calling
 :func:`instrument_langgraph` yourself, every run of a compiled graph
 (``ainvoke``, ``astream``, ``astream_events``, ``invoke``, ``stream``) executes in
 a scope for the current root, and every node executes in a scope named after
-the node. When the root is cancelled:
+the node. An async run executes in one task of its own for its whole life, so a
+caller may take its items however it likes (one per task, as
+``asyncio.wait_for(anext(stream), t)`` does on Python 3.11): every step keeps the
+run's root. When the root is cancelled:
 
 - every in-flight async node task is cancelled directly (not only the task that
   consumes the run), and LangGraph sees a framework cancellation, not a node
@@ -23,6 +26,7 @@ A node that wants to stop the whole run everywhere (a guardrail) calls
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -33,6 +37,7 @@ from langgraph.pregel import _runner as pregel_runner
 
 from .._core.labels import current_labels, usable_labels
 from .._core.scope import CancelScope, check
+from .one_task_stream import OneTaskStream
 from .patching import Wrapper, unwrap, wrap
 
 run_scope_bound: contextvars.ContextVar[bool] = contextvars.ContextVar("otel_cancel_run_scope_bound", default=False)
@@ -96,14 +101,22 @@ def _run_labels(graph: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
     )
 
 
-async def _astream(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+def _astream(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AsyncIterator[Any]:
     if run_scope_bound.get():
-        async for chunk in wrapped(*args, **kwargs):
-            yield chunk
-        return
-    async with CancelScope(name=None, labels=_run_labels(instance, args, kwargs)):
-        async for chunk in wrapped(*args, **kwargs):
-            yield chunk
+        return wrapped(*args, **kwargs)  # type: ignore[no-any-return]
+
+    async def run() -> AsyncIterator[Any]:
+        async with (
+            CancelScope(name=None, labels=_run_labels(instance, args, kwargs)),
+            contextlib.aclosing(wrapped(*args, **kwargs)) as chunks,
+        ):
+            async for chunk in chunks:
+                yield chunk
+
+    # The whole run in one task, whoever takes its items: a caller may take each in a task
+    # of its own (asyncio.wait_for(anext(...)) on Python 3.11, LangGraph's own
+    # stream_events v3), and the run's scope, root and context must stay in one.
+    return OneTaskStream(run, name=f"otel-cancel graph run {getattr(instance, 'name', '')}")
 
 
 def _stream(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Any]:

@@ -5,14 +5,16 @@ background worker picks the run up later (on any replica) and executes it in a
 context that holds only the ``traceparent`` stored with the run. This module, the
 one place that hooks into ``langgraph-api`` internals, closes that gap:
 
-- **Run creation** (``create_valid_run``): the root, depth, deadline and signature
-  the middleware established for the request (the trust rules of
-  :mod:`otel_cancel.integrations.asgi` apply) are stored in the run's ``config.configurable``
-  under ``__otel_cancel__``; whatever a client put there (or under
+- **Run creation** (``create_valid_run``): the root, depth, deadline, signature,
+  labels and the run's start at its root, as the middleware established them for the
+  request (the trust rules of :mod:`otel_cancel.integrations.asgi` apply), are stored
+  in the run's ``config.configurable`` under ``__otel_cancel__``; whatever a client put there (or under
   ``otel_cancel_root`` in the metadata) is dropped first. The root is also written
   to the run's metadata as ``otel_cancel_root``, where ``langgraph_sdk`` users can
-  read it (``client.runs.get(...)["metadata"]``).
-- **Run execution** (the worker's ``stream_run``): the run executes under that root,
+  read it (``client.runs.get(...)["metadata"]``), and recorded under the run and
+  thread ids in the store, for ``otel-cancel cancel --run/--thread``.
+- **Run execution** (the worker's ``stream_run``): the run executes under that root
+  (with those labels, plus its LangGraph ids, and that start),
   in one scope bound to the task that consumes the run for its whole life (not to
   the short-lived tasks LangGraph Server uses for each item of ``astream``). When
   the root is cancelled, the run ends the LangGraph way: ``interrupted`` (never
@@ -24,7 +26,9 @@ one place that hooks into ``langgraph-api`` internals, closes that gap:
   is told through LangGraph's control channel; it then also writes the root's flag
   with the reason LangGraph gave, so every run the request reached in other
   deployments stops too. The top run keeps LangGraph's outcome (a ``rollback``
-  deletes it); the runs below end ``interrupted``.
+  deletes it); the runs below end ``interrupted``. Except a run that ``interrupt`` or
+  ``rollback`` replaces with a run of the same root (below an edge, one caller sent
+  both): it stops alone, since the new run carries on the same work.
 
 The hooks are installed when the ``langgraph_api`` modules are imported (so the
 server's configuration is read in its own order) and only for the ``langgraph-api``
@@ -41,6 +45,7 @@ import contextlib
 import hmac
 import importlib.metadata
 import logging
+import re
 import secrets
 import sys
 import time
@@ -54,11 +59,11 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
 from .. import attributes
 from .._core.deadline import validate_deadline
-from .._core.labels import usable_labels
+from .._core.labels import MAX_LABELS, current_labels, decode_labels, encode_labels, usable_labels
 from .._core.process_state import ProcessState, get_process_state
 from .._core.rate_limited_log import RateLimitedLogger
 from .._core.records import CancelRequest, TaskRecord
-from .._core.root import current_root, is_valid_root, parse_depth, with_root, without_root
+from .._core.root import current_root, is_valid_root, parse_depth, parse_started, with_root, without_root
 from .._core.scope import CancelScope, cancel, parent_in_root_trace
 from .._core.signing import verify_root
 from ..exceptions import Cancelled, InvalidTaskIdError, StoreError
@@ -79,18 +84,16 @@ CONFIG_KEY = "__otel_cancel__"
 METADATA_ROOT = "otel_cancel_root"
 """The run metadata entry that shows the run's root to SDK users."""
 
-"""Names of the records (``{prefix}tasks/...``, on the flags' lease) that map a run id, and
-a thread id to its latest run's root, so ``otel-cancel cancel --run/--thread`` finds the
-root from any machine, whichever replica or deployment ran the run."""
+_ABSENT = object()
 
-# The names hooked, per module. The check at start-up and the test that pins the
-# supported release both read this table.
+# The names hooked or read, per module (the ones _WRAPPERS wraps, as it names them). The
+# check at start-up and the test that pins the supported release both read this table.
 HOOKED_NAMES: Mapping[str, tuple[str, ...]] = {
-    "langgraph_api.asgi_transport": ("ASGITransport",),
+    "langgraph_api.asgi_transport": ("ASGITransport.handle_async_request",),
     "langgraph_api.models.run": ("create_valid_run", "inject_current_trace_context"),
     "langgraph_api.api.runs": ("create_valid_run",),
     "langgraph_api.cron_scheduler": ("create_valid_run",),
-    "langgraph_api.worker": ("stream_run",),
+    "langgraph_api.worker": ("stream_run", "connect", "Runs"),
     "langgraph_api.errors": ("UserInterrupt", "UserRollback"),
 }
 
@@ -128,8 +131,16 @@ def unsupported_reason(version: str | None = None) -> str | None:
 
 
 def missing_names(module: Any, names: tuple[str, ...]) -> list[str]:
-    """The hooked names that ``module`` does not have."""
-    return [name for name in names if not hasattr(module, name)]
+    """The hooked names that ``module`` does not have (``Class.method`` names a class attribute)."""
+    missing = []
+    for name in names:
+        owner = module
+        for part in name.split("."):
+            owner = getattr(owner, part, _ABSENT)
+            if owner is _ABSENT:
+                missing.append(name)
+                break
+    return missing
 
 
 def _warn_unsupported(why: str) -> None:
@@ -169,18 +180,28 @@ def _inject_current_trace_context(wrapped: Any, instance: Any, args: Any, kwargs
     return result
 
 
-def _create_valid_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    """Show the run's root in its metadata (and drop a client's ``otel_cancel_root``)."""
+async def _create_valid_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """Show the run's root in its metadata (and drop a client's ``otel_cancel_root``); record it.
+
+    The run and thread records are written as soon as the run exists, so that
+    ``otel-cancel cancel --run/--thread`` finds a run still queued (``pending``): its
+    root's flag then refuses it when a worker picks it up.
+    """
+    root = current_root()
     payload = args[2] if len(args) > 2 else kwargs.get("payload")
     if isinstance(payload, dict):
         metadata = payload.get("metadata")
         metadata = dict(metadata) if isinstance(metadata, dict) else {}
         metadata.pop(METADATA_ROOT, None)
-        root = current_root()
         if root is not None:
             metadata[METADATA_ROOT] = root
-        payload["metadata"] = metadata or payload.get("metadata")
-    return wrapped(*args, **kwargs)
+        # Always the cleaned copy: falling back to the original would keep a client's
+        # otel_cancel_root when it was the only entry and no root is current (a cron run).
+        payload["metadata"] = metadata
+    run = await wrapped(*args, **kwargs)
+    if root is not None and isinstance(run, Mapping):
+        _record_run(root, run)
+    return run
 
 
 # -- run execution ---------------------------------------------------------------------
@@ -188,6 +209,9 @@ def _create_valid_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> An
 
 def run_context(configurable: Mapping[str, Any], context: otel_context.Context | None = None) -> otel_context.Context:
     """The context a run executes in: ``context`` with the root stored with the run (if valid).
+
+    What travelled with the root when the run was created travels on with it: its depth,
+    deadline, signature, labels and the run's start at its root (each only when valid).
 
     Args:
         configurable: the run's ``config.configurable``.
@@ -204,7 +228,11 @@ def run_context(configurable: Mapping[str, Any], context: otel_context.Context |
     signing_key = get_process_state().settings.signing_key
     signature = stored.get(attributes.BAGGAGE_SIGNATURE)
     if signing_key is not None and not verify_root(signing_key, root, signature):
-        _log.warning("otel-cancel: the root stored with a run is not signed with this key; the run starts its own")
+        # Per run, so rate-limited: replicas configured with different keys would flood the log.
+        _rate_limited.warning(
+            "signature",
+            "otel-cancel: the root stored with a run is not signed with this key; the run starts its own",
+        )
         return context
     depth = parse_depth(stored.get(attributes.BAGGAGE_DEPTH)) or 0
     extra: dict[str, str] = {}
@@ -214,6 +242,17 @@ def run_context(configurable: Mapping[str, Any], context: otel_context.Context |
     if validate_deadline(deadline) is not None:
         assert isinstance(deadline, str)
         extra[attributes.BAGGAGE_DEADLINE] = deadline
+    # Without these the run would look newer than it is (a `cancel --all` cut-off would miss
+    # it) and unlabelled (`ps --label`, `cancel --all --label` would not find it).
+    started = stored.get(attributes.BAGGAGE_STARTED)
+    if parse_started(started) is not None:
+        assert isinstance(started, str)
+        extra[attributes.BAGGAGE_STARTED] = started
+    labels = stored.get(attributes.BAGGAGE_LABELS)
+    if isinstance(labels, str) and labels:
+        valid = decode_labels(labels[:4096])
+        if valid:
+            extra[attributes.BAGGAGE_LABELS] = encode_labels(dict(valid))
     # The worker starts from an empty context: without a parent in the root's trace, what
     # the run records (its otel_cancel.cancelled span) would start traces of its own.
     return parent_in_root_trace(root, with_root(root, depth, context, extra=extra))
@@ -225,11 +264,59 @@ def _langgraph_stop(done: Any, interrupt_type: type[Exception]) -> Exception | N
     return value if isinstance(value, interrupt_type) else None
 
 
-async def _relay_langgraph_cancel(done: Any, root: str, interrupt_type: type[Exception]) -> None:
-    """When LangGraph stops this run (its control channel), cancel the root everywhere."""
+# LangGraph's reason when a run created with multitask_strategy="interrupt" or "rollback"
+# stops the runs in flight on its thread (langgraph_api.models.run.create_valid_run).
+_SUPERSEDED = re.compile(r"superseded by run ([0-9a-fA-F-]{32,36})\b")
+
+
+async def _superseded_within_root(reason: str, root: str, thread_id: object) -> bool:
+    """Whether LangGraph stopped this run for a newer run of the same root on its thread.
+
+    That run carries on the same work: cancelling the root would refuse it too, and stop
+    every process upstream that holds the root. The newer run's root is read from the
+    run LangGraph stored before it stopped this one (its metadata, where
+    :func:`_create_valid_run` shows the root), so it is known on any replica. Fails open:
+    when it cannot be read, the stop is relayed as any other.
+    """
+    match = _SUPERSEDED.match(reason)
+    worker = sys.modules.get("langgraph_api.worker")
+    if match is None or thread_id is None or worker is None:
+        return False
+    try:
+        async with worker.connect() as conn:
+            async for newer in await worker.Runs.get(conn, match.group(1), thread_id=thread_id):
+                metadata = newer.get("metadata")
+                return isinstance(metadata, Mapping) and metadata.get(METADATA_ROOT) == root
+    except Exception as error:  # any failure of LangGraph's store: relay, as before
+        _rate_limited.warning(
+            "superseded", "otel-cancel: could not read the run that superseded a run (%s); cancelling its root", error
+        )
+    return False
+
+
+async def _relay_langgraph_cancel(done: Any, root: str, interrupt_type: type[Exception], thread_id: object) -> None:
+    """When LangGraph stops this run (its control channel), cancel the root everywhere.
+
+    Except when a newer run of the same root replaced it on its thread (``multitask_strategy``
+    ``interrupt`` or ``rollback`` below an edge): only this run stops then.
+    """
     value = await done.wait()
-    if isinstance(value, interrupt_type):
-        await cancel(root, reason=str(value) or type(value).__name__)
+    if not isinstance(value, interrupt_type):
+        return
+    reason = str(value) or type(value).__name__
+    if await _superseded_within_root(reason, root, thread_id):
+        return
+    try:
+        await cancel(root, reason=reason)
+    except StoreError as error:
+        # Nobody awaits the relay: unhandled, asyncio would log a traceback per run while
+        # etcd is down (or this process lacks the canceller role).
+        _rate_limited.warning(
+            "relay",
+            "otel-cancel: LangGraph stopped a run, but its root's flag could not be written (%s); "
+            "the runs it reached in other deployments go on",
+            error,
+        )
 
 
 async def _put_records(runtime: ProcessState, records: list[TaskRecord]) -> None:
@@ -251,15 +338,29 @@ def _log_record_failure(future: concurrent.futures.Future[None]) -> None:
         )
 
 
+def _run_ids(run: Mapping[str, Any]) -> tuple[str, str]:
+    """The run's id and thread id as text; ``""`` for one it has not (a stateless run has no thread)."""
+    # Never "None": that would be recorded as the context id of a run without a thread.
+    run_id, thread_id = (
+        str(value) if value not in (None, "", "None") else "" for value in (run.get("run_id"), run.get("thread_id"))
+    )
+    return run_id, thread_id
+
+
 def _record_run(root: str, run: Mapping[str, Any]) -> None:
-    """Map the run id and its thread id to ``root`` in the store (beside the run, never blocking it)."""
+    """Map the run id and its thread id to ``root`` in the store (beside the run, never blocking it).
+
+    The records (``{prefix}tasks/langgraph-run:{id}`` and ``langgraph-thread:{id}``, on the
+    flags' lease) let ``otel-cancel cancel --run/--thread`` find the root from any machine,
+    whichever replica or deployment runs the run; a thread names its latest run's root.
+    """
     runtime = get_process_state()
     settings = runtime.settings
-    run_id, thread_id = str(run.get("run_id") or ""), str(run.get("thread_id") or "")
+    run_id, thread_id = _run_ids(run)
     now = time.time_ns()
     records = []
     for name, value in ((LANGGRAPH_RUN_RECORD, run_id), (LANGGRAPH_THREAD_RECORD, thread_id)):
-        if value and value != "None":
+        if value:
             try:
                 task_id = validate_task_id(name.format(value))
             except InvalidTaskIdError:
@@ -299,8 +400,13 @@ async def _cancelled_meanwhile(root: str) -> CancelRequest | None:
 
 
 def _run_labels(run: Any, configurable: dict[str, Any]) -> dict[str, str]:
-    """The run's LangGraph ids as labels (``otel-cancel ps --label thread_id=...``)."""
-    return usable_labels(
+    """The run's LangGraph ids as labels (``otel-cancel ps --label thread_id=...``).
+
+    Added to the labels that came with the root (already in the current context): an id
+    replaces a carried label of the same name, and new ones fill only the room left, so
+    the run never carries more than :data:`MAX_LABELS`.
+    """
+    ids = usable_labels(
         {
             "thread_id": run.get("thread_id"),
             "run_id": run.get("run_id"),
@@ -308,6 +414,16 @@ def _run_labels(run: Any, configurable: dict[str, Any]) -> dict[str, str]:
             "graph": configurable.get("graph_id"),
         }
     )
+    carried = current_labels()
+    room = MAX_LABELS - len(carried)
+    labels: dict[str, str] = {}
+    for key, value in ids.items():
+        if key not in carried:
+            if room <= 0:
+                continue
+            room -= 1
+        labels[key] = value
+    return labels
 
 
 def _stream_run(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> AsyncIterator[Any]:
@@ -334,9 +450,13 @@ async def _run_in_scope(
             async with CancelScope(name=None, labels=_run_labels(run, configurable)) as run_scope:
                 root = run_scope.root
                 assert root is not None
+                # Written at creation already when the root was known then; again here for a
+                # run whose root starts here (no root at creation: a cron, a plain request)
+                # and for a retried run, so the thread names the run that runs now.
                 _record_run(root, run)
                 relay = asyncio.get_running_loop().create_task(
-                    _relay_langgraph_cancel(done, root, UserInterrupt), name=f"otel-cancel relay {root}"
+                    _relay_langgraph_cancel(done, root, UserInterrupt, run.get("thread_id")),
+                    name=f"otel-cancel relay {root}",
                 )
                 try:
                     # Closed here, in this task, however the run ends: left to the garbage

@@ -32,11 +32,13 @@ from a2a.types import (
     TaskStatus,
     TaskStatusUpdateEvent,
 )
+from a2a.utils.errors import TaskNotCancelableError
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
 import otel_cancel
 from otel_cancel._core.records import TaskRecord
+from otel_cancel._core.root import random_root
 from otel_cancel.exceptions import ConfigurationError, StoreUnavailableError
 from otel_cancel.integrations import a2a
 from otel_cancel.integrations.a2a import (
@@ -297,6 +299,30 @@ async def test_a_task_id_that_cannot_name_a_key_is_run_but_not_recorded(runtime,
         await asyncio.wait_for(running, TIMEOUT)
     assert queue.events[-1].status.state == TaskState.TASK_STATE_COMPLETED
     assert any("not a usable task id" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("state", "answered"), [(TaskState.TASK_STATE_CANCELED, True), (TaskState.TASK_STATE_COMPLETED, False)]
+)
+async def test_cancel_task_on_a_replica_sharing_the_task_store_answers_what_the_task_became(
+    runtime, store, state, answered
+):
+    """Via a shared task store: a task saved canceled already is answered so; a completed one is not cancelable."""
+    task_id, context_id, root = str(uuid.uuid4()), str(uuid.uuid4()), random_root()
+    tasks = InMemoryTaskStore()
+    # What the replica running the task left: its record, and the task as it ended.
+    await store.put_task(TaskRecord(task_id, root, context_id, "agent", "a0", 1), 60)
+    await tasks.save(Task(id=task_id, context_id=context_id, status=TaskStatus(state=state)), ServerCallContext())
+    other_replica = CancellableRequestHandler(
+        DefaultRequestHandler(CancellableAgentExecutor(ScriptedAgent()), tasks, _card())
+    )
+    request = CancelTaskRequest(id=task_id)
+    if answered:
+        task = await other_replica.on_cancel_task(request, ServerCallContext())
+        assert task is not None and task.id == task_id and task.status.state == TaskState.TASK_STATE_CANCELED
+    else:
+        with pytest.raises(TaskNotCancelableError):
+            await other_replica.on_cancel_task(request, ServerCallContext())
 
 
 def test_reasons_come_from_metadata_and_bad_ones_fall_back():

@@ -49,6 +49,7 @@ def lg_env(etcd: EtcdServer, lg_receiver: OtlpReceiver) -> dict[str, str]:
         "OTEL_CANCEL_ETCD_ENDPOINTS": etcd.endpoint,
         "OTEL_CANCEL_PREFIX": unique_prefix(),
         "OTEL_CANCEL_WATCHDOG_SECONDS": "1",
+        "OTEL_CANCEL_LABEL_HEADERS": "x-tenant-id=tenant",
         **lg_receiver.env(),
         "OTEL_METRICS_EXPORTER": "none",
     }
@@ -222,6 +223,52 @@ async def test_cancel_by_thread_id_and_resume(lg_chain: ServerChain, lg_env: dic
     assert len(lg_chain.lines("PREPARE", tag)) == 1
 
 
+async def test_a_label_given_at_the_edge_labels_every_level_and_cancel_all_by_label_stops_them(
+    lg_chain: ServerChain, lg_env: dict[str, str]
+) -> None:
+    """A label the edge took from a request header travels with the runs below; `cancel --all --label` stops all."""
+    tag, tenant = f"label-{uuid.uuid4().hex[:8]}", f"acme-{uuid.uuid4().hex[:8]}"
+    before = _interrupted_runs(lg_chain)
+    async with langgraph_sdk.get_client(url=lg_chain.top.url, headers={"x-tenant-id": tenant}) as client:
+        thread = await client.threads.create()
+        run = await client.runs.create(thread["thread_id"], "agent", input=_input(tag))
+        root = run["metadata"]["otel_cancel_root"]
+        await _leaf_token(lg_chain, tag)
+
+        def labelled_at_every_level() -> bool:
+            rows = json.loads(_cli(lg_env, "ps", "--label", f"tenant={tenant}", "--json").stdout)
+            return {row["service"] for row in rows if row["root"] == root} == set(ROLES)
+
+        await _until(labelled_at_every_level, 20, "every level listed by `ps --label tenant=...`")
+        result = _cli(lg_env, "cancel", "--all", "--label", f"tenant={tenant}", "--json")
+        assert result.returncode == 0, result.stderr
+        sent = int(json.loads(result.stdout.splitlines()[0])["bulk"]["cutoff"])
+        await _every_level_stopped(lg_chain, tag, sent)
+        assert await _status(client, thread["thread_id"], run["run_id"]) == "interrupted"
+    await _every_run_interrupted(lg_chain, before)
+
+
+async def test_a_queued_run_is_found_by_its_run_and_thread_ids_and_never_starts_once_cancelled(
+    lg_chain: ServerChain, lg_env: dict[str, str], top: Any
+) -> None:
+    """A run still pending behind another is the thread's latest: `--thread` names it, `cancel --run` stops it."""
+    tag = f"queued-{uuid.uuid4().hex[:8]}"
+    thread_id, _, running_root = await _start(top, f"{tag}-a")
+    await _leaf_token(lg_chain, f"{tag}-a")
+    queued = await top.runs.create(thread_id, "agent", input=_input(f"{tag}-b", tokens=3), multitask_strategy="enqueue")
+    queued_root = queued["metadata"]["otel_cancel_root"]
+    assert (await top.runs.get(thread_id, queued["run_id"]))["status"] == "pending"
+    by_thread = _cli(lg_env, "status", "--thread", thread_id, "--json")
+    assert by_thread.returncode == 0 and json.loads(by_thread.stdout)["root"] == queued_root, by_thread.stderr
+    _, output = _cancel_cli(lg_env, "--run", queued["run_id"])
+    assert queued_root in output
+    sent, _ = _cancel_cli(lg_env, running_root)
+    await _every_level_stopped(lg_chain, f"{tag}-a", sent)
+    # Refused when a worker picks it up: it ends interrupted without running a node.
+    assert await _status(top, thread_id, queued["run_id"]) == "interrupted"
+    assert lg_chain.lines("START", f"{tag}-b") == []
+
+
 async def test_runs_cancel_on_the_supervisor_stops_every_level(
     lg_chain: ServerChain, lg_env: dict[str, str], top: Any
 ) -> None:
@@ -389,6 +436,41 @@ async def test_rollback_deletes_the_top_run_and_interrupts_the_runs_below(lg_cha
     )
     # LangGraph deletes a rolled-back run (and its checkpoints).
     assert [run["run_id"] for run in await top.runs.list(thread_id)] == []
+
+
+@pytest.mark.parametrize("strategy", ["interrupt", "rollback"])
+async def test_a_run_superseded_by_a_run_of_its_own_root_stops_alone(
+    lg_chain: ServerChain, lg_env: dict[str, str], strategy: str
+) -> None:
+    """Below the edge, a run replaced (interrupt/rollback) by a run of its own root stops alone: no flag is written."""
+    tag, root = f"supersede-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    headers = {"baggage": f"otel_cancel.root={root},otel_cancel.depth=1"}
+    async with langgraph_sdk.get_client(url=lg_chain.leaf.url, headers=headers) as leaf:
+        thread_id = (await leaf.threads.create())["thread_id"]
+        first = await leaf.runs.create(thread_id, "agent", input=_input(f"{tag}-a"))
+        await _leaf_token(lg_chain, f"{tag}-a")
+        second = await leaf.runs.create(
+            thread_id, "agent", input=_input(f"{tag}-b", tokens=3), multitask_strategy=strategy
+        )
+        assert first["metadata"]["otel_cancel_root"] == second["metadata"]["otel_cancel_root"] == root
+        assert await _status(leaf, thread_id, second["run_id"]) == "success"
+    assert [fields[1] for _, fields in lg_chain.lines("END", f"{tag}-b")] == ["done"]
+    assert [fields[1] for _, fields in lg_chain.lines("END", f"{tag}-a")] == ["stopped"]
+    assert _cli(lg_env, "status", root).stdout.strip() == f"{root} is not cancelled"
+
+
+async def test_a_run_superseded_at_the_edge_stops_every_level_below_it(lg_chain: ServerChain, top: Any) -> None:
+    """At the edge the replacing run has a root of its own: the replaced run's root is cancelled at every level."""
+    tag = f"supersede-edge-{uuid.uuid4().hex[:8]}"
+    thread_id, _, root = await _start(top, tag)
+    await _leaf_token(lg_chain, tag)
+    sent = time.time_ns()
+    second = await top.runs.create(
+        thread_id, "agent", input=_input(f"{tag}-b", tokens=1), multitask_strategy="interrupt"
+    )
+    assert second["metadata"]["otel_cancel_root"] != root
+    await _every_level_stopped(lg_chain, tag, sent)
+    assert await _status(top, thread_id, second["run_id"]) == "success"
 
 
 async def test_cancel_many_stops_every_level_of_every_run(lg_chain: ServerChain, top: Any) -> None:

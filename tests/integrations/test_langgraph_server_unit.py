@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -13,8 +14,11 @@ import pytest
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
 
-from otel_cancel._core.root import current_depth, current_root
+from otel_cancel._core.cancel_request import CancelRequest
+from otel_cancel._core.labels import run_facts, with_labels
+from otel_cancel._core.root import current_depth, current_root, random_root
 from otel_cancel._core.signing import sign_root
+from otel_cancel.exceptions import StoreError
 from otel_cancel.integrations import langgraph_server
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
@@ -116,6 +120,33 @@ def test_a_module_missing_a_hooked_name_unhooks_everything(caplog: pytest.LogCap
         langgraph_server._state["enabled"] = False
 
 
+def test_a_transport_missing_the_hooked_method_unhooks_everything(caplog: pytest.LogCaptureFixture) -> None:
+    """The loopback hook checks the method it wraps (ASGITransport.handle_async_request), not just the class."""
+
+    class ASGITransport:
+        pass
+
+    class RenamedTransport:
+        __name__ = "langgraph_api.asgi_transport"
+
+    RenamedTransport.ASGITransport = ASGITransport  # type: ignore[attr-defined]
+    langgraph_server._state["enabled"] = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_cancel.langgraph_server"):
+            langgraph_server._on_import(RenamedTransport())
+        assert langgraph_server._state["enabled"] is False
+        assert "has no ASGITransport.handle_async_request" in caplog.records[0].getMessage()
+    finally:
+        langgraph_server._state["enabled"] = False
+
+
+def test_a_run_without_a_thread_is_recorded_without_a_context_id() -> None:
+    """A stateless run's ids give its run id and no thread id (never the text "None")."""
+    run_id = "1ef0a7c2-6d1b-6c3e-8f00-000000000001"
+    assert langgraph_server._run_ids({"run_id": run_id, "thread_id": None}) == (run_id, "")
+    assert langgraph_server._run_ids({"run_id": run_id, "thread_id": "None"}) == (run_id, "")
+
+
 def test_run_context_restores_the_stored_root_depth_and_deadline() -> None:
     """A run executes under the root, depth and deadline stored with it; a malformed one gives no root."""
     root = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -130,6 +161,76 @@ def test_run_context_restores_the_stored_root_depth_and_deadline() -> None:
         # A root left in the worker's own context never leaks into a run stored without one.
         leaked = baggage.set_baggage("otel_cancel.root", root, otel_context.get_current())
         assert current_root(langgraph_server.run_context({}, leaked)) is None
+
+
+def test_run_context_keeps_the_labels_and_start_stored_with_the_run() -> None:
+    """A run carries the labels and root start it was created with; malformed ones are dropped, not fatal."""
+    root = "4bf92f3577b34da6a3ce929d0e0e4736"
+    stored = {
+        "otel_cancel.root": root,
+        "otel_cancel.depth": "1",
+        "otel_cancel.started": "1700000000000",
+        "otel_cancel.labels": "tenant=acme;bad key=x",
+    }
+    with configured(store=MemoryCancelStore()):
+        context = langgraph_server.run_context({langgraph_server.CONFIG_KEY: stored})
+        assert run_facts(context) == (1700000000000, {"tenant": "acme"})
+        garbled = {**stored, "otel_cancel.started": "soon", "otel_cancel.labels": "=;;"}
+        started, labels = run_facts(langgraph_server.run_context({langgraph_server.CONFIG_KEY: garbled}))
+        assert started is not None and started > 1700000000000 and labels == {}
+
+
+def test_a_runs_ids_fill_only_the_room_its_carried_labels_leave() -> None:
+    """A run arriving with 15 labels gets one LangGraph id more (never an error), and its own ids win a clash."""
+    carried = {f"k{i}": "v" for i in range(15)} | {"thread_id": "upstream"}
+    run = {"thread_id": "t-1", "run_id": "r-1", "assistant_id": "a-1"}
+    token = otel_context.attach(with_labels(dict(list(carried.items())[:15])))
+    try:
+        assert list(langgraph_server._run_labels(run, {"graph_id": "g"})) == ["thread_id"]
+    finally:
+        otel_context.detach(token)
+    token = otel_context.attach(with_labels(dict(list(carried.items())[1:])))
+    try:
+        assert langgraph_server._run_labels(run, {})["thread_id"] == "t-1"
+    finally:
+        otel_context.detach(token)
+
+
+@pytest.mark.anyio
+async def test_a_relay_that_cannot_write_the_flag_logs_one_line_and_ends_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the store refusing flags, relaying LangGraph's own cancel of three runs logs one line, no traceback."""
+    from langgraph_api.asyncio import ValueEvent  # type: ignore[import-untyped]
+    from langgraph_api.errors import UserInterrupt  # type: ignore[import-untyped]
+
+    class RefusingStore(MemoryCancelStore):
+        async def create_flag(self, request: CancelRequest, ttl_seconds: int) -> tuple[CancelRequest, bool]:
+            raise StoreError("etcd unavailable")
+
+    with configured(store=RefusingStore()), caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            done = ValueEvent()
+            relay = asyncio.create_task(
+                langgraph_server._relay_langgraph_cancel(done, random_root(), UserInterrupt, None)
+            )
+            done.set(UserInterrupt("interrupt requested"))
+            await asyncio.wait_for(relay, 5)
+    lines = [r.getMessage() for r in caplog.records if "flag could not be written" in r.getMessage()]
+    assert len(lines) == 1 and "etcd unavailable" in lines[0]
+
+
+@pytest.mark.anyio
+async def test_a_clients_metadata_root_is_dropped_even_when_it_is_the_only_entry() -> None:
+    """Run creation with no current root (a cron run) never keeps a client's otel_cancel_root in the metadata."""
+
+    async def create(conn: object, thread_id: object, payload: dict[str, object]) -> dict[str, object]:
+        return payload
+
+    smuggled = {langgraph_server.METADATA_ROOT: "f" * 32}
+    for metadata in (smuggled, {**smuggled, "user": "u-1"}):
+        run = await langgraph_server._create_valid_run(create, None, (None, None, {"metadata": dict(metadata)}), {})
+        assert langgraph_server.METADATA_ROOT not in run["metadata"]
 
 
 def test_run_context_checks_the_signature_when_a_key_is_set() -> None:
