@@ -642,8 +642,6 @@ def _live_entry(root: str, registrations: dict[object, Registration]) -> LiveEnt
     )
 
 
-
-
 def deliver(registration: Registration) -> None:
     """Cancel ``registration``'s task, on the task's own loop, if it is still in its scope.
 

@@ -31,7 +31,7 @@ async def _run(stream: AsyncIterator[Any], requests: asyncio.Queue[asyncio.Futur
             try:
                 item = await anext(stream)
             except StopAsyncIteration:
-                reply.set_result(_END)
+                _answer(reply, _END)
                 return
             except asyncio.CancelledError:
                 # The consumer left mid-item (it cancels this task), or the run was
@@ -40,16 +40,23 @@ async def _run(stream: AsyncIterator[Any], requests: asyncio.Queue[asyncio.Futur
                 reply.cancel()
                 raise
             except Exception as error:
-                reply.set_exception(error)
+                # A consumer that left meanwhile (its reply cancelled with it) hears of it no more.
+                if not reply.done():
+                    reply.set_exception(error)
                 return
             except BaseException:
                 reply.cancel()  # KeyboardInterrupt, SystemExit: never leave the consumer waiting
                 raise
-            reply.set_result(item)
+            _answer(reply, item)
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def _answer(reply: asyncio.Future[Any], item: object) -> None:
+    if not reply.done():  # else its consumer was cancelled while it waited, and left
+        reply.set_result(item)
 
 
 class OneTaskStream:
@@ -87,8 +94,9 @@ class OneTaskStream:
         try:
             item = await reply
         except asyncio.CancelledError:
-            if not reply.done():
-                self._runner.cancel()  # this consumer left mid-item: the step is cancelled with it
+            # This consumer left mid-item (its cancellation cancelled the reply too): the
+            # stream ends here, so the step in progress is cancelled with it.
+            self._runner.cancel()
             self._finished = True
             raise
         except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import operator
+from collections.abc import AsyncIterator
 from typing import Annotated, TypedDict
 
 import pytest
@@ -84,3 +85,32 @@ async def test_a_consumer_leaving_mid_item_ends_the_run_in_its_own_task(caplog):
         await stream.aclose()
         assert runtime.registry.live_scopes() == 0 and runtime.registry.is_cancelled(roots[0]) is None
     assert [r.getMessage() for r in caplog.records if "detach" in r.getMessage()] == []
+
+
+async def test_a_consumer_cancelled_while_its_step_fails_its_own_way_leaves_no_unretrieved_error():
+    """The consumer and the run stopped in one turn (a flag reaches both): the runner ends clean, its step cancelled."""
+    from otel_cancel.integrations.one_task_stream import OneTaskStream
+
+    started = asyncio.Event()
+    step_cancelled = []
+
+    async def run() -> AsyncIterator[int]:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            step_cancelled.append(True)
+            raise RuntimeError("stopped its own way") from None  # as a run's scope raises Cancelled
+        yield 1
+
+    stream = OneTaskStream(run, name="test run")
+    consumer = asyncio.ensure_future(anext(stream))
+    await asyncio.wait_for(started.wait(), 5)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    runner = stream._runner
+    assert runner is not None
+    await asyncio.wait_for(asyncio.wait({runner}), 5)
+    assert step_cancelled == [True]
+    assert runner.cancelled() or runner.exception() is None  # else asyncio logs "never retrieved"
