@@ -429,7 +429,7 @@ def _single_hops_lines(hops: dict[str, Any] | None) -> list[str]:
     return [
         "",
         f"One hop at a time (`level_app` as a leaf, `{hops['load_generator']}` its only client, "
-        f"{hops['rounds']} rounds, the two variants back to back in each):",
+        f"{hops['rounds']} rounds, the variants back to back in each):",
         "",
         table(
             rows,
