@@ -95,9 +95,12 @@ class OneTaskStream:
             item = await reply
         except asyncio.CancelledError:
             # This consumer left mid-item (its cancellation cancelled the reply too): the
-            # stream ends here, so the step in progress is cancelled with it.
+            # stream ends here, so the step in progress is cancelled with it, and has
+            # stopped before the consumer goes on (as when the step ran in its own task:
+            # its nodes' cleanup runs before the caller's).
             self._runner.cancel()
             self._finished = True
+            await asyncio.wait({self._runner})
             raise
         except BaseException:
             self._finished = True

@@ -9,6 +9,8 @@ from otel_cancel._core.registry import CancelRegistry
 from otel_cancel._core.root import random_root
 
 UNKNOWN = "unknown (malformed flag)"
+_DEPTH = 30_000
+"""Deeper than any Python's JSON parser goes (3.13's takes 8,000), within the 64 KiB a flag may hold."""
 
 
 def _foreign_values(root: str) -> list[bytes]:
@@ -18,7 +20,7 @@ def _foreign_values(root: str) -> list[bytes]:
         (start + '"kind":[]}').encode(),
         (start + '"kind":{}}').encode(),
         (start + '"kind":7}').encode(),
-        (start + '"x":' + "[" * 5000 + "]" * 5000 + "}").encode(),
+        (start + '"x":' + "[" * _DEPTH + "]" * _DEPTH + "}").encode(),
     ]
 
 

@@ -114,3 +114,30 @@ async def test_a_consumer_cancelled_while_its_step_fails_its_own_way_leaves_no_u
     await asyncio.wait_for(asyncio.wait({runner}), 5)
     assert step_cancelled == [True]
     assert runner.cancelled() or runner.exception() is None  # else asyncio logs "never retrieved"
+
+
+async def test_a_consumer_cancelled_while_it_waits_goes_on_only_once_the_step_has_stopped():
+    """As when the run ran in the consumer's own task: the step's cleanup is done when the cancel surfaces."""
+    from otel_cancel.integrations.one_task_stream import OneTaskStream
+
+    started = asyncio.Event()
+    cleaned_up = []
+
+    async def run() -> AsyncIterator[int]:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            for _ in range(3):  # cleanup that takes a few loop turns (a node closing its client)
+                await asyncio.sleep(0)
+            cleaned_up.append(True)
+            raise
+        yield 1
+
+    stream = OneTaskStream(run, name="test run")
+    consumer = asyncio.ensure_future(anext(stream))
+    await asyncio.wait_for(started.wait(), 5)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert cleaned_up == [True]
