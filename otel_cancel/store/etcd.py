@@ -229,14 +229,23 @@ class EtcdCancelStore:
         async def create(client: PatchedEtcdClient) -> tuple[CancelRequest, bool]:
             lease = await client.lease(ttl_seconds)
             value = creation.stamp()
-            # No revocation when the transaction fails: it may have committed (a deadline
-            # that ran out after the leader applied it), and revoking the lease would
-            # delete the flag. An unused lease holds nothing and expires with its TTL.
-            created, responses = await client.transaction(
-                compare=[client.transactions.version(key) == 0],
-                success=[client.transactions.put(key, value, lease=lease.id)],
-                failure=[client.transactions.get(key)],
-            )
+            # No revocation when the transaction fails otherwise: it may have committed (a
+            # deadline that ran out after the leader applied it), and revoking the lease
+            # would delete the flag. An unused lease holds nothing and expires with its TTL.
+            try:
+                created, responses = await client.transaction(
+                    compare=[client.transactions.version(key) == 0],
+                    success=[client.transactions.put(key, value, lease=lease.id)],
+                    failure=[client.transactions.get(key)],
+                )
+            except (aetcd.exceptions.ClientError, grpc.aio.AioRpcError) as error:
+                if is_permission_denied(error):
+                    # Refused before anything was applied: the lease holds nothing, and a
+                    # process without the canceller role (an edge cancelling on every client
+                    # that leaves) would otherwise leave one behind per call, for its TTL.
+                    with contextlib.suppress(Exception):
+                        await client.revoke_lease(lease.id)
+                raise
             if created:
                 self._remember_flag_lease(key.decode(), lease.id)
                 return creation.created(value)

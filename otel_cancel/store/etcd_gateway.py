@@ -28,6 +28,7 @@ but writing flags (``cancel --wait``, ``--all``, ``status``...) uses the gRPC st
 from __future__ import annotations
 
 import binascii
+import contextlib
 import json
 import socket
 import time
@@ -40,7 +41,14 @@ from ._endpoints import check_connection
 from ._flag_write import ACTION as FLAG_ACTION
 from ._flag_write import FlagCreation
 from ._keys import validate_prefix
-from ._status import NOT_FOUND, UNAUTHENTICATED, UNAVAILABLE, store_error_for_os_error, store_error_for_status
+from ._status import (
+    NOT_FOUND,
+    PERMISSION_DENIED,
+    UNAUTHENTICATED,
+    UNAVAILABLE,
+    store_error_for_os_error,
+    store_error_for_status,
+)
 from ._tls import ssl_context
 
 if TYPE_CHECKING:
@@ -171,15 +179,21 @@ class EtcdGatewayClient:
             lease = _field(self._post("/v3/lease/grant", {"TTL": ttl_seconds}), "ID")
             value = creation.stamp()
             # As the gRPC store: no revocation when the transaction fails (it may have
-            # committed); an unused lease holds nothing and expires with its TTL.
-            answer = self._post(
-                "/v3/kv/txn",
-                {
-                    "compare": [{"key": key, "result": "EQUAL", "target": "VERSION", "version": "0"}],
-                    "success": [{"request_put": {"key": key, "value": _b64(value), "lease": lease}}],
-                    "failure": [{"request_range": {"key": key}}],
-                },
-            )
+            # committed), but for a refusal, which applied nothing; an unused lease holds
+            # nothing and expires with its TTL.
+            try:
+                answer = self._post(
+                    "/v3/kv/txn",
+                    {
+                        "compare": [{"key": key, "result": "EQUAL", "target": "VERSION", "version": "0"}],
+                        "success": [{"request_put": {"key": key, "value": _b64(value), "lease": lease}}],
+                        "failure": [{"request_range": {"key": key}}],
+                    },
+                )
+            except _GatewayError as error:
+                if error.code == PERMISSION_DENIED:
+                    self._revoke_quietly(lease)
+                raise
             if answer.get("succeeded"):
                 return creation.created(value)
             self._post("/v3/lease/revoke", {"ID": lease})
@@ -192,6 +206,11 @@ class EtcdGatewayClient:
         except GatewayUnusableError as error:
             error.attempted = creation.attempts
             raise
+
+    def _revoke_quietly(self, lease: object) -> None:
+        # Best effort: the refusal is what the caller must hear of.
+        with contextlib.suppress(_GatewayError, OSError):
+            self._post("/v3/lease/revoke", {"ID": lease})
 
     def close(self) -> None:
         """Close the connection (a later call opens another)."""

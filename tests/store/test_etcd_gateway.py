@@ -255,6 +255,32 @@ def test_a_role_that_may_not_write_flags_is_denied(auth_server, prefix):
         client.create_flag(CancelRequest.new(random_root(), "x", "tests"), TTL)
 
 
+def _leases(server: EtcdServer) -> int:
+    listed = _etcdctl(server, "lease", "list", user="root:root-password")
+    return int(listed.split()[1])  # "found N leases"
+
+
+@on_io_loop
+async def _grpc_create_as_reader(server: EtcdServer, prefix: str) -> None:
+    store = EtcdCancelStore([server.endpoint], prefix=prefix, username="reader", password="reader-password")
+    try:
+        await store.create_flag(CancelRequest.new(random_root(), "refused", "tests"), TTL)
+    finally:
+        await store.close()
+
+
+async def test_a_refused_flag_leaves_no_lease_behind_on_either_path(auth_server, prefix):
+    """Denied: each path revokes the lease it granted (a process refused at every disconnect would leak one a call)."""
+    before = _leases(auth_server)
+    client = _client(auth_server, prefix, username="reader", password="reader-password")
+    for _ in range(3):
+        with pytest.raises(StorePermissionError):
+            client.create_flag(CancelRequest.new(random_root(), "refused", "tests"), TTL)
+        with pytest.raises(StorePermissionError):
+            await _grpc_create_as_reader(auth_server, prefix)
+    assert _leases(auth_server) == before
+
+
 # -- TLS ----------------------------------------------------------------------------------------
 
 
