@@ -652,7 +652,8 @@ def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
     per_role = {}
     for role in roles:
         otel, both = samples[role]["OpenTelemetry"], samples[role]["OpenTelemetry + otel-cancel"]
-        paired = [round(b - a, 1) for a, b in zip(otel, both, strict=False)]
+        paired = _paired(otel, both)
+        runtime_only = _paired(otel, samples[role][RUNTIME_ONLY])
         per_role[role] = {
             "cpu_us_per_request_otel": otel,
             "cpu_us_per_request_both": both,
@@ -661,7 +662,7 @@ def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
             "added_us_paired": paired,
             "added_us_median": statistics.median(paired) if paired else None,
             "cpu_us_per_request_runtime_only": samples[role][RUNTIME_ONLY],
-            "runtime_only_added_us_median": _paired_median(otel, samples[role][RUNTIME_ONLY]),
+            "runtime_only_added_us_median": statistics.median(runtime_only) if runtime_only else None,
             "split_us_per_request_median": {
                 variant: {part: statistics.median(values) if values else None for part, values in split.items()}
                 for variant, split in parts[role].items()
@@ -669,34 +670,32 @@ def single_hops(etcd: EtcdServer, quick: bool) -> dict[str, Any]:
         }
     out["roles"] = per_role
     # The three-hop chain without its harness: an edge and two internal hops, server work only.
-    losses = []
-    for e_o, e_b, i_o, i_b in zip(
-        per_role["edge"]["cpu_us_per_request_otel"],
-        per_role["edge"]["cpu_us_per_request_both"],
-        per_role["internal"]["cpu_us_per_request_otel"],
-        per_role["internal"]["cpu_us_per_request_both"],
-        strict=False,
-    ):
-        losses.append(round(100 * (1 - (e_o + 2 * i_o) / (e_b + 2 * i_b)), 2))
+    losses = _chain_losses(per_role, "cpu_us_per_request_both")
     out["chain_loss_pct_paired_rounds"] = losses
     out["chain_loss_pct_median"] = statistics.median(losses) if losses else None
-    floor = [
-        round(100 * (1 - (e_o + 2 * i_o) / (e_r + 2 * i_r)), 2)
-        for e_o, e_r, i_o, i_r in zip(
-            per_role["edge"]["cpu_us_per_request_otel"],
-            per_role["edge"]["cpu_us_per_request_runtime_only"],
-            per_role["internal"]["cpu_us_per_request_otel"],
-            per_role["internal"]["cpu_us_per_request_runtime_only"],
-            strict=False,
-        )
-    ]
+    floor = _chain_losses(per_role, "cpu_us_per_request_runtime_only")
     out["runtime_only_chain_loss_pct_median"] = statistics.median(floor) if floor else None
     return out
 
 
-def _paired_median(anchor: list[float], variant: list[float]) -> float | None:
-    paired = [b - a for a, b in zip(anchor, variant, strict=False)]
-    return round(statistics.median(paired), 1) if paired else None
+def _chain_losses(per_role: dict[str, dict[str, Any]], variant: str) -> list[float]:
+    """Per round, the chain's loss (%) with ``variant``'s CPU per request against OpenTelemetry alone."""
+    edge, internal = per_role["edge"], per_role["internal"]
+    return [
+        round(100 * (1 - (e_o + 2 * i_o) / (e_v + 2 * i_v)), 2)
+        for e_o, e_v, i_o, i_v in zip(
+            edge["cpu_us_per_request_otel"],
+            edge[variant],
+            internal["cpu_us_per_request_otel"],
+            internal[variant],
+            strict=False,
+        )
+    ]
+
+
+def _paired(anchor: list[float], variant: list[float]) -> list[float]:
+    """Each round's difference, ``variant`` minus ``anchor``."""
+    return [round(b - a, 1) for a, b in zip(anchor, variant, strict=False)]
 
 
 def _process_cpu(pid: int) -> float:

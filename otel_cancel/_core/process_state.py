@@ -81,6 +81,11 @@ class ProcessState:
         self._receipt_lock = threading.Lock()
         self._pending_receipts: list[Receipt] = []
         self._writing_receipts = False
+        # The start-up wait (_core/startup_wait.py): per state, so configure() and a forked
+        # child start it afresh.
+        self.startup_wait_ends_at: float | None = None
+        """When scopes entered before the first listing stop waiting for it (monotonic); set by the first."""
+        self.startup_wait_logged = False
         self.serving = False
         """Whether the process started serving (an ASGI lifespan or its first request) under this state."""
         self.start_hooks: list[Callable[[], None]] = []

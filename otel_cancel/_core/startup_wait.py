@@ -10,26 +10,13 @@ as long as etcd stays unreachable); they run at once, or are refused at once wit
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
-import weakref
 
 from .process_state import ProcessState
 
 _log = logging.getLogger("otel_cancel")
-
-
-@dataclasses.dataclass
-class _StartupWait:
-    ends_at: float
-    """When the wait runs out (``time.monotonic()`` seconds)."""
-    logged: bool = False
-
-
-# Per process state, which configure() and reset() replace whole: a new state waits afresh.
-_waits: weakref.WeakKeyDictionary[ProcessState, _StartupWait] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -37,19 +24,17 @@ def _seconds_left(runtime: ProcessState) -> float:
     """What is left of ``runtime``'s start-up wait; the first caller starts it."""
     now = time.monotonic()
     with _lock:
-        wait = _waits.get(runtime)
-        if wait is None:
-            wait = _waits[runtime] = _StartupWait(now + runtime.settings.startup_wait_seconds)
-    return wait.ends_at - now
+        if runtime.startup_wait_ends_at is None:
+            runtime.startup_wait_ends_at = now + runtime.settings.startup_wait_seconds
+        return runtime.startup_wait_ends_at - now
 
 
 def _ran_out(runtime: ProcessState) -> None:
     """The start-up wait ran out with nothing listed: say so, once per process state."""
     with _lock:
-        wait = _waits[runtime]
-        if wait.logged:
+        if runtime.startup_wait_logged:
             return
-        wait.logged = True
+        runtime.startup_wait_logged = True
     _log.warning(
         "otel-cancel: the cancel store was not listed within %.1fs; %s",
         runtime.settings.startup_wait_seconds,

@@ -135,8 +135,6 @@ class _RequestHeaders:
     """Whether the request carries a trace header (the caller continued its trace and chose its id)."""
     baggage_item: object = None
     """The (last) ``baggage`` header's own item in the headers, to find it again without a search by name."""
-    repeated_baggage = False
-    """Whether the request has several ``baggage`` headers (rare)."""
     timeouts: tuple[bytes, ...] = ()
     has_body = False
 
@@ -160,7 +158,6 @@ class _RequestHeaders:
                         # the context and the header passed on would disagree.
                         self.baggage += (value,)
                         carrier["baggage"][0] += "," + value.decode("latin-1")
-                        self.repeated_baggage = True
                     self.baggage_item = item
                 else:
                     carrier.setdefault(key.lower().decode("latin-1"), []).append(value.decode("latin-1"))
@@ -280,7 +277,7 @@ class CancelMiddleware:
                 # context already): extract it ourselves, once; establishing the root sets
                 # the whole baggage, so the header's entries are set on the context there.
                 current, request_baggage = extract_request_baggage(textmap, headers.carrier, current)
-            elif headers.repeated_baggage and "baggage" in textmap.fields:
+            elif len(headers.baggage) > 1 and "baggage" in textmap.fields:
                 # OpenTelemetry's middleware read the first baggage header alone: read them all.
                 current = W3CBaggagePropagator().extract(headers.carrier, current)
         incoming = establish_root(

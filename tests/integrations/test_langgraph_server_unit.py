@@ -104,20 +104,25 @@ def test_supported_range_bounds() -> None:
     assert langgraph_server.unsupported_reason("banana") is not None
 
 
+def _warning_on_import(module: object, caplog: pytest.LogCaptureFixture) -> str:
+    """The warning ``module``'s import gives with the hooks on; asserts it turned every hook off."""
+    langgraph_server._state["enabled"] = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_cancel.langgraph_server"):
+            langgraph_server._on_import(module)
+        assert langgraph_server._state["enabled"] is False
+        return caplog.records[0].getMessage()
+    finally:
+        langgraph_server._state["enabled"] = False
+
+
 def test_a_module_missing_a_hooked_name_unhooks_everything(caplog: pytest.LogCaptureFixture) -> None:
     """A hooked module that lacks a name (a renamed internal) turns every hook off with one warning."""
 
     class RenamedWorker:
         __name__ = "langgraph_api.worker"
 
-    langgraph_server._state["enabled"] = True
-    try:
-        with caplog.at_level(logging.WARNING, logger="otel_cancel.langgraph_server"):
-            langgraph_server._on_import(RenamedWorker())
-        assert langgraph_server._state["enabled"] is False
-        assert "has no stream_run" in caplog.records[0].getMessage()
-    finally:
-        langgraph_server._state["enabled"] = False
+    assert "has no stream_run" in _warning_on_import(RenamedWorker(), caplog)
 
 
 def test_a_transport_missing_the_hooked_method_unhooks_everything(caplog: pytest.LogCaptureFixture) -> None:
@@ -130,14 +135,7 @@ def test_a_transport_missing_the_hooked_method_unhooks_everything(caplog: pytest
         __name__ = "langgraph_api.asgi_transport"
 
     RenamedTransport.ASGITransport = ASGITransport  # type: ignore[attr-defined]
-    langgraph_server._state["enabled"] = True
-    try:
-        with caplog.at_level(logging.WARNING, logger="otel_cancel.langgraph_server"):
-            langgraph_server._on_import(RenamedTransport())
-        assert langgraph_server._state["enabled"] is False
-        assert "has no ASGITransport.handle_async_request" in caplog.records[0].getMessage()
-    finally:
-        langgraph_server._state["enabled"] = False
+    assert "has no ASGITransport.handle_async_request" in _warning_on_import(RenamedTransport(), caplog)
 
 
 def test_a_run_without_a_thread_is_recorded_without_a_context_id() -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import operator
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, TypedDict
 
 import pytest
 from langgraph.graph import END, START, StateGraph
 
 import otel_cancel
+from otel_cancel.integrations.one_task_stream import OneTaskStream
 from otel_cancel.langgraph import instrument_langgraph, uninstrument_langgraph
 from otel_cancel.store.memory import MemoryCancelStore
 from otel_cancel.testing import configured
@@ -87,50 +88,16 @@ async def test_a_consumer_leaving_mid_item_ends_the_run_in_its_own_task(caplog):
     assert [r.getMessage() for r in caplog.records if "detach" in r.getMessage()] == []
 
 
-async def test_a_consumer_cancelled_while_its_step_fails_its_own_way_leaves_no_unretrieved_error():
-    """The consumer and the run stopped in one turn (a flag reaches both): the runner ends clean, its step cancelled."""
-    from otel_cancel.integrations.one_task_stream import OneTaskStream
-
+async def _consumer_cancelled_while_the_step_waits(on_cancel: Callable[[], Awaitable[None]]) -> OneTaskStream:
+    """A stream whose step waits until it is cancelled, then runs ``on_cancel``; its consumer cancelled as it waits."""
     started = asyncio.Event()
-    step_cancelled = []
 
     async def run() -> AsyncIterator[int]:
         try:
             started.set()
             await asyncio.Event().wait()
         except asyncio.CancelledError:
-            step_cancelled.append(True)
-            raise RuntimeError("stopped its own way") from None  # as a run's scope raises Cancelled
-        yield 1
-
-    stream = OneTaskStream(run, name="test run")
-    consumer = asyncio.ensure_future(anext(stream))
-    await asyncio.wait_for(started.wait(), 5)
-    consumer.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await consumer
-    runner = stream._runner
-    assert runner is not None
-    await asyncio.wait_for(asyncio.wait({runner}), 5)
-    assert step_cancelled == [True]
-    assert runner.cancelled() or runner.exception() is None  # else asyncio logs "never retrieved"
-
-
-async def test_a_consumer_cancelled_while_it_waits_goes_on_only_once_the_step_has_stopped():
-    """As when the run ran in the consumer's own task: the step's cleanup is done when the cancel surfaces."""
-    from otel_cancel.integrations.one_task_stream import OneTaskStream
-
-    started = asyncio.Event()
-    cleaned_up = []
-
-    async def run() -> AsyncIterator[int]:
-        try:
-            started.set()
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            for _ in range(3):  # cleanup that takes a few loop turns (a node closing its client)
-                await asyncio.sleep(0)
-            cleaned_up.append(True)
+            await on_cancel()
             raise
         yield 1
 
@@ -140,4 +107,33 @@ async def test_a_consumer_cancelled_while_it_waits_goes_on_only_once_the_step_ha
     consumer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await consumer
+    return stream
+
+
+async def test_a_consumer_cancelled_while_its_step_fails_its_own_way_leaves_no_unretrieved_error():
+    """The consumer and the run stopped in one turn (a flag reaches both): the runner ends clean, its step cancelled."""
+    step_cancelled = []
+
+    async def fail_its_own_way() -> None:
+        step_cancelled.append(True)
+        raise RuntimeError("stopped its own way")  # as a run's scope raises Cancelled
+
+    stream = await _consumer_cancelled_while_the_step_waits(fail_its_own_way)
+    runner = stream._runner
+    assert runner is not None
+    await asyncio.wait_for(asyncio.wait({runner}), 5)
+    assert step_cancelled == [True]
+    assert runner.cancelled() or runner.exception() is None  # else asyncio logs "never retrieved"
+
+
+async def test_a_consumer_cancelled_while_it_waits_goes_on_only_once_the_step_has_stopped():
+    """As when the run ran in the consumer's own task: the step's cleanup is done when the cancel surfaces."""
+    cleaned_up = []
+
+    async def clean_up() -> None:
+        for _ in range(3):  # cleanup that takes a few loop turns (a node closing its client)
+            await asyncio.sleep(0)
+        cleaned_up.append(True)
+
+    await _consumer_cancelled_while_the_step_waits(clean_up)
     assert cleaned_up == [True]

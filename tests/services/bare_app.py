@@ -13,6 +13,8 @@ import asyncio
 import os
 from typing import Any
 
+from lifespan import answer_lifespan
+
 from otel_cancel import current_root
 from otel_cancel.asgi import CancelMiddleware
 
@@ -49,11 +51,6 @@ _edge = CancelMiddleware(_stream, trust_incoming=False)
 
 async def app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     await (_internal if scope["path"].startswith("/internal/") else _edge)(scope, receive, send)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from lifespan import answer_lifespan
+
 from otel_cancel import current_root
 from otel_cancel.asgi import CancelMiddleware
 
@@ -52,11 +54,6 @@ async def _awaiting_after(scope: Any, receive: Any, send: Any) -> None:
 
 async def app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     await (_awaiting_after if scope["path"].startswith("/internal/") else _edge)(scope, receive, send)
